@@ -1,0 +1,166 @@
+"""Benchmark harness shared by every op's benchmark.
+
+For each case and variant (eager PyTorch, torch.compile of the same PyTorch code,
+ours, ...) it measures one forward+backward: the median time over many runs and the
+peak memory allocated above the inputs. Rows go to a CSV tagged with the device
+name, torch/Triton versions and the git SHA, and a Markdown table is printed.
+
+Timing: CUDA events around each run after warm-up (median of ``iters``); on CPU a
+host clock. Peak extra memory is measured on CUDA only (``n/a`` on CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import os
+import statistics
+import subprocess
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclasses.dataclass
+class Measurement:
+    case: str
+    variant: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_extra_mb: Optional[float]
+    iters: int
+    error: str = ""
+
+
+def environment() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "none"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        sha += "-dirty" if dirty else ""
+    except Exception:
+        sha = "unknown"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "git_sha": sha,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def device_slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def measure(fn: Callable[[], None], *, iters: int, warmup: int, device: torch.device) -> tuple[list[float], Optional[float]]:
+    """Times ``fn`` (one fwd+bwd) ``iters`` times; returns (times in ms, peak extra MB or None)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak_extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+        times = []
+        for _ in range(iters):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        return times, peak_extra
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times, None
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run_variants(case: str, variants: dict[str, Callable[[], Callable[[], None]]], *, iters: int, warmup: int,
+                 device: torch.device) -> list[Measurement]:
+    """``variants`` maps a name to a factory returning the fwd+bwd closure (built lazily, so a
+    variant that fails to build, e.g. torch.compile on an unsupported setup, is reported, not fatal)."""
+    rows = []
+    for name, factory in variants.items():
+        try:
+            fn = factory()
+            times, peak = measure(fn, iters=iters, warmup=warmup, device=device)
+            rows.append(Measurement(case, name, statistics.median(times), _quantile(times, 0.2),
+                                    _quantile(times, 0.8), peak, iters))
+        except Exception as exc:  # report and go on: one broken variant must not hide the others
+            rows.append(Measurement(case, name, float("nan"), float("nan"), float("nan"), None, 0,
+                                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def write_csv(path: str, rows: list[Measurement], env: dict, baselines=("eager", "compile")) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    by_case: dict[str, dict[str, Measurement]] = {}
+    for r in rows:
+        by_case.setdefault(r.case, {})[r.variant] = r
+    fields = ["date", "device", "torch", "triton", "git_sha", "case", "variant", "median_ms", "p20_ms", "p80_ms",
+              "peak_extra_mb", "iters", *[f"speedup_vs_{b}" for b in baselines], "error"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            row = {**env, **dataclasses.asdict(r)}
+            for b in baselines:
+                base = by_case[r.case].get(b)
+                ok = base is not None and base.median_ms == base.median_ms and r.median_ms == r.median_ms
+                row[f"speedup_vs_{b}"] = f"{base.median_ms / r.median_ms:.3f}" if ok and r.median_ms > 0 else ""
+            row["median_ms"] = f"{r.median_ms:.4f}"
+            row["p20_ms"] = f"{r.p20_ms:.4f}"
+            row["p80_ms"] = f"{r.p80_ms:.4f}"
+            row["peak_extra_mb"] = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.1f}"
+            writer.writerow(row)
+
+
+def markdown_table(rows: list[Measurement], env: dict) -> str:
+    lines = [
+        f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | git {env['git_sha']}",
+        "",
+        "| case | variant | median ms | peak extra MB | vs eager | vs compile |",
+        "|---|---|---|---|---|---|",
+    ]
+    by_case: dict[str, dict[str, Measurement]] = {}
+    for r in rows:
+        by_case.setdefault(r.case, {})[r.variant] = r
+    for r in rows:
+        eager, compiled = by_case[r.case].get("eager"), by_case[r.case].get("compile")
+
+        def ratio(base):
+            if base is None or not (base.median_ms == base.median_ms) or not (r.median_ms == r.median_ms):
+                return ""
+            return f"{base.median_ms / r.median_ms:.2f}x"
+
+        peak = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.0f}"
+        median = f"{r.median_ms:.3f}" if r.median_ms == r.median_ms else f"failed: {r.error}"
+        lines.append(f"| {r.case} | {r.variant} | {median} | {peak} | {ratio(eager)} | {ratio(compiled)} |")
+    return "\n".join(lines)

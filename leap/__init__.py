@@ -1,0 +1,1 @@
+"""LEAP trainer: truncated teacher, adaptive curriculum, training loop."""

@@ -1,0 +1,572 @@
+"""LEAP adaptive curriculum: linear CKA and the target-block controller (spec section 3).
+
+Two pieces live here:
+
+* :func:`linear_cka` -- the feature-space linear CKA between the (detached, projected)
+  student patch features and the current teacher target, computed on device without a
+  host sync so the trainer can call it every step. :func:`linear_cka_reference` is a
+  plain float64 version for tests.
+* :class:`Curriculum` -- the controller that owns the target block ``k``, the smoothed
+  score ``ema`` and ``epochs_on_block``, and decides when to level up.
+
+Typical trainer use::
+
+    cur = Curriculum(num_blocks=40, tau=0.85, max_epochs_per_block=5)
+    cur.calibrate(scores)                     # first step: CKA of every teacher block
+    for epoch in range(epochs):
+        for step, batch in ...:
+            ...                               # train against teacher block cur.block
+            if step % cka_every == 0:         # cadence is the trainer's job, not ours
+                cur.observe(linear_cka(s_proj.detach(), t_k), step=step, epoch=epoch)
+        cur.epoch_end(epoch=epoch)
+
+DDP: every rank must call :meth:`Curriculum.calibrate`, :meth:`Curriculum.observe` (and
+:meth:`Curriculum.epoch_end`) at the same points, because ``calibrate``/``observe``
+all-reduce their inputs when a process group is initialised. All ranks then see the same
+mean value and take the same decision, so the target block never diverges between ranks
+(the reference code lets each rank decide on its own, which it should not). Checkpointing
+the state (``state_dict``) from rank 0 only is the trainer's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "linear_cka",
+    "linear_cka_reference",
+    "Curriculum",
+    "LEVEL_UP_REASONS",
+]
+
+# Reasons recorded in ``Curriculum.level_ups``.
+LEVEL_UP_REASONS = ("cka", "timeout", "snap")
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------
+# Linear CKA
+# --------------------------------------------------------------------------------------
+
+
+def _as_2d(t: Any, name: str) -> torch.Tensor:
+    """Validate one CKA argument and flatten ``(..., D)`` to ``(N, D)``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"linear_cka: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"linear_cka: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() < 2:
+        raise ValueError(
+            f"linear_cka: {name} must have shape (N, D) or (..., D) (2-D after flattening the "
+            f"leading dims), got shape {tuple(t.shape)}"
+        )
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.shape[0] == 0 or t2.shape[1] == 0:
+        raise ValueError(f"linear_cka: {name} is empty (shape {tuple(t.shape)})")
+    return t2
+
+
+def _use_gram_form(n: int, d1: int, d2: int) -> bool:
+    """Whether the sample-space (Gram) form is cheaper than the feature-space form.
+
+    Feature form: X^T Y, X^T X, Y^T Y  -> N * (D1*D2 + D1^2 + D2^2) MACs.
+    Gram form:    X X^T, Y Y^T, <.,.>  -> N^2 * (D1 + D2 + 1)   MACs.
+    Both are exact rewrites of the same quantity, so pick the cheaper one; the Gram form
+    also only wins when its N x N buffers are smaller than the D x D ones.
+    """
+    return n * (d1 + d2 + 1) < d1 * d1 + d1 * d2 + d2 * d2
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Temporarily allow TF32 for fp32 CUDA matmuls, restoring the user's setting after.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision``; mixing it with the
+    legacy ``allow_tf32`` flag can make later reads of the legacy flag raise, so we save
+    and restore through the new API when it exists (reading it is always allowed) and
+    only fall back to ``allow_tf32`` on older versions.
+    """
+    if not enabled:
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        prev = m.fp32_precision
+        if prev == "tf32":
+            yield
+            return
+        m.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            m.fp32_precision = prev
+    else:  # pragma: no cover - torch < 2.9
+        prev = m.allow_tf32
+        m.allow_tf32 = True
+        try:
+            yield
+        finally:
+            m.allow_tf32 = prev
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with the result (and the accumulation) in ``acc_dtype``.
+
+    For bf16/fp16 operands on CUDA the matmul runs in the low dtype with an fp32 output
+    (``out_dtype``), so neither the accumulation nor the stored Gram entries are rounded
+    to 16 bits (fp16 Gram entries would also overflow at 65504). Elsewhere we upcast:
+    16-bit products are exact in fp32, so this gives the same numbers as the CUDA path.
+    """
+    if a.dtype == acc_dtype:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=acc_dtype)
+    return torch.mm(a.to(acc_dtype), b.to(acc_dtype))
+
+
+def _frobenius_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<a, b>_F = sum(a * b)`` as a 0-d tensor, without an elementwise temporary.
+
+    Goes through BLAS ``dot`` rather than ``linalg.vector_norm``: on CPU the fp32 norm
+    kernel sums sequentially and loses ~1e-5 relative accuracy over the 1e6 entries of
+    a Gram matrix, while ``dot`` keeps ~1e-7.
+    """
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _center_unit_rms(t: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Center the columns of ``t`` (N, D) and scale to unit RMS, in ``acc_dtype``.
+
+    Returns ``(t_scaled (N, D), rms (0-d))``. CKA is invariant to isotropic scaling, so
+    working at unit RMS costs nothing in accuracy but keeps every Gram entry <= N*D
+    (no fp32 overflow for huge activations) and the 16-bit cast of the centered values
+    inside the fp16 range. The raw scale is returned so the caller can still apply the
+    eps test to the *unscaled* denominator, as the spec defines it.
+    """
+    t = t.to(acc_dtype)
+    t = t - t.mean(dim=0, keepdim=True)  # new buffer: the in-place ops below never touch the input
+    rms = torch.linalg.vector_norm(t) / math.sqrt(t.numel())
+    # A constant input has rms == 0: leave it at zero (the eps test then returns 0).
+    # NaN rms compares False, so NaN stays NaN instead of being hidden.
+    safe = torch.where(rms > 0, rms, torch.ones_like(rms))
+    # In place saves an (N, D) buffer, but would break autograd (the norm saved t), so
+    # only do it when nobody differentiates through the CKA (the usual, detached case).
+    t = t / safe if t.requires_grad else t.div_(safe)
+    return t, safe
+
+
+def linear_cka(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float = 1e-12,
+    allow_tf32: bool = True,
+    form: str = "auto",
+) -> torch.Tensor:
+    """Feature-space linear CKA between two sets of row-aligned features.
+
+    ``CKA = ||X^T Y||_F^2 / (||X^T X||_F * ||Y^T Y||_F)`` after centering the columns of
+    ``X`` and ``Y``; 0 when that denominator is below ``eps``.
+
+    Args:
+        x: (N, D1) or (..., D1) floating tensor; leading dims are flattened into N
+           (e.g. (B, 256, D) patch tokens pool to N = B*256 rows).
+        y: (N, D2) or (..., D2), same N and device as ``x``.
+        eps: a denominator (on the original scale of the inputs) below this gives 0.
+           Only a genuinely tiny denominator does: NaN/Inf inputs give NaN.
+        allow_tf32: for fp32 inputs on CUDA, run the matmuls with TF32 (restoring the
+           global setting afterwards). Ignored on CPU, where fp32 stays exact.
+        form: "auto" (cheaper of the two), "feature" (D x D products) or "gram"
+           (N x N products, ``||X^T Y||_F^2 = <X X^T, Y Y^T>``). Same value either way.
+
+    Returns:
+        0-d float32 tensor on the inputs' device. No host synchronisation: no ``.item()``,
+        no data-dependent Python branching, so it can run every step.
+
+    Precision: centering happens in fp32 (fp64 for fp64 inputs). If both inputs are
+    bf16 (or both fp16) the centered values are cast back to that dtype and the matmuls
+    run in it with fp32 accumulation/outputs; otherwise the matmuls run in fp32
+    (TF32 on CUDA if allowed) or fp64.
+    """
+    x2 = _as_2d(x, "x")
+    y2 = _as_2d(y, "y")
+    if x2.shape[0] != y2.shape[0]:
+        raise ValueError(
+            f"linear_cka: y has {y2.shape[0]} rows after flattening but x has {x2.shape[0]} "
+            f"(shapes {tuple(x.shape)} and {tuple(y.shape)}); rows must be aligned"
+        )
+    if x2.device != y2.device:
+        raise ValueError(f"linear_cka: y is on {y2.device} but x is on {x2.device}")
+    if form not in ("auto", "feature", "gram"):
+        raise ValueError(f"linear_cka: form must be 'auto', 'feature' or 'gram', got {form!r}")
+
+    acc_dtype = torch.float64 if torch.float64 in (x2.dtype, y2.dtype) else torch.float32
+    mm_dtype = x2.dtype if (x2.dtype == y2.dtype and x2.dtype in _LOW_PRECISION) else acc_dtype
+
+    xs, sx = _center_unit_rms(x2, acc_dtype)
+    ys, sy = _center_unit_rms(y2, acc_dtype)
+    xs = xs.to(mm_dtype)
+    ys = ys.to(mm_dtype)
+
+    n, d1, d2 = x2.shape[0], x2.shape[1], y2.shape[1]
+    gram = _use_gram_form(n, d1, d2) if form == "auto" else form == "gram"
+    tf32 = allow_tf32 and xs.is_cuda and mm_dtype == torch.float32
+    with _tf32_matmuls(tf32):
+        if gram:
+            kx = _mm(xs, xs.T, acc_dtype)  # (N, N)
+            ky = _mm(ys, ys.T, acc_dtype)  # (N, N)
+            num = _frobenius_inner(kx, ky)  # <K_x, K_y>_F = ||X^T Y||_F^2
+            nxx = _frobenius_inner(kx, kx).sqrt()
+            nyy = _frobenius_inner(ky, ky).sqrt()
+        else:
+            xty = _mm(xs.T, ys, acc_dtype)  # (D1, D2)
+            xtx = _mm(xs.T, xs, acc_dtype)  # (D1, D1)
+            yty = _mm(ys.T, ys, acc_dtype)  # (D2, D2)
+            num = _frobenius_inner(xty, xty)
+            nxx = _frobenius_inner(xtx, xtx).sqrt()
+            nyy = _frobenius_inner(yty, yty).sqrt()
+
+    den = nxx * nyy
+    # Denominator on the caller's scale: ||X^T X||_F scales with rms_x^2. If this
+    # overflows to inf the answer to "is it tiny?" is still correctly False.
+    raw_den = den * (sx.square() * sy.square())
+    tiny = raw_den < eps  # NaN < eps is False, so NaN inputs propagate as NaN
+    # Safe denominator keeps the discarded branch finite (and gradients NaN-free).
+    cka = num / torch.where(tiny, torch.ones_like(den), den)
+    cka = torch.where(tiny, torch.zeros_like(cka), cka)
+    return cka.to(torch.float32)
+
+
+def linear_cka_reference(x: torch.Tensor, y: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
+    """Plain float64 CPU linear CKA straight from the formula, for tests.
+
+    x: (..., D1), y: (..., D2) with the same number of rows after flattening.
+    Returns a 0-d float64 CPU tensor.
+    """
+    x = x.detach().to("cpu", torch.float64).reshape(-1, x.shape[-1])
+    y = y.detach().to("cpu", torch.float64).reshape(-1, y.shape[-1])
+    x = x - x.mean(dim=0)
+    y = y - y.mean(dim=0)
+    num = torch.linalg.matrix_norm(x.T @ y) ** 2
+    den = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    if den < eps:  # NaN < eps is False: NaN stays NaN
+        return torch.zeros((), dtype=torch.float64)
+    return num / den
+
+
+# --------------------------------------------------------------------------------------
+# Curriculum controller
+# --------------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_mean(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Mean of ``t`` over the ranks of ``group`` (a fresh tensor; ``t`` is not modified).
+
+    SUM + divide rather than ReduceOp.AVG, which gloo does not support. NCCL only takes
+    CUDA tensors, so a CPU value is moved to the current device first.
+    """
+    t = t.detach().to(torch.float32).clone()
+    if str(dist.get_backend(group)) == "nccl" and not t.is_cuda:
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t / dist.get_world_size(group)
+
+
+class Curriculum:
+    """Adaptive target-block controller of LEAP (spec section 3).
+
+    State: ``block`` (current teacher target k, 1-indexed, 1..num_blocks), ``ema``
+    (smoothed CKA), ``epochs_on_block``. Level-up rule, checked once after every
+    :meth:`observe` and once at every :meth:`epoch_end` (after ``epochs_on_block += 1``)::
+
+        if k < L and (ema >= tau or epochs_on_block >= M):
+            k += 1; ema = 0; epochs_on_block = 0
+
+    One check per call means at most one regular level-up per call, but consecutive
+    steps can each level up.
+
+    Args:
+        num_blocks: L, number of teacher blocks (the last target).
+        tau: CKA threshold (paper: 0.85 on ImageNet-100, 0.80 on ImageNet-1K).
+            A value above 1 effectively disables the CKA trigger.
+        alpha: EMA weight of the new CKA value, in (0, 1] (paper: 1, no smoothing).
+        max_epochs_per_block: M, the timeout in epochs; ``None`` disables it.
+        start_block: if given, :meth:`calibrate` uses it instead of the argmax.
+        snap_to_last: S (optional). Once k reaches a block >= S (by a level-up or at
+            calibration) it jumps straight to the last block, recorded as an extra
+            "snap" level-up. Use it to skip a slow tail of timeout-driven level-ups.
+        enabled: ``False`` is the baseline: the target is always the last block and it
+            never moves (CKA is still tracked in ``ema`` for logging).
+        process_group: group used for the all-reduces under DDP (default: world).
+
+    ``observe`` is meant to be called after training steps; how often (every step or
+    every N steps, "cka_every") is the trainer's choice, not the controller's. Note the
+    EMA then averages over observations, not steps.
+
+    History: ``level_ups`` is a list of ``(step, epoch, from_block, to_block, reason)``
+    with reason in ``{"cka", "timeout", "snap"}``.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        *,
+        tau: float = 0.85,
+        alpha: float = 1.0,
+        max_epochs_per_block: int | None = 5,
+        start_block: int | None = None,
+        snap_to_last: int | None = None,
+        enabled: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        if not math.isfinite(float(tau)):
+            raise ValueError(f"tau must be finite, got {tau!r}")
+        if not (0.0 < float(alpha) <= 1.0):
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        if max_epochs_per_block is not None and (
+            isinstance(max_epochs_per_block, bool)
+            or not isinstance(max_epochs_per_block, int)
+            or max_epochs_per_block < 1
+        ):
+            raise ValueError(f"max_epochs_per_block must be an int >= 1 or None, got {max_epochs_per_block!r}")
+        for name, v in (("start_block", start_block), ("snap_to_last", snap_to_last)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= num_blocks):
+                raise ValueError(f"{name} must be None or an int in [1, {num_blocks}], got {v!r}")
+
+        self.num_blocks = num_blocks
+        self.tau = float(tau)
+        self.alpha = float(alpha)
+        self.max_epochs_per_block = max_epochs_per_block
+        self.start_block = start_block
+        self.snap_to_last = snap_to_last
+        self.enabled = bool(enabled)
+        self.process_group = process_group
+
+        # Before calibrate(): the configured start (or block 1); baseline is always L.
+        self.block: int = num_blocks if not self.enabled else (start_block or 1)
+        self.ema: float = 0.0
+        self.epochs_on_block: int = 0
+        self.level_ups: list[tuple[int, int, int, int, str]] = []
+        self.calibrated: bool = False
+        self.calibration_scores: list[float] | None = None
+        self.steps_observed: int = 0
+        self.nonfinite_observations: int = 0
+        self.last_cka: float | None = None
+        self.last_step: int = 0
+
+    # ----------------------------------------------------------------------------------
+    @property
+    def at_last_block(self) -> bool:
+        return self.block >= self.num_blocks
+
+    def calibrate(self, scores: torch.Tensor | None = None, *, step: int = 0, epoch: int = 0) -> int:
+        """Pick the starting block and reset ``ema``/``epochs_on_block``.
+
+        Args:
+            scores: (num_blocks,) CKA of every teacher block against the (random)
+                projected student, index i = block i+1. Under DDP it is averaged over
+                ranks first so every rank picks the same block. NaN scores never win.
+                May be None when ``start_block`` is set or the controller is disabled.
+            step, epoch: only used to label a "snap" entry in ``level_ups``.
+
+        Returns the 1-indexed start block: ``start_block`` if given (no host read, no
+        collective), else argmax + 1 (a single host read of the reduced vector). The
+        baseline (``enabled=False``) always returns ``num_blocks``.
+        """
+        self.ema = 0.0
+        self.epochs_on_block = 0
+        self.calibrated = True
+        if not self.enabled:
+            self.block = self.num_blocks
+            return self.block
+        if self.start_block is not None:
+            start = self.start_block
+        else:
+            if not isinstance(scores, torch.Tensor):
+                raise TypeError("calibrate: scores must be a tensor of shape (num_blocks,) when start_block is None")
+            if scores.dim() != 1 or scores.shape[0] != self.num_blocks:
+                raise ValueError(
+                    f"calibrate: scores must have shape ({self.num_blocks},), got {tuple(scores.shape)}"
+                )
+            s = scores.detach().to(torch.float32)
+            if _distributed():
+                s = _all_reduce_mean(s, self.process_group)
+            values = s.tolist()  # the one host read
+            self.calibration_scores = values
+            # argmax in Python on the already-fetched list; NaN never wins, ties -> first.
+            start = 1 + max(range(len(values)), key=lambda i: -math.inf if math.isnan(values[i]) else values[i])
+        self.block = start
+        self._maybe_snap(step=step, epoch=epoch)
+        return self.block
+
+    def observe(self, cka: torch.Tensor | float, *, step: int, epoch: int) -> list[tuple[int, int]]:
+        """Feed one CKA measurement (after a training step) and maybe level up.
+
+        Args:
+            cka: scalar tensor (any shape with one element, any device) or float.
+                Under DDP it is all-reduced (mean over ranks) before use; the call is a
+                collective then, so all ranks must make it.
+            step, epoch: global step / epoch, recorded in ``level_ups``.
+
+        Updates ``ema = alpha*cka + (1-alpha)*ema`` (a non-finite value is counted in
+        ``nonfinite_observations`` and skipped, so one bad batch cannot poison the EMA;
+        with alpha=1 this takes the same decisions as using it), then runs one level-up
+        check. At most one host read per call.
+
+        Returns the level-ups performed as ``(from_block, to_block)`` pairs: empty, one,
+        or two when a level-up is followed by a snap to the last block.
+        """
+        value = self._reduced_float(cka)
+        self.steps_observed += 1
+        self.last_cka = value
+        self.last_step = int(step)
+        if math.isfinite(value):
+            self.ema = self.alpha * value + (1.0 - self.alpha) * self.ema
+        else:
+            self.nonfinite_observations += 1
+        return self._maybe_level_up(step=int(step), epoch=int(epoch))
+
+    def epoch_end(self, *, epoch: int, step: int | None = None) -> list[tuple[int, int]]:
+        """Count a finished epoch on the current block, then run one level-up check.
+
+        ``epoch`` is the epoch that just ended; ``step`` (default: the last observed step)
+        only labels the history entry. Returns ``(from_block, to_block)`` pairs as
+        :meth:`observe` does. No host read, no collective.
+        """
+        self.epochs_on_block += 1
+        return self._maybe_level_up(step=self.last_step if step is None else int(step), epoch=int(epoch))
+
+    # ----------------------------------------------------------------------------------
+    def _reduced_float(self, cka: torch.Tensor | float) -> float:
+        """The (rank-mean) CKA as a Python float with exactly one host read (zero for a
+        float outside DDP)."""
+        if isinstance(cka, torch.Tensor):
+            if cka.numel() != 1:
+                raise ValueError(f"observe: cka must hold a single value, got shape {tuple(cka.shape)}")
+            t = cka.detach().reshape(())
+        else:
+            if not _distributed():
+                return float(cka)
+            t = torch.tensor(float(cka), dtype=torch.float32)
+        if _distributed():
+            t = _all_reduce_mean(t, self.process_group)
+        return float(t.item())
+
+    def _maybe_level_up(self, *, step: int, epoch: int) -> list[tuple[int, int]]:
+        if not self.enabled or self.at_last_block:
+            return []
+        if self.ema >= self.tau:
+            reason = "cka"
+        elif self.max_epochs_per_block is not None and self.epochs_on_block >= self.max_epochs_per_block:
+            reason = "timeout"
+        else:
+            return []
+        old = self.block
+        self.block = old + 1
+        self.ema = 0.0
+        self.epochs_on_block = 0
+        self.level_ups.append((step, epoch, old, self.block, reason))
+        return [(old, self.block)] + self._maybe_snap(step=step, epoch=epoch)
+
+    def _maybe_snap(self, *, step: int, epoch: int) -> list[tuple[int, int]]:
+        """Jump to the last block once k >= snap_to_last (no-op if unset / already there)."""
+        if self.snap_to_last is None or self.block < self.snap_to_last or self.at_last_block:
+            return []
+        old = self.block
+        self.block = self.num_blocks
+        self.ema = 0.0
+        self.epochs_on_block = 0
+        self.level_ups.append((step, epoch, old, self.block, "snap"))
+        return [(old, self.block)]
+
+    # ----------------------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return {
+            "tau": self.tau,
+            "alpha": self.alpha,
+            "max_epochs_per_block": self.max_epochs_per_block,
+            "start_block": self.start_block,
+            "snap_to_last": self.snap_to_last,
+            "enabled": self.enabled,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Controller state as plain Python types (JSON / ``torch.load(weights_only=True)`` safe)."""
+        return {
+            "version": 1,
+            "num_blocks": self.num_blocks,
+            "block": self.block,
+            "ema": self.ema,
+            "epochs_on_block": self.epochs_on_block,
+            "level_ups": [list(e) for e in self.level_ups],
+            "calibrated": self.calibrated,
+            "calibration_scores": None if self.calibration_scores is None else list(self.calibration_scores),
+            "steps_observed": self.steps_observed,
+            "nonfinite_observations": self.nonfinite_observations,
+            "last_cka": self.last_cka,
+            "last_step": self.last_step,
+            "config": self._config(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        The hyperparameters of *this* object (tau, alpha, M, ...) are kept, so a resumed
+        run may change them; a difference from the saved ones only warns. A different
+        ``num_blocks`` (another teacher) is an error.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict expects a dict, got {type(state).__name__}")
+        missing = [k for k in ("num_blocks", "block", "ema", "epochs_on_block", "level_ups") if k not in state]
+        if missing:
+            raise ValueError(f"Curriculum.load_state_dict: state is missing keys {missing}")
+        if int(state["num_blocks"]) != self.num_blocks:
+            raise ValueError(
+                f"Curriculum.load_state_dict: checkpoint was saved with num_blocks={state['num_blocks']} "
+                f"but this Curriculum has num_blocks={self.num_blocks} (different teacher depth?)"
+            )
+        block = int(state["block"])
+        if not 1 <= block <= self.num_blocks:
+            raise ValueError(f"Curriculum.load_state_dict: block={block} outside [1, {self.num_blocks}]")
+        if not self.enabled and block != self.num_blocks:
+            raise ValueError(
+                f"Curriculum.load_state_dict: this Curriculum is disabled (baseline, always block "
+                f"{self.num_blocks}) but the checkpoint is at block {block}"
+            )
+        saved_cfg = state.get("config")
+        if isinstance(saved_cfg, dict) and saved_cfg != self._config():
+            diff = {k: (saved_cfg.get(k), v) for k, v in self._config().items() if saved_cfg.get(k) != v}
+            warnings.warn(f"Curriculum.load_state_dict: config differs from checkpoint (saved, current): {diff}")
+
+        self.block = block
+        self.ema = float(state["ema"])
+        self.epochs_on_block = int(state["epochs_on_block"])
+        self.level_ups = [(int(s), int(e), int(a), int(b), str(r)) for s, e, a, b, r in state["level_ups"]]
+        self.calibrated = bool(state.get("calibrated", True))
+        scores = state.get("calibration_scores")
+        self.calibration_scores = None if scores is None else [float(v) for v in scores]
+        self.steps_observed = int(state.get("steps_observed", 0))
+        self.nonfinite_observations = int(state.get("nonfinite_observations", 0))
+        last = state.get("last_cka")
+        self.last_cka = None if last is None else float(last)
+        self.last_step = int(state.get("last_step", 0))
+
+    def __repr__(self) -> str:
+        mode = "" if self.enabled else ", baseline"
+        return (
+            f"Curriculum(block={self.block}/{self.num_blocks}, ema={self.ema:.4f}, "
+            f"epochs_on_block={self.epochs_on_block}, tau={self.tau}{mode})"
+        )

@@ -1,0 +1,172 @@
+"""Frozen, early-exit teacher for LEAP.
+
+:class:`TruncatedTeacher` wraps a timm ``VisionTransformer`` and produces the LEAP target at
+block ``k`` (1-indexed): patch embed -> blocks ``1..k`` -> the teacher's *final* norm (with its
+affine) applied to that intermediate output. Blocks after ``k`` are never run.
+
+All blocks run through :meth:`TruncatedTeacher._run_blocks`, which calls
+:meth:`TruncatedTeacher.block_forward` once per block; that is the single place where a custom
+attention kernel can later be swapped in.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["TruncatedTeacher", "ScoreFn"]
+
+#: ``score_fn(k, patch_tokens_normed (B, N, D), cls_normed (B, D)) -> 0-d tensor``
+ScoreFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TruncatedTeacher(nn.Module):
+    """Frozen timm ViT teacher whose forward stops after block ``k``.
+
+    Args:
+        model: a timm ``VisionTransformer`` with a CLS token (e.g. from
+            ``leap.models.build_model`` + ``load_teacher_weights``). It is cast to ``dtype``,
+            put in eval mode and frozen (``requires_grad=False``) in place.
+        dtype: compute dtype of the teacher. Default: ``torch.bfloat16`` if the model's
+            parameters are on CUDA at construction, else ``torch.float32``.
+
+    Shapes (B = batch, N = patch tokens = rows*cols, D = ``embed_dim``):
+        input ``x``: ``(B, 3, H, W)`` at the model's image size; cast to the teacher dtype.
+        ``forward(x, k)`` -> ``(patch_tokens (B, N, D), cls (B, D))`` in the teacher dtype.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
+        super().__init__()
+        for attr in ("patch_embed", "_pos_embed", "blocks", "norm"):
+            if not hasattr(model, attr):
+                raise TypeError(f"TruncatedTeacher needs a timm VisionTransformer; {type(model).__name__} "
+                                f"has no {attr!r}")
+        if getattr(model, "cls_token", None) is None:
+            raise ValueError("TruncatedTeacher needs a teacher with a CLS token (class_token=True)")
+        if dtype is None:
+            param = next(model.parameters(), None)
+            on_cuda = param is not None and param.device.type == "cuda"
+            dtype = torch.bfloat16 if on_cuda else torch.float32
+        model = model.to(dtype=dtype)
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self._dtype = dtype
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the teacher."""
+        return self._dtype
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of transformer blocks L (valid ``k`` are ``1..L``)."""
+        return len(self.model.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        """Teacher width D."""
+        return int(self.model.embed_dim)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS + registers."""
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Patch grid ``(rows, cols)``; N = rows * cols patch tokens."""
+        g = self.model.patch_embed.grid_size
+        return int(g[0]), int(g[1])
+
+    def train(self, mode: bool = True) -> "TruncatedTeacher":
+        """The teacher always stays in eval mode (no dropout / drop-path), whatever ``mode``."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_k(self, k: int) -> int:
+        if isinstance(k, bool) or int(k) != k or not 1 <= int(k) <= self.num_blocks:
+            raise ValueError(f"target block k={k!r} is out of range: expected 1 <= k <= {self.num_blocks}")
+        return int(k)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Token embedding as in timm ``forward_features``: ``(B, 3, H, W) -> (B, P + N, D)``.
+
+        Patch embed, ``_pos_embed`` (prepends CLS/register tokens, adds positions),
+        ``patch_drop`` and ``norm_pre``.
+        """
+        m = self.model
+        x = x.to(dtype=self._dtype)
+        x = m.patch_embed(x)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        x = m.norm_pre(x)
+        return x
+
+    def block_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run one transformer block on tokens ``(B, P + N, D)``.
+
+        Hook point: an attention kernel replaces the block's attention call here.
+        """
+        return block(x)
+
+    def _run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Run blocks ``start..stop-1`` (0-indexed, i.e. 1-indexed blocks ``start+1..stop``).
+
+        This is the only per-block loop of the class; ``forward`` and ``scan`` both use it.
+        """
+        for i in range(start, stop):
+            x = self.block_forward(self.model.blocks[i], x)
+        return x
+
+    def _normed_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final teacher norm on ``(B, P + N, D)``; return ``(patch (B, N, D), cls (B, D))``."""
+        x = self.model.norm(x)
+        return x[:, self.num_prefix_tokens:], x[:, 0]
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher target at block ``k`` (1-indexed).
+
+        Args:
+            x: images ``(B, 3, H, W)``.
+            k: last block to run, ``1 <= k <= num_blocks``.
+
+        Returns:
+            ``(patch_tokens (B, N, D), cls (B, D))`` after the teacher's final norm; no graph.
+        """
+        k = self._check_k(k)
+        x = self._run_blocks(self.embed(x), 0, k)
+        return self._normed_outputs(x)
+
+    @torch.no_grad()
+    def scan(self, x: torch.Tensor, score_fn: ScoreFn) -> torch.Tensor:
+        """Score every block in one pass through the teacher.
+
+        After block ``k`` (1-indexed) calls ``score_fn(k, patch_tokens_normed (B, N, D),
+        cls_normed (B, D))``, which must return a scalar (0-d tensor or number). Only the
+        running activation is kept between blocks.
+
+        Returns:
+            float32 tensor ``(num_blocks,)`` of scores; entry ``k-1`` is block ``k``'s score.
+        """
+        h = self.embed(x)
+        scores = []
+        for k in range(1, self.num_blocks + 1):
+            h = self._run_blocks(h, k - 1, k)
+            patch, cls = self._normed_outputs(h)
+            s = torch.as_tensor(score_fn(k, patch, cls))
+            if s.numel() != 1:
+                raise ValueError(f"score_fn must return a scalar; got shape {tuple(s.shape)} at block {k}")
+            scores.append(s.detach().reshape(()).to(device=h.device, dtype=torch.float32))
+            del patch, cls
+        return torch.stack(scores)

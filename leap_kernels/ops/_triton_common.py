@@ -1,0 +1,39 @@
+"""Small helpers shared by the Triton kernels' host code."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backends import triton_interpret_enabled
+
+try:
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+# Read once: Triton decides at `@triton.jit` time whether a kernel is interpreted.
+INTERPRETED = triton_interpret_enabled()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: float32 follows torch's TF32 switch, like cuBLAS would."""
+    if dtype == torch.float32 and not INTERPRETED and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """The interpreter computes 16-bit `tl.dot` wrongly; upcast its operands to fp32 there."""
+    return INTERPRETED and dtype in (torch.bfloat16, torch.float16)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32 accumulation, or fp64 when a float64 input asks for a reference-grade result."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32

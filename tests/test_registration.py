@@ -1,0 +1,141 @@
+"""torch.library registration: opcheck, torch.compile(fullgraph=True), backends and dispatch."""
+
+import pytest
+import torch
+
+import leap_kernels
+from leap_kernels import fused_feature_loss, token_normalized_mse, use_backend
+from leap_kernels.ops.naive import fused_feature_loss_reference, token_normalized_mse_reference
+
+OPS = torch.ops.leap_kernels
+
+
+def _feature_args(m=13, d_s=16, d_t=24, bias=True, dtype=torch.float32):
+    s = torch.randn(m, d_s, dtype=dtype, requires_grad=True)
+    w = torch.randn(d_t, d_s, dtype=dtype, requires_grad=True)
+    b = torch.randn(d_t, dtype=dtype, requires_grad=True) if bias else None
+    t = torch.randn(m, d_t, dtype=dtype)
+    return s, w, b, t
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_fused_feature_loss(backend, normalize, reduction, bias):
+    s, w, b, t = _feature_args(bias=bias)
+    compute_grads = reduction != "none"
+    with use_backend(backend):
+        torch.library.opcheck(OPS.fused_feature_loss.default, (s, w, b, t, normalize, reduction, 1e-6, compute_grads))
+        row_scale = torch.rand(s.shape[0])
+        torch.library.opcheck(
+            OPS.fused_feature_loss_backward.default,
+            (row_scale, s.detach(), w.detach(), b.detach() if b is not None else None, t, normalize, 1e-6),
+        )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_opcheck_token_normalized_mse(backend, reduction):
+    x = torch.randn(11, 40, requires_grad=True)
+    t = torch.randn(11, 40, requires_grad=True)
+    with use_backend(backend):
+        torch.library.opcheck(OPS.token_normalized_mse.default, (x, t, reduction, 1e-6))
+        torch.library.opcheck(OPS.token_normalized_mse_backward.default,
+                              (torch.rand(11), x.detach(), t.detach(), 1e-6, True, True))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_torch_compile_fullgraph(normalize):
+    torch._dynamo.reset()
+    s, w, b, t = _feature_args(m=2 * 9, d_s=16, d_t=24)
+    s3 = s.detach().reshape(2, 9, 16).requires_grad_()
+    t3 = t.reshape(2, 9, 24)
+
+    def step(student, weight, bias, target):
+        projected_loss = fused_feature_loss(student, weight, bias, target, normalize=normalize)
+        cls_loss = fused_feature_loss(student[:, 0], weight, bias, target[:, 0], normalize=normalize)
+        extra = token_normalized_mse(student, student.detach() * 2 + 1)
+        return projected_loss + 0.05 * cls_loss + extra
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(s3, w, b, t3)
+    grads = torch.autograd.grad(loss, (s3, w, b))
+    s64, w64, b64 = (x.detach().double().requires_grad_() for x in (s3, w, b))
+    ref = (fused_feature_loss_reference(s64, w64, b64, t3.double(), normalize=normalize)
+           + 0.05 * fused_feature_loss_reference(s64[:, 0], w64, b64, t3[:, 0].double(), normalize=normalize)
+           + token_normalized_mse_reference(s64, s64.detach() * 2 + 1))
+    ref_grads = torch.autograd.grad(ref, (s64, w64, b64))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_inductor_forward():
+    torch._dynamo.reset()
+    s, w, b, t = _feature_args()
+    compiled = torch.compile(lambda *a: fused_feature_loss(*a, normalize=True), fullgraph=True)
+    with torch.no_grad():
+        out = compiled(s, w, b, t)
+    ref = fused_feature_loss_reference(s.double(), w.double(), b.double(), t.double(), normalize=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def test_backends_lists_reasons(clean_backend_env):
+    status = leap_kernels.backends("cpu")
+    assert set(status) == {"torch", "triton"}
+    assert status["torch"].usable and status["torch"].reasons == ()
+    assert status["triton"].usable  # the test suite runs with TRITON_INTERPRET=1
+    clean_backend_env.setenv("TRITON_INTERPRET", "0")
+    status = leap_kernels.backends("cpu")
+    assert not status["triton"].usable
+    assert any("TRITON_INTERPRET" in r for r in status["triton"].reasons)
+
+
+def test_auto_dispatch_falls_back_to_torch_without_interpreter(clean_backend_env):
+    clean_backend_env.setenv("TRITON_INTERPRET", "0")
+    s, w, b, t = _feature_args()
+    loss = fused_feature_loss(s, w, b, t)  # auto: triton cannot run on CPU, torch does
+    ref = fused_feature_loss_reference(s.double(), w.double(), b.double(), t.double())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_forced_backend_that_cannot_run_raises_with_reason(clean_backend_env):
+    clean_backend_env.setenv("LEAP_KERNELS_BACKEND", "triton")
+    s, w, b, t = _feature_args(dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"backend 'triton' was forced.*float64"):
+        fused_feature_loss(s, w, b, t)
+    clean_backend_env.setenv("TRITON_INTERPRET", "0")
+    s, w, b, t = _feature_args()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fused_feature_loss(s, w, b, t)
+
+
+def test_env_switch_selects_and_validates(clean_backend_env):
+    from leap_kernels._backends import select_backend
+
+    x = torch.randn(3, 8)
+    clean_backend_env.setenv("LEAP_KERNELS_BACKEND", "torch")
+    assert select_backend("op", [x]) == "torch"
+    clean_backend_env.setenv("LEAP_KERNELS_BACKEND", "triton")
+    assert select_backend("op", [x]) == "triton"
+    clean_backend_env.setenv("LEAP_KERNELS_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="LEAP_KERNELS_BACKEND"):
+        select_backend("op", [x])
+    with pytest.raises(ValueError, match="use_backend"):
+        with use_backend("nope"):
+            pass
+    clean_backend_env.delenv("LEAP_KERNELS_BACKEND")
+    assert select_backend("op", [x]) == "triton"  # auto prefers triton where it can run
+    with use_backend("torch"):
+        assert select_backend("op", [x]) == "torch"
+
+
+def test_chunk_env_validated(clean_backend_env):
+    clean_backend_env.setenv("LEAP_KERNELS_CHUNK_TOKENS", "zero")
+    s, w, b, t = _feature_args()
+    with pytest.raises(ValueError, match="LEAP_KERNELS_CHUNK_TOKENS"):
+        fused_feature_loss(s, w, b, t)
