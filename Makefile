@@ -1,5 +1,6 @@
 # make test   - set up .venv (pinned deps, package in editable mode) and run the test suite
-# make demo   - set up .venv and run the demo
+# make demo   - set up .venv and run the demo: baseline vs LEAP distillation on Fashion-MNIST (CPU, minutes)
+# make demo-ops - a short example of the fused-loss ops
 # make bench-smoke - the benchmark harness at tiny sizes (CPU ok)
 # make bench  - full-size benchmarks (needs a CUDA GPU)
 
@@ -9,7 +10,7 @@ VPY    := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 PKG_STAMP  := $(VENV)/.package-installed
 
-.PHONY: test demo bench bench-smoke clean
+.PHONY: test demo demo-ops bench bench-smoke clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +28,25 @@ $(PKG_STAMP): $(DEPS_STAMP) setup.py pyproject.toml
 test: $(PKG_STAMP)
 	$(VPY) -m pytest -q tests
 
+# DATA=/path/to/fashion-mnist overrides the Debian package location.
+DATA ?=
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
 demo: $(PKG_STAMP)
+	@if [ -z "$(DATA)" ] && [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null || true; \
+	  fi; \
+	fi
+	@if [ -z "$(DATA)" ] && [ ! -f $(FMNIST) ]; then \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or download the four"; \
+	  echo "idx files (train/t10k images and labels) into a folder and run 'make demo DATA=that/folder'."; \
+	  exit 1; \
+	fi
+	$(VPY) -m leap demo $(if $(DATA),--data $(DATA))
+
+demo-ops: $(PKG_STAMP)
 	$(VPY) -m leap_kernels.demo
 
 bench-smoke: $(PKG_STAMP)

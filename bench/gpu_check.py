@@ -2,7 +2,8 @@
 the plain PyTorch reference (the CPU test suite covers the same through the Triton
 interpreter). Prints one line per case and exits non-zero on any failure.
 
-    python bench/gpu_check.py
+    python bench/gpu_check.py                  # every op
+    python bench/gpu_check.py attention        # only the named ops (feature_loss, token_mse, attention)
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ import sys
 import torch
 
 import leap_kernels
-from leap_kernels.ops.naive import fused_feature_loss_reference, token_normalized_mse_reference
+from leap_kernels.ops.naive import (
+    fused_feature_loss_reference,
+    teacher_attention_reference,
+    token_normalized_mse_reference,
+)
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 2e-2), torch.float16: (2e-3, 5e-3)}
 
@@ -59,27 +64,74 @@ def check_token_mse(m, d, dtype, backend):
     return errs[0] <= lt and all(e <= gtol for e in errs[1:]), errs
 
 
-def main() -> int:
+def attention_cases():
+    """(op, backend, (B, H, N, d, dtype, layout)) for :func:`check_attention`."""
+    cases = []
+    for backend in ("triton", "torch"):
+        for n in (1, 5, 197, 257, 261, 577, 1025, 1370):
+            for d in (64, 128):
+                for dtype in (torch.bfloat16, torch.float16):
+                    cases.append(("attention", backend, (2, 3, n, d, dtype, "packed")))
+        for layout in ("batch-slice", "padded-rows"):
+            cases.append(("attention", backend, (3, 6, 261, 64, torch.bfloat16, layout)))
+        cases.append(("attention", backend, (128, 24, 261, 64, torch.bfloat16, "packed")))  # ViT-g/14 reg4 @224
+        cases.append(("attention", backend, (32, 24, 1025, 64, torch.bfloat16, "packed")))  # ViT-g/14 @448
+        cases.append(("attention", backend, (4, 16, 261, 32, torch.float16, "packed")))
+    cases.append(("attention", "auto", (2, 3, 261, 64, torch.float32, "packed")))  # fp32 -> torch backend
+    cases.append(("attention", "auto", (2, 3, 261, 48, torch.bfloat16, "packed")))  # d = 48 -> torch backend
+    return cases
+
+
+def check_attention(b, h, n, d, dtype, layout, backend):
+    """teacher_attention on CUDA vs a float64 evaluation of the reference on the same inputs."""
+    torch.manual_seed(b * 7 + h * 5 + n + d)
+    c = 3 * h * d
+    if layout == "packed":
+        qkv = torch.randn(b, n, c, device="cuda").to(dtype)
+    elif layout == "batch-slice":  # storage offset, batch stride of the full tensor
+        qkv = torch.randn(b + 1, n, c, device="cuda").to(dtype)[1:]
+    else:  # "padded-rows": token stride c + 40, channel stride 1
+        qkv = torch.randn(b, n, c + 40, device="cuda").to(dtype)[..., 8:8 + c]
+    with torch.no_grad(), leap_kernels.use_backend(backend):
+        out = leap_kernels.teacher_attention(qkv, h)
+    ref = teacher_attention_reference(qkv.double(), h)
+    err = rel(out, ref)
+    tol = 1e-5 if dtype == torch.float32 else TOL[dtype][0]
+    return err <= tol and out.shape == ref.shape and out.dtype == dtype, [err]
+
+
+def main(argv=None) -> int:
+    known = ("feature_loss", "token_mse", "attention")
+    ops = set((sys.argv[1:] if argv is None else argv) or known)
+    if ops - set(known):
+        print(f"unknown op(s) {sorted(ops - set(known))}; expected some of {known}")
+        return 2
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     print(leap_kernels.backends())
     failures = 0
     cases = []
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch") if ops & {"feature_loss", "token_mse"} else ():
         for m, d_s, d_t in [(1, 64, 100), (197, 384, 1536), (2 * 261, 192, 256), (128 * 256, 384, 1536), (8193, 100, 1536)]:
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 for normalize in (False, True):
                     for reduction in ("mean", "none"):
                         if backend == "torch" and m > 8192 and dtype != torch.bfloat16:
                             continue
-                        cases.append(("feature_loss", backend, (m, d_s, d_t, dtype, normalize, reduction)))
+                        if "feature_loss" in ops:
+                            cases.append(("feature_loss", backend, (m, d_s, d_t, dtype, normalize, reduction)))
         for m, d in [(1, 100), (257, 1536), (128 * 256, 1536), (261, 384)]:
             for dtype in (torch.bfloat16, torch.float32):
-                cases.append(("token_mse", backend, (m, d, dtype)))
+                if "token_mse" in ops:
+                    cases.append(("token_mse", backend, (m, d, dtype)))
+    if "attention" in ops:
+        cases += attention_cases()
     torch.backends.cuda.matmul.allow_tf32 = False
     for op, backend, params in cases:
         try:
             if op == "feature_loss":
                 ok, errs = check_feature_loss(*params, backend)
+            elif op == "attention":
+                ok, errs = check_attention(*params, backend)
             else:
                 ok, errs = check_token_mse(*params, backend)
         except Exception as exc:

@@ -63,6 +63,7 @@ __all__ = [
     "ImageFolderDataset",
     "FashionMNIST",
     "SyntheticDataset",
+    "FirstN",
     "build_transforms",
     "mixup",
     "build_dataset",
@@ -159,6 +160,36 @@ class _LeapDataset(Dataset):
 
 
 # --------------------------------------------------------------------------- sources
+
+
+class FirstN(Dataset):
+    """The first ``n`` samples of ``dataset`` (quick runs, demos).
+
+    Indices pass through unchanged (a ``SeededIndex`` keeps its seed, so augmentation
+    stays reproducible), and ``decode_failures`` / ``classes`` are forwarded.
+    """
+
+    def __init__(self, dataset: Dataset, n: int):
+        if n < 1:
+            raise ValueError(f"n: expected >= 1, got {n}")
+        self.dataset = dataset
+        self.n = min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if not 0 <= int(index) < self.n:
+            raise IndexError(f"index {int(index)} out of range for {self.n} samples")
+        return self.dataset[index]
+
+    @property
+    def decode_failures(self) -> int:
+        return getattr(self.dataset, "decode_failures", 0)
+
+    @property
+    def classes(self):
+        return getattr(self.dataset, "classes", None)
 
 
 def _is_image_file(name: str) -> bool:

@@ -5,8 +5,10 @@ block ``k`` (1-indexed): patch embed -> blocks ``1..k`` -> the teacher's *final*
 affine) applied to that intermediate output. Blocks after ``k`` are never run.
 
 All blocks run through :meth:`TruncatedTeacher._run_blocks`, which calls
-:meth:`TruncatedTeacher.block_forward` once per block; that is the single place where a custom
-attention kernel can later be swapped in.
+:meth:`TruncatedTeacher.block_forward` once per block; that is the single place where the
+attention kernel (:func:`leap_kernels.teacher_attention`) is swapped in: with it on, a timm
+``Block`` runs as ``x + ls1(proj(attention(qkv(norm1(x))))) ; x + ls2(mlp(norm2(x)))`` with the
+attention read straight from the packed ``qkv`` output (no permute, no transpose copy).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from leap_kernels import teacher_attention
 
 __all__ = ["TruncatedTeacher", "ScoreFn"]
 
@@ -31,13 +35,20 @@ class TruncatedTeacher(nn.Module):
             put in eval mode and frozen (``requires_grad=False``) in place.
         dtype: compute dtype of the teacher. Default: ``torch.bfloat16`` if the model's
             parameters are on CUDA at construction, else ``torch.float32``.
+        attention_kernel: run each block's attention with :func:`leap_kernels.teacher_attention`
+            (``True``), with timm's own attention (``False``), or ``None`` (default, auto): the
+            kernel for CUDA inputs, timm on CPU. Settable later: ``teacher.attention_kernel = False``.
+            Blocks the kernel path does not cover (not a timm ``Block``/``Attention``, a q/k norm,
+            attention dropout in training mode) always run timm's forward. The op picks its backend
+            itself (Triton for bf16/fp16 with head dim 16/32/64/128, else SDPA).
 
     Shapes (B = batch, N = patch tokens = rows*cols, D = ``embed_dim``):
         input ``x``: ``(B, 3, H, W)`` at the model's image size; cast to the teacher dtype.
         ``forward(x, k)`` -> ``(patch_tokens (B, N, D), cls (B, D))`` in the teacher dtype.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None,
+                 attention_kernel: bool | None = None):
         super().__init__()
         for attr in ("patch_embed", "_pos_embed", "blocks", "norm"):
             if not hasattr(model, attr):
@@ -54,6 +65,10 @@ class TruncatedTeacher(nn.Module):
         model.requires_grad_(False)
         self.model = model
         self._dtype = dtype
+        if attention_kernel is not None and not isinstance(attention_kernel, bool):
+            raise TypeError(f"attention_kernel: expected True, False or None (auto), got {attention_kernel!r}")
+        #: ``True``/``False`` force the attention kernel on/off; ``None``: on for CUDA inputs only.
+        self.attention_kernel: bool | None = attention_kernel
 
     # ------------------------------------------------------------------ properties
 
@@ -110,11 +125,21 @@ class TruncatedTeacher(nn.Module):
         x = m.norm_pre(x)
         return x
 
+    def uses_attention_kernel(self, x: torch.Tensor) -> bool:
+        """Whether blocks run on tokens ``x`` take the attention-kernel path (see ``attention_kernel``)."""
+        if self.attention_kernel is None:
+            return x.device.type == "cuda"
+        return bool(self.attention_kernel)
+
     def block_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run one transformer block on tokens ``(B, P + N, D)``.
 
-        Hook point: an attention kernel replaces the block's attention call here.
+        With the attention kernel on (:meth:`uses_attention_kernel`) and a block it covers
+        (:func:`kernel_block_supported`), the block runs through :func:`block_forward_with_kernel`;
+        otherwise timm's ``block(x)``.
         """
+        if self.uses_attention_kernel(x) and kernel_block_supported(block):
+            return block_forward_with_kernel(block, x)
         return block(x)
 
     def _run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -170,3 +195,56 @@ class TruncatedTeacher(nn.Module):
             scores.append(s.detach().reshape(()).to(device=h.device, dtype=torch.float32))
             del patch, cls
         return torch.stack(scores)
+
+
+# ---------------------------------------------------------------------- attention-kernel path
+
+
+def _timm_block_types() -> tuple[type, type]:
+    from timm.models.vision_transformer import Attention, Block  # timm re-exports timm.layers.Attention
+
+    return Block, Attention
+
+
+def kernel_block_supported(block: nn.Module) -> bool:
+    """True when :func:`block_forward_with_kernel` computes exactly what ``block(x)`` computes.
+
+    That is timm's pre-norm ``Block`` (exact type: subclasses may change ``forward``) with timm's
+    ``Attention`` (exact type), identity q/k norms (DINOv2) and no attention dropout in effect.
+    """
+    block_type, attention_type = _timm_block_types()
+    if type(block) is not block_type or type(getattr(block, "attn", None)) is not attention_type:
+        return False
+    attn = block.attn
+    for name in ("q_norm", "k_norm"):
+        if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
+            return False
+    attn_drop = getattr(attn, "attn_drop", None)
+    if attn.training and attn_drop is not None and getattr(attn_drop, "p", 0.0) > 0:
+        return False
+    return True
+
+
+def attention_with_kernel(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Attention.forward(x)`` (no mask, non-causal) with the attention computed by
+    :func:`leap_kernels.teacher_attention` straight from the packed ``qkv`` projection."""
+    gate = getattr(attn, "gate", None)  # timm >= 1.0.30: optional sigmoid output gate
+    gate = gate(x).sigmoid() if gate is not None else None
+    out = teacher_attention(attn.qkv(x), attn.num_heads, scale=attn.scale)  # (B, N, H*d)
+    norm = getattr(attn, "norm", None)  # scale_norm (Identity for DINOv2)
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def block_forward_with_kernel(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Block.forward(x)`` with :func:`attention_with_kernel` in place of ``block.attn``.
+
+    ``x + drop_path1(ls1(attn(norm1(x))))`` then ``x + drop_path2(ls2(mlp(norm2(x))))``; the drop
+    paths are identities in eval mode (the teacher is always in eval mode).
+    """
+    x = x + block.drop_path1(block.ls1(attention_with_kernel(block.attn, block.norm1(x))))
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x

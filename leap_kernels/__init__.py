@@ -10,7 +10,8 @@ Public API:
 from ._backends import ENV_BACKEND, BackendStatus, backends, use_backend
 from .modules import FeatureDistillationHead, TokenNormalizedMSELoss
 from .ops.feature_loss import fused_feature_loss
-from .ops.naive import fused_feature_loss_reference, token_normalized_mse_reference
+from .ops.naive import fused_feature_loss_reference, teacher_attention_reference, token_normalized_mse_reference
+from .ops.teacher_attention import teacher_attention
 from .ops.token_norm_mse import token_normalized_mse
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __all__ = [
     "backends",
     "fused_feature_loss",
     "fused_feature_loss_reference",
+    "teacher_attention",
+    "teacher_attention_reference",
     "token_normalized_mse",
     "token_normalized_mse_reference",
     "use_backend",

@@ -80,16 +80,21 @@ class TritonBackend(Backend):
                     )
             else:
                 reasons.append(f"device type {device_type!r} is not supported (cuda, or cpu with TRITON_INTERPRET=1)")
+        # An op's kernels may take fewer dtypes than the default (meta "dtypes").
+        supported = meta.get("dtypes") or _SUPPORTED_FLOAT_DTYPES
         dtypes = {t.dtype for t in tensors}
-        unsupported = sorted(str(d) for d in dtypes if d not in _SUPPORTED_FLOAT_DTYPES)
+        unsupported = sorted(str(d) for d in dtypes if d not in supported)
         if unsupported:
-            reasons.append(f"dtype {', '.join(unsupported)} not supported (float32, bfloat16, float16)")
+            names = ", ".join(str(d).replace("torch.", "") for d in supported)
+            reasons.append(f"dtype {', '.join(unsupported)} not supported by the {op} kernels ({names})")
         row_width = meta.get("row_width")
         if row_width is not None and row_width > MAX_TRITON_ROW_WIDTH:
             reasons.append(
                 f"{op}: row width {row_width} exceeds the {MAX_TRITON_ROW_WIDTH} channels one Triton "
                 "program holds in registers"
             )
+        # Limits of one op's kernels (head dims, scales, ...), computed by the op itself.
+        reasons.extend(meta.get("op_reasons") or ())
         return reasons
 
 

@@ -55,3 +55,19 @@ def fused_feature_loss_reference(
         return token_normalized_mse_reference(projected, target, reduction=reduction, eps=eps)
     diff = projected - target
     return _reduce(diff * diff, reduction)
+
+
+def teacher_attention_reference(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = None) -> torch.Tensor:
+    """Softmax attention from a packed QKV projection, as timm's ``Attention`` computes it.
+
+    qkv ``(B, N, 3*H*d)`` in timm's ``(B, N, 3, H, d)`` layout; returns ``(B, N, H*d)``:
+    ``(softmax(q @ k^T * scale) @ v).transpose(1, 2).reshape(B, N, H*d)``, ``scale = d**-0.5``
+    by default. Plain matmuls and softmax in the input's dtype (evaluate in float64 for a reference).
+    """
+    batch, n, c = qkv.shape
+    head_dim = c // (3 * num_heads)
+    if scale is None:
+        scale = head_dim ** -0.5
+    q, k, v = qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+    attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    return (attn @ v).transpose(1, 2).reshape(batch, n, num_heads * head_dim)

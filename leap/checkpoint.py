@@ -1,0 +1,226 @@
+"""Training checkpoints: atomic writes, validated loads, RNG state capture, resume checks.
+
+A LEAP training checkpoint is one ``torch.save`` file holding a dict::
+
+    {
+      "format": "leap-train-checkpoint", "version": 1,
+      "student": state_dict, "head": state_dict,
+      "optimizer": state_dict, "scheduler": state_dict, "scaler": state_dict | None,
+      "curriculum": Curriculum.state_dict(),
+      "rng": [per-rank RNG state, ...],          # see capture_rng_state
+      "epoch": int,          # epoch in progress (0-based)
+      "step": int,           # optimizer steps done in total
+      "step_in_epoch": int,  # batches of `epoch` already trained on
+      "config": TrainConfig.to_dict(),
+      "resolved": {...},     # derived values: world size, peak lr, steps per epoch, ...
+      "dims": {...},         # model dimensions, checked on resume
+      "totals": {...},       # running counters for the summary
+    }
+
+Everything in it is loadable with ``torch.load(weights_only=True)`` (tensors and plain
+Python types), so a resume never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import CheckpointError
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "CheckpointError",
+    "STRICT_RESUME_KEYS",
+    "atomic_save",
+    "load_checkpoint",
+    "all_finite",
+    "capture_rng_state",
+    "restore_rng_state",
+    "check_resume_compatible",
+]
+
+CHECKPOINT_FORMAT = "leap-train-checkpoint"
+CHECKPOINT_VERSION = 1
+
+_REQUIRED_KEYS = ("student", "head", "optimizer", "scheduler", "curriculum", "epoch", "step",
+                  "step_in_epoch", "config", "dims")
+
+#: Config keys that must match to resume: they change the models, the loss, the optimizer
+#: state layout or the meaning of "batches done in this epoch".
+STRICT_RESUME_KEYS = ("teacher", "student", "teacher_overrides", "student_overrides", "img_size",
+                      "loss", "curriculum", "optimizer", "batch_size")
+
+#: Config keys that may differ on resume without comment (they do not affect the result,
+#: or are expected to change: --resume itself, --max-steps, ...).
+_SILENT_KEYS = ("resume", "max_steps", "progress", "workers", "out", "device", "ckpt_every")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``.
+
+    A crash mid-write leaves the previous file at ``path`` intact (``os.replace`` is atomic
+    on POSIX when source and target are on the same filesystem, hence the same directory).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # persist the rename itself (best effort; not all filesystems allow it)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a LEAP training checkpoint.
+
+    Raises:
+        CheckpointError: missing file, unreadable/corrupt file, or a file that is not a LEAP
+            training checkpoint (e.g. teacher weights, which go to ``--teacher-weights``).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
+        if "Unsupported global" in str(e):  # a valid pickle, but of arbitrary Python objects
+            why = ("it holds Python objects other than tensors and plain values, so it was not written "
+                   "by `leap distill` (or comes from an untrusted source)")
+        else:
+            why = "the file is corrupt, truncated or not a PyTorch checkpoint"
+        raise CheckpointError(f"could not read checkpoint {path}: {why} ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path} is not a LEAP training checkpoint (no format={CHECKPOINT_FORMAT!r} entry; found "
+            f"{found}). To start from teacher weights use --teacher-weights; --resume takes a "
+            f"checkpoint.pt written by `leap distill`"
+        )
+    version = ckpt.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version!r} is not supported "
+                              f"(this leap reads version {CHECKPOINT_VERSION})")
+    missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
+    return ckpt
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True if every floating tensor is free of NaN/Inf (one host sync in total)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    if not flags:
+        return True
+    return bool(torch.stack(flags).all().item())
+
+
+# --------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------
+
+
+def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """RNG states of this process: python, numpy, torch CPU, CUDA (all devices) and ``generators``.
+
+    The numpy state is stored as plain ints so the checkpoint stays ``weights_only``-loadable.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states only if the device count matches)."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(f"checkpoint holds CUDA RNG states for {len(cuda)} device(s) but "
+                          f"{torch.cuda.device_count()} are visible; CUDA RNG not restored")
+    saved = state.get("generators", {})
+    for name, g in (generators or {}).items():
+        if name in saved:
+            g.set_state(saved[name])
+
+
+# --------------------------------------------------------------------------------------
+# Resume compatibility
+# --------------------------------------------------------------------------------------
+
+
+def check_resume_compatible(
+    path: str,
+    saved_config: dict[str, Any],
+    config: dict[str, Any],
+    saved_dims: dict[str, Any],
+    dims: dict[str, Any],
+) -> list[str]:
+    """Compare a checkpoint's config/dims with the current run.
+
+    Raises:
+        CheckpointError: a strict key (:data:`STRICT_RESUME_KEYS`) or a model dimension
+            differs; the message lists every differing key as ``key: checkpoint X, now Y``.
+
+    Returns:
+        The other config keys that differ (the caller warns about them).
+    """
+    diffs = [
+        f"{k}: checkpoint {saved_config.get(k)!r}, now {config.get(k)!r}"
+        for k in STRICT_RESUME_KEYS
+        if saved_config.get(k) != config.get(k)
+    ]
+    diffs += [
+        f"{k}: checkpoint {saved_dims.get(k)!r}, now {dims.get(k)!r}"
+        for k in sorted(set(saved_dims) | set(dims))
+        if saved_dims.get(k) != dims.get(k)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {path}: the run configuration is incompatible with the checkpoint:\n  "
+            + "\n  ".join(diffs)
+            + "\nResume with the same settings, or start a new run in another --out directory."
+        )
+    return [
+        k for k in sorted(set(saved_config) | set(config))
+        if k not in STRICT_RESUME_KEYS and k not in _SILENT_KEYS and saved_config.get(k) != config.get(k)
+    ]

@@ -1,0 +1,170 @@
+"""``make demo`` / ``leap demo``: baseline vs LEAP on Fashion-MNIST, on a CPU, in minutes.
+
+Distills the bundled teacher (a ViT trained by ``leap train-teacher`` on
+Fashion-MNIST, ``demo/teacher_fashion_mnist.pth``) into a smaller ViT twice with the
+same budget: once from the last teacher block only (baseline) and once with the LEAP
+curriculum. Then it evaluates both students with a cosine kNN on frozen features
+(k = 20, Fashion-MNIST test set), writes plots for each run and prints a table:
+curriculum trajectory, teacher FLOPs saved, wall time, kNN accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo",
+                               "teacher_fashion_mnist.pth")
+DEFAULT_STUDENT = "vit_small_patch14_dinov2"
+DEFAULT_STUDENT_OVERRIDES = {"patch_size": 7, "depth": 4, "embed_dim": 64, "num_heads": 1}
+FASHION_MNIST_HELP = (
+    "Fashion-MNIST not found. On Debian/Ubuntu: `sudo apt-get install dataset-fashion-mnist` (files land in "
+    "/usr/share/datasets/fashion-mnist/), or download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz into a folder and pass --data FOLDER."
+)
+
+
+def _epoch_blocks(run_dir: str) -> list[float]:
+    """Mean target block of each epoch, from the run's log."""
+    blocks = {}
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("type") == "epoch":
+                blocks[rec["epoch"]] = rec.get("mean_block", rec.get("block"))
+    return [blocks[e] for e in sorted(blocks)]
+
+
+def _knn(checkpoint: str, data: str | None, limit_train: int, limit_test: int | None, feature: str) -> float:
+    from . import data as leap_data
+    from .knn import evaluate_knn, load_model_for_eval
+
+    net, size, _ = load_model_for_eval(checkpoint)
+    loaders = []
+    for split, limit in (("train", limit_train), ("test", limit_test)):
+        ds = leap_data.build_dataset("fashion-mnist", data, split, size, augment=False)
+        if limit is not None:
+            ds = leap_data.FirstN(ds, limit)
+        loaders.append(leap_data.build_loader(ds, 512, shuffle=False, num_workers=0, drop_last=False))
+    return evaluate_knn(net, loaders[0], loaders[1], torch.device("cpu"), k=20, feature=feature)
+
+
+def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: str = "runs/demo",
+             epochs: int = 4, limit_images: int | None = 20000, batch_size: int = 128, lr: float = 1e-3,
+             tau: float = 0.85, max_epochs_per_block: int = 1, knn_train: int = 10000, knn_test: int | None = None,
+             student: str = DEFAULT_STUDENT, student_overrides: dict | None = None, loss: str = "mse",
+             workers: int | None = None, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
+    from . import data as leap_data
+    from .pretrain import read_teacher_meta
+    from .train import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not os.path.isfile(teacher):
+        raise FileNotFoundError(f"teacher checkpoint not found: {teacher} (train one with `leap train-teacher`)")
+    meta = read_teacher_meta(teacher)
+    if meta is None:
+        raise ValueError(f"{teacher} has no train-teacher recipe; the demo needs a `leap train-teacher` checkpoint")
+    if leap_data.FashionMNIST.find_files(data, "train") is None:
+        raise FileNotFoundError(FASHION_MNIST_HELP if data is None else f"no Fashion-MNIST idx files under {data}. "
+                                + FASHION_MNIST_HELP)
+    student_overrides = dict(DEFAULT_STUDENT_OVERRIDES if student_overrides is None else student_overrides)
+    print(f"teacher: {meta['model']} {meta['model_overrides']} at {meta['img_size']} px "
+          f"(test accuracy {meta['test_accuracy'] * 100:.2f}%)")
+    print(f"student: {student} {student_overrides}")
+    print(f"data: Fashion-MNIST, {limit_images or 'all'} training images, {epochs} epochs, batch {batch_size}\n")
+
+    results = {}
+    for mode in ("baseline", "leap"):
+        run_dir = os.path.join(out, mode)
+        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            os.remove(os.path.join(run_dir, "checkpoint.pt"))  # a demo always starts fresh
+        cfg = dict(
+            teacher=meta["model"], teacher_weights=teacher, teacher_overrides=meta["model_overrides"],
+            student=student, student_overrides=student_overrides, img_size=meta["img_size"],
+            data=data, data_source="fashion-mnist", limit_images=limit_images, workers=workers,
+            epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=lr, warmup_epochs=min(1.0, epochs / 4),
+            loss=loss, curriculum="off" if mode == "baseline" else "cka", tau=tau,
+            max_epochs_per_block=max_epochs_per_block, out=run_dir, ckpt_every=0, progress=progress,
+        )
+        print(f"== {mode}: {'last teacher block only' if mode == 'baseline' else 'LEAP curriculum'}")
+        start = time.time()
+        summary = train(cfg)
+        wall = time.time() - start
+        knn_cls = _knn(summary["checkpoint"], data, knn_train, knn_test, "cls")
+        knn_patch = _knn(summary["checkpoint"], data, knn_train, knn_test, "mean-patch")
+        try:
+            from .report import make_report
+
+            make_report(run_dir)
+        except Exception as exc:  # plots are a convenience; the numbers above stand without them
+            print(f"(plots for {run_dir} failed: {exc})")
+        results[mode] = {"summary": summary, "wall_s": wall, "knn_cls": knn_cls, "knn_patch": knn_patch,
+                         "epoch_blocks": _epoch_blocks(run_dir)}
+        print()
+
+    teacher_knn = _knn(teacher, data, knn_train, knn_test, "cls")
+    table = format_table(results, teacher_knn, meta, knn_train, knn_test)
+    print(table)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({m: {k: v for k, v in r.items() if k != "summary"} | {"summary": r["summary"]}
+                   for m, r in results.items()} | {"teacher_knn_cls": teacher_knn}, f, indent=2, default=str)
+    return {"results": results, "teacher_knn": teacher_knn, "table": table}
+
+
+def format_table(results: dict, teacher_knn: float, meta: dict, knn_train: int, knn_test: int | None) -> str:
+    lines = [
+        "| run | target block per epoch | teacher blocks run | teacher FLOPs saved | wall time | kNN top-1 CLS | kNN top-1 mean-patch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, r in results.items():
+        s = r["summary"]
+        blocks = " ".join(f"{b:.1f}" for b in r["epoch_blocks"])
+        saved = s.get("flops", {}).get("saved_fraction")
+        lines.append(
+            f"| {mode} | {blocks} | {s['teacher_blocks_run']} / {s['teacher_blocks_full']} | "
+            f"{'n/a' if saved is None else f'{saved * 100:.1f}%'} | {r['wall_s']:.0f} s | "
+            f"{r['knn_cls'] * 100:.2f}% | {r['knn_patch'] * 100:.2f}% |")
+    n_test = "all" if knn_test is None else knn_test
+    lines += ["", f"kNN: cosine, k=20, T=0.07, memory bank = first {knn_train} training images, {n_test} test images; "
+              f"teacher's own kNN top-1 (CLS): {teacher_knn * 100:.2f}% (its linear-head test accuracy: "
+              f"{meta['test_accuracy'] * 100:.2f}%)."]
+    return "\n".join(lines)
+
+
+def main_demo(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="leap demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST idx files "
+                        "(default: /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--teacher", default=DEFAULT_TEACHER, help="a `leap train-teacher` checkpoint")
+    parser.add_argument("--out", default="runs/demo", help="run directory (baseline/, leap/, results.md)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--limit-images", type=int, default=20000, help="training images used (0 = all 60000)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    parser.add_argument("--tau", type=float, default=0.85, help="CKA threshold of the curriculum")
+    parser.add_argument("--max-epochs-per-block", type=int, default=1)
+    parser.add_argument("--loss", choices=("mse", "token-mse"), default="mse")
+    parser.add_argument("--knn-train", type=int, default=10000, help="training images in the kNN memory bank")
+    parser.add_argument("--knn-test", type=int, default=None, help="test images evaluated (default: all 10000)")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    run_demo(data=args.data, teacher=args.teacher, out=args.out, epochs=args.epochs,
+             limit_images=args.limit_images or None, batch_size=args.batch_size, lr=args.lr, tau=args.tau,
+             max_epochs_per_block=args.max_epochs_per_block, knn_train=args.knn_train, knn_test=args.knn_test,
+             loss=args.loss, workers=args.workers, progress=not args.no_progress, threads=args.threads)
+    return 0

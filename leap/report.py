@@ -1,0 +1,753 @@
+"""``leap report RUN_DIR``: plots and a Markdown summary of a training run.
+
+Reads ``RUN_DIR/log.jsonl`` (one JSON object per line) and, when present, ``summary.json``.
+Record types used (all other types and unknown fields are ignored; optional fields may be
+missing)::
+
+    {"type": "step",  "step", "epoch", "loss", "cka"?, "block", "lr"?, "teacher_blocks_run"?, ...}
+    {"type": "epoch", "epoch", "mean_loss"?, "block", "mean_block"?, "steps"?, "time_s"?,
+                      "teacher_flops"?, "baseline_teacher_flops"?, "mean_cka"?, ...}
+    {"type": "level_up", "step", "epoch", "from_block", "to_block", "reason"}
+    {"type": "calibration", "teacher_blocks_run", ...}
+    {"type": "config", "config": {"teacher", "student", "img_size", ...}, "dims"?, "resolved"?}
+    {"type": "summary", ...}
+
+A resumed run may log some steps/epochs twice; the last record of each step/epoch wins.
+Lines that are not valid JSON (e.g. a half-written last line) are skipped.
+
+Outputs (in ``RUN_DIR/report/`` unless ``--out`` says otherwise), PNGs rendered with
+matplotlib's Agg canvas (no display, no global pyplot state):
+
+* ``loss.png`` -- loss vs step (and epoch mean loss), level-ups marked;
+* ``cka.png`` -- CKA vs step with the threshold tau (only if CKA was logged);
+* ``blocks.png`` -- target block vs step and vs epoch;
+* ``flops.png`` -- cumulative teacher FLOPs vs the full-depth baseline;
+* ``report.md`` -- blocks trajectory, final loss, FLOPs saved, time.
+
+Teacher FLOPs come from, in order: the epoch records' ``teacher_flops`` /
+``baseline_teacher_flops``; a :class:`leap.flops.CostModel` built (on the meta device) from
+the model names in the run's config (or ``--teacher``/``--student``); else the logged
+teacher block counts normalized by the teacher depth L (units of "full teacher passes").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+__all__ = ["RunLog", "load_run", "make_report", "main_report", "DEFAULT_OUT_SUBDIR"]
+
+LOG_NAME = "log.jsonl"
+SUMMARY_NAME = "summary.json"
+DEFAULT_OUT_SUBDIR = "report"
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------
+# Reading a run
+# --------------------------------------------------------------------------------------
+
+
+def _num(v: Any) -> float | None:
+    """``v`` as a finite float, else None (missing, null, NaN, strings ...)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+@dataclass
+class RunLog:
+    """The parsed content of a run directory.
+
+    ``steps`` / ``epochs``: step and epoch records, deduplicated (last wins) and sorted.
+    ``config``: the run's configuration dict (from the ``config`` record, the summary or
+    ``summary.json``), ``dims``/``resolved``: the trainer's extra info, if logged.
+    """
+
+    run_dir: str
+    log_path: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    level_ups: list[dict[str, Any]] = field(default_factory=list)
+    calibrations: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    dims: dict[str, Any] = field(default_factory=dict)
+    resolved: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    skipped_lines: int = 0
+    unknown_types: Counter = field(default_factory=Counter)
+
+    # ---- derived -------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int | None:
+        """Teacher depth L: from dims / summary / a ``depth`` teacher override, else the largest
+        block seen in the log (exact once the run reached the last block)."""
+        overrides = self.config.get("teacher_overrides")
+        candidates = (self.dims.get("teacher_blocks"), self.summary.get("num_blocks"),
+                      overrides.get("depth") if isinstance(overrides, dict) else None)
+        for v in candidates:
+            if _num(v):
+                return int(v)
+        blocks = self.step_blocks() + self.epoch_blocks()
+        return int(max(blocks)) if blocks else None
+
+    def step_blocks(self) -> list[float]:
+        return [b for b in (_num(r.get("block")) for r in self.steps) if b is not None]
+
+    def epoch_blocks(self) -> list[float]:
+        return [b for b in (_num(r.get("block")) for r in self.epochs) if b is not None]
+
+    @property
+    def images_per_step(self) -> int | None:
+        """Global batch size, if logged (``resolved.global_batch`` or ``batch_size * world_size``)."""
+        gb = _num(self.resolved.get("global_batch")) or _num(self.summary.get("resolved", {}).get("global_batch")
+                                                             if isinstance(self.summary.get("resolved"), dict) else None)
+        if gb:
+            return int(gb)
+        bs = _num(self.config.get("batch_size"))
+        if bs:
+            return int(bs * (_num(self.dims.get("world_size")) or 1))
+        return None
+
+
+def _read_records(path: str) -> tuple[list[dict[str, Any]], int]:
+    records, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                skipped += 1
+    return records, skipped
+
+
+def _dedup_sorted(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    by_key: dict[Any, dict[str, Any]] = {}
+    unkeyed = []
+    for r in records:
+        k = _num(r.get(key))
+        if k is None:
+            unkeyed.append(r)
+        else:
+            by_key[k] = r
+    return [by_key[k] for k in sorted(by_key)] + unkeyed
+
+
+def load_run(run_dir: str | os.PathLike) -> RunLog:
+    """Parse a run directory (or a ``log.jsonl`` path directly).
+
+    Raises:
+        FileNotFoundError: the directory or its ``log.jsonl`` does not exist (names the path).
+        ValueError: the log holds no step and no epoch records.
+    """
+    path = os.fspath(run_dir)
+    if os.path.isdir(path):
+        log_path = os.path.join(path, LOG_NAME)
+    elif os.path.isfile(path):
+        log_path, path = path, os.path.dirname(os.path.abspath(path))
+    else:
+        raise FileNotFoundError(f"run directory not found: {path}")
+    if not os.path.isfile(log_path):
+        raise FileNotFoundError(f"no training log found: {log_path} does not exist")
+    records, skipped = _read_records(log_path)
+    run = RunLog(run_dir=path, log_path=log_path, skipped_lines=skipped)
+
+    steps, epochs = [], []
+    for r in records:
+        t = r.get("type")
+        if t == "step":
+            steps.append(r)
+        elif t == "epoch":
+            epochs.append(r)
+        elif t == "level_up":
+            run.level_ups.append(r)
+        elif t == "calibration":
+            run.calibrations.append(r)
+        elif t == "config":
+            if isinstance(r.get("config"), dict):
+                run.config = dict(r["config"])
+            for name in ("dims", "resolved"):
+                if isinstance(r.get(name), dict):
+                    setattr(run, name, dict(r[name]))
+        elif t == "summary":
+            run.summary = dict(r)
+        else:
+            run.unknown_types[str(t)] += 1
+    run.steps = _dedup_sorted(steps, "step")
+    run.epochs = _dedup_sorted(epochs, "epoch")
+    # Level-ups of a resumed run may repeat: keep distinct ones, in step order.
+    seen, ups = set(), []
+    for u in run.level_ups:
+        key = (u.get("step"), u.get("from_block"), u.get("to_block"))
+        if key not in seen:
+            seen.add(key)
+            ups.append(u)
+    run.level_ups = sorted(ups, key=lambda u: (_num(u.get("step")) or 0))
+
+    summary_path = os.path.join(path, SUMMARY_NAME)
+    if os.path.isfile(summary_path):
+        try:
+            with open(summary_path, encoding="utf-8") as f:
+                data = json.load(f)
+            if isinstance(data, dict):
+                run.summary = {**data, **run.summary}
+        except (OSError, json.JSONDecodeError):
+            pass
+    if not run.config and isinstance(run.summary.get("config"), dict):
+        run.config = dict(run.summary["config"])
+    if not run.resolved and isinstance(run.summary.get("resolved"), dict):
+        run.resolved = dict(run.summary["resolved"])
+    if not run.steps and not run.epochs:
+        raise ValueError(f"{log_path}: no step or epoch records found")
+    return run
+
+
+# --------------------------------------------------------------------------------------
+# FLOPs series
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlopsSeries:
+    """Cumulative teacher cost vs. baseline along ``x`` (steps or epochs)."""
+
+    x: list[float]
+    x_label: str
+    teacher: list[float]
+    baseline: list[float]
+    units: str                    # "FLOPs" or "full teacher passes"
+    source: str                   # where the numbers come from
+    total: list[float] | None = None           # whole step C(k), if a cost model is known
+    baseline_total: list[float] | None = None
+
+    @property
+    def saved_fraction(self) -> float | None:
+        if not self.baseline or not self.baseline[-1]:
+            return None
+        return 1.0 - self.teacher[-1] / self.baseline[-1]
+
+    @property
+    def total_saved_fraction(self) -> float | None:
+        if not self.total or not self.baseline_total or not self.baseline_total[-1]:
+            return None
+        return 1.0 - self.total[-1] / self.baseline_total[-1]
+
+
+def _cumsum(values: Sequence[float]) -> list[float]:
+    out, acc = [], 0.0
+    for v in values:
+        acc += v
+        out.append(acc)
+    return out
+
+
+def _cost_model_for(run: RunLog, teacher: str | None, student: str | None, img_size: int | None):
+    """A CostModel from CLI names or the run config; (model, None) or (None, reason)."""
+    cfg = run.config
+    teacher = teacher or cfg.get("teacher")
+    student = student or cfg.get("student")
+    if not teacher or not student:
+        return None, "the run config does not name the teacher and student"
+    try:
+        from .flops import CostModel
+
+        t_ov = cfg.get("teacher_overrides") if teacher == cfg.get("teacher") else None
+        s_ov = cfg.get("student_overrides") if student == cfg.get("student") else None
+        return CostModel(teacher, student, img_size=int(img_size or cfg.get("img_size") or 224),
+                         teacher_overrides=t_ov or None, student_overrides=s_ov or None), None
+    except Exception as e:  # noqa: BLE001 - reported in the Markdown, falls back to block counts
+        return None, f"could not build a cost model for {teacher} / {student}: {type(e).__name__}: {e}"
+
+
+def _units(run: RunLog) -> tuple[list[float], list[float], list[float], str]:
+    """Per-unit ``(x, teacher blocks run, teacher forwards)``: per step if step records exist,
+    else per epoch. The calibration scan is added to the step it happened in."""
+    calib = {}
+    for c in run.calibrations:
+        s, b = _num(c.get("step")), _num(c.get("teacher_blocks_run"))
+        if s is not None and b is not None:
+            calib[s] = calib.get(s, 0.0) + b
+    xs, blocks, n = [], [], []
+    rows = [r for r in run.steps if _num(r.get("step")) is not None
+            and (_num(r.get("teacher_blocks_run")) is not None or _num(r.get("block")) is not None)]
+    if rows:
+        for r in rows:
+            s = _num(r["step"])
+            b = _num(r.get("teacher_blocks_run"))
+            b = _num(r.get("block")) if b is None else b
+            xs.append(s)
+            blocks.append(b + calib.get(s, 0.0))
+            n.append(1.0)
+        return xs, blocks, n, "step"
+    for i, r in enumerate(run.epochs):
+        steps = _num(r.get("steps")) or 1.0
+        b = _num(r.get("teacher_blocks_run_total"))
+        if b is None:
+            mb = _num(r.get("mean_block"))
+            mb = _num(r.get("block")) if mb is None else mb
+            if mb is None:
+                continue
+            b = mb * steps
+        ep = _num(r.get("epoch"))
+        xs.append(ep if ep is not None else float(i))
+        blocks.append(b)
+        n.append(steps)
+    return xs, blocks, n, "epoch"
+
+
+def flops_series(run: RunLog, cost_model=None, cost_note: str | None = None) -> FlopsSeries | None:
+    """Cumulative teacher FLOPs (or full-teacher passes) vs. the full-depth baseline."""
+    ep = run.epochs
+    if ep and all(_num(r.get("teacher_flops")) is not None and _num(r.get("baseline_teacher_flops")) is not None
+                  for r in ep):
+        xs = [(_num(r.get("epoch")) if _num(r.get("epoch")) is not None else float(i)) for i, r in enumerate(ep)]
+        total = base_total = None
+        if all(_num(r.get("step_flops")) is not None and _num(r.get("baseline_step_flops")) is not None for r in ep):
+            total = _cumsum([r["step_flops"] for r in ep])
+            base_total = _cumsum([r["baseline_step_flops"] for r in ep])
+        return FlopsSeries(xs, "epoch", _cumsum([r["teacher_flops"] for r in ep]),
+                           _cumsum([r["baseline_teacher_flops"] for r in ep]), "FLOPs",
+                           "per-epoch teacher_flops logged by the trainer", total, base_total)
+
+    xs, blocks, n, x_label = _units(run)
+    if not xs:
+        return None
+    scan = " + the calibration scan" if x_label == "step" and any(
+        _num(c.get("teacher_blocks_run")) for c in run.calibrations) else ""
+    L = run.num_blocks
+    if cost_model is not None:
+        L = cost_model.num_blocks
+        images = run.images_per_step or 1
+        per_img = "" if run.images_per_step else " per image"
+        emb, blk = 2 * cost_model.embed_macs, 2 * cost_model.block_macs
+        rest = 2 * (cost_model.student_step_macs + cost_model.cka_macs)
+        teacher = [images * (ni * emb + bi * blk) for bi, ni in zip(blocks, n)]
+        base = [images * ni * (emb + L * blk) for ni in n]
+        total = [t + images * ni * rest for t, ni in zip(teacher, n)]
+        base_total = [b + images * ni * rest for b, ni in zip(base, n)]
+        return FlopsSeries(xs, x_label, _cumsum(teacher), _cumsum(base), "FLOPs" + per_img,
+                           f"logged teacher block counts{scan} x CostModel({cost_model.teacher_cost.depth}-block teacher)",
+                           _cumsum(total), _cumsum(base_total))
+    if not L:
+        return None
+    note = f" ({cost_note})" if cost_note else ""
+    return FlopsSeries(xs, x_label, _cumsum([b / L for b in blocks]), _cumsum(n), "full teacher passes",
+                       f"logged teacher block counts{scan} / L = {L}{note}")
+
+
+# --------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------
+
+
+def _new_figure(nrows: int = 1, height: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, height * nrows), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(nrows, 1, i + 1) for i in range(nrows)]
+    return fig, axes
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def _mark_level_ups(ax, run: RunLog, max_marks: int = 60) -> None:
+    xs = [s for s in (_num(u.get("step")) for u in run.level_ups) if s is not None]
+    if 0 < len(xs) <= max_marks:
+        for i, s in enumerate(xs):
+            ax.axvline(s, color="tab:gray", alpha=0.3, lw=0.8, label="level-up" if i == 0 else None)
+
+
+def _xy(records: list[dict[str, Any]], xkey: str, ykey: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for i, r in enumerate(records):
+        x, y = _num(r.get(xkey)), _num(r.get(ykey))
+        if y is None:
+            continue
+        xs.append(x if x is not None else float(i))
+        ys.append(y)
+    return xs, ys
+
+
+def plot_loss(run: RunLog, path: str) -> str | None:
+    sx, sy = _xy(run.steps, "step", "loss")
+    ex, ey = _xy(run.epochs, "step", "mean_loss")
+    if not sy and not ey:
+        return None
+    fig, (ax,) = _new_figure()
+    if sy:
+        ax.plot(sx, sy, lw=0.8, color="tab:blue", label="step loss")
+    if ey:
+        epoch_rows = [r for r in run.epochs if _num(r.get("mean_loss")) is not None]
+        if all(_num(r.get("step")) is not None for r in epoch_rows):  # epoch means at their last step
+            ax.plot(ex, ey, "o-", color="tab:orange", ms=3, label="epoch mean loss")
+        elif not sy:  # epoch records only: plot against the epoch
+            ex, ey = _xy(run.epochs, "epoch", "mean_loss")
+            ax.plot(ex, ey, "o-", color="tab:orange", ms=3, label="epoch mean loss")
+            ax.set_xlabel("epoch")
+    ys = sy + ey
+    if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+        ax.set_yscale("log")
+    if sy:
+        _mark_level_ups(ax, run)
+        ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Distillation loss")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_cka(run: RunLog, path: str) -> str | None:
+    sx, sy = _xy(run.steps, "step", "cka")
+    ex, ey = _xy(run.epochs, "step", "mean_cka")
+    if not sy and not ey:
+        return None
+    fig, (ax,) = _new_figure()
+    if sy:
+        ax.plot(sx, sy, lw=0.8, color="tab:green", label="CKA (step)")
+    if ey and len(ex) == len(ey):
+        ax.plot(ex, ey, "o", color="tab:olive", ms=3, label="epoch mean CKA")
+    tau = _num(run.config.get("tau"))
+    if tau is not None and tau <= 1:
+        ax.axhline(tau, color="tab:red", ls="--", lw=1, label=f"tau = {tau:g}")
+    _mark_level_ups(ax, run)
+    ax.set_xlabel("step")
+    ax.set_ylabel("linear CKA")
+    ax.set_title("CKA of the projected student vs. the current target")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_blocks(run: RunLog, path: str) -> str | None:
+    sx, sy = _xy(run.steps, "step", "block")
+    ex, ey = _xy(run.epochs, "epoch", "block")
+    mx, my = _xy(run.epochs, "epoch", "mean_block")
+    panels = [p for p in (sy, ey or my) if p]
+    if not panels:
+        return None
+    L = run.num_blocks
+    fig, axes = _new_figure(len(panels), height=3.0)
+    i = 0
+    if sy:
+        ax = axes[i]
+        i += 1
+        ax.step(sx, sy, where="post", color="tab:purple", lw=1.2, label="target block")
+        ax.set_xlabel("step")
+    if ey or my:
+        ax = axes[i]
+        if ey:
+            ax.plot(ex, ey, "o-", color="tab:purple", lw=1.2, ms=3, label="block at epoch end")
+        if my:
+            ax.plot(mx, my, "s--", color="tab:pink", lw=1, ms=3, label="mean block in epoch")
+        ax.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if L:
+            ax.axhline(L, color="tab:gray", ls="--", lw=1, label=f"L = {L}")
+        ax.set_ylabel("teacher block k")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Curriculum: target block")
+    return _save(fig, path)
+
+
+def plot_flops(series: FlopsSeries | None, path: str) -> str | None:
+    if series is None:
+        return None
+    fig, (ax,) = _new_figure()
+    ax.plot(series.x, series.baseline, color="tab:red", ls="--", label="baseline teacher (every step at L)")
+    ax.plot(series.x, series.teacher, color="tab:blue", label="LEAP teacher")
+    ax.fill_between(series.x, series.teacher, series.baseline, color="tab:blue", alpha=0.12)
+    if series.total and series.baseline_total:
+        ax.plot(series.x, series.baseline_total, color="tab:red", ls=":", lw=1, label="baseline step total")
+        ax.plot(series.x, series.total, color="tab:blue", ls=":", lw=1, label="LEAP step total")
+    saved = series.saved_fraction
+    title = "Cumulative teacher cost"
+    if saved is not None:
+        title += f" (teacher saving {100 * saved:.1f}%)"
+    ax.set_title(title)
+    ax.set_xlabel(series.x_label)
+    ax.set_ylabel(f"cumulative {series.units}")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}" if m else f"{seconds:.1f} s"
+
+
+def _fmt_num(v: float | None, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}g}"
+
+
+def _fmt_flops(v: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {unit}"
+    return f"{v:.3g} FLOP"
+
+
+def _run_lengths(values: Sequence[float]) -> str:
+    """``2, 12 x3, 13`` style compact list."""
+    out, prev, count = [], None, 0
+    for v in values:
+        v = int(v) if float(v).is_integer() else round(v, 2)
+        if v == prev:
+            count += 1
+            continue
+        if prev is not None:
+            out.append(f"{prev}" + (f" x{count}" if count > 1 else ""))
+        prev, count = v, 1
+    if prev is not None:
+        out.append(f"{prev}" + (f" x{count}" if count > 1 else ""))
+    return ", ".join(out)
+
+
+def _mean_block(run: RunLog) -> float | None:
+    steps = run.step_blocks()
+    if steps:
+        return sum(steps) / len(steps)
+    s = _num(run.summary.get("mean_block"))
+    if s is not None:
+        return s
+    xs = [(_num(r.get("mean_block")) or _num(r.get("block")), _num(r.get("steps")) or 1.0) for r in run.epochs]
+    xs = [(b, w) for b, w in xs if b is not None]
+    return sum(b * w for b, w in xs) / sum(w for _, w in xs) if xs else None
+
+
+def render_markdown(run: RunLog, series: FlopsSeries | None, plots: dict[str, str], cost_model=None,
+                    cost_note: str | None = None) -> str:
+    cfg, summ = run.config, run.summary
+    L = cost_model.num_blocks if cost_model is not None else run.num_blocks
+    lines = [f"# LEAP run report: `{run.run_dir}`", ""]
+    teacher, student = cfg.get("teacher"), cfg.get("student")
+    if cost_model is not None and not (teacher and student):
+        teacher, student = "teacher", "student"
+    facts = []
+    if teacher and student:
+        facts.append(f"- models: `{teacher}` -> `{student}`" + (f" at {cfg['img_size']} px" if cfg.get("img_size") else ""))
+    mode = summ.get("mode") or ({"cka": "leap", "off": "baseline"}.get(cfg.get("curriculum")) if cfg.get("curriculum") else None)
+    if mode:
+        facts.append(f"- mode: {mode}" + (f", status: {summ['status']}" if summ.get("status") else ""))
+    n_steps = len(run.steps) or _num(summ.get("steps"))
+    facts.append(f"- steps: {int(n_steps) if n_steps else 'n/a'}, epochs logged: {len(run.epochs)}")
+    if run.skipped_lines:
+        facts.append(f"- {run.skipped_lines} unreadable line(s) in the log were skipped")
+    lines += facts + [""]
+
+    # ---- curriculum
+    lines += ["## Curriculum", ""]
+    blocks_step = run.step_blocks()
+    start = _num(summ.get("start_block"))
+    if start is None and run.calibrations:
+        start = _num(run.calibrations[0].get("start_block"))
+    if start is None and blocks_step:
+        start = blocks_step[0]
+    final = blocks_step[-1] if blocks_step else (run.epoch_blocks()[-1] if run.epoch_blocks() else None)
+    final = _num(summ.get("final_block")) if _num(summ.get("final_block")) is not None else final
+    mean_k = _mean_block(run)
+    lines.append(f"- teacher depth L: {L if L else 'n/a'}")
+    lines.append(f"- start block: {_fmt_num(start)}, final block: {_fmt_num(final)}, "
+                 f"mean target block: {_fmt_num(mean_k)}")
+    eb = [(_num(r.get("block")) if _num(r.get("block")) is not None else _num(r.get("mean_block"))) for r in run.epochs]
+    eb = [b for b in eb if b is not None]
+    if eb:
+        lines.append(f"- block at the end of each epoch: {_run_lengths(eb)}")
+    elif blocks_step:
+        lines.append(f"- block per step: {_run_lengths(blocks_step)}")
+    if run.level_ups:
+        reasons = Counter(str(u.get("reason", "?")) for u in run.level_ups)
+        lines.append(f"- level-ups: {len(run.level_ups)} ("
+                     + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ")")
+        lines += ["", "| step | epoch | from | to | reason |", "|---:|---:|---:|---:|---|"]
+        shown = run.level_ups if len(run.level_ups) <= 60 else run.level_ups[:30] + [None] + run.level_ups[-29:]
+        for u in shown:
+            if u is None:
+                lines.append("| ... | | | | |")
+                continue
+            lines.append(f"| {u.get('step', '')} | {u.get('epoch', '')} | {u.get('from_block', '')} | "
+                         f"{u.get('to_block', '')} | {u.get('reason', '')} |")
+    lines.append("")
+
+    # ---- loss
+    lines += ["## Loss", ""]
+    losses = [v for v in (_num(r.get("loss")) for r in run.steps) if v is not None]
+    final_loss = losses[-1] if losses else _num(summ.get("final_loss"))
+    e_losses = [v for v in (_num(r.get("mean_loss")) for r in run.epochs) if v is not None]
+    lines.append(f"- final step loss: {_fmt_num(final_loss)}")
+    if e_losses:
+        lines.append(f"- epoch mean loss: first {_fmt_num(e_losses[0])}, last {_fmt_num(e_losses[-1])}")
+    ckas = [v for v in (_num(r.get("cka")) for r in run.steps) if v is not None]
+    if ckas:
+        lines.append(f"- last CKA: {ckas[-1]:.4f} (max {max(ckas):.4f})")
+    lines.append("")
+
+    # ---- FLOPs
+    lines += ["## Teacher FLOPs", ""]
+    if mean_k is not None and L:
+        lines.append(f"- teacher-only saving `1 - mean(k)/L` = 1 - {mean_k:.4g}/{L} = **{100 * (1 - mean_k / L):.1f}%**"
+                     " (the paper's measure)")
+    if series is not None:
+        saved = series.saved_fraction
+        if series.units.startswith("FLOPs"):
+            lines.append(f"- teacher forward: {_fmt_flops(series.teacher[-1])} vs. baseline "
+                         f"{_fmt_flops(series.baseline[-1])}{series.units[5:]} -> saved **{100 * saved:.1f}%**")
+        else:
+            lines.append(f"- teacher forward: {series.teacher[-1]:.4g} vs. baseline {series.baseline[-1]:.4g} "
+                         f"full teacher passes -> saved **{100 * saved:.1f}%**")
+        ts = series.total_saved_fraction
+        if ts is not None:
+            lines.append(f"- whole training step (teacher + student fwd/bwd + head + CKA): "
+                         f"{_fmt_flops(series.total[-1])} vs. {_fmt_flops(series.baseline_total[-1])}"
+                         f" -> saved **{100 * ts:.1f}%**")
+        lines.append(f"- source: {series.source}")
+    else:
+        lines.append("- no teacher block counts in the log: FLOPs not computed")
+    if cost_note and (series is None or cost_note not in series.source):
+        lines.append(f"- note: {cost_note}")
+    lines.append("")
+
+    # ---- time
+    lines += ["## Time", ""]
+    times = [v for v in (_num(r.get("time_s")) for r in run.epochs) if v is not None]
+    total_time = _num(summ.get("train_time_s"))
+    if total_time is None and times:
+        total_time = sum(times)
+    lines.append(f"- training time: {_fmt_time(total_time)}" + (f" ({len(times)} epochs timed)" if times else ""))
+    ips = _num(summ.get("images_per_s"))
+    if ips is not None:
+        lines.append(f"- throughput: {ips:.1f} images/s")
+    if times:
+        lines.append(f"- time per epoch: first {_fmt_time(times[0])}, last {_fmt_time(times[-1])}")
+    lines.append("")
+
+    # ---- plots
+    if plots:
+        lines += ["## Plots", ""]
+        for name, p in plots.items():
+            lines.append(f"![{name}]({os.path.basename(p)})")
+        lines.append("")
+    if run.unknown_types:
+        lines.append("<!-- ignored record types: " + ", ".join(f"{t} ({n})" for t, n in sorted(run.unknown_types.items()))
+                     + " -->")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------
+
+
+def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                teacher: str | None = None, student: str | None = None, img_size: int | None = None,
+                use_cost_model: bool = True) -> dict[str, Any]:
+    """Render the plots and ``report.md`` of a run.
+
+    Args:
+        run_dir: run directory (holding ``log.jsonl``) or the log file itself.
+        out_dir: where to write (default ``RUN_DIR/report``); created if needed.
+        teacher, student, img_size: model names for the FLOPs cost model when the run's
+            config does not name them (or to override it).
+        use_cost_model: set False to skip building models and count teacher blocks only.
+
+    Returns:
+        ``{"report": path of report.md, "plots": {name: png path}, "flops_source": str | None,
+        "saved_fraction": float | None, "total_saved_fraction": float | None}``.
+
+    Raises:
+        FileNotFoundError: no run directory / ``log.jsonl`` (the message names the path).
+        ValueError: the log holds no step or epoch records.
+    """
+    run = load_run(run_dir)
+    out = os.fspath(out_dir) if out_dir is not None else os.path.join(run.run_dir, DEFAULT_OUT_SUBDIR)
+    os.makedirs(out, exist_ok=True)
+
+    cost_model, cost_note = None, None
+    logged_flops = bool(run.epochs) and all(_num(r.get("teacher_flops")) is not None for r in run.epochs)
+    if use_cost_model and not logged_flops:
+        cost_model, cost_note = _cost_model_for(run, teacher, student, img_size)
+    series = flops_series(run, cost_model, cost_note)
+
+    plots: dict[str, str] = {}
+    for name, fn in (("loss", lambda p: plot_loss(run, p)), ("cka", lambda p: plot_cka(run, p)),
+                     ("blocks", lambda p: plot_blocks(run, p)), ("flops", lambda p: plot_flops(series, p))):
+        path = fn(os.path.join(out, f"{name}.png"))
+        if path:
+            plots[name] = path
+    md = render_markdown(run, series, plots, cost_model, cost_note)
+    report_path = os.path.join(out, "report.md")
+    with open(report_path, "w", encoding="utf-8") as f:
+        f.write(md)
+    return {
+        "report": report_path,
+        "plots": plots,
+        "flops_source": series.source if series else None,
+        "saved_fraction": series.saved_fraction if series else None,
+        "total_saved_fraction": series.total_saved_fraction if series else None,
+    }
+
+
+def main_report(argv: Sequence[str] | None = None) -> int:
+    """``leap report RUN_DIR [--out DIR] [--teacher NAME --student NAME] [--img-size N] [--no-cost-model]``."""
+    p = argparse.ArgumentParser(prog="leap report",
+                                description="Plot a LEAP run (loss, CKA, target block, teacher FLOPs) and "
+                                            "write a Markdown summary from RUN_DIR/log.jsonl.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding log.jsonl (or the log file)")
+    p.add_argument("--out", help=f"output directory (default RUN_DIR/{DEFAULT_OUT_SUBDIR})")
+    p.add_argument("--teacher", help="teacher model name for FLOPs, if the run config lacks it")
+    p.add_argument("--student", help="student model name for FLOPs, if the run config lacks it")
+    p.add_argument("--img-size", type=int, help="image size for FLOPs (default: from the config, else 224)")
+    p.add_argument("--no-cost-model", action="store_true",
+                   help="do not build models for FLOPs; count teacher blocks only")
+    args = p.parse_args(argv)
+    try:
+        res = make_report(args.run_dir, args.out, teacher=args.teacher, student=args.student,
+                          img_size=args.img_size, use_cost_model=not args.no_cost_model)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    print(f"wrote {res['report']}")
+    for name, path in res["plots"].items():
+        print(f"wrote {path}")
+    if res["saved_fraction"] is not None:
+        print(f"teacher FLOPs saved: {100 * res['saved_fraction']:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main_report())

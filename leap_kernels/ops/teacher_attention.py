@@ -1,0 +1,331 @@
+"""Teacher attention: non-causal softmax attention read straight from the packed QKV
+projection of a ViT block, for the frozen (inference-only) LEAP teacher.
+
+Room layout: Triton flash-attention forward kernel -> per-backend host functions ->
+torch.library op with a fake implementation -> functional API.
+
+Layout. ``qkv (B, N, 3*H*d)`` is the output of the block's ``qkv`` linear, laid out as
+timm's ``reshape(B, N, 3, H, d)``: channel ``c = s*H*d + h*d + j`` holds q (s=0), k (s=1)
+or v (s=2) of head ``h``. The kernel reads q, k and v of one (batch, head) in place through
+the strides of ``qkv`` (no permute/contiguous copy; strided views of ``qkv`` work) and
+writes the output ``(B, N, H*d)`` directly in the layout the output projection consumes,
+i.e. ``(softmax(q k^T * scale) v).transpose(1, 2).reshape(B, N, H*d)`` - no transpose copy.
+
+Kernel (flash-attention forward, one program per (query block, batch*head)): the query
+tile stays in registers; key/value tiles of ``BLOCK_N`` tokens stream past it; the running
+row max ``m`` and row sum ``l`` of the online softmax are fp32, the output accumulator is
+fp32 and is rescaled by ``exp2(m_old - m_new)`` when the max grows. ``log2(e)`` is folded
+into the softmax scale so the exponentials are ``exp2``. The key loop runs over the full
+``BLOCK_N`` tiles without any mask, then once over the tail tile (if ``N % BLOCK_N``) with
+the out-of-range keys masked to ``-inf`` *before* the row max; query rows past ``N`` are
+masked at load and at store. Nothing is padded in memory.
+
+Backends: ``triton`` runs bfloat16/float16 inputs with head dims 16, 32, 64, 128 and a positive
+scale (CUDA, or CPU under ``TRITON_INTERPRET=1``). Everything else (float32, float64, other head
+dims, scale <= 0) runs on the ``torch`` backend (``scaled_dot_product_attention`` on permuted
+views of ``qkv``), which automatic dispatch falls back to; forcing ``triton`` on such inputs
+raises with the reasons.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backends, _checks
+from ._triton_common import HAS_TRITON, INTERPRETED, upcast_dot
+
+OP_NAME = "teacher_attention"
+#: Head dims the Triton kernel is built for (one ``tl.dot`` over the whole head dim).
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+#: Input dtypes of the Triton kernel (tensor-core dots with fp32 accumulation).
+TRITON_DTYPES = (torch.bfloat16, torch.float16)
+
+LOG2E = 1.4426950408889634
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    def _attention_configs(interpreted: bool):
+        if interpreted:  # the interpreter accepts one config; its cost grows with the program count
+            return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+        shapes = [
+            # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+            (128, 64, 8, 3),  # Hopper default for d = 64
+            (64, 64, 4, 3),  # more programs for short sequences (N ~ 261: 5 query tiles instead of 3)
+            (128, 32, 4, 3),  # less wasted work on the key tail
+            (64, 32, 4, 4),
+            (128, 128, 8, 2),  # long sequences
+        ]
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes
+        ]
+
+    def _prune_configs(configs, named_args, **kwargs):
+        """d = 128 with 128x128 tiles spills registers; drop it. Never prune to nothing."""
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        kept = [c for c in configs if not (head_dim is not None and head_dim >= 128
+                                          and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)]
+        return kept or configs[:1]
+
+    @triton.jit
+    def _attention_kv_tile(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale,
+        offs_n,
+        MASK_KEYS: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """One key/value tile of the online softmax; returns the updated ``(acc, l_i, m_i)``."""
+        if MASK_KEYS:
+            key_ok = (start_n + offs_n) < N
+            k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if UPCAST:  # interpreter only: its 16-bit dot is not exact
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        if MASK_KEYS:
+            qk = tl.where(key_ok[None, :], qk, float("-inf"))  # before the max: padded keys never win
+        # qk_scale = scale * log2(e) > 0, so max(qk) * qk_scale is the max of the scaled logits and the
+        # scaling folds into one FMA per logit; the softmax runs in base 2.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # finite: every tile has at least one real key
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # padded keys: exp2(-inf) = 0
+        alpha = tl.math.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASK_KEYS:
+            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        p = p.to(v.dtype)  # probabilities rounded to the input dtype, as a tensor-core dot takes them
+        if UPCAST:
+            acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p, v, acc)
+        return acc, l_i, m_new
+
+    @triton.autotune(
+        configs=_attention_configs(INTERPRETED),
+        key=["N", "HEAD_DIM"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )
+    @triton.jit
+    def _teacher_attention_fwd_kernel(
+        QKV, OUT,
+        N, H,
+        stride_qkv_b, stride_qkv_n, stride_qkv_c,
+        stride_out_b, stride_out_n,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        # 1-D grid, query tiles fastest: the programs of one (batch, head) run together and share
+        # its K/V tiles in L2; no 65535 limit on the batch*head axis.
+        num_m_tiles = tl.cdiv(N, BLOCK_M)
+        pid = tl.program_id(0)
+        pid_m = pid % num_m_tiles
+        pid_bh = pid // num_m_tiles
+        b = pid_bh // H
+        h = pid_bh % H
+
+        # q, k, v of head h are channel slices [s*H*d + h*d, s*H*d + (h+1)*d) of each token row.
+        base = QKV + b.to(tl.int64) * stride_qkv_b
+        q_base = base + (h * HEAD_DIM) * stride_qkv_c
+        k_base = base + ((H + h) * HEAD_DIM) * stride_qkv_c
+        v_base = base + ((2 * H + h) * HEAD_DIM) * stride_qkv_c
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < N
+
+        q = tl.load(q_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c,
+                    mask=row_ok[:, None], other=0.0)
+        k_ptrs = k_base + offs_n[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
+        v_ptrs = v_base + offs_n[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        n_full = (N // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):  # full tiles: no masks
+            acc, l_i, m_i = _attention_kv_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale, offs_n,
+                                               MASK_KEYS=False, UPCAST=UPCAST)
+            k_ptrs += BLOCK_N * stride_qkv_n
+            v_ptrs += BLOCK_N * stride_qkv_n
+        if n_full < N:  # the key tail
+            acc, l_i, m_i = _attention_kv_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, N, qk_scale, offs_n,
+                                               MASK_KEYS=True, UPCAST=UPCAST)
+
+        out = acc * (1.0 / l_i)[:, None]
+        out_ptrs = (OUT + b.to(tl.int64) * stride_out_b + offs_m[:, None] * stride_out_n
+                    + (h * HEAD_DIM + offs_d)[None, :])
+        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+def teacher_attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Triton backend: writes attention of ``qkv (B, N, 3*H*d)`` into ``out (B, N, H*d)`` (unit channel stride)."""
+    batch, n, c = qkv.shape
+    head_dim = c // (3 * num_heads)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * batch * num_heads,)  # noqa: E731
+    _teacher_attention_fwd_kernel[grid](
+        qkv, out,
+        n, num_heads,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        out.stride(0), out.stride(1),
+        float(scale) * LOG2E,
+        HEAD_DIM=head_dim,
+        UPCAST=upcast_dot(qkv.dtype),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- torch backend
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views ``q, k, v (B, H, N, d)`` of a packed ``qkv (B, N, 3*H*d)`` (timm's layout), no copy."""
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    return qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def teacher_attention_torch(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Torch backend: ``scaled_dot_product_attention`` on views of ``qkv``; returns ``(B, N, H*d)``."""
+    batch, n, c = qkv.shape
+    q, k, v = split_qkv(qkv, num_heads)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(batch, n, c // 3)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def triton_attention_reasons(qkv: torch.Tensor, head_dim: int, scale: float = 1.0) -> list[str]:
+    """Why the Triton kernel cannot run ``qkv`` (empty: it can), beyond the device checks."""
+    reasons = []
+    if not scale > 0:
+        reasons.append(f"{OP_NAME}: the Triton kernel needs scale > 0, got {scale}")
+    if head_dim not in TRITON_HEAD_DIMS:
+        reasons.append(f"{OP_NAME}: head dim {head_dim} not supported by the Triton kernel "
+                       f"(supported head dims: {', '.join(map(str, TRITON_HEAD_DIMS))})")
+    if qkv.dim() == 3:
+        # In-sample offsets are 32-bit in the kernel (the batch offset is 64-bit).
+        span = sum((size - 1) * abs(stride) for size, stride in zip(qkv.shape[1:], qkv.stride()[1:]))
+        if span >= 2**31:
+            reasons.append(f"{OP_NAME}: one sample of qkv spans {span} elements; the Triton kernel "
+                           "indexes within a sample with 32-bit offsets")
+    return reasons
+
+
+def select_attention_backend(qkv: torch.Tensor, head_dim: int, scale: float = 1.0) -> str:
+    """Backend for this call: :func:`leap_kernels._backends.select_backend` plus the kernel's own limits.
+
+    Automatic dispatch falls back to ``torch`` when the Triton kernel cannot take the dtype or head
+    dim; a forced ``triton`` raises RuntimeError with every reason.
+    """
+    return _backends.select_backend(OP_NAME, [qkv], dtypes=TRITON_DTYPES,
+                                    op_reasons=triton_attention_reasons(qkv, head_dim, scale))
+
+
+# ----------------------------------------------------------------------------- torch.library op
+
+
+@torch.library.custom_op("leap_kernels::teacher_attention", mutates_args=())
+def _teacher_attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    batch, n, c = qkv.shape
+    head_dim = c // (3 * num_heads)
+    if qkv.numel() == 0:
+        return qkv.new_zeros((batch, n, c // 3))
+    if select_attention_backend(qkv, head_dim, scale) == "triton":
+        out = torch.empty((batch, n, c // 3), dtype=qkv.dtype, device=qkv.device)
+        return teacher_attention_triton(qkv, num_heads, scale, out)
+    return teacher_attention_torch(qkv, num_heads, scale).contiguous()
+
+
+@_teacher_attention_op.register_fake
+def _(qkv, num_heads, scale):
+    batch, n, c = qkv.shape
+    return qkv.new_empty((batch, n, c // 3))
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def _check_inputs(qkv, num_heads, scale) -> None:
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(
+            f"qkv: expected a floating dtype (bfloat16, float16, float32 or float64), got {qkv.dtype}"
+        )
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv: expected 3 dims (B, N, 3*H*d), got shape {tuple(qkv.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads: expected an int, got {type(num_heads).__name__}")
+    if num_heads <= 0:
+        raise ValueError(f"num_heads: expected a positive int, got {num_heads}")
+    c = qkv.shape[-1]
+    if c == 0 or c % (3 * num_heads):
+        raise ValueError(
+            f"qkv: expected the last dim to be a positive multiple of 3*num_heads = {3 * num_heads} "
+            f"(3*H*d), got {c} (shape {tuple(qkv.shape)})"
+        )
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite float, got {scale}")
+    if qkv.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "teacher_attention is inference-only (no backward), but qkv requires grad and grad mode is on. "
+            "The teacher is frozen: run it under torch.no_grad() / torch.inference_mode(), or pass qkv.detach()"
+        )
+
+
+def teacher_attention(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = None) -> torch.Tensor:
+    """Softmax attention of a ViT block, read from its packed QKV projection (inference only).
+
+    ``out = (softmax(q @ k^T * scale) @ v).transpose(1, 2).reshape(B, N, H*d)`` with
+    ``q, k, v = qkv.unflatten(-1, (3, H, d)).permute(2, 0, 3, 1, 4).unbind(0)``: exactly timm's
+    ``Attention`` between its ``qkv`` and ``proj`` layers (non-causal, no mask, no dropout).
+
+    Args:
+        qkv: ``(B, N, 3*H*d)``, the output of the block's ``qkv`` linear (timm layout
+            ``(B, N, 3, H, d)``). Any strides (e.g. a slice of a larger batch); read in place.
+            bfloat16/float16 run the Triton kernel (head dims 16, 32, 64, 128); float32, float64,
+            other head dims and ``scale <= 0`` run ``scaled_dot_product_attention`` (the ``torch``
+            backend).
+        num_heads: ``H``, a positive int dividing ``qkv.shape[-1] / 3``.
+        scale: softmax scale; default ``d ** -0.5``.
+
+    Returns:
+        ``(B, N, H*d)`` contiguous, in ``qkv``'s dtype: the input of the block's ``proj`` linear.
+        Softmax statistics and accumulation are fp32 (online softmax, flash-attention style).
+
+    Raises:
+        RuntimeError: grad mode is on and ``qkv`` requires grad (there is no backward; the
+            teacher is frozen), or ``triton`` was forced for inputs it cannot run.
+        TypeError / ValueError: ``qkv`` is not a 3-D float tensor with a last dim divisible by
+            ``3 * num_heads``, or ``num_heads`` / ``scale`` is invalid.
+
+    Example::
+
+        >>> qkv = block.attn.qkv(block.norm1(x))                    # (B, N, 3*D)
+        >>> with torch.no_grad():
+        ...     y = block.attn.proj(teacher_attention(qkv, block.attn.num_heads))
+    """
+    _check_inputs(qkv, num_heads, scale)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if scale is None:
+        scale = head_dim ** -0.5
+    return _teacher_attention_op(qkv, int(num_heads), float(scale))

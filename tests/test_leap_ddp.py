@@ -1,0 +1,77 @@
+"""Two-process DDP (gloo, CPU) run of the LEAP trainer, initialised from the torchrun
+environment variables (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    torch.set_num_threads(1)  # 2 processes on a 2-core machine
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LEAP_KERNELS_BACKEND="torch")
+    from leap.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2",
+        teacher_overrides={"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
+        student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
+        img_size=28, data_source="synthetic", synthetic_size=16, batch_size=4, epochs=2,
+        workers=0, out=os.path.join(tmp, "run"), progress=False, device="cpu",
+        # Calibration picks the argmax of the rank-averaged scores; tau = 0.3 makes the
+        # level-ups depend on the averaged CKA of each step.
+        tau=0.3, warmup_epochs=0.5,
+    )
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    params = {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
+    torch.save({"blocks": trainer.block_history, "summary": summary, "params": params,
+                "world_size": trainer.dist.world_size, "owns_group": trainer.dist.owns_group},
+               os.path.join(tmp, f"rank{rank}.pt"))
+
+
+def test_ddp_two_cpu_ranks_stay_in_lockstep(tmp_path):
+    ctx = mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail("DDP workers timed out")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+
+    assert r0["world_size"] == r1["world_size"] == WORLD
+    assert not r0["owns_group"] and not r1["owns_group"]  # the group was destroyed at the end
+    # 16 images / 2 ranks / batch 4 -> 2 steps per epoch, 2 epochs
+    assert len(r0["blocks"]) == 4
+    assert r0["blocks"] == r1["blocks"]
+    assert r0["summary"]["level_ups"] == r1["summary"]["level_ups"]
+    assert r0["summary"]["start_block"] == r1["summary"]["start_block"]
+    assert r0["params"].keys() == r1["params"].keys()
+    assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
+    assert r0["summary"]["resolved"]["global_batch"] == 8
+
+    # Rank 0 alone wrote the run directory: one config record, one set of step records.
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sum(r["type"] == "config" for r in log) == 1
+    assert [r["step"] for r in log if r["type"] == "step"] == [1, 2, 3, 4]
+    assert [r["block"] for r in log if r["type"] == "step"] == r0["blocks"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert len(ckpt["rng"]) == WORLD  # every rank's RNG state, for an exact DDP resume
+    assert torch.equal(ckpt["head"]["weight"], r1["params"]["head.weight"])

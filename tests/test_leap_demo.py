@@ -1,0 +1,63 @@
+"""A quick version of the demo pipeline on the committed Fashion-MNIST sample:
+train-teacher -> baseline and LEAP distillation -> kNN -> plots and table."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from leap.demo import DEFAULT_TEACHER, run_demo
+from leap.knn import knn_accuracy
+from leap.pretrain import TeacherTrainConfig, read_teacher_meta, train_teacher
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "data", "fashion-mnist-sample")
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    # The Triton interpreter is for the kernel tests; the trainer runs the plain torch path here.
+    monkeypatch.setenv("LEAP_KERNELS_BACKEND", "torch")
+    torch.set_num_threads(1)
+
+
+def test_demo_pipeline_on_sample(tmp_path, capsys):
+    teacher_path = str(tmp_path / "teacher.pth")
+    meta = train_teacher(TeacherTrainConfig(
+        model_overrides={"patch_size": 7, "depth": 4, "embed_dim": 32, "num_heads": 1},
+        data=SAMPLE, epochs=1, batch_size=64, workers=0, out=teacher_path, progress=False))
+    assert 0.0 <= meta["test_accuracy"] <= 1.0 and meta["train_images"] == 384
+    assert read_teacher_meta(teacher_path)["model_overrides"]["depth"] == 4
+
+    out = run_demo(data=SAMPLE, teacher=teacher_path, out=str(tmp_path / "demo"), epochs=2, limit_images=256,
+                   batch_size=64, knn_train=256, knn_test=64, workers=0, progress=False,
+                   student_overrides={"patch_size": 7, "depth": 2, "embed_dim": 16, "num_heads": 1})
+    base, leap = out["results"]["baseline"], out["results"]["leap"]
+    # Baseline always runs all 4 teacher blocks; LEAP runs at most that.
+    assert base["summary"]["teacher_blocks_run"] == base["summary"]["teacher_blocks_full"]
+    assert base["epoch_blocks"] == [4.0, 4.0]
+    assert leap["summary"]["mode"] == "leap" and len(leap["epoch_blocks"]) == 2
+    for r in (base, leap):
+        assert 0.0 <= r["knn_cls"] <= 1.0
+    table = (tmp_path / "demo" / "results.md").read_text()
+    assert "| baseline |" in table and "| leap |" in table and "kNN top-1" in table
+    assert (tmp_path / "demo" / "leap" / "report" / "blocks.png").stat().st_size > 0
+    json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert "teacher FLOPs saved" in capsys.readouterr().out
+
+
+def test_knn_accuracy_on_separable_features():
+    torch.manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    labels = torch.arange(3).repeat_interleave(20)
+    feats = torch.nn.functional.normalize(centers[labels] + 0.05 * torch.randn(60, 8), dim=-1)
+    assert knn_accuracy(feats, labels, feats, labels, k=5) == 1.0
+    shuffled = labels[torch.randperm(60)]
+    assert knn_accuracy(feats, shuffled, feats, labels, k=5) < 0.8
+
+
+def test_committed_teacher_has_its_recipe():
+    meta = read_teacher_meta(DEFAULT_TEACHER)
+    assert meta is not None and meta["data_source"] == "fashion-mnist"
+    assert 8 <= meta["model_overrides"]["depth"] <= 12
+    assert os.path.getsize(DEFAULT_TEACHER) < 8 * 2**20
