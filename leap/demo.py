@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .jsonl import read_jsonl
+
 DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo",
                                "teacher_fashion_mnist.pth")
 DEFAULT_STUDENT = "vit_small_patch14_dinov2"
@@ -32,14 +34,9 @@ FASHION_MNIST_HELP = (
 def _epoch_blocks(run_dir: str) -> list[float]:
     """Mean target block of each epoch, from the run's log."""
     blocks = {}
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("type") == "epoch":
-                blocks[rec["epoch"]] = rec.get("mean_block", rec.get("block"))
+    for rec in read_jsonl(os.path.join(run_dir, "log.jsonl"))[0]:
+        if rec.get("type") == "epoch":
+            blocks[rec["epoch"]] = rec.get("mean_block", rec.get("block"))
     return [blocks[e] for e in sorted(blocks)]
 
 
@@ -58,8 +55,8 @@ def _knn(checkpoint: str, data: str | None, limit_train: int, limit_test: int | 
 
 
 def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: str = "runs/demo",
-             epochs: int = 4, limit_images: int | None = 20000, batch_size: int = 128, lr: float = 1e-3,
-             tau: float = 0.85, max_epochs_per_block: int = 1, knn_train: int = 10000, knn_test: int | None = None,
+             epochs: int = 6, limit_images: int | None = 20000, batch_size: int = 128, lr: float = 1e-3,
+             tau: float = 0.97, max_epochs_per_block: int = 1, knn_train: int = 10000, knn_test: int | None = None,
              student: str = DEFAULT_STUDENT, student_overrides: dict | None = None, loss: str = "mse",
              workers: int | None = None, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
     from . import data as leap_data
@@ -150,11 +147,12 @@ def main_demo(argv=None) -> int:
                         "(default: /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--teacher", default=DEFAULT_TEACHER, help="a `leap train-teacher` checkpoint")
     parser.add_argument("--out", default="runs/demo", help="run directory (baseline/, leap/, results.md)")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--limit-images", type=int, default=20000, help="training images used (0 = all 60000)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
-    parser.add_argument("--tau", type=float, default=0.85, help="CKA threshold of the curriculum")
+    parser.add_argument("--tau", type=float, default=0.97,
+                        help="CKA threshold of the curriculum (the small teacher's blocks are alike: CKA is high)")
     parser.add_argument("--max-epochs-per-block", type=int, default=1)
     parser.add_argument("--loss", choices=("mse", "token-mse"), default="mse")
     parser.add_argument("--knn-train", type=int, default=10000, help="training images in the kNN memory bank")

@@ -67,6 +67,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .jsonl import read_jsonl
+
 __all__ = [
     "ViTCost",
     "vit_cost",
@@ -553,22 +555,6 @@ def _as_trajectory(trajectory: Any, weights: Sequence[float] | None = None) -> T
     return Trajectory(blocks, None if weights is None else [float(w) for w in weights])
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # e.g. a half-written last line of a running job
-            if isinstance(rec, dict):
-                records.append(rec)
-    return records
-
-
 def _trajectory_from_records(records: list[dict[str, Any]], source: str) -> Trajectory:
     """Per-epoch blocks from epoch records (``mean_block`` if logged, else ``block``, weighted by
     ``steps`` when logged); per-step blocks from step records if there are no epoch records."""
@@ -613,7 +599,7 @@ def load_trajectory(path: str | os.PathLike) -> Trajectory:
         log = os.path.join(path, "log.jsonl")
         if not os.path.isfile(log):
             raise FileNotFoundError(f"trajectory: run directory {path} has no log.jsonl ({log} not found)")
-        return _trajectory_from_records(_read_jsonl(log), log)
+        return _trajectory_from_records(read_jsonl(log)[0], log)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"trajectory file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -622,7 +608,7 @@ def load_trajectory(path: str | os.PathLike) -> Trajectory:
     if not stripped:
         raise ValueError(f"trajectory file {path} is empty")
     if path.endswith(".jsonl") or (stripped.startswith("{") and "\n{" in stripped):
-        return _trajectory_from_records(_read_jsonl(path), path)
+        return _trajectory_from_records(read_jsonl(path)[0], path)
     if stripped[0] in "[{":
         try:
             obj = json.loads(stripped)

@@ -32,6 +32,7 @@ teacher block counts normalized by the teacher depth L (units of "full teacher p
 
 from __future__ import annotations
 
+
 import argparse
 import json
 import math
@@ -39,6 +40,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from .jsonl import read_jsonl
 
 __all__ = ["RunLog", "load_run", "make_report", "main_report", "DEFAULT_OUT_SUBDIR"]
 
@@ -117,25 +120,6 @@ class RunLog:
         return None
 
 
-def _read_records(path: str) -> tuple[list[dict[str, Any]], int]:
-    records, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-            else:
-                skipped += 1
-    return records, skipped
-
-
 def _dedup_sorted(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     by_key: dict[Any, dict[str, Any]] = {}
     unkeyed = []
@@ -164,7 +148,7 @@ def load_run(run_dir: str | os.PathLike) -> RunLog:
         raise FileNotFoundError(f"run directory not found: {path}")
     if not os.path.isfile(log_path):
         raise FileNotFoundError(f"no training log found: {log_path} does not exist")
-    records, skipped = _read_records(log_path)
+    records, skipped = read_jsonl(log_path)
     run = RunLog(run_dir=path, log_path=log_path, skipped_lines=skipped)
 
     steps, epochs = [], []

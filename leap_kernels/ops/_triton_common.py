@@ -19,10 +19,16 @@ INTERPRETED = triton_interpret_enabled()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision: float32 follows torch's TF32 switch, like cuBLAS would."""
-    if dtype == torch.float32 and not INTERPRETED and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """`tl.dot` input precision: float32 follows torch's TF32 switch, like cuBLAS would.
+
+    16-bit operands ignore it; they get Triton's default, the setting every backend accepts
+    for them. The interpreter computes in full precision ("ieee").
+    """
+    if INTERPRETED:
+        return "ieee"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
