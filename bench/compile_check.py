@@ -64,6 +64,8 @@ def cases(arch: int):
                      stride_gtm="i32", eps="fp32")
         consts = dict(HAS_ROW_SCALE=True, WRITE_LOSS=True, WRITE_GX=True, WRITE_GT=True, BLOCK_M=2, BLOCK_D=2048)
         yield token_norm_mse._token_norm_mse_rows_kernel, types, consts, 8, "none"
+        types = dict(X=ptr, FACTOR="*fp32", OUT=ptr, n="i32")
+        yield feature_loss._scale_cast_kernel, types, dict(BLOCK=4096), 4, "none"
     for dt in ("bf16", "fp16"):
         for head_dim, block_m, block_n, warps in ((64, 128, 64, 8), (64, 64, 64, 4), (128, 128, 64, 8)):
             types = dict(QKV=f"*{dt}", OUT=f"*{dt}", N="i32", H="i32", stride_qkv_b="i32", stride_qkv_n="i32",

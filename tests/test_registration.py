@@ -139,3 +139,25 @@ def test_chunk_env_validated(clean_backend_env):
     s, w, b, t = _feature_args()
     with pytest.raises(ValueError, match="LEAP_KERNELS_CHUNK_TOKENS"):
         fused_feature_loss(s, w, b, t)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_scale_cast(backend):
+    with use_backend(backend):
+        torch.library.opcheck(OPS.scale_cast.default, (torch.randn(5, 7).half(), torch.tensor(0.3), torch.float16))
+        torch.library.opcheck(OPS.scale_cast.default, (torch.randn(9), torch.tensor(2.0), torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backward_rescale_keeps_the_factor_in_fp32(backend, dtype):
+    # A mean over many elements gives a factor like 1/(M*D_t) ~ 2e-8: it underflows to 0 in fp16
+    # and loses up to 0.4% in bf16 if rounded before the multiply.
+    x = torch.full((1000,), 96.0, dtype=dtype)
+    factor = torch.tensor(1.0 / (32768 * 1536) * 1.003)
+    with use_backend(backend):
+        out = OPS.scale_cast(x, factor, dtype)
+    expected = (x.double() * factor.double()).to(dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert (out != 0).all()
