@@ -3,7 +3,7 @@
 # Results go under $OUT (default bench/results/gpu-run); copy them into bench/results/.
 # The machine has no network: install without dependencies or build isolation.
 # SECTIONS (default "feature_loss,attention,teacher") picks the parts; each part fits a 10-minute
-# command (about 7 min worst case), so on a lent machine run them one per call:
+# command (about 7 min worst case); with a per-command time limit, run them one per call:
 #   SECTIONS=feature_loss bash bench/gpu_check.sh; SECTIONS=attention ...; SECTIONS=teacher ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
