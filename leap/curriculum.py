@@ -412,7 +412,8 @@ class Curriculum:
         self._maybe_snap(step=step, epoch=epoch)
         return self.block
 
-    def observe(self, cka: torch.Tensor | float, *, step: int, epoch: int) -> list[tuple[int, int]]:
+    def observe(self, cka: torch.Tensor | float, *, step: int, epoch: int,
+                already_reduced: bool = False) -> list[tuple[int, int]]:
         """Feed one CKA measurement (after a training step) and maybe level up.
 
         Args:
@@ -420,6 +421,9 @@ class Curriculum:
                 Under DDP it is all-reduced (mean over ranks) before use; the call is a
                 collective then, so all ranks must make it.
             step, epoch: global step / epoch, recorded in ``level_ups``.
+            already_reduced: ``cka`` is already the rank mean (every rank passes the same
+                value), e.g. read back with the trainer's own per-step statistics: no
+                collective, and no host read for a float.
 
         Updates ``ema = alpha*cka + (1-alpha)*ema`` (a non-finite value is counted in
         ``nonfinite_observations`` and skipped, so one bad batch cannot poison the EMA;
@@ -429,7 +433,7 @@ class Curriculum:
         Returns the level-ups performed as ``(from_block, to_block)`` pairs: empty, one,
         or two when a level-up is followed by a snap to the last block.
         """
-        value = self._reduced_float(cka)
+        value = float(cka) if already_reduced else self._reduced_float(cka)
         self.steps_observed += 1
         self.last_cka = value
         self.last_step = int(step)

@@ -40,18 +40,25 @@ def _epoch_blocks(run_dir: str) -> list[float]:
     return [blocks[e] for e in sorted(blocks)]
 
 
-def _knn(checkpoint: str, data: str | None, limit_train: int, limit_test: int | None, feature: str) -> float:
+def _knn_loaders(data: str | None, img_size: int, limit_train: int, limit_test: int | None) -> tuple:
+    """(memory-bank loader, test loader) over Fashion-MNIST without augmentation."""
     from . import data as leap_data
-    from .knn import evaluate_knn, load_model_for_eval
 
-    net, size, _ = load_model_for_eval(checkpoint)
     loaders = []
     for split, limit in (("train", limit_train), ("test", limit_test)):
-        ds = leap_data.build_dataset("fashion-mnist", data, split, size, augment=False)
+        ds = leap_data.build_dataset("fashion-mnist", data, split, img_size, augment=False)
         if limit is not None:
             ds = leap_data.FirstN(ds, limit)
         loaders.append(leap_data.build_loader(ds, 512, shuffle=False, num_workers=0, drop_last=False))
-    return evaluate_knn(net, loaders[0], loaders[1], torch.device("cpu"), k=20, feature=feature)
+    return tuple(loaders)
+
+
+def _knn(checkpoint: str, loaders: tuple) -> dict[str, float]:
+    """kNN top-1 (k = 20) of a checkpoint's CLS and mean-patch features."""
+    from .knn import FEATURES, evaluate_knn, load_model_for_eval
+
+    net, _, _ = load_model_for_eval(checkpoint)
+    return evaluate_knn(net, *loaders, torch.device("cpu"), k=20, features=FEATURES)
 
 
 def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: str = "runs/demo",
@@ -79,6 +86,7 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
     print(f"student: {student} {student_overrides}")
     print(f"data: Fashion-MNIST, {limit_images or 'all'} training images, {epochs} epochs, batch {batch_size}\n")
 
+    knn_loaders = _knn_loaders(data, meta["img_size"], knn_train, knn_test)
     results = {}
     for mode in ("baseline", "leap"):
         run_dir = os.path.join(out, mode)
@@ -96,19 +104,18 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
         start = time.time()
         summary = train(cfg)
         wall = time.time() - start
-        knn_cls = _knn(summary["checkpoint"], data, knn_train, knn_test, "cls")
-        knn_patch = _knn(summary["checkpoint"], data, knn_train, knn_test, "mean-patch")
+        knn = _knn(summary["checkpoint"], knn_loaders)
         try:
             from .report import make_report
 
             make_report(run_dir)
         except Exception as exc:  # plots are a convenience; the numbers above stand without them
             print(f"(plots for {run_dir} failed: {exc})")
-        results[mode] = {"summary": summary, "wall_s": wall, "knn_cls": knn_cls, "knn_patch": knn_patch,
+        results[mode] = {"summary": summary, "wall_s": wall, "knn_cls": knn["cls"], "knn_patch": knn["mean-patch"],
                          "epoch_blocks": _epoch_blocks(run_dir)}
         print()
 
-    teacher_knn = _knn(teacher, data, knn_train, knn_test, "cls")
+    teacher_knn = _knn(teacher, knn_loaders)["cls"]
     table = format_table(results, teacher_knn, meta, knn_train, knn_test)
     print(table)
     os.makedirs(out, exist_ok=True)

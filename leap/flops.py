@@ -807,11 +807,11 @@ def measure_step_times(teacher: nn.Module, student: nn.Module, ks: Iterable[int]
         ``{k: seconds per step}`` (median of ``repeats``); CUDA events on GPU,
         ``time.perf_counter`` on CPU.
     """
-    from leap_kernels import fused_feature_loss
+    from leap_kernels import FeatureDistillationHead
 
     from .curriculum import linear_cka
-    from .models import build_head
     from .teacher import TruncatedTeacher
+    from .train import DistillModule
 
     device = torch.device(device)
     dtype = dtype or _default_dtype(device)
@@ -824,31 +824,25 @@ def measure_step_times(teacher: nn.Module, student: nn.Module, ks: Iterable[int]
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
 
-    s_model = copy.deepcopy(_unwrap(student)).to(device).train()
-    head = build_head(int(s_model.embed_dim), teacher.embed_dim).to(device)
-    params = [p for p in s_model.parameters() if p.requires_grad] + list(head.parameters())
+    use_amp = dtype in (torch.bfloat16, torch.float16)
+    s_model = copy.deepcopy(_unwrap(student))
+    head = FeatureDistillationHead(int(s_model.embed_dim), teacher.embed_dim, normalize=normalize)
+    # The trainer's own student + head + loss composition (patch loss + cls_weight * CLS loss).
+    module = DistillModule(s_model, head, cls_weight, compute_dtype=dtype if use_amp else None).to(device).train()
     opt_kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    opt = torch.optim.AdamW(params, lr=1e-6, **opt_kwargs)
-    prefix = int(s_model.num_prefix_tokens)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6, **opt_kwargs)
     h, w = _pair(teacher.model.patch_embed.img_size)
     x = torch.randn(batch_size, 3, h, w, device=device)
-    use_amp = dtype in (torch.bfloat16, torch.float16)
 
     def step(k: int) -> None:
         t_patch, t_cls = teacher(x, k)
         with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
-            feats = s_model.forward_features(x)
-            if use_amp:
-                feats = feats.to(dtype)
-            s_patch, s_cls = feats[:, prefix:], feats[:, 0]
-            loss = fused_feature_loss(s_patch, head.weight, head.bias, t_patch, normalize=normalize)
-            loss = loss + cls_weight * fused_feature_loss(s_cls, head.weight, head.bias, t_cls, normalize=normalize)
+            loss, _, _, s_patch = module(x, t_patch, t_cls)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if include_cka:
             with torch.no_grad():
-                s = s_patch.detach()
-                linear_cka(nn.functional.linear(s, head.weight.to(s.dtype), head.bias.to(s.dtype)), t_patch)
+                linear_cka(module.head.project(s_patch), t_patch)
         opt.step()
 
     cuda = device.type == "cuda"

@@ -7,6 +7,8 @@ training images with weights ``exp(sim / T)`` (the weighted kNN of DINO; ``T`` =
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,22 +17,25 @@ FEATURES = ("cls", "mean-patch")
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, loader, device, feature: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(features (N, D) fp32 L2-normalised, labels (N,))`` for a timm ViT."""
-    if feature not in FEATURES:
-        raise ValueError(f"feature: expected one of {FEATURES}, got {feature!r}")
+def extract_features(model: nn.Module, loader, device,
+                     features: tuple[str, ...] = ("cls",)) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One pass over ``loader``; returns ``({feature: (N, D) fp32 L2-normalised}, labels (N,))``
+    for a timm ViT (``features`` from :data:`FEATURES`)."""
+    for feature in features:
+        if feature not in FEATURES:
+            raise ValueError(f"feature: expected one of {FEATURES}, got {feature!r}")
     model.eval()
-    feats, labels = [], []
+    feats: dict[str, list[torch.Tensor]] = {f: [] for f in features}
+    labels = []
     dtype = next(model.parameters()).dtype
+    prefix = getattr(model, "num_prefix_tokens", 1)
     for images, y in loader:
         tokens = model.forward_features(images.to(device, dtype))  # (B, prefix + patches, D), final norm applied
-        if feature == "cls":
-            f = tokens[:, 0]
-        else:
-            f = tokens[:, getattr(model, "num_prefix_tokens", 1):].mean(dim=1)
-        feats.append(F.normalize(f.float(), dim=-1).cpu())
+        pooled = {"cls": lambda: tokens[:, 0], "mean-patch": lambda: tokens[:, prefix:].mean(dim=1)}
+        for feature in features:
+            feats[feature].append(F.normalize(pooled[feature]().float(), dim=-1).cpu())
         labels.append(y.cpu())
-    return torch.cat(feats), torch.cat(labels)
+    return {f: torch.cat(v) for f, v in feats.items()}, torch.cat(labels)
 
 
 def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -53,10 +58,11 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 
 def evaluate_knn(model: nn.Module, train_loader, test_loader, device, *, k: int = 20, temperature: float = 0.07,
-                 feature: str = "cls") -> float:
-    train_f, train_y = extract_features(model, train_loader, device, feature)
-    test_f, test_y = extract_features(model, test_loader, device, feature)
-    return knn_accuracy(train_f, train_y, test_f, test_y, k=k, temperature=temperature)
+                 features: tuple[str, ...] = ("cls",)) -> dict[str, float]:
+    """kNN top-1 accuracy per feature kind, each split read once."""
+    train_f, train_y = extract_features(model, train_loader, device, features)
+    test_f, test_y = extract_features(model, test_loader, device, features)
+    return {f: knn_accuracy(train_f[f], train_y, test_f[f], test_y, k=k, temperature=temperature) for f in features}
 
 
 # ----------------------------------------------------------------------------- CLI: leap eval knn
@@ -72,8 +78,6 @@ def load_model_for_eval(checkpoint: str, *, model: str | None = None, model_over
     from .checkpoint import CHECKPOINT_FORMAT
     from .models import CheckpointError, build_model, load_teacher_weights
     from .pretrain import TEACHER_META_KEY
-
-    import os
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -146,12 +150,12 @@ def main_eval(argv=None) -> int:
     loaders = []
     for split, limit in (("train", args.limit_train), (test_split, args.limit_test)):
         ds = leap_data.build_dataset(args.data_source, args.data, split, size, augment=False)
-        if limit is not None and limit < len(ds):
-            ds = torch.utils.data.Subset(ds, range(limit))
+        if limit is not None:
+            ds = leap_data.FirstN(ds, limit)
         loaders.append(leap_data.build_loader(ds, args.batch_size, shuffle=False, num_workers=args.workers,
                                               drop_last=False))
     accuracy = evaluate_knn(net, loaders[0], loaders[1], device, k=args.k, temperature=args.temperature,
-                            feature=args.feature)
+                            features=(args.feature,))[args.feature]
     result = {"checkpoint": args.checkpoint, "model": description, "feature": args.feature, "k": args.k,
               "train_images": len(loaders[0].dataset), "test_images": len(loaders[1].dataset),
               "knn_top1": accuracy}

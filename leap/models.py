@@ -149,9 +149,10 @@ def build_head(d_student: int, d_teacher: int) -> nn.Linear:
 
     Maps student features ``(..., d_student)`` to the teacher width ``(..., d_teacher)``.
     """
+    from leap_kernels.modules import init_projection_head_
+
     head = nn.Linear(d_student, d_teacher)
-    nn.init.trunc_normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
+    init_projection_head_(head.weight, head.bias)
     return head
 
 

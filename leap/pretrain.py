@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as leap_data
+from .checkpoint import atomic_save
 from .models import build_model
 
 TEACHER_META_KEY = "leap_teacher"
@@ -63,12 +64,6 @@ class _Classifier(nn.Module):
         return self.head(self.backbone(x))  # timm with num_classes=0 returns the final-norm CLS token
 
 
-def _subset(dataset, limit):
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return torch.utils.data.Subset(dataset, range(limit))
-
-
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, loader, device) -> float:
     model.eval()
@@ -90,11 +85,14 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         cfg.data_source, cfg.data, "train", cfg.img_size, augment=True,
         crop_scale=(0.5, 1.0), color_jitter=False, random_grayscale=False)
     test_set = leap_data.build_dataset(cfg.data_source, cfg.data, "test", cfg.img_size, augment=False)
-    train_set, test_set = _subset(train_set, cfg.limit_train), _subset(test_set, cfg.limit_test)
+    if cfg.limit_train is not None:
+        train_set = leap_data.FirstN(train_set, cfg.limit_train)
+    if cfg.limit_test is not None:
+        test_set = leap_data.FirstN(test_set, cfg.limit_test)
     train_loader = leap_data.build_loader(train_set, cfg.batch_size, shuffle=True, num_workers=cfg.workers,
                                           seed=cfg.seed, drop_last=True)
     test_loader = leap_data.build_loader(test_set, 256, shuffle=False, num_workers=cfg.workers, drop_last=False)
-    num_classes = len(getattr(test_set, "classes", None) or getattr(getattr(test_set, "dataset", None), "classes", None) or range(10))
+    num_classes = len(train_set.classes)
 
     backbone = build_model(cfg.model, img_size=cfg.img_size, **cfg.model_overrides)
     model = _Classifier(backbone, num_classes).to(device)
@@ -159,10 +157,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         "train_time_s": round(time.time() - start, 1),
         "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "progress")},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    tmp = cfg.out + ".tmp"
-    torch.save({"model": state, "classifier": classifier, TEACHER_META_KEY: meta}, tmp)
-    os.replace(tmp, cfg.out)
+    atomic_save({"model": state, "classifier": classifier, TEACHER_META_KEY: meta}, cfg.out)
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
         json.dump(meta, f, indent=2)
     print(f"teacher test accuracy {accuracy * 100:.2f}% ({len(test_set)} images); saved {cfg.out} "

@@ -588,11 +588,15 @@ class Trainer:
         stats = [loss.detach(), patch_loss.detach(), cls_loss.detach()]
         if grad_norm_t is not None:
             stats.append(grad_norm_t.detach().to(torch.float32))
-        # One small all-reduce + one host read per step: the logged loss is the global mean,
-        # and a NaN on any rank is seen by all ranks, which then stop together.
-        values = self._all_reduce_mean(torch.stack(stats).float()).tolist()
+        if cka_t is not None:
+            stats.append(cka_t.detach().reshape(()).to(torch.float32))
+        # One small all-reduce + one host read per step, CKA included: the logged loss is the
+        # global mean, a NaN on any rank is seen by all ranks, which then stop together, and
+        # every rank hands the curriculum the same rank-mean CKA.
+        values = self._all_reduce_mean(torch.stack([s.float() for s in stats])).tolist()
         loss_v, patch_v, cls_v = values[:3]
         grad_norm = values[3] if grad_norm_t is not None else None
+        cka_v = values[-1] if cka_t is not None else None
         bad_grad = grad_norm is not None and not math.isfinite(grad_norm) and not self.scaler.is_enabled()
         if not math.isfinite(loss_v) or bad_grad:
             what = f"loss is {loss_v}" if not math.isfinite(loss_v) else f"gradient norm is {grad_norm}"
@@ -616,7 +620,7 @@ class Trainer:
             record["grad_norm"] = grad_norm
         if cka_t is not None:
             n_before = len(cur.level_ups)
-            cur.observe(cka_t, step=step, epoch=self.epoch)  # all-reduced under DDP
+            cur.observe(cka_v, step=step, epoch=self.epoch, already_reduced=True)
             record["cka"] = cur.last_cka
             record["_level_ups"] = cur.level_ups[n_before:]
         return record

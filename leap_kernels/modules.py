@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .ops.feature_loss import fused_feature_loss
 from .ops.token_norm_mse import token_normalized_mse
+
+
+def init_projection_head_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """LEAP's head init: trunc-normal weight with std 0.02 (timm's convention: cut at +-2, i.e.
+    effectively untruncated at this std) and zero bias."""
+    nn.init.trunc_normal_(weight, std=0.02)
+    if bias is not None:
+        nn.init.zeros_(bias)
 
 
 class FeatureDistillationHead(nn.Module):
@@ -29,9 +35,7 @@ class FeatureDistillationHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.trunc_normal_(self.weight, std=0.02, a=-0.04, b=0.04)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        init_projection_head_(self.weight, self.bias)
 
     def project(self, student: torch.Tensor) -> torch.Tensor:
         """The plain projection ``(..., D_s) -> (..., D_t)`` (for metrics such as CKA)."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn import run_processes
 
 from leap.curriculum import Curriculum, _use_gram_form, linear_cka, linear_cka_reference
 
@@ -444,16 +443,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_ddp_ranks_take_identical_decisions(tmp_path):
     world = 2
-    ctx = mp.spawn(
-        _ddp_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=False
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail("DDP workers timed out")
+    run_processes(_ddp_worker, (world, str(tmp_path / "store"), str(tmp_path)), world, timeout_s=120)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert results[0] == results[1]
     assert results[0]["blocks"] == DDP_EXPECTED

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 
-import pytest
 import torch
-import torch.multiprocessing as mp
+from spawn import run_processes
 
 WORLD = 2
 
@@ -46,14 +44,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 
 
 def test_ddp_two_cpu_ranks_stay_in_lockstep(tmp_path):
-    ctx = mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail("DDP workers timed out")
+    run_processes(_worker, (WORLD, _free_port(), str(tmp_path)), WORLD, timeout_s=180)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
 
     assert r0["world_size"] == r1["world_size"] == WORLD

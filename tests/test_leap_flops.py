@@ -8,6 +8,7 @@ import math
 import pytest
 import timm
 import torch
+import torch.utils.flop_counter
 from torch import nn
 
 from leap import flops as F

@@ -262,12 +262,7 @@ def _(qkv, num_heads, scale):
 
 
 def _check_inputs(qkv, num_heads, scale) -> None:
-    if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
-    if qkv.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(
-            f"qkv: expected a floating dtype (bfloat16, float16, float32 or float64), got {qkv.dtype}"
-        )
+    _checks.check_tensor("qkv", qkv)
     if qkv.dim() != 3:
         raise ValueError(f"qkv: expected 3 dims (B, N, 3*H*d), got shape {tuple(qkv.shape)}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int):
