@@ -14,18 +14,21 @@ A LEAP training checkpoint is one ``torch.save`` file holding a dict::
       "config": TrainConfig.to_dict(),
       "resolved": {...},     # derived values: world size, peak lr, steps per epoch, ...
       "dims": {...},         # model dimensions, checked on resume
+      "epoch_stats": {...},  # counters of the epoch in progress
       "totals": {...},       # running counters for the summary
+      "flops": {...},        # TeacherFlopsTracker state
     }
 
-Everything in it is loadable with ``torch.load(weights_only=True)`` (tensors and plain
-Python types), so a resume never unpickles arbitrary objects.
+:func:`build_checkpoint` builds this dict and :func:`restore_modules` loads its module
+states back; the trainer restores the positions and counters. Everything in it is
+loadable with ``torch.load(weights_only=True)`` (tensors and plain Python types), so a
+resume never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -33,15 +36,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models import CheckpointError
+from .errors import CheckpointError, InputNotFoundError
+from .runlog import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
-    "CheckpointError",
     "STRICT_RESUME_KEYS",
     "atomic_save",
+    "read_torch_file",
     "load_checkpoint",
+    "build_checkpoint",
+    "restore_modules",
     "all_finite",
     "capture_rng_state",
     "restore_rng_state",
@@ -65,56 +71,44 @@ _SILENT_KEYS = ("resume", "max_steps", "progress", "workers", "out", "device", "
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``.
-
-    A crash mid-write leaves the previous file at ``path`` intact (``os.replace`` is atomic
-    on POSIX when source and target are on the same filesystem, hence the same directory).
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # persist the rename itself (best effort; not all filesystems allow it)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    """``torch.save`` through :func:`leap.runlog.atomic_write`: a crash mid-write leaves the
+    previous file at ``path`` intact."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and validate a LEAP training checkpoint.
+def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that name the file.
+
+    ``weights_only`` means a file never unpickles arbitrary objects.
 
     Raises:
-        CheckpointError: missing file, unreadable/corrupt file, or a file that is not a LEAP
-            training checkpoint (e.g. teacher weights, which go to ``--teacher-weights``).
+        InputNotFoundError: no file at ``path`` (the message starts with ``what``).
+        CheckpointError: a corrupt or truncated file, or one holding arbitrary Python objects.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise InputNotFoundError(f"{what} not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
         if "Unsupported global" in str(e):  # a valid pickle, but of arbitrary Python objects
             why = ("it holds Python objects other than tensors and plain values, so it was not written "
-                   "by `leap distill` (or comes from an untrusted source)")
+                   "by leap (or comes from an untrusted source)")
         else:
             why = "the file is corrupt, truncated or not a PyTorch checkpoint"
-        raise CheckpointError(f"could not read checkpoint {path}: {why} ({type(e).__name__})") from None
+        raise CheckpointError(f"could not read {what} {path}: {why} ({type(e).__name__})") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load (on the CPU) and validate a LEAP training checkpoint.
+
+    Raises:
+        InputNotFoundError: no file at ``path``.
+        CheckpointError: unreadable/corrupt file, or a file that is not a LEAP training
+            checkpoint (e.g. teacher weights, which go to ``--teacher-weights``).
+    """
+    path = os.fspath(path)
+    ckpt = read_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
@@ -130,6 +124,55 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
     return ckpt
+
+
+def build_checkpoint(*, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     scaler: torch.amp.GradScaler, curriculum: Any, rng: list[dict[str, Any]],
+                     epoch: int, step: int, step_in_epoch: int, stats: dict[str, dict[str, Any]],
+                     flops: dict[str, Any], config: dict[str, Any], resolved: dict[str, Any],
+                     dims: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint dict of the layout above, from the trainer's parts.
+
+    ``module`` is the :class:`leap.distill.DistillModule` (``.student``, ``.head``);
+    ``stats`` is ``RunStats.state_dict()`` (``epoch_stats`` and ``totals``).
+    """
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "student": module.student.state_dict(),
+        "head": module.head.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "curriculum": curriculum.state_dict(),
+        "rng": rng,
+        "epoch": epoch,
+        "step": step,
+        "step_in_epoch": step_in_epoch,
+        **stats,
+        "flops": flops,
+        "config": config,
+        "resolved": dict(resolved),
+        "dims": dict(dims),
+    }
+
+
+def restore_modules(path: str, ckpt: dict[str, Any], *, module: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, curriculum: Any) -> None:
+    """Load the student, head, optimizer, grad scaler and curriculum states of ``ckpt``.
+
+    Raises:
+        CheckpointError: a state that does not fit (names ``path`` and the reason).
+    """
+    try:
+        module.student.load_state_dict(ckpt["student"])
+        module.head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        curriculum.load_state_dict(ckpt["curriculum"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"cannot resume from {path}: {e}") from None
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:

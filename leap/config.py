@@ -1,10 +1,12 @@
 """Training configuration: the :class:`TrainConfig` dataclass, config files, validation.
 
-Every field of :class:`TrainConfig` is also a ``leap distill`` option (``field_name`` ->
-``--field-name``; booleans ``augment``/``mixup``/``progress`` are ``--no-augment``/
-``--no-mixup``/``--no-progress``) and a key of a ``--config`` YAML/JSON file. Keys in a
-file may be written ``snake_case`` or ``kebab-case`` (``no_mixup: true`` also works);
-unknown keys are an error.
+Every field of :class:`TrainConfig` carries its documentation in its metadata (``help``,
+``group``, ``metavar``, ``choices``, ``min``), which is the single source of the
+``leap distill`` options (:func:`leap.cli.options.add_config_options` generates them:
+``field_name`` -> ``--field-name``; booleans ``augment``/``mixup``/``progress`` are
+``--no-augment``/``--no-mixup``/``--no-progress``), of the options other commands share
+with it, and of the keys of a ``--config`` YAML/JSON file. Keys in a file may be written
+``snake_case`` or ``kebab-case`` (``no_mixup: true`` also works); unknown keys are an error.
 """
 
 from __future__ import annotations
@@ -14,121 +16,152 @@ import difflib
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
+from .errors import ConfigError, InputNotFoundError
+from .runlog import CHECKPOINT_NAME, run_file
+
 __all__ = [
-    "ConfigError",
     "TrainConfig",
     "CHOICES",
+    "DATA_SOURCES",
+    "DEFAULT_LR",
+    "DEFAULT_WEIGHT_DECAY",
+    "FieldSpec",
     "config_fields",
+    "field_spec",
+    "field_specs",
+    "coerce",
     "load_config_file",
     "normalize_key",
     "normalize_mapping",
+    "parse_json_object",
 ]
 
-
-class ConfigError(ValueError):
-    """An invalid option value, config file or config key."""
-
+#: How ``--data`` is read (:func:`leap.data.build_dataset`).
+DATA_SOURCES = ("auto", "folder", "fashion-mnist", "synthetic")
 
 #: Allowed values of the string options.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data_source": ("auto", "folder", "fashion-mnist", "synthetic"),
+    "data_source": DATA_SOURCES,
     "optimizer": ("lars", "adamw"),
     "loss": ("mse", "token-mse"),
     "curriculum": ("cka", "off"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
+#: Default ``--lr`` per optimizer: LARS 6.0 (the paper's base lr, before sqrt batch scaling), AdamW 5e-4.
+DEFAULT_LR = {"lars": 6.0, "adamw": 5e-4}
+#: Default weight decay per optimizer: LARS 1e-6 (the paper), AdamW 0.05.
+DEFAULT_WEIGHT_DECAY = {"lars": 1e-6, "adamw": 0.05}
+
+
+def _opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str, metavar: str | None = None,
+         min: float | None = None, default_factory: Any = dataclasses.MISSING, show_default: bool = True) -> Any:
+    """A dataclass field with its option metadata (``choices`` come from :data:`CHOICES`)."""
+    meta = {"help": help, "group": group, "metavar": metavar, "min": min, "show_default": show_default}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class TrainConfig:
     """All settings of one distillation run (defaults = the paper's ViT-S recipe where it has one).
 
-    Models
-        teacher, student: model names for :func:`leap.models.build_model`.
-        teacher_weights: local teacher checkpoint (official DINOv2 / HF / timm layout);
-            ``None`` keeps random weights (tests and smoke runs only).
-        teacher_overrides, student_overrides: extra ``build_model`` kwargs, e.g.
-            ``{"depth": 2, "embed_dim": 32}``.
-        img_size: square input size; teacher and student must give the same patch grid.
-    Data
-        data: dataset path (folder of class folders, or Fashion-MNIST idx files).
-        data_source: "auto", "folder", "fashion-mnist" or "synthetic".
-        synthetic_size: number of images of the synthetic source.
-        limit_images: train on the first N images of the source only (quick runs).
-        augment: DINO-style augmentation; mixup: batch mixup (one lambda per batch).
-        workers: DataLoader worker processes per rank (``None``: from the CPU count).
-    Schedule
-        epochs; batch_size (per process; global batch = batch_size * world size);
-        max_steps: stop after this many steps in total (counted across resumes). The lr
-        schedule still follows ``epochs``, so a stopped run resumes exactly.
-    Optimization
-        optimizer: "lars" or "adamw". lr: base lr; LARS peak = lr * sqrt(global_batch/1536)
-        (default 6.0), AdamW peak = lr (default 5e-4). weight_decay: default 1e-6 (LARS) /
-        0.05 (AdamW). momentum, trust_coefficient: LARS only.
-        warmup_epochs (linear, may be fractional), min_lr_ratio (cosine floor),
-        clip_grad (max grad norm, 0 = off), precision ("auto": bf16 on CUDA, fp32 on CPU).
-    Loss
-        loss: "mse" (paper) or "token-mse" (token-normalized); cls_weight.
-    Curriculum
-        curriculum: "cka" (LEAP) or "off" (baseline: always the last teacher block).
-        tau, alpha, max_epochs_per_block (0 = no timeout), cka_every, start_block,
-        snap_to_last: see :class:`leap.curriculum.Curriculum`.
-    Run
-        out: run directory; ckpt_every: checkpoint every N steps (0: only at epoch ends);
-        resume: checkpoint path or "auto"; seed; device ("auto", "cpu", "cuda", "cuda:1");
-        progress: tqdm bar (only on a TTY).
+    Each field's meaning is in its ``help`` metadata (``leap distill --help`` prints it).
     """
 
     # models
-    teacher: str = ""
-    student: str = ""
-    teacher_weights: str | None = None
-    teacher_overrides: dict[str, Any] = field(default_factory=dict)
-    student_overrides: dict[str, Any] = field(default_factory=dict)
-    img_size: int = 224
+    teacher: str = _opt("", "teacher model name (timm ViT, e.g. vit_giant_patch14_reg4_dinov2); required",
+                        group="models", metavar="NAME")
+    teacher_weights: str | None = _opt(
+        None, "local teacher checkpoint (.pth/.pt/.bin/.safetensors; official DINOv2, Hugging Face or timm "
+        "layout). Without it the teacher is random (smoke tests only)", group="models", metavar="FILE")
+    student: str = _opt("", "student model name (e.g. vit_small_patch14_dinov2, vit_tiny_patch14_dinov2); "
+                        "random init; required", group="models", metavar="NAME")
+    teacher_overrides: dict[str, Any] = _opt(
+        help="JSON object of extra model arguments for the teacher, e.g. '{\"depth\": 4, \"embed_dim\": 48}'",
+        group="models", metavar="JSON", default_factory=dict)
+    student_overrides: dict[str, Any] = _opt(
+        help="JSON object of extra model arguments for the student", group="models", metavar="JSON",
+        default_factory=dict)
+    img_size: int = _opt(224, "input resolution; teacher and student must give the same patch grid",
+                         group="models", metavar="PX", min=1)
     # data
-    data: str | None = None
-    data_source: str = "auto"
-    synthetic_size: int = 1024
-    limit_images: int | None = None
-    augment: bool = True
-    mixup: bool = True
-    workers: int | None = None
+    data: str | None = _opt(None, "dataset path: a folder of class folders (optionally under train/), or a "
+                            "folder with Fashion-MNIST idx files", group="data", metavar="PATH")
+    data_source: str = _opt("auto", "how to read --data; auto picks fashion-mnist for idx files, else folder",
+                            group="data")
+    synthetic_size: int = _opt(1024, "number of images for --data-source synthetic", group="data", metavar="N",
+                               min=1)
+    limit_images: int | None = _opt(None, "train on the first N images of the source only (quick runs)",
+                                    group="data", metavar="N", min=1)
+    augment: bool = _opt(True, "DINO-style augmentation (random resized crop, flip, color jitter, grayscale)",
+                         group="data")
+    mixup: bool = _opt(True, "batch mixup, one lambda per batch, same images to teacher and student",
+                       group="data")
+    workers: int | None = _opt(None, "DataLoader worker processes per GPU/process (default: from the CPU count)",
+                               group="data", metavar="N", min=0)
     # schedule
-    epochs: int = 100
-    batch_size: int = 64
-    max_steps: int | None = None
+    epochs: int = _opt(100, "number of epochs", group="schedule", metavar="N", min=1)
+    batch_size: int = _opt(64, "batch size per process (global batch = this x number of processes)",
+                           group="schedule", metavar="N", min=1)
+    max_steps: int | None = _opt(None, "stop after N optimizer steps in total (the lr schedule still follows "
+                                 "--epochs, so the run can be resumed exactly)", group="schedule", metavar="N",
+                                 min=1)
     # optimization
-    optimizer: str = "lars"
-    lr: float | None = None
-    weight_decay: float | None = None
-    momentum: float = 0.9
-    trust_coefficient: float = 0.001
-    warmup_epochs: float = 10.0
-    min_lr_ratio: float = 0.001
-    clip_grad: float = 1.0
-    precision: str = "auto"
+    optimizer: str = _opt("lars", "LARS (paper) or AdamW", group="optimization")
+    lr: float | None = _opt(None, "base learning rate; LARS: peak = lr * sqrt(global_batch/1536), default 6.0; "
+                            "AdamW: peak = lr, default 5e-4", group="optimization", metavar="LR")
+    weight_decay: float | None = _opt(
+        None, "weight decay (default: 1e-6 for LARS, 0.05 for AdamW); never applied to biases, norms, "
+        "cls/register tokens, position embeddings or LayerScale", group="optimization", metavar="WD")
+    momentum: float = _opt(0.9, "LARS momentum", group="optimization", metavar="BETA")
+    trust_coefficient: float = _opt(0.001, "LARS trust coefficient (eta)", group="optimization", metavar="ETA")
+    warmup_epochs: float = _opt(10.0, "linear warmup length in epochs (fractions allowed)", group="optimization",
+                                metavar="EPOCHS")
+    min_lr_ratio: float = _opt(0.001, "final lr of the cosine decay, as a fraction of the peak",
+                               group="optimization", metavar="RATIO")
+    clip_grad: float = _opt(1.0, "clip the global gradient norm to this value (0 = off)", group="optimization",
+                            metavar="NORM")
+    precision: str = _opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler (CUDA only)",
+                          group="optimization")
     # loss
-    loss: str = "mse"
-    cls_weight: float = 0.05
+    loss: str = _opt("mse", "mse = the paper's MSE on projected features; token-mse = MSE of per-token "
+                     "normalized features (no loss jump when the target block changes)", group="loss")
+    cls_weight: float = _opt(0.05, "weight of the CLS-token loss (same head as the patch tokens)", group="loss",
+                             metavar="W")
     # curriculum
-    curriculum: str = "cka"
-    tau: float = 0.85
-    alpha: float = 1.0
-    max_epochs_per_block: int = 5
-    cka_every: int = 1
-    start_block: int | None = None
-    snap_to_last: int | None = None
+    curriculum: str = _opt("cka", "cka = LEAP adaptive target block; off = baseline, always the last teacher "
+                           "block", group="curriculum")
+    tau: float = _opt(0.85, "CKA threshold for moving to the next teacher block (paper: 0.85 ImageNet-100, "
+                      "0.80 ImageNet-1K)", group="curriculum", metavar="TAU")
+    alpha: float = _opt(1.0, "EMA weight of each new CKA value (1 = no smoothing)", group="curriculum",
+                        metavar="A")
+    max_epochs_per_block: int = _opt(5, "move on after this many epochs on one block (0 = never)",
+                                     group="curriculum", metavar="M", min=0)
+    cka_every: int = _opt(1, "measure CKA (and maybe level up) every N steps", group="curriculum", metavar="N",
+                          min=1)
+    start_block: int | None = _opt(None, "start at this teacher block (1-indexed) instead of the CKA "
+                                   "calibration", group="curriculum", metavar="K", min=1)
+    snap_to_last: int | None = _opt(None, "jump straight to the last block once the target reaches block S",
+                                    group="curriculum", metavar="S", min=1)
     # run
-    out: str = "runs/leap"
-    ckpt_every: int = 1000
-    resume: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
+    out: str = _opt("runs/leap", "run directory (log.jsonl, checkpoint.pt, summary.json)", group="run",
+                    metavar="RUN_DIR")
+    ckpt_every: int = _opt(1000, "also checkpoint every N steps (0 = only at epoch ends)", group="run",
+                           metavar="N", min=0)
+    resume: str | None = _opt(None, "continue a run from a checkpoint file, or 'auto' = RUN_DIR/checkpoint.pt "
+                              "if it exists", group="run", metavar="PATH|auto")
+    seed: int = _opt(0, "random seed (model init, data order, augmentation, mixup)", group="run", metavar="N")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)", group="run",
+                       metavar="DEVICE")
+    progress: bool = _opt(True, "tqdm progress bar per epoch (only on a terminal)", group="run")
 
     # ------------------------------------------------------------------ construction
 
@@ -164,26 +197,15 @@ class TrainConfig:
         for name in ("teacher_overrides", "student_overrides"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, f"expected a JSON object, got {getattr(self, name)!r}")
-        positive = ("img_size", "synthetic_size", "epochs", "batch_size", "cka_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        non_negative = ("ckpt_every", "max_epochs_per_block", "warmup_epochs", "clip_grad", "cls_weight",
-                        "momentum")
+        for name, spec in field_specs().items():
+            v = getattr(self, name)
+            if spec.min is not None and v is not None and v < spec.min:
+                raise bad(name, f"must be >= {spec.min:g}, got {v}")
+        non_negative = ("warmup_epochs", "clip_grad", "cls_weight", "momentum")
         for name in non_negative:
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise bad(name, f"must be a finite number >= 0, got {v}")
-        if self.limit_images is not None and self.limit_images < 1:
-            raise bad("limit_images", f"must be >= 1, got {self.limit_images}")
-        for name in ("workers",):
-            v = getattr(self, name)
-            if v is not None and v < 0:
-                raise bad(name, f"must be >= 0, got {v}")
-        for name in ("max_steps", "start_block", "snap_to_last"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise bad(name, f"must be >= 1, got {v}")
         for name in ("lr", "weight_decay"):
             v = getattr(self, name)
             if v is not None and not (v >= 0 and math.isfinite(v)):
@@ -209,15 +231,11 @@ class TrainConfig:
     @property
     def resolved_lr(self) -> float:
         """``lr`` or the optimizer's default base lr (before LARS batch scaling)."""
-        from .optim import default_lr
-
-        return self.lr if self.lr is not None else default_lr(self.optimizer)
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
     @property
     def resolved_weight_decay(self) -> float:
-        from .optim import default_weight_decay
-
-        return self.weight_decay if self.weight_decay is not None else default_weight_decay(self.optimizer)
+        return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer]
 
     @property
     def resume_path(self) -> str | None:
@@ -225,7 +243,7 @@ class TrainConfig:
         if self.resume is None:
             return None
         if self.resume == "auto":
-            return os.path.join(self.out, "checkpoint.pt")
+            return run_file(self.out, CHECKPOINT_NAME)
         return self.resume
 
 
@@ -242,14 +260,14 @@ def normalize_mapping(values: dict[str, Any], *, source: str = "config") -> dict
     unknown = []
     for key, value in values.items():
         name = normalize_key(str(key))
-        if name not in known and name.startswith("no_") and _field_kind(known.get(name[3:])) == "bool":
+        if name not in known and name.startswith("no_") and name[3:] in known and field_spec(name[3:]).kind is bool:
             # `no_mixup: true` mirrors the --no-mixup flag
-            clean[name[3:]] = not _coerce(name[3:], value, known[name[3:]], source)
+            clean[name[3:]] = not coerce(name[3:], value, source)
             continue
         if name not in known:
             unknown.append(str(key))
             continue
-        clean[name] = _coerce(name, value, known[name], source)
+        clean[name] = coerce(name, value, source)
     if unknown:
         hints = []
         for k in unknown:
@@ -264,60 +282,121 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+@dataclass(frozen=True)
+class FieldSpec:
+    """What an option is, read from a :class:`TrainConfig` field and its metadata.
+
+    ``kind`` is the value type (``bool``, ``int``, ``float``, ``str`` or ``dict``), from the
+    field's annotation; ``optional`` is True when ``None`` is allowed.
+    """
+
+    name: str
+    kind: type
+    optional: bool
+    default: Any
+    help: str
+    group: str
+    metavar: str | None
+    choices: tuple[str, ...] | None
+    min: float | None
+    show_default: bool
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _kind(annotation: Any) -> tuple[type, bool]:
+    """``(value type, optional)`` of an annotation such as ``int | None`` or ``dict[str, Any]``."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"unsupported option annotation {annotation!r}")
+        return _kind(inner[0])[0], type(None) in args
+    origin = typing.get_origin(annotation) or annotation
+    if origin not in (bool, int, float, str, dict):
+        raise TypeError(f"unsupported option annotation {annotation!r}")
+    return origin, False
+
+
+@cache
+def field_specs() -> dict[str, FieldSpec]:
+    """:class:`FieldSpec` of every :class:`TrainConfig` field, in declaration order."""
+    hints = typing.get_type_hints(TrainConfig)
+    specs = {}
+    for f in dataclasses.fields(TrainConfig):
+        kind, optional = _kind(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        m = f.metadata
+        specs[f.name] = FieldSpec(f.name, kind, optional, default, m["help"], m["group"], m["metavar"],
+                                  CHOICES.get(f.name), m["min"], m["show_default"])
+    return specs
+
+
+def field_spec(name: str) -> FieldSpec:
+    """The :class:`FieldSpec` of one :class:`TrainConfig` field."""
+    return field_specs()[name]
+
+
 def normalize_key(key: str) -> str:
     """``"max-epochs-per-block"`` / ``"--tau"`` -> snake_case field name."""
     return key.strip().lstrip("-").replace("-", "_")
 
 
-def _field_kind(f: dataclasses.Field | None) -> str:
-    if f is None:
-        return ""
-    t = str(f.type)
-    for kind in ("dict", "bool", "float", "int", "str"):
-        if kind in t:
-            return kind
-    return "str"
+def parse_json_object(text: str, where: str) -> dict[str, Any]:
+    """A JSON object from ``text`` (e.g. ``--student-overrides``); an empty string is ``{}``.
+
+    Raises:
+        ConfigError: invalid JSON, or JSON that is not an object (``where`` names the option).
+    """
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: invalid JSON ({e.msg} at position {e.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a JSON object such as '{{\"depth\": 2}}', got {text!r}")
+    return value
 
 
-def _coerce(name: str, value: Any, f: dataclasses.Field, source: str) -> Any:
-    """Convert a file/CLI value to the field's type (YAML reads ``1e-3`` as a string, etc.)."""
-    kind = _field_kind(f)
-    optional = "None" in str(f.type)
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a file/CLI value to the type of the field ``name`` (YAML reads ``1e-3`` as a string, etc.).
+
+    Raises:
+        ConfigError: the value does not convert (names ``source`` and the field).
+    """
+    spec = field_spec(name)
+    kind = spec.kind
     where = f"{source}: {name}"
     if value is None:
-        if optional:
+        if spec.optional:
             return None
         raise ConfigError(f"{where}: null is not allowed")
-    try:
-        if kind == "dict":
-            if isinstance(value, str):
-                value = json.loads(value) if value.strip() else {}
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: expected a JSON object / mapping, got {value!r}")
-            return dict(value)
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-                return value.lower() in ("true", "yes", "1", "on")
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ConfigError(f"{where}: expected a number, got {value!r}")
-            return float(value)
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ConfigError(f"{where}: expected an integer, got {value!r}")
-            return int(value)
+    if kind is dict:
+        if isinstance(value, str):
+            value = parse_json_object(value, where)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a JSON object / mapping, got {value!r}")
+        return dict(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: invalid JSON ({e.msg} at position {e.pos}): {value!r}") from None
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}, "
+                          f"got {value!r}") from None
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -328,7 +407,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise InputNotFoundError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:

@@ -32,7 +32,11 @@ Conventions
   derived from ``(seed, epoch, index)`` to each index, and the datasets here run
   their transform under that seed, so augmentations are bit-identical across
   runs, across ``num_workers`` settings and after a mid-epoch resume.
-  ``skip_batches(it, n)`` is the generic (slower: it loads the batches) fallback.
+
+Why this module is long: the three sources, the transforms, mixup and the resumable sampler
+share one contract (per-sample seeded augmentation that survives worker counts and mid-epoch
+resumes, shared decode-failure accounting); keeping them together keeps that contract in
+one place.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from .config import DATA_SOURCES
+from .errors import DataError, InputNotFoundError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -71,7 +78,6 @@ __all__ = [
     "SeededIndex",
     "build_loader",
     "set_loader_epoch",
-    "skip_batches",
     "default_num_workers",
     "SOURCES",
 ]
@@ -217,12 +223,12 @@ class ImageFolderDataset(_LeapDataset):
                   f"{{{','.join(e[1:] for e in IMAGE_EXTENSIONS)}}} "
                   f"(or {root}/<class_name>/<image> without a split folder)")
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}; {layout}")
+            raise InputNotFoundError(f"image folder not found: {root}; {layout}")
         folder = root / split
         if not folder.is_dir():
             present = [s for s in _SPLIT_NAMES if (root / s).is_dir()]
             if present:
-                raise FileNotFoundError(
+                raise InputNotFoundError(
                     f"split folder not found: {folder} (found splits: {present}); {layout}")
             folder = root  # root points directly at the class folders
         self.root = folder
@@ -232,7 +238,7 @@ class ImageFolderDataset(_LeapDataset):
         self.classes = sorted(e.name for e in os.scandir(folder)
                               if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
-            raise ValueError(f"no class folders in {folder}; {layout}")
+            raise DataError(f"no class folders in {folder}; {layout}")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
         samples: list[tuple[str, int]] = []
@@ -242,7 +248,7 @@ class ImageFolderDataset(_LeapDataset):
                 samples.extend((os.path.join(dirpath, f), self.class_to_idx[c])
                                for f in sorted(filenames) if _is_image_file(f))
         if not samples:
-            raise ValueError(f"no images found under {folder} "
+            raise DataError(f"no images found under {folder} "
                              f"(extensions {IMAGE_EXTENSIONS}); {layout}")
         self.samples = samples
         self.targets = [t for _, t in samples]
@@ -283,7 +289,7 @@ class ImageFolderDataset(_LeapDataset):
             img = self._decode(i)
             if img is not None:
                 return img, self.samples[i][1]
-        raise RuntimeError(f"none of the {n} images under {self.root} could be decoded")
+        raise DataError(f"none of the {n} images under {self.root} could be decoded")
 
 
 def _read_idx(path: Path, expect_magic: int) -> np.ndarray:
@@ -292,16 +298,16 @@ def _read_idx(path: Path, expect_magic: int) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise DataError(f"{path}: truncated IDX header")
     magic = struct.unpack(">I", data[:4])[0]
     if magic != expect_magic:
-        raise ValueError(f"{path}: bad IDX magic 0x{magic:08x}, expected 0x{expect_magic:08x}")
+        raise DataError(f"{path}: bad IDX magic 0x{magic:08x}, expected 0x{expect_magic:08x}")
     ndim = magic & 0xFF
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     offset = 4 + 4 * ndim
     count = int(np.prod(dims))
     if len(data) - offset != count:
-        raise ValueError(f"{path}: expected {count} bytes of data for shape {dims}, "
+        raise DataError(f"{path}: expected {count} bytes of data for shape {dims}, "
                          f"got {len(data) - offset}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
@@ -336,7 +342,7 @@ class FashionMNIST(_LeapDataset):
         if found is None:
             dirs = self.candidate_dirs(root)
             names = [f"{prefix}-images-idx3-ubyte[.gz]", f"{prefix}-labels-idx1-ubyte[.gz]"]
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"Fashion-MNIST {split!r} files {names} not found in any of: "
                 f"{[str(d) for d in dirs]}. Get them with `apt-get install "
                 f"dataset-fashion-mnist` (installs into {FASHION_MNIST_DEFAULT_ROOTS[0]}), "
@@ -348,7 +354,7 @@ class FashionMNIST(_LeapDataset):
         self.images = _read_idx(img_path, 0x00000803)
         self.labels = _read_idx(lbl_path, 0x00000801).astype(np.int64)
         if self.images.shape[0] != self.labels.shape[0]:
-            raise ValueError(f"{img_path} has {self.images.shape[0]} images but "
+            raise DataError(f"{img_path} has {self.images.shape[0]} images but "
                              f"{lbl_path} has {self.labels.shape[0]} labels")
         self.targets = self.labels.tolist()
 
@@ -358,7 +364,7 @@ class FashionMNIST(_LeapDataset):
             return "train"
         if split in ("test", "val", "valid", "validation", "t10k"):
             return "t10k"
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
+        raise DataError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
 
     @staticmethod
     def candidate_dirs(root: str | os.PathLike | None) -> list[Path]:
@@ -527,7 +533,7 @@ def _idx_files_in(path: str | os.PathLike) -> bool:
     return False
 
 
-SOURCES = ("auto", "folder", "fashion-mnist", "synthetic")
+SOURCES = DATA_SOURCES
 
 
 def build_dataset(source: str, path: str | os.PathLike | None, split: str, img_size: int,
@@ -548,7 +554,7 @@ def build_dataset(source: str, path: str | os.PathLike | None, split: str, img_s
             (10), ``seed`` (0; the split is folded in so train and val differ).
     """
     if source not in SOURCES:
-        raise ValueError(f"unknown data source {source!r}; choose one of {SOURCES}")
+        raise DataError(f"unknown data source {source!r}; choose one of {SOURCES}")
     if source == "auto":
         if path is None:
             source = "fashion-mnist"
@@ -557,7 +563,7 @@ def build_dataset(source: str, path: str | os.PathLike | None, split: str, img_s
         elif Path(path).expanduser().is_dir():
             source = "folder"
         else:
-            raise FileNotFoundError(f"data path not found: {path}")
+            raise InputNotFoundError(f"data path not found: {path}")
 
     train = split == "train"
     transform = kw.pop("transform", None)
@@ -570,7 +576,7 @@ def build_dataset(source: str, path: str | os.PathLike | None, split: str, img_s
 
     if source == "folder":
         if path is None:
-            raise ValueError("source 'folder' needs a data path")
+            raise DataError("source 'folder' needs a data path")
         return ImageFolderDataset(path, split, transform=transform)
     if source == "fashion-mnist":
         return FashionMNIST(path, split, transform=transform)
@@ -732,14 +738,3 @@ def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> No
     sampler.set_epoch(epoch, start=start_batch * loader.batch_size)
     if loader.generator is not None:
         loader.generator.manual_seed(_mix64(sampler.seed, epoch, 1))
-
-
-def skip_batches(loader_iter: Iterator, n: int) -> Iterator:
-    """Consume ``n`` batches from an iterator and return it (generic fallback for
-    loaders without a ``ResumableSampler``; it does load the skipped batches)."""
-    for _ in range(n):
-        try:
-            next(loader_iter)
-        except StopIteration:
-            break
-    return loader_iter

@@ -1,7 +1,7 @@
 """``make demo`` / ``leap demo``: baseline vs LEAP on Fashion-MNIST, on a CPU, in minutes.
 
 Distills the bundled teacher (a ViT trained by ``leap train-teacher`` on
-Fashion-MNIST, ``demo/teacher_fashion_mnist.pth``) into a smaller ViT twice with the
+Fashion-MNIST, shipped with the package as ``leap/assets/teacher_fashion_mnist.pth``) into a smaller ViT twice with the
 same budget: once from the last teacher block only (baseline) and once with the LEAP
 curriculum. Then it evaluates both students with a cosine kNN on frozen features
 (k = 20, Fashion-MNIST test set), writes plots for each run and prints a table:
@@ -11,6 +11,7 @@ curriculum trajectory, teacher FLOPs saved, wall time, kNN accuracy.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import os
 import time
@@ -18,10 +19,11 @@ from typing import Any
 
 import torch
 
-from .jsonl import read_jsonl
+from .errors import CheckpointError, InputNotFoundError
+from .runlog import CHECKPOINT_NAME, load_run, run_file
 
-DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo",
-                               "teacher_fashion_mnist.pth")
+# Package data (see pyproject.toml), so `leap demo` works from an installed wheel too.
+DEFAULT_TEACHER = str(importlib.resources.files("leap").joinpath("assets").joinpath("teacher_fashion_mnist.pth"))
 DEFAULT_STUDENT = "vit_small_patch14_dinov2"
 DEFAULT_STUDENT_OVERRIDES = {"patch_size": 7, "depth": 4, "embed_dim": 64, "num_heads": 1}
 FASHION_MNIST_HELP = (
@@ -29,15 +31,6 @@ FASHION_MNIST_HELP = (
     "/usr/share/datasets/fashion-mnist/), or download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
     "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz into a folder and pass --data FOLDER."
 )
-
-
-def _epoch_blocks(run_dir: str) -> list[float]:
-    """Mean target block of each epoch, from the run's log."""
-    blocks = {}
-    for rec in read_jsonl(os.path.join(run_dir, "log.jsonl"))[0]:
-        if rec.get("type") == "epoch":
-            blocks[rec["epoch"]] = rec.get("mean_block", rec.get("block"))
-    return [blocks[e] for e in sorted(blocks)]
 
 
 def _knn_loaders(data: str | None, img_size: int, limit_train: int, limit_test: int | None) -> tuple:
@@ -73,12 +66,13 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
     if threads:
         torch.set_num_threads(threads)
     if not os.path.isfile(teacher):
-        raise FileNotFoundError(f"teacher checkpoint not found: {teacher} (train one with `leap train-teacher`)")
+        raise InputNotFoundError(f"teacher checkpoint not found: {teacher} (train one with `leap train-teacher`)")
     meta = read_teacher_meta(teacher)
     if meta is None:
-        raise ValueError(f"{teacher} has no train-teacher recipe; the demo needs a `leap train-teacher` checkpoint")
+        raise CheckpointError(f"{teacher} has no train-teacher recipe; the demo needs a `leap train-teacher` "
+                              "checkpoint")
     if leap_data.FashionMNIST.find_files(data, "train") is None:
-        raise FileNotFoundError(FASHION_MNIST_HELP if data is None else f"no Fashion-MNIST idx files under {data}. "
+        raise InputNotFoundError(FASHION_MNIST_HELP if data is None else f"no Fashion-MNIST idx files under {data}. "
                                 + FASHION_MNIST_HELP)
     student_overrides = dict(DEFAULT_STUDENT_OVERRIDES if student_overrides is None else student_overrides)
     print(f"teacher: {meta['model']} {meta['model_overrides']} at {meta['img_size']} px "
@@ -90,8 +84,8 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
     results = {}
     for mode in ("baseline", "leap"):
         run_dir = os.path.join(out, mode)
-        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-            os.remove(os.path.join(run_dir, "checkpoint.pt"))  # a demo always starts fresh
+        if os.path.exists(run_file(run_dir, CHECKPOINT_NAME)):
+            os.remove(run_file(run_dir, CHECKPOINT_NAME))  # a demo always starts fresh
         cfg = dict(
             teacher=meta["model"], teacher_weights=teacher, teacher_overrides=meta["model_overrides"],
             student=student, student_overrides=student_overrides, img_size=meta["img_size"],
@@ -112,7 +106,7 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
         except Exception as exc:  # plots are a convenience; the numbers above stand without them
             print(f"(plots for {run_dir} failed: {exc})")
         results[mode] = {"summary": summary, "wall_s": wall, "knn_cls": knn["cls"], "knn_patch": knn["mean-patch"],
-                         "epoch_blocks": _epoch_blocks(run_dir)}
+                         "epoch_blocks": load_run(run_dir).epoch_mean_blocks()}
         print()
 
     teacher_knn = _knn(teacher, knn_loaders)["cls"]
@@ -148,28 +142,29 @@ def format_table(results: dict, teacher_knn: float, meta: dict, knn_train: int, 
 
 
 def main_demo(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="leap demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST idx files "
-                        "(default: /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--teacher", default=DEFAULT_TEACHER, help="a `leap train-teacher` checkpoint")
-    parser.add_argument("--out", default="runs/demo", help="run directory (baseline/, leap/, results.md)")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--limit-images", type=int, default=20000, help="training images used (0 = all 60000)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
-    parser.add_argument("--tau", type=float, default=0.97,
-                        help="CKA threshold of the curriculum (the small teacher's blocks are alike: CKA is high)")
-    parser.add_argument("--max-epochs-per-block", type=int, default=1)
-    parser.add_argument("--loss", choices=("mse", "token-mse"), default="mse")
-    parser.add_argument("--knn-train", type=int, default=10000, help="training images in the kNN memory bank")
+    from .cli.options import Formatter, add_config_options
+
+    parser = argparse.ArgumentParser(prog="leap demo", description=__doc__, formatter_class=Formatter)
+    add_config_options(parser, ["data"], help={
+        "data": "folder with the Fashion-MNIST idx files (default: /usr/share/datasets/fashion-mnist)"})
+    parser.add_argument("--teacher", default=DEFAULT_TEACHER,
+                        help="a `leap train-teacher` checkpoint (default: the bundled one)")
+    add_config_options(parser, ["out", "epochs"], defaults={"out": "runs/demo", "epochs": 6},
+                       help={"out": "run directory (baseline/, leap/, results.md)"})
+    parser.add_argument("--limit-images", type=int, default=20000,
+                        help="training images used, 0 = all 60000 (default: 20000)")
+    add_config_options(parser, ["batch_size", "lr", "tau", "max_epochs_per_block", "loss", "workers", "progress"],
+                       defaults={"batch_size": 128, "lr": 1e-3, "tau": 0.97, "max_epochs_per_block": 1},
+                       help={"lr": "AdamW peak learning rate",
+                             "tau": "CKA threshold of the curriculum (the small teacher's blocks are alike: "
+                                    "CKA is high)"})
+    parser.add_argument("--knn-train", type=int, default=10000,
+                        help="training images in the kNN memory bank (default: 10000)")
     parser.add_argument("--knn-test", type=int, default=None, help="test images evaluated (default: all 10000)")
-    parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     run_demo(data=args.data, teacher=args.teacher, out=args.out, epochs=args.epochs,
              limit_images=args.limit_images or None, batch_size=args.batch_size, lr=args.lr, tau=args.tau,
              max_epochs_per_block=args.max_epochs_per_block, knn_train=args.knn_train, knn_test=args.knn_test,
-             loss=args.loss, workers=args.workers, progress=not args.no_progress, threads=args.threads)
+             loss=args.loss, workers=args.workers, progress=args.progress, threads=args.threads)
     return 0

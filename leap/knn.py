@@ -7,8 +7,6 @@ training images with weights ``exp(sim / T)`` (the weighted kNN of DINO; ``T`` =
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,16 +73,12 @@ def load_model_for_eval(checkpoint: str, *, model: str | None = None, model_over
     Reads a ``leap distill`` checkpoint (the student), a ``leap train-teacher`` checkpoint, or,
     with ``model`` given, any weights file :func:`leap.models.load_teacher_weights` reads.
     """
-    from .checkpoint import CHECKPOINT_FORMAT
-    from .models import CheckpointError, build_model, load_teacher_weights
+    from .checkpoint import CHECKPOINT_FORMAT, read_torch_file
+    from .errors import CheckpointError
+    from .models import build_model, load_teacher_weights
     from .pretrain import TEACHER_META_KEY
 
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on bad files
-        raise CheckpointError(f"could not read checkpoint {checkpoint} ({type(exc).__name__}: {exc})") from None
+    obj = read_torch_file(checkpoint, "checkpoint")
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         cfg = obj["config"]
         size = img_size or cfg["img_size"]
@@ -112,39 +106,41 @@ def main_eval(argv=None) -> int:
     import json
 
     from . import data as leap_data
+    from .cli.options import Formatter, add_config_options
+    from .config import parse_json_object
 
     parser = argparse.ArgumentParser(
         prog="leap eval",
         description="Evaluate frozen features. `leap eval knn`: weighted cosine kNN top-1 accuracy "
                     "(k=20, T=0.07) of a checkpoint's features on a labelled train/test source.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Formatter,
     )
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
     knn = sub.add_parser("knn", help="kNN accuracy on frozen features",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=Formatter)
     knn.add_argument("--checkpoint", required=True,
                      help="leap distill checkpoint.pt (the student), leap train-teacher file, or any weights with --model")
-    knn.add_argument("--data", default=None, help="labelled data: image folder with train/ and test|val/, or Fashion-MNIST idx files")
-    knn.add_argument("--data-source", default="auto", choices=leap_data.SOURCES)
+    add_config_options(knn, ["data", "data_source"], help={
+        "data": "labelled data: image folder with train/ and test|val/, or Fashion-MNIST idx files"})
     knn.add_argument("--model", default=None, help="model name, for weights files without a recipe")
     knn.add_argument("--model-overrides", default=None, help="JSON dict of timm kwargs for --model")
-    knn.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's training size")
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
-    knn.add_argument("--feature", choices=FEATURES, default="cls")
-    knn.add_argument("--test-split", default="test", help="split evaluated (image folders: e.g. val)")
+    add_config_options(knn, ["img_size"], defaults={"img_size": None},
+                       help={"img_size": "input resolution (default: the checkpoint's training size)"})
+    knn.add_argument("--k", type=int, default=20, help="neighbours that vote (default: 20)")
+    knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default: 0.07)")
+    knn.add_argument("--feature", choices=FEATURES, default="cls", help="feature evaluated (default: cls)")
+    knn.add_argument("--test-split", default="test", help="split evaluated (image folders: e.g. val) (default: test)")
     knn.add_argument("--limit-train", type=int, default=None, help="first N training images as the memory bank")
     knn.add_argument("--limit-test", type=int, default=None)
-    knn.add_argument("--batch-size", type=int, default=256)
-    knn.add_argument("--workers", type=int, default=0)
-    knn.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_config_options(knn, ["batch_size", "workers", "device"], defaults={"batch_size": 256, "workers": 0},
+                       help={"batch_size": "images per forward pass", "workers": "DataLoader worker processes"})
     knn.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
 
-    overrides = json.loads(args.model_overrides) if args.model_overrides else None
+    overrides = parse_json_object(args.model_overrides, "--model-overrides") if args.model_overrides else None
     net, size, description = load_model_for_eval(args.checkpoint, model=args.model, model_overrides=overrides,
                                                  img_size=args.img_size)
-    device = torch.device(args.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     net = net.to(device)
     test_split = args.test_split
     loaders = []

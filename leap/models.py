@@ -10,7 +10,6 @@ Public API
 - :func:`load_teacher_weights` -- load a local checkpoint in the official DINOv2, Hugging Face
   ``transformers`` Dinov2 or timm layout into a timm model.
 - :func:`convert_state_dict` -- the conversion step of :func:`load_teacher_weights`, without I/O.
-- :func:`build_head` -- the ``Linear(D_s -> D_t)`` projection head.
 
 Layout notes (checked against timm 1.0.29-1.0.31)
 -------------------------------------------------
@@ -25,6 +24,10 @@ Layout notes (checked against timm 1.0.29-1.0.31)
   and give registers no position embedding. timm's register models use
   ``no_embed_class=True`` (``pos_embed`` covers only the patches), so the CLS slot is folded
   into ``cls_token`` -- the same conversion timm's own ``checkpoint_filter_fn`` does.
+
+Why this module is long: three checkpoint layouts (official DINOv2, Hugging Face, timm) with
+their key maps, position-embedding and register conversions, each with error messages that
+name the offending keys.
 """
 
 from __future__ import annotations
@@ -42,14 +45,15 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .checkpoint import read_torch_file
+from .errors import CheckpointError, InputNotFoundError, ModelError
+
 __all__ = [
-    "CheckpointError",
     "build_model",
     "patch_grid",
     "check_compatible",
     "load_teacher_weights",
     "convert_state_dict",
-    "build_head",
     "available_models",
 ]
 
@@ -64,10 +68,6 @@ _EXTRA_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 FORMAT_OFFICIAL = "official_dinov2"
 FORMAT_HF = "hf_dinov2"
 FORMAT_TIMM = "timm"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read, or does not fit the model."""
 
 
 # --------------------------------------------------------------------------------------
@@ -104,28 +104,32 @@ def build_model(
         ``(B, 3, img_size, img_size)`` returns pooled features ``(B, embed_dim)``.
 
     Raises:
-        ValueError: unknown name (close names are suggested), or bad ``img_size``.
+        ModelError: unknown name (close names are suggested), or bad ``img_size``.
         RuntimeError: ``pretrained=True`` and the weights could not be fetched.
     """
     base_name, _, tag = name.partition(".")
     kwargs: dict[str, Any] = {}
     if base_name in _EXTRA_MODELS:
         if pretrained:
-            raise ValueError(f"no pretrained weights exist for {name!r} (it is not a timm model)")
+            raise ModelError(f"no pretrained weights exist for {name!r} (it is not a timm model)")
         if tag:
-            raise ValueError(f"{base_name!r} takes no pretrained tag (got {name!r})")
+            raise ModelError(f"{base_name!r} takes no pretrained tag (got {name!r})")
         timm_name, kwargs = _EXTRA_MODELS[base_name]
     else:
         known = available_models()
         if base_name not in known:
             close = difflib.get_close_matches(base_name, known, n=5, cutoff=0.6)
             hint = f"; did you mean: {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown ViT model name {name!r}{hint}")
+            raise ModelError(f"unknown ViT model name {name!r}{hint}")
         timm_name = name
     kwargs = {**kwargs, **overrides, "num_classes": 0, "img_size": img_size}
 
     try:
         model = timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # an argument timm does not know, e.g. a typo in --student-overrides
+        if pretrained:
+            raise
+        raise ModelError(f"{name!r} with arguments {overrides}: {e}") from None
     except Exception as e:  # noqa: BLE001 - re-raised with context
         if not pretrained:
             raise
@@ -136,24 +140,12 @@ def build_model(
         ) from e
 
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{name!r} builds a {type(model).__name__}, not a timm VisionTransformer")
+        raise ModelError(f"{name!r} builds a {type(model).__name__}, not a timm VisionTransformer")
     patch = tuple(model.patch_embed.patch_size)
     img = tuple(model.patch_embed.img_size)
     if img[0] % patch[0] or img[1] % patch[1]:
-        raise ValueError(f"img_size {img_size} is not divisible by the patch size {patch[0]} of {name!r}")
+        raise ModelError(f"img_size {img_size} is not divisible by the patch size {patch[0]} of {name!r}")
     return model
-
-
-def build_head(d_student: int, d_teacher: int) -> nn.Linear:
-    """Projection head ``Linear(d_student -> d_teacher)``: trunc-normal(std=0.02) weight, zero bias.
-
-    Maps student features ``(..., d_student)`` to the teacher width ``(..., d_teacher)``.
-    """
-    from leap_kernels.modules import init_projection_head_
-
-    head = nn.Linear(d_student, d_teacher)
-    init_projection_head_(head.weight, head.bias)
-    return head
 
 
 # --------------------------------------------------------------------------------------
@@ -191,12 +183,12 @@ def check_compatible(teacher: nn.Module, student: nn.Module) -> tuple[int, int]:
     """Check that teacher and student see the same patch grid; return it.
 
     Raises:
-        ValueError: e.g. "teacher patch grid 16x16 (img 224, patch 14) != student patch
+        ModelError: e.g. "teacher patch grid 16x16 (img 224, patch 14) != student patch
             grid 14x14 (img 224, patch 16)".
     """
     tg, sg = patch_grid(teacher), patch_grid(student)
     if tg != sg:
-        raise ValueError(f"teacher {_describe_grid(teacher)} != student {_describe_grid(student)}")
+        raise ModelError(f"teacher {_describe_grid(teacher)} != student {_describe_grid(student)}")
     return tg
 
 
@@ -222,20 +214,17 @@ _ANCHORS = (
 
 def _read_file(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        return read_torch_file(path, "teacher checkpoint")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        raise InputNotFoundError(f"teacher checkpoint not found: {path}")
+    from safetensors.torch import load_file
 
-            return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise CheckpointError(
-            f"could not read teacher checkpoint {path} ({type(e).__name__}: {e}); "
-            "expected a .pth/.pt/.bin file readable by torch.load(weights_only=True) "
-            "or a .safetensors file"
-        ) from e
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types on bad files
+        raise CheckpointError(f"could not read teacher checkpoint {path}: not a valid .safetensors file "
+                              f"({type(e).__name__}: {e})") from None
 
 
 def _unwrap_container(obj: Any) -> dict[str, torch.Tensor]:

@@ -27,8 +27,6 @@ __all__ = [
     "param_groups",
     "build_optimizer",
     "peak_lr",
-    "default_lr",
-    "default_weight_decay",
     "LARS_REFERENCE_BATCH",
     "WarmupCosine",
 ]
@@ -39,20 +37,6 @@ LARS_REFERENCE_BATCH = 1536
 #: Parameters whose name contains one of these get no weight decay and no LARS adaptation
 #: (in addition to every parameter with ndim <= 1: biases, norm weights, LayerScale).
 NO_DECAY_NAME_PARTS = ("cls_token", "reg_token", "pos_embed", "gamma")
-
-_DEFAULT_LR = {"lars": 6.0, "adamw": 5e-4}
-_DEFAULT_WD = {"lars": 1e-6, "adamw": 0.05}
-
-
-def default_lr(optimizer: str) -> float:
-    """Default ``--lr``: LARS 6.0 (the paper's base lr, before sqrt scaling), AdamW 5e-4."""
-    return _DEFAULT_LR[optimizer]
-
-
-def default_weight_decay(optimizer: str) -> float:
-    """Default weight decay: LARS 1e-6 (the paper), AdamW 0.05."""
-    return _DEFAULT_WD[optimizer]
-
 
 def peak_lr(optimizer: str, lr: float, global_batch: int) -> float:
     """Peak learning rate (reached at the end of warmup) for ``--lr`` at ``global_batch``.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -25,8 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as leap_data
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, read_torch_file
+from .config import parse_json_object
 from .models import build_model
+from .optim import WarmupCosine, build_optimizer
+from .runlog import write_json
 
 TEACHER_META_KEY = "leap_teacher"
 
@@ -96,26 +98,18 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
 
     backbone = build_model(cfg.model, img_size=cfg.img_size, **cfg.model_overrides)
     model = _Classifier(backbone, num_classes).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    # The trainer's parameter groups (no decay on biases, norms, tokens, position embeddings)
+    # and schedule (linear warmup, cosine to 0).
+    optimizer = build_optimizer("adamw", model.named_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
-    total_steps = max(1, cfg.epochs * steps_per_epoch)
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-
-    def lr_at(step):
-        if step < warmup_steps:
-            return cfg.lr * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    scheduler = WarmupCosine(optimizer, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+                             total_steps=max(1, cfg.epochs * steps_per_epoch), min_lr_ratio=0.0)
 
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
     start = time.time()
-    step = 0
     for epoch in range(cfg.epochs):
         model.train()
         leap_data.set_loader_epoch(train_loader, epoch)
@@ -123,16 +117,14 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
                    disable=not (cfg.progress and tqdm is not None and sys.stderr.isatty())) if tqdm else train_loader
         running = 0.0
         for images, labels in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
             logits = model(images.to(device))
             loss = F.cross_entropy(logits, labels.to(device), label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            scheduler.step()
             running += loss.item()
-            step += 1
             if tqdm and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         print(f"teacher epoch {epoch + 1}/{cfg.epochs}: train loss {running / max(1, steps_per_epoch):.4f} "
@@ -158,8 +150,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "progress")},
     }
     atomic_save({"model": state, "classifier": classifier, TEACHER_META_KEY: meta}, cfg.out)
-    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump(meta, f, indent=2)
+    write_json(os.path.splitext(cfg.out)[0] + ".json", meta)
     print(f"teacher test accuracy {accuracy * 100:.2f}% ({len(test_set)} images); saved {cfg.out} "
           f"({os.path.getsize(cfg.out) / 2**20:.1f} MB)")
     return {**meta, "path": cfg.out}
@@ -167,43 +158,39 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
 
 def read_teacher_meta(path: str) -> Optional[dict]:
     """The recipe stored by ``train-teacher`` (model name, overrides, img size), or None."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_torch_file(path, "teacher checkpoint")
     return obj.get(TEACHER_META_KEY) if isinstance(obj, dict) else None
 
 
 def main_train_teacher(argv=None) -> int:
+    from .cli.options import Formatter, add_config_options
+
     defaults = TeacherTrainConfig()
     parser = argparse.ArgumentParser(
-        prog="leap train-teacher",
+        prog="leap train-teacher", formatter_class=Formatter,
         description="Train a small ViT teacher classifier (default: on Fashion-MNIST) and save it for distillation.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default=defaults.model, help="timm ViT name (see leap.models.build_model)")
+    parser.add_argument("--model", default=defaults.model,
+                        help=f"timm ViT name (see leap.models.build_model) (default: {defaults.model})")
     parser.add_argument("--model-overrides", default=json.dumps(defaults.model_overrides),
-                        help="JSON dict of timm kwargs (depth, embed_dim, num_heads, patch_size, ...)")
-    parser.add_argument("--img-size", type=int, default=defaults.img_size)
-    parser.add_argument("--data", default=None, help="data folder (default: the Debian dataset-fashion-mnist path)")
-    parser.add_argument("--data-source", default=defaults.data_source, choices=leap_data.SOURCES)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+                        help="JSON dict of timm kwargs (depth, embed_dim, num_heads, patch_size, ...) "
+                             f"(default: {json.dumps(defaults.model_overrides)})")
+    names = ["img_size", "data", "data_source", "epochs", "batch_size", "lr", "weight_decay", "workers", "seed",
+             "out", "progress"]
+    add_config_options(parser, names, defaults={n: getattr(defaults, n) for n in names}, help={
+        "data": "data folder (default: the Debian dataset-fashion-mnist path)",
+        "out": "checkpoint path (a .json with the recipe goes beside it)",
+        "lr": "AdamW peak learning rate", "weight_decay": "AdamW weight decay",
+        "progress": "progress bar per epoch (only on a terminal)"})
     parser.add_argument("--limit-train", type=int, default=None, help="use the first N training images only")
-    parser.add_argument("--limit-test", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--out", default=defaults.out, help="checkpoint path (a .json with the recipe goes beside it)")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        overrides = json.loads(args.model_overrides)
-    except json.JSONDecodeError as exc:
-        parser.error(f"--model-overrides: not valid JSON ({exc})")
+    overrides = parse_json_object(args.model_overrides, "--model-overrides")
     cfg = TeacherTrainConfig(
         model=args.model, model_overrides=overrides, img_size=args.img_size, data=args.data,
         data_source=args.data_source, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, limit_train=args.limit_train, limit_test=args.limit_test,
-        workers=args.workers, threads=args.threads, seed=args.seed, out=args.out, progress=not args.no_progress)
+        workers=args.workers, threads=args.threads, seed=args.seed, out=args.out, progress=args.progress)
     train_teacher(cfg)
     return 0

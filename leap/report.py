@@ -1,19 +1,7 @@
 """``leap report RUN_DIR``: plots and a Markdown summary of a training run.
 
-Reads ``RUN_DIR/log.jsonl`` (one JSON object per line) and, when present, ``summary.json``.
-Record types used (all other types and unknown fields are ignored; optional fields may be
-missing)::
-
-    {"type": "step",  "step", "epoch", "loss", "cka"?, "block", "lr"?, "teacher_blocks_run"?, ...}
-    {"type": "epoch", "epoch", "mean_loss"?, "block", "mean_block"?, "steps"?, "time_s"?,
-                      "teacher_flops"?, "baseline_teacher_flops"?, "mean_cka"?, ...}
-    {"type": "level_up", "step", "epoch", "from_block", "to_block", "reason"}
-    {"type": "calibration", "teacher_blocks_run", ...}
-    {"type": "config", "config": {"teacher", "student", "img_size", ...}, "dims"?, "resolved"?}
-    {"type": "summary", ...}
-
-A resumed run may log some steps/epochs twice; the last record of each step/epoch wins.
-Lines that are not valid JSON (e.g. a half-written last line) are skipped.
+Reads the run directory through :func:`leap.runlog.load_run` (record types in
+:mod:`leap.runlog`; a resumed run may log some steps/epochs twice, the last record wins).
 
 Outputs (in ``RUN_DIR/report/`` unless ``--out`` says otherwise), PNGs rendered with
 matplotlib's Agg canvas (no display, no global pyplot state):
@@ -25,180 +13,31 @@ matplotlib's Agg canvas (no display, no global pyplot state):
 * ``report.md`` -- blocks trajectory, final loss, FLOPs saved, time.
 
 Teacher FLOPs come from, in order: the epoch records' ``teacher_flops`` /
-``baseline_teacher_flops``; a :class:`leap.flops.CostModel` built (on the meta device) from
+``baseline_teacher_flops``; a :class:`leap.cost.CostModel` built (on the meta device) from
 the model names in the run's config (or ``--teacher``/``--student``); else the logged
 teacher block counts normalized by the teacher depth L (units of "full teacher passes").
+
+Why this module is long: four plots and the Markdown summary read the same parsed run and
+FLOP series; splitting them would only move the shared helpers between files.
 """
 
 from __future__ import annotations
 
 
 import argparse
-import json
-import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .jsonl import read_jsonl
+from .runlog import LOG_NAME, RunLog, load_run
+from .runlog import number as _num
 
 __all__ = ["RunLog", "load_run", "make_report", "main_report", "DEFAULT_OUT_SUBDIR"]
 
-LOG_NAME = "log.jsonl"
-SUMMARY_NAME = "summary.json"
 DEFAULT_OUT_SUBDIR = "report"
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-# --------------------------------------------------------------------------------------
-# Reading a run
-# --------------------------------------------------------------------------------------
-
-
-def _num(v: Any) -> float | None:
-    """``v`` as a finite float, else None (missing, null, NaN, strings ...)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
-@dataclass
-class RunLog:
-    """The parsed content of a run directory.
-
-    ``steps`` / ``epochs``: step and epoch records, deduplicated (last wins) and sorted.
-    ``config``: the run's configuration dict (from the ``config`` record, the summary or
-    ``summary.json``), ``dims``/``resolved``: the trainer's extra info, if logged.
-    """
-
-    run_dir: str
-    log_path: str
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    epochs: list[dict[str, Any]] = field(default_factory=list)
-    level_ups: list[dict[str, Any]] = field(default_factory=list)
-    calibrations: list[dict[str, Any]] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-    dims: dict[str, Any] = field(default_factory=dict)
-    resolved: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-    skipped_lines: int = 0
-    unknown_types: Counter = field(default_factory=Counter)
-
-    # ---- derived -------------------------------------------------------------------
-    @property
-    def num_blocks(self) -> int | None:
-        """Teacher depth L: from dims / summary / a ``depth`` teacher override, else the largest
-        block seen in the log (exact once the run reached the last block)."""
-        overrides = self.config.get("teacher_overrides")
-        candidates = (self.dims.get("teacher_blocks"), self.summary.get("num_blocks"),
-                      overrides.get("depth") if isinstance(overrides, dict) else None)
-        for v in candidates:
-            if _num(v):
-                return int(v)
-        blocks = self.step_blocks() + self.epoch_blocks()
-        return int(max(blocks)) if blocks else None
-
-    def step_blocks(self) -> list[float]:
-        return [b for b in (_num(r.get("block")) for r in self.steps) if b is not None]
-
-    def epoch_blocks(self) -> list[float]:
-        return [b for b in (_num(r.get("block")) for r in self.epochs) if b is not None]
-
-    @property
-    def images_per_step(self) -> int | None:
-        """Global batch size, if logged (``resolved.global_batch`` or ``batch_size * world_size``)."""
-        gb = _num(self.resolved.get("global_batch")) or _num(self.summary.get("resolved", {}).get("global_batch")
-                                                             if isinstance(self.summary.get("resolved"), dict) else None)
-        if gb:
-            return int(gb)
-        bs = _num(self.config.get("batch_size"))
-        if bs:
-            return int(bs * (_num(self.dims.get("world_size")) or 1))
-        return None
-
-
-def _dedup_sorted(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    by_key: dict[Any, dict[str, Any]] = {}
-    unkeyed = []
-    for r in records:
-        k = _num(r.get(key))
-        if k is None:
-            unkeyed.append(r)
-        else:
-            by_key[k] = r
-    return [by_key[k] for k in sorted(by_key)] + unkeyed
-
-
-def load_run(run_dir: str | os.PathLike) -> RunLog:
-    """Parse a run directory (or a ``log.jsonl`` path directly).
-
-    Raises:
-        FileNotFoundError: the directory or its ``log.jsonl`` does not exist (names the path).
-        ValueError: the log holds no step and no epoch records.
-    """
-    path = os.fspath(run_dir)
-    if os.path.isdir(path):
-        log_path = os.path.join(path, LOG_NAME)
-    elif os.path.isfile(path):
-        log_path, path = path, os.path.dirname(os.path.abspath(path))
-    else:
-        raise FileNotFoundError(f"run directory not found: {path}")
-    if not os.path.isfile(log_path):
-        raise FileNotFoundError(f"no training log found: {log_path} does not exist")
-    records, skipped = read_jsonl(log_path)
-    run = RunLog(run_dir=path, log_path=log_path, skipped_lines=skipped)
-
-    steps, epochs = [], []
-    for r in records:
-        t = r.get("type")
-        if t == "step":
-            steps.append(r)
-        elif t == "epoch":
-            epochs.append(r)
-        elif t == "level_up":
-            run.level_ups.append(r)
-        elif t == "calibration":
-            run.calibrations.append(r)
-        elif t == "config":
-            if isinstance(r.get("config"), dict):
-                run.config = dict(r["config"])
-            for name in ("dims", "resolved"):
-                if isinstance(r.get(name), dict):
-                    setattr(run, name, dict(r[name]))
-        elif t == "summary":
-            run.summary = dict(r)
-        else:
-            run.unknown_types[str(t)] += 1
-    run.steps = _dedup_sorted(steps, "step")
-    run.epochs = _dedup_sorted(epochs, "epoch")
-    # Level-ups of a resumed run may repeat: keep distinct ones, in step order.
-    seen, ups = set(), []
-    for u in run.level_ups:
-        key = (u.get("step"), u.get("from_block"), u.get("to_block"))
-        if key not in seen:
-            seen.add(key)
-            ups.append(u)
-    run.level_ups = sorted(ups, key=lambda u: (_num(u.get("step")) or 0))
-
-    summary_path = os.path.join(path, SUMMARY_NAME)
-    if os.path.isfile(summary_path):
-        try:
-            with open(summary_path, encoding="utf-8") as f:
-                data = json.load(f)
-            if isinstance(data, dict):
-                run.summary = {**data, **run.summary}
-        except (OSError, json.JSONDecodeError):
-            pass
-    if not run.config and isinstance(run.summary.get("config"), dict):
-        run.config = dict(run.summary["config"])
-    if not run.resolved and isinstance(run.summary.get("resolved"), dict):
-        run.resolved = dict(run.summary["resolved"])
-    if not run.steps and not run.epochs:
-        raise ValueError(f"{log_path}: no step or epoch records found")
-    return run
 
 
 # --------------------------------------------------------------------------------------
@@ -248,7 +87,7 @@ def _cost_model_for(run: RunLog, teacher: str | None, student: str | None, img_s
     if not teacher or not student:
         return None, "the run config does not name the teacher and student"
     try:
-        from .flops import CostModel
+        from .cost import CostModel
 
         t_ov = cfg.get("teacher_overrides") if teacher == cfg.get("teacher") else None
         s_ov = cfg.get("student_overrides") if student == cfg.get("student") else None
@@ -318,12 +157,11 @@ def flops_series(run: RunLog, cost_model=None, cost_note: str | None = None) -> 
         L = cost_model.num_blocks
         images = run.images_per_step or 1
         per_img = "" if run.images_per_step else " per image"
-        emb, blk = 2 * cost_model.embed_macs, 2 * cost_model.block_macs
-        rest = 2 * (cost_model.student_step_macs + cost_model.cka_macs)
-        teacher = [images * (ni * emb + bi * blk) for bi, ni in zip(blocks, n)]
-        base = [images * ni * (emb + L * blk) for ni in n]
-        total = [t + images * ni * rest for t, ni in zip(teacher, n)]
-        base_total = [b + images * ni * rest for b, ni in zip(base, n)]
+        runs = [cost_model.run_flops(ni, bi) for bi, ni in zip(blocks, n)]
+        teacher = [images * r["teacher"] for r in runs]
+        base = [images * r["baseline_teacher"] for r in runs]
+        total = [images * r["step"] for r in runs]
+        base_total = [images * r["baseline_step"] for r in runs]
         return FlopsSeries(xs, x_label, _cumsum(teacher), _cumsum(base), "FLOPs" + per_img,
                            f"logged teacher block counts{scan} x CostModel({cost_model.teacher_cost.depth}-block teacher)",
                            _cumsum(total), _cumsum(base_total))
@@ -708,23 +546,28 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
 
 
 def main_report(argv: Sequence[str] | None = None) -> int:
-    """``leap report RUN_DIR [--out DIR] [--teacher NAME --student NAME] [--img-size N] [--no-cost-model]``."""
-    p = argparse.ArgumentParser(prog="leap report",
+    """``leap report RUN_DIR [--out DIR] [--teacher NAME --student NAME] [--img-size N] [--no-cost-model]``.
+
+    Raises:
+        LeapError: no run directory / log, or a log without step and epoch records.
+    """
+    from .cli.options import Formatter, add_config_options
+
+    p = argparse.ArgumentParser(prog="leap report", formatter_class=Formatter,
                                 description="Plot a LEAP run (loss, CKA, target block, teacher FLOPs) and "
-                                            "write a Markdown summary from RUN_DIR/log.jsonl.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding log.jsonl (or the log file)")
-    p.add_argument("--out", help=f"output directory (default RUN_DIR/{DEFAULT_OUT_SUBDIR})")
-    p.add_argument("--teacher", help="teacher model name for FLOPs, if the run config lacks it")
-    p.add_argument("--student", help="student model name for FLOPs, if the run config lacks it")
-    p.add_argument("--img-size", type=int, help="image size for FLOPs (default: from the config, else 224)")
+                                            f"write a Markdown summary from RUN_DIR/{LOG_NAME}.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=f"run directory holding {LOG_NAME} (or the log file)")
+    p.add_argument("--out", help=f"output directory (default: RUN_DIR/{DEFAULT_OUT_SUBDIR})")
+    add_config_options(p, ["teacher", "student", "img_size"], defaults={"teacher": None, "student": None,
+                                                                        "img_size": None}, help={
+        "teacher": "teacher model name for FLOPs, if the run config lacks it",
+        "student": "student model name for FLOPs, if the run config lacks it",
+        "img_size": "image size for FLOPs (default: from the config, else 224)"})
     p.add_argument("--no-cost-model", action="store_true",
                    help="do not build models for FLOPs; count teacher blocks only")
     args = p.parse_args(argv)
-    try:
-        res = make_report(args.run_dir, args.out, teacher=args.teacher, student=args.student,
-                          img_size=args.img_size, use_cost_model=not args.no_cost_model)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
+    res = make_report(args.run_dir, args.out, teacher=args.teacher, student=args.student,
+                      img_size=args.img_size, use_cost_model=not args.no_cost_model)
     print(f"wrote {res['report']}")
     for name, path in res["plots"].items():
         print(f"wrote {path}")

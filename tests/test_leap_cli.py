@@ -1,4 +1,4 @@
-"""Tests for the ``leap`` command line (leap/cli.py, leap/__main__.py)."""
+"""Tests for the ``leap`` command line (leap/cli/, leap/__main__.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
-from leap.cli import build_parser, config_from_args, main
+from leap.cli import build_parser, main
+from leap.cli.distill import config_from_args
 
 TINY = [
     "--teacher", "vit_small_patch14_dinov2",
@@ -23,12 +23,9 @@ TINY = [
 
 
 @pytest.fixture(autouse=True)
-def _fast_cpu(monkeypatch):
-    monkeypatch.setenv("LEAP_KERNELS_BACKEND", "torch")  # fast leap_kernels path on CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster
-    yield
-    torch.set_num_threads(threads)
+def _fast_cpu(monkeypatch, one_thread):
+    # fast leap_kernels path on CPU; tiny models: one thread is faster
+    monkeypatch.setenv("LEAP_KERNELS_BACKEND", "torch")
 
 
 def run_cli(argv, capsys):
@@ -149,9 +146,27 @@ def test_bad_input_is_a_clean_error(tmp_path, capsys, case):
     assert "leap: error:" in err and expect in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_python_dash_m_leap(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "leap", "distill", "--help"], capture_output=True, text=True,
                           env=env, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: leap distill")
+
+
+def test_options_are_generated_from_the_config_fields(capsys):
+    from leap.config import field_specs
+
+    code, out, _ = run_cli(["distill", "--help"], capsys)
+    assert code == 0
+    help_text = " ".join(out.split())
+    for spec in field_specs().values():
+        flag = f"--no-{spec.name.replace('_', '-')}" if spec.kind is bool else spec.flag
+        assert flag in out, flag
+        assert " ".join(spec.help.split()[:4]) in help_text, spec.name  # the field's own help text
+    # Other commands take the same option under the same name, with the field's type and bounds.
+    code, _, err = run_cli(["flops", "--teacher", "t", "--student", "s", "--img-size", "0"], capsys)
+    assert code == 2 and "--img-size" in err and "expected an integer >= 1, got 0" in err
+    code, _, err = run_cli(["demo", "--loss", "l1"], capsys)
+    assert code == 2 and "invalid choice: 'l1'" in err

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from spawn import run_processes
 
-from leap.curriculum import Curriculum, _use_gram_form, linear_cka, linear_cka_reference
+from leap.cka import _use_gram_form, linear_cka, linear_cka_reference
+from leap.curriculum import Curriculum
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -441,6 +442,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_take_identical_decisions(tmp_path):
     world = 2
     run_processes(_ddp_worker, (world, str(tmp_path / "store"), str(tmp_path)), world, timeout_s=120)

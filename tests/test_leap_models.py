@@ -18,9 +18,8 @@ from timm.layers import GluMlp, SwiGLU
 from torch import nn
 
 from leap import models as lm
+from leap.errors import CheckpointError
 from leap.models import (
-    CheckpointError,
-    build_head,
     build_model,
     check_compatible,
     convert_state_dict,
@@ -208,14 +207,6 @@ def test_grid_mismatch_message():
     )
     s2 = build_model("vit_tiny_patch14_dinov2", img_size=224, depth=1)
     assert check_compatible(t, s2) == (16, 16)
-
-
-def test_build_head():
-    torch.manual_seed(0)
-    h = build_head(384, 1536)
-    assert isinstance(h, nn.Linear) and h.weight.shape == (1536, 384)
-    assert torch.all(h.bias == 0)
-    assert abs(h.weight.std().item() - 0.02) < 2e-3
 
 
 # ----------------------------------------------------------------- SwiGLU layout

@@ -93,7 +93,7 @@ def test_scan_matches_per_block_forward(teacher):
 
     scores = teacher.scan(x, score_fn)
     assert scores.shape == (teacher.num_blocks,) and scores.dtype == torch.float32
-    P, D = teacher.num_prefix_tokens, teacher.embed_dim
+    D = teacher.embed_dim
     assert seen == [(k, (2, 4, D), (2, D)) for k in range(1, teacher.num_blocks + 1)]
     for k in range(1, teacher.num_blocks + 1):
         patch, cls = teacher(x, k)

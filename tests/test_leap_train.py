@@ -11,24 +11,22 @@ import pytest
 import torch
 from torch import nn
 
-from leap.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from leap.config import ConfigError, TrainConfig
+from leap.checkpoint import atomic_save, load_checkpoint
+from leap.config import TrainConfig
+from leap.distill import DistillModule
+from leap.errors import CheckpointError, ConfigError, InputNotFoundError, NonFiniteLossError
 from leap.optim import LARS, WarmupCosine, build_optimizer, param_groups, peak_lr
-from leap.train import DistillModule, NonFiniteLossError, Trainer, train
+from leap.train import Trainer, train
 
 TEACHER_DEPTH = 4
 
 
 @pytest.fixture(autouse=True)
-def _fast_cpu(monkeypatch):
+def _fast_cpu(monkeypatch, one_thread):
     # conftest turns on the Triton CPU interpreter for the kernel tests; the trainer tests
-    # only need the loss values, so use the (fast) torch backend of leap_kernels.
+    # only need the loss values, so use the (fast) torch backend of leap_kernels. Tiny
+    # models: one intra-op thread is faster (no OpenMP wake-ups) and immune to a busy CPU.
     monkeypatch.setenv("LEAP_KERNELS_BACKEND", "torch")
-    # Tiny models: one intra-op thread is faster (no OpenMP wake-ups) and immune to a busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(out, **kw) -> TrainConfig:
@@ -111,6 +109,8 @@ def test_calibration_scans_all_blocks_once(tmp_path):
     assert cal["start_block"] == best == summary["start_block"]
     assert trainer.block_history == [best, best]  # tau > 1: no level-up
     assert summary["status"] == "stopped_at_max_steps"
+    with pytest.raises(RuntimeError, match="already run"):  # a trainer runs once
+        trainer.fit()
 
 
 def test_baseline_and_leap_share_the_step(tmp_path):
@@ -155,10 +155,12 @@ def straight_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LEAP_KERNELS_BACKEND", "torch")
-        summary = train(tiny_config(run_dir, **RESUME_KW))
-    torch.set_num_threads(threads)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LEAP_KERNELS_BACKEND", "torch")
+            summary = train(tiny_config(run_dir, **RESUME_KW))
+    finally:
+        torch.set_num_threads(threads)
     return run_dir, summary
 
 
@@ -226,7 +228,7 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not a LEAP training checkpoint.*--teacher-weights"):
         load_checkpoint(foreign)
 
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(InputNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
 
     # A truncated real checkpoint, through the trainer's --resume.

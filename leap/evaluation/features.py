@@ -1,0 +1,579 @@
+"""The feature extractor shared by every evaluation (kNN, linear probe, retrieval).
+
+A model comes from one of:
+
+- a run directory (its ``checkpoint.pt``: the student of ``leap distill``);
+- a checkpoint file: a ``leap distill`` checkpoint (the student) or a ``leap train-teacher``
+  file (the model it trained);
+- a teacher: ``--teacher NAME --teacher-weights FILE`` (official DINOv2, Hugging Face or timm
+  layout), optionally cut at block ``K`` (``--block K``: patch embed, blocks 1..K, final norm);
+- raw pixels (a baseline: the channel mean of the normalized image, flattened).
+
+One forward pass per image gives both features, taken after the model's final norm:
+``cls`` = the CLS token ``(D,)``, ``patch`` = the mean of the patch tokens ``(D,)`` (registers
+excluded). They are cached on disk (fp16, or fp32 where a value would not fit fp16) under a key
+made of the checkpoint's SHA-256, the model recipe and block, the dataset's identity, the split,
+the transform and the precision, so a second evaluation of the same model and data reads them back.
+
+A checkpoint's embedded model recipe is untrusted input: only the model-shape keys in
+:data:`ALLOWED_MODEL_KEYS`, with plain values, reach model construction (e.g. a crafted
+``pretrained_cfg_overlay`` is refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from ._deps import (
+    CHECKPOINT_FORMAT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TEACHER_META_KEY,
+    CheckpointError,
+    build_model,
+    load_teacher_weights,
+)
+from .errors import EvaluationError
+
+__all__ = [
+    "ALLOWED_MODEL_KEYS",
+    "FEATURE_KINDS",
+    "LoadedModel",
+    "FeatureCache",
+    "load_model",
+    "sanitize_model_kwargs",
+    "eval_transform",
+    "extract_features",
+    "file_sha256",
+    "default_cache_dir",
+    "resolve_device",
+]
+
+FEATURE_KINDS = ("cls", "patch")
+
+#: Model-construction keys a checkpoint's recipe may set (timm ``VisionTransformer`` shape and
+#: layout arguments). Anything else, e.g. ``pretrained_cfg_overlay`` or ``pretrained_cfg``
+#: (which can point timm at files or URLs), is refused.
+ALLOWED_MODEL_KEYS = frozenset({
+    "patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "proj_bias",
+    "init_values", "class_token", "reg_tokens", "no_embed_class", "pos_embed", "pre_norm", "final_norm",
+    "fc_norm", "global_pool", "in_chans", "dynamic_img_size", "dynamic_img_pad", "act_layer",
+    # regularization: no effect in eval mode, but a run may have been trained with it
+    "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
+})
+
+# Bumped when the extraction changes in a way that changes the features.
+_EXTRACTOR_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for feature extraction.
+
+    Attributes:
+        extractor: module mapping images ``(B, 3, H, W)`` to ``(cls (B, D), patch (B, D))``.
+        img_size: the model's input resolution (square).
+        patch_size: its patch size (1 for pixels).
+        description: human-readable, e.g. ``"student vit_small_patch14_dinov2 (leap distill, step 500)"``.
+        identity: what the features depend on (goes into the cache key and the records):
+            kind, name, recipe, block, checkpoint path and SHA-256.
+        run_dir: the run directory the model belongs to (records go there), or ``None``.
+    """
+
+    extractor: nn.Module
+    img_size: int
+    patch_size: int
+    description: str
+    identity: dict[str, Any]
+    run_dir: str | None = None
+
+    def record_info(self) -> dict[str, Any]:
+        """The ``model`` part of an evaluation record."""
+        return {"description": self.description, "source": self.identity.get("checkpoint"),
+                "checkpoint_sha256": self.identity.get("checkpoint_sha256"), "kind": self.identity["kind"],
+                "name": self.identity.get("name"), "block": self.identity.get("block"),
+                "img_size": self.img_size}
+
+
+class TokenFeatures(nn.Module):
+    """Wraps a timm ViT: images ``(B, 3, H, W)`` -> ``(cls (B, D), patch (B, D))`` after the final norm.
+
+    ``block=K`` (1-indexed) runs patch embed, blocks 1..K and the final norm (the LEAP target of
+    block K); ``None`` runs the whole model (``forward_features``).
+    """
+
+    def __init__(self, vit: nn.Module, block: int | None = None):
+        super().__init__()
+        if getattr(vit, "cls_token", None) is None:
+            raise EvaluationError(f"{type(vit).__name__} has no CLS token; CLS features need class_token=True")
+        depth = len(vit.blocks)
+        if block is not None and not 1 <= block <= depth:
+            raise EvaluationError(f"--block: expected 1 <= K <= {depth} (the model's depth), got {block}")
+        self.vit = vit
+        self.block = None if block in (None, depth) else int(block)
+        self.prefix = int(vit.num_prefix_tokens)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.vit
+        if self.block is None:
+            tokens = m.forward_features(x)
+        else:  # timm's forward_features, stopped after block K
+            x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+            for blk in m.blocks[:self.block]:
+                x = blk(x)
+            tokens = m.norm(x)
+        return tokens[:, 0], tokens[:, self.prefix:].mean(dim=1)
+
+
+class PixelFeatures(nn.Module):
+    """Raw-pixel baseline: ``(B, C, H, W)`` -> the channel mean flattened, ``(B, H*W)``, as both features."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.mean(dim=1).flatten(1)
+        return flat, flat
+
+
+def sanitize_model_kwargs(kwargs: Any, source: str) -> dict[str, Any]:
+    """Keep a model recipe to :data:`ALLOWED_MODEL_KEYS` with plain values, or raise.
+
+    Args:
+        kwargs: a dict of model arguments (``None`` = none).
+        source: where it came from, for the message (e.g. ``"checkpoint runs/x/checkpoint.pt"``).
+
+    Raises:
+        EvaluationError: not a dict, a key outside the allowed set, or a value that is not a
+            bool/int/float/str/None (or a short list of numbers).
+    """
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise EvaluationError(f"model arguments in {source}: expected a dict, got {type(kwargs).__name__}")
+    out = {}
+    for key, value in kwargs.items():
+        if key not in ALLOWED_MODEL_KEYS:
+            raise EvaluationError(f"model argument {key!r} in {source} is not allowed (allowed: "
+                                  f"{', '.join(sorted(ALLOWED_MODEL_KEYS))})")
+        plain = value is None or isinstance(value, (bool, int, float, str))
+        if isinstance(value, (list, tuple)) and len(value) <= 4:
+            plain = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if not plain:
+            raise EvaluationError(f"model argument {key!r} in {source}: expected a plain value, "
+                                  f"got {type(value).__name__}")
+        out[key] = value
+    return out
+
+
+def _check_name(name: Any, source: str) -> str:
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise EvaluationError(f"model name in {source}: expected a string, got {name!r}")
+    return name
+
+
+def _check_img_size(size: Any, source: str) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 8192:
+        raise EvaluationError(f"img_size in {source}: expected an integer in [1, 8192], got {size!r}")
+    return size
+
+
+def _build(name: str, img_size: int, kwargs: dict[str, Any], source: str) -> nn.Module:
+    try:
+        return build_model(name, img_size=img_size, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise EvaluationError(f"cannot build model {name!r} from {source}: {exc}") from None
+
+
+def _read_checkpoint(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on bad files
+        why = ("it holds Python objects other than tensors and plain values" if "Unsupported global" in str(exc)
+               else "the file is corrupt, truncated or not a PyTorch checkpoint")
+        raise EvaluationError(f"could not read checkpoint {path}: {why} ({type(exc).__name__})") from None
+
+
+def load_model(model: str | None = None, *, teacher: str | None = None, teacher_weights: str | None = None,
+               teacher_overrides: dict | None = None, block: int | None = None, img_size: int | None = None,
+               pixels: bool = False, dynamic_size: bool = False, cache_dir: str | None = None) -> LoadedModel:
+    """Load the model to evaluate (see the module docstring for the sources).
+
+    Args:
+        model: a run directory or a checkpoint file (``leap distill`` or ``leap train-teacher``).
+        teacher, teacher_weights, teacher_overrides: a teacher by name and weights file instead of ``model``
+            (with a ``leap train-teacher`` file the name and recipe may be omitted: they are read from it).
+        block: cut the model after this block (1-indexed); default: all blocks.
+        img_size: input resolution; default: the checkpoint's training resolution (224 for weights
+            files without a recipe; 28 for ``pixels``).
+        pixels: the raw-pixel baseline instead of a model.
+        dynamic_size: build the ViT for variable input sizes (retrieval at the images' aspect ratio).
+        cache_dir: where the checkpoint hashes are memoized (see :func:`file_sha256`).
+
+    Raises:
+        EvaluationError: conflicting or missing options, an unreadable or unknown checkpoint, a
+            recipe with disallowed keys, an unknown model name, a block out of range.
+    """
+    sources = sum(x is not None and x is not False for x in (model, teacher or teacher_weights, pixels or None))
+    if sources != 1:
+        raise EvaluationError("give exactly one of --model (run directory or checkpoint), "
+                              "--teacher/--teacher-weights, or --pixels")
+    if img_size is not None:
+        _check_img_size(img_size, "--img-size")
+    if pixels:
+        if block is not None:
+            raise EvaluationError("--block does not apply to --pixels")
+        size = img_size or 28
+        return LoadedModel(PixelFeatures(), size, 1, f"raw pixels at {size} px",
+                           {"kind": "pixels", "name": "pixels", "img_size": size})
+    extra = {"dynamic_img_size": True, "dynamic_img_pad": True} if dynamic_size else {}
+
+    run_dir = None
+    if model is not None:
+        path = os.fspath(model)
+        if os.path.isdir(path):
+            run_dir, path = path, os.path.join(path, "checkpoint.pt")
+            if not os.path.isfile(path):
+                raise EvaluationError(f"--model {model}: the run directory has no checkpoint.pt")
+        elif not os.path.isfile(path):
+            raise EvaluationError(f"--model {model}: no such run directory or checkpoint file")
+        obj = _read_checkpoint(path)
+        source = f"checkpoint {path}"
+        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+            cfg = obj.get("config")
+            if not isinstance(cfg, dict) or not isinstance(obj.get("student"), dict):
+                raise EvaluationError(f"{source}: a leap distill checkpoint without config or student weights")
+            name = _check_name(cfg.get("student"), source)
+            kwargs = sanitize_model_kwargs(cfg.get("student_overrides"), source)
+            size = img_size or _check_img_size(cfg.get("img_size"), source)
+            net = _build(name, size, {**kwargs, **extra}, source)
+            try:
+                if size != cfg.get("img_size") or dynamic_size:
+                    load_teacher_weights(net, obj["student"])  # resamples pos_embed to the new grid
+                else:
+                    net.load_state_dict(obj["student"])
+            except (RuntimeError, CheckpointError) as exc:
+                raise EvaluationError(f"{source}: student weights do not fit {name}: "
+                                      f"{str(exc).splitlines()[0]}") from None
+            kind, what = "student", f"student {name} (leap distill checkpoint, step {obj.get('step')})"
+            if run_dir is None:
+                run_dir = os.path.dirname(os.path.abspath(path))
+        elif isinstance(obj, dict) and isinstance(obj.get(TEACHER_META_KEY), dict):
+            meta = obj[TEACHER_META_KEY]
+            name = _check_name(meta.get("model"), source)
+            kwargs = sanitize_model_kwargs(meta.get("model_overrides"), source)
+            size = img_size or _check_img_size(meta.get("img_size"), source)
+            net = _build(name, size, {**kwargs, **extra}, source)
+            _load_weights(net, obj, source)
+            kind, what = "trained-teacher", f"{name} (leap train-teacher checkpoint)"
+        else:
+            raise EvaluationError(f"{source} is neither a leap distill nor a leap train-teacher checkpoint; "
+                                  "for other weights use --teacher NAME --teacher-weights FILE")
+    else:
+        if not teacher_weights:
+            raise EvaluationError("--teacher needs --teacher-weights FILE (a random teacher says nothing)")
+        path = os.fspath(teacher_weights)
+        if not os.path.isfile(path):
+            raise EvaluationError(f"--teacher-weights {path}: no such file")
+        source = f"teacher weights {path}"
+        obj = None if path.endswith(".safetensors") else _read_checkpoint(path)
+        meta = obj.get(TEACHER_META_KEY) if isinstance(obj, dict) else None
+        meta = meta if isinstance(meta, dict) else {}
+        name = _check_name(teacher or meta.get("model"), "--teacher")
+        recipe = teacher_overrides if teacher_overrides is not None else meta.get("model_overrides")
+        kwargs = sanitize_model_kwargs(recipe, "--teacher-overrides" if teacher_overrides is not None else source)
+        size = img_size or (_check_img_size(meta["img_size"], source) if "img_size" in meta else 224)
+        net = _build(name, size, {**kwargs, **extra}, source)
+        _load_weights(net, obj if obj is not None else path, source)
+        kind, what = "teacher", f"teacher {name}"
+
+    depth = len(net.blocks)
+    extractor = TokenFeatures(net, block)
+    if block is not None:
+        what += f", block {block} of {depth}"
+    patch = int(net.patch_embed.patch_size[0])
+    identity = {"kind": kind, "name": name, "recipe": kwargs, "img_size": size, "depth": depth,
+                "block": block if block is not None else depth, "checkpoint": os.path.abspath(path),
+                "checkpoint_sha256": file_sha256(path, cache_dir)}
+    return LoadedModel(extractor.eval(), size, patch, what, identity, run_dir)
+
+
+def _load_weights(net: nn.Module, obj: Any, source: str) -> None:
+    try:
+        load_teacher_weights(net, obj)
+    except (CheckpointError, FileNotFoundError) as exc:
+        lines = str(exc).splitlines()
+        raise EvaluationError(f"{source}: " + " ".join(s.strip() for s in lines[:3])) from None
+
+
+# ----------------------------------------------------------------------------- hashing, cache
+
+
+def default_cache_dir() -> str:
+    """``$LEAP_CACHE_DIR/features``, else ``$XDG_CACHE_HOME/leap/features`` (``~/.cache/leap/features``)."""
+    if os.environ.get("LEAP_CACHE_DIR"):
+        return os.path.join(os.environ["LEAP_CACHE_DIR"], "features")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "leap", "features")
+
+
+def file_sha256(path: str, cache_dir: str | None = None) -> str:
+    """SHA-256 of a file's content (hex).
+
+    With ``cache_dir``, the digest is memoized there under the file's absolute path, size and
+    modification time, so a multi-GB teacher is hashed once.
+    """
+    st = os.stat(path)
+    memo_key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = os.path.join(cache_dir, "sha256-memo.json") if cache_dir else None
+    memo: dict[str, str] = {}
+    if memo_path and os.path.isfile(memo_path):
+        try:
+            with open(memo_path, encoding="utf-8") as f:
+                memo = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            memo = {}
+        if isinstance(memo, dict) and isinstance(memo.get(memo_key), str):
+            return memo[memo_key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo_path:
+        memo = memo if isinstance(memo, dict) else {}
+        memo[memo_key] = digest
+        _atomic_write_bytes(memo_path, json.dumps(memo).encode())
+    return digest
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class FeatureCache:
+    """Features on disk, one ``torch.save`` file per key (read back with ``weights_only=True``).
+
+    ``FeatureCache(None)`` caches nothing. ``hits`` / ``misses`` count lookups (tests, messages).
+    """
+
+    def __init__(self, directory: str | None):
+        self.directory = directory
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(parts: dict[str, Any]) -> str:
+        """SHA-256 of the canonical JSON of ``parts``."""
+        text = json.dumps({"extractor_version": _EXTRACTOR_VERSION, **parts}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _path(self, key: str) -> str:
+        assert self.directory is not None
+        return os.path.join(self.directory, f"{key}.pt")
+
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        if self.directory is None or not os.path.isfile(self._path(key)):
+            self.misses += 1
+            return None
+        try:
+            obj = torch.load(self._path(key), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
+            self.misses += 1
+            return None
+        self.hits += 1
+        return obj
+
+    def save(self, key: str, value: dict[str, Any], parts: dict[str, Any]) -> None:
+        if self.directory is None:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(value, f)
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        # A readable note of what the entry holds, for whoever inspects the cache.
+        _atomic_write_bytes(os.path.join(self.directory, f"{key}.json"),
+                            json.dumps(parts, indent=1, sort_keys=True, default=str).encode())
+
+
+# ----------------------------------------------------------------------------- transforms, extraction
+
+
+def eval_transform(img_size: int, *, small_images: bool = False, resize: int | None = None) -> tuple[Callable, str]:
+    """Evaluation transform for PIL RGB images; returns ``(transform, description)``.
+
+    Default: Resize(``resize``, default ``round(img_size * 256 / 224)``, bicubic, shorter side) ->
+    CenterCrop(``img_size``), i.e. Resize 256 -> CenterCrop 224 at 224 px. With ``small_images``
+    (e.g. 28 px Fashion-MNIST) the whole image is resized to ``img_size`` (no border to crop).
+    Then ToTensor and ImageNet mean/std normalization. Output ``(3, img_size, img_size)`` float32.
+    """
+    bicubic = T.InterpolationMode.BICUBIC
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if small_images:
+        return T.Compose([T.Resize((img_size, img_size), interpolation=bicubic), *norm]), \
+            f"resize{img_size}x{img_size}-bicubic-imagenet-norm"
+    resize = resize or int(round(img_size * 256 / 224))
+    return T.Compose([T.Resize(resize, interpolation=bicubic), T.CenterCrop(img_size), *norm]), \
+        f"resize{resize}-centercrop{img_size}-bicubic-imagenet-norm"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto``/``None`` -> ``cuda`` when available, else ``cpu``; otherwise ``torch.device(device)``."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EvaluationError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device}: CUDA is not available here")
+    return dev
+
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in _PRECISIONS:
+        raise EvaluationError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
+    return precision
+
+
+def _default_collate_or_list(batch):
+    """Stack ``(image, label)`` pairs when all images have one shape; else keep lists (retrieval)."""
+    images, labels = zip(*batch)
+    if all(im.shape == images[0].shape for im in images):
+        return torch.stack(images), torch.as_tensor(labels)
+    return list(images), torch.as_tensor(labels)
+
+
+def _storage(x: torch.Tensor) -> torch.Tensor:
+    """fp16 for storage when every value fits (|x| < 60000), else fp32."""
+    x = x.float()
+    finite = torch.isfinite(x)
+    if finite.all() and (x.abs().amax() if x.numel() else 0) < 6.0e4:
+        return x.half()
+    return x
+
+
+@torch.no_grad()
+def extract_features(loaded: LoadedModel, dataset: Dataset, *, split: str, dataset_id: dict[str, Any],
+                     transform_id: str, batch_size: int = 256, workers: int = 0, device: str | None = "auto",
+                     precision: str = "auto", cache: FeatureCache | None = None, progress: bool = True,
+                     desc: str | None = None) -> dict[str, torch.Tensor]:
+    """CLS and mean-patch features of every image of ``dataset``, in one pass (or from the cache).
+
+    Args:
+        loaded: from :func:`load_model`.
+        dataset: yields ``(image (3, H, W) float tensor, label int)``; images of different sizes
+            are allowed (they are run in groups of equal size).
+        split, dataset_id, transform_id: identify the data for the cache key (with the model's identity).
+        batch_size, workers: DataLoader batch size and worker processes.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        cache: where to look up / store the features (``None``: no cache).
+        progress: show a progress bar (only on a terminal).
+
+    Returns:
+        ``{"cls": (N, D), "patch": (N, D), "labels": (N,) int64}``; features are not normalized and
+        stored as fp16 (fp32 where a value does not fit fp16); the same tensors on a cache hit.
+    """
+    if batch_size < 1:
+        raise EvaluationError(f"--batch-size: expected >= 1, got {batch_size}")
+    if workers < 0:
+        raise EvaluationError(f"--workers: expected >= 0, got {workers}")
+    dev = resolve_device(device)
+    prec = _resolve_precision(precision, dev)
+    cache = cache or FeatureCache(None)
+    parts = {"model": loaded.identity, "data": dataset_id, "split": split, "transform": transform_id,
+             "precision": prec, "images": len(dataset)}
+    key = FeatureCache.key(parts)
+    hit = cache.load(key)
+    if hit is not None and all(k in hit for k in ("cls", "patch", "labels")) and len(hit["labels"]) == len(dataset):
+        return {k: hit[k] for k in ("cls", "patch", "labels")}
+
+    net = loaded.extractor.to(dev).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=dev.type == "cuda", collate_fn=_default_collate_or_list)
+    autocast = prec != "fp32" and dev.type == "cuda"
+    if prec != "fp32" and dev.type != "cuda":
+        net = net.to(_PRECISIONS[prec])
+    in_dtype = torch.float32 if (autocast or prec == "fp32") else _PRECISIONS[prec]
+    cls_out, patch_out, labels_out = [], [], []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of the trainer
+        tqdm = None
+    show = progress and tqdm is not None and sys.stderr.isatty()
+    bar = tqdm(total=len(dataset), desc=desc or f"features ({split})", unit="img", leave=False) if show else None
+    for images, labels in loader:
+        groups = [images] if torch.is_tensor(images) else _same_size_groups(images)
+        for group in groups:
+            x = group.to(dev, in_dtype, non_blocking=True)
+            with torch.autocast(dev.type, dtype=_PRECISIONS[prec], enabled=autocast):
+                cls, patch = net(x)
+            cls_out.append(cls.float().cpu())
+            patch_out.append(patch.float().cpu())
+        if not torch.is_tensor(images):  # groups changed the order: restore it via the group indices
+            order = _same_size_order(images)
+            n = len(images)
+            cls_b, patch_b = torch.cat(cls_out[-len(groups):]), torch.cat(patch_out[-len(groups):])
+            del cls_out[-len(groups):], patch_out[-len(groups):]
+            inv = torch.empty(n, dtype=torch.long)
+            inv[torch.as_tensor(order)] = torch.arange(n)
+            cls_out.append(cls_b[inv])
+            patch_out.append(patch_b[inv])
+        labels_out.append(labels.long())
+        if bar is not None:
+            bar.update(len(labels))
+    if bar is not None:
+        bar.close()
+    if not labels_out:
+        raise EvaluationError(f"no images in the {split} split")
+    out = {"cls": _storage(torch.cat(cls_out)), "patch": _storage(torch.cat(patch_out)),
+           "labels": torch.cat(labels_out)}
+    cache.save(key, out, parts)
+    return out
+
+
+def _same_size_order(images: Sequence[torch.Tensor]) -> list[int]:
+    """Indices of ``images`` grouped by shape (stable), the order :func:`_same_size_groups` runs them in."""
+    shapes: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        shapes.setdefault(tuple(im.shape), []).append(i)
+    return [i for idx in shapes.values() for i in idx]
+
+
+def _same_size_groups(images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    shapes: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        shapes.setdefault(tuple(im.shape), []).append(i)
+    return [torch.stack([images[i] for i in idx]) for idx in shapes.values()]
