@@ -1,6 +1,163 @@
-"""Build script. Metadata lives in pyproject.toml; this file is where the C++/CUDA
-extension will be declared."""
+"""Build script: metadata lives in pyproject.toml; this file declares the compiled extension
+``leap_kernels._C`` (C++ CPU kernels, plus CUDA kernels when a CUDA toolkit is there).
+
+Switches (environment variables):
+    LEAP_KERNELS_BUILD_CUDA  unset: compile csrc/cuda/*.cu when a CUDA toolkit is found and a GPU
+                             is visible; 1: compile them whenever a toolkit is found (CI, build
+                             machines without a GPU; no toolkit is then an error); 0: never.
+    TORCH_CUDA_ARCH_LIST     GPU architectures, e.g. "8.0;9.0" (default: the visible GPU's, else
+                             "8.0;9.0").
+    MAX_JOBS                 parallel compile jobs (ninja).
+    CUDA_HOME                the toolkit (default: nvcc on PATH, /usr/local/cuda, /usr/local/cuda-*).
+
+Without an importable torch at build time (``pip install .`` with build isolation) the wheel is
+pure Python: the ``torch`` and ``triton`` backends work, ``cpp``/``cuda`` report the missing
+extension in ``leap_kernels.backends()``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import shutil
+import sys
 
 from setuptools import setup
 
-setup()
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV_BUILD_CUDA = "LEAP_KERNELS_BUILD_CUDA"
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def log(message: str) -> None:
+    print(f"leap-kernels setup: {message}", file=sys.stderr, flush=True)
+
+
+def _is_toolkit(path: str | None) -> bool:
+    return bool(path) and os.path.exists(os.path.join(path, "bin", "nvcc")) and \
+        os.path.exists(os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home() -> str | None:
+    """CUDA_HOME / CUDA_PATH, else the toolkit of the nvcc on PATH, else /usr/local/cuda(-*). A
+    directory counts only with bin/nvcc and include/cuda_runtime.h (an nvcc wrapper script in
+    /usr/local/bin does not make /usr/local a toolkit)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper script: the toolkit path it execs
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                for word in head.decode(errors="ignore").split():
+                    if word.endswith("/bin/nvcc"):
+                        candidates.append(os.path.dirname(os.path.dirname(word)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for path in candidates:
+        if _is_toolkit(path):
+            return path
+    return None
+
+
+def want_cuda(torch) -> tuple[bool, str]:
+    """(compile the CUDA sources?, why) from LEAP_KERNELS_BUILD_CUDA, the toolkit and the GPU."""
+    switch = os.environ.get(ENV_BUILD_CUDA, "").strip().lower()
+    if switch in ("0", "false", "no", "off"):
+        return False, f"{ENV_BUILD_CUDA}=0"
+    if not glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")):
+        return False, "no csrc/cuda/*.cu sources"
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is a CPU-only build"
+        if switch in ("1", "true", "yes", "on"):
+            raise RuntimeError(f"{ENV_BUILD_CUDA}=1 but {reason}")
+        return False, reason
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        reason = "no CUDA toolkit found (nvcc not on PATH, CUDA_HOME unset, no /usr/local/cuda*)"
+        if switch in ("1", "true", "yes", "on"):
+            raise RuntimeError(f"{ENV_BUILD_CUDA}=1 but {reason}")
+        return False, reason
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when it is imported
+    if switch in ("1", "true", "yes", "on"):
+        return True, f"{ENV_BUILD_CUDA}=1, toolkit {cuda_home}"
+    if torch.cuda.is_available():
+        return True, f"a GPU is visible, toolkit {cuda_home}"
+    return False, f"no GPU visible (set {ENV_BUILD_CUDA}=1 to compile the CUDA kernels anyway)"
+
+
+def wheel_cuda_include_dirs(torch) -> list[str]:
+    """Headers of the CUDA wheels torch depends on (nvidia/cu13/include, ...): torch's own headers
+    include some of them (e.g. the cuBLAS/cuSPARSE ones of a cu13 build), which an older system
+    toolkit may lack or have in another version."""
+    site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    major = (torch.version.cuda or "").split(".")[0]
+    dirs = sorted(glob.glob(os.path.join(site, "nvidia", f"cu{major}", "include"))) if major else []
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def cpu_simd_flags() -> list[str]:
+    """AVX2 for the CPU row kernel when the build machine has it (x86-64 Linux): the extension is
+    built where it runs (like -march=native, but only up to AVX2, which every x86 GPU host has).
+    LEAP_KERNELS_CPU_AVX2=0 turns it off (a build meant for older CPUs)."""
+    if os.environ.get("LEAP_KERNELS_CPU_AVX2", "").strip() == "0":
+        return []
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    if {"avx2", "fma", "f16c"} <= set(flags):
+        return ["-mavx2", "-mfma", "-mf16c", "-DLEAP_KERNELS_CPU_AVX2"]
+    return []
+
+
+def extensions():
+    try:
+        import torch
+    except Exception as exc:  # build isolation: torch is not installed in the build environment
+        log(f"torch is not importable at build time ({type(exc).__name__}: {exc}); building a PURE-PYTHON "
+            "package without leap_kernels._C (the cpp/cuda backends will be unavailable). Install torch first "
+            "and use 'pip install --no-build-isolation .' to build the extension.")
+        return [], {}
+    cuda, why = want_cuda(torch)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # Unquoted (the ninja command line goes through a shell); csrc/ops.cpp stringifies it.
+    define = [f"-DLEAP_KERNELS_TORCH_VERSION_TOKENS={torch.__version__}"]
+    # The C++ standard is the one torch.utils.cpp_extension picks for this torch.
+    cxx = ["-O3", *cpu_simd_flags(), *define]
+    if cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            if torch.cuda.is_available():
+                major, minor = torch.cuda.get_device_capability()
+                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))
+                              + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        include_dirs = [os.path.join(HERE, "csrc"), *wheel_cuda_include_dirs(torch)]
+        log(f"building leap_kernels._C with CUDA kernels ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}; "
+            f"extra include dirs {include_dirs[1:]}")
+        ext = CUDAExtension(
+            "leap_kernels._C",
+            sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("LEAP_KERNELS_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", *define]},
+        )
+    else:
+        log(f"building leap_kernels._C with the C++ CPU kernels only ({why})")
+        ext = CppExtension("leap_kernels._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
+                           extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -6,7 +6,15 @@ peak memory allocated above the inputs. Rows go to a CSV tagged with the device
 name, torch/Triton versions and the git SHA, and a Markdown table is printed.
 
 Timing: CUDA events around each run after warm-up (median of ``iters``); on CPU a
-host clock. Peak extra memory is measured on CUDA only (``n/a`` on CPU).
+host clock. With ``interleave=True`` the variants of a case take turns run by run (one
+run of each, then the next round), so that a noisy neighbour slows all of them alike.
+
+Peak extra memory of one run, above what was allocated before it: on CUDA the caching
+allocator's ``max_memory_allocated``; on CPU the allocation and free events of torch's CPU
+allocator recorded by the profiler (``profile_memory=True``; the running sum of their sizes,
+in time order, and its maximum), i.e. every tensor allocated during the run, like
+tracemalloc for Python objects. Memory outside torch's allocator (oneDNN/MKL scratch) is
+not counted on either device.
 """
 
 from __future__ import annotations
@@ -66,6 +74,22 @@ def device_slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+def cpu_peak_extra_mb(fn: Callable[[], None]) -> float:
+    """Peak of the tensor memory allocated by ``fn`` on CPU above the memory before it, in MiB."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        if "cpu" not in str(e.device_type()).lower():
+            continue
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak / 2**20
+
+
 def measure(fn: Callable[[], None], *, iters: int, warmup: int, device: torch.device) -> tuple[list[float], Optional[float]]:
     """Times ``fn`` (one fwd+bwd) ``iters`` times; returns (times in ms, peak extra MB or None)."""
     for _ in range(warmup):
@@ -91,7 +115,7 @@ def measure(fn: Callable[[], None], *, iters: int, warmup: int, device: torch.de
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return times, None
+    return times, cpu_peak_extra_mb(fn)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -100,9 +124,13 @@ def _quantile(values: Sequence[float], q: float) -> float:
 
 
 def run_variants(case: str, variants: dict[str, Callable[[], Callable[[], None]]], *, iters: int, warmup: int,
-                 device: torch.device) -> list[Measurement]:
+                 device: torch.device, interleave: bool = False) -> list[Measurement]:
     """``variants`` maps a name to a factory returning the fwd+bwd closure (built lazily, so a
-    variant that fails to build, e.g. torch.compile on an unsupported setup, is reported, not fatal)."""
+    variant that fails to build, e.g. torch.compile on an unsupported setup, is reported, not fatal).
+
+    ``interleave``: the variants take turns run by run (see the module docstring)."""
+    if interleave:
+        return _run_interleaved(case, variants, iters=iters, warmup=warmup, device=device)
     rows = []
     for name, factory in variants.items():
         try:
@@ -116,6 +144,55 @@ def run_variants(case: str, variants: dict[str, Callable[[], Callable[[], None]]
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    return rows
+
+
+def _failed(case: str, name: str, exc: Exception) -> Measurement:
+    return Measurement(case, name, float("nan"), float("nan"), float("nan"), None, 0,
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+
+def _run_interleaved(case, variants, *, iters, warmup, device) -> list[Measurement]:
+    fns, failed = {}, {}
+    for name, factory in variants.items():
+        try:
+            fn = factory()
+            for _ in range(warmup):
+                fn()
+            fns[name] = fn
+        except Exception as exc:  # reported in the table, the others still run
+            failed[name] = _failed(case, name, exc)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in list(fns.items()):
+            try:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:
+                failed[name] = _failed(case, name, exc)
+                del fns[name]
+    rows = []
+    for name in variants:
+        if name in failed:
+            rows.append(failed[name])
+            continue
+        fn = fns[name]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            peak = cpu_peak_extra_mb(fn)
+        t = times[name]
+        rows.append(Measurement(case, name, statistics.median(t), _quantile(t, 0.2), _quantile(t, 0.8), peak, len(t)))
     return rows
 
 
@@ -146,8 +223,8 @@ def markdown_table(rows: list[Measurement], env: dict) -> str:
     lines = [
         f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | git {env['git_sha']}",
         "",
-        "| case | variant | median ms | peak extra MB | vs eager | vs compile |",
-        "|---|---|---|---|---|---|",
+        "| case | variant | median ms | peak extra MB | vs eager | vs compile | peak / eager's |",
+        "|---|---|---|---|---|---|---|",
     ]
     by_case: dict[str, dict[str, Measurement]] = {}
     for r in rows:
@@ -160,7 +237,13 @@ def markdown_table(rows: list[Measurement], env: dict) -> str:
                 return ""
             return f"{base.median_ms / r.median_ms:.2f}x"
 
-        peak = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.0f}"
+        def peak_ratio(base):
+            if base is None or base.peak_extra_mb in (None, 0) or r.peak_extra_mb is None:
+                return ""
+            return f"{r.peak_extra_mb / base.peak_extra_mb:.2f}"
+
+        peak = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.1f}"
         median = f"{r.median_ms:.3f}" if r.median_ms == r.median_ms else f"failed: {r.error}"
-        lines.append(f"| {r.case} | {r.variant} | {median} | {peak} | {ratio(eager)} | {ratio(compiled)} |")
+        lines.append(f"| {r.case} | {r.variant} | {median} | {peak} | {ratio(eager)} | {ratio(compiled)} "
+                     f"| {peak_ratio(eager)} |")
     return "\n".join(lines)

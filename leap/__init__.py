@@ -22,7 +22,8 @@ other ``leap`` module that needs torch):
 ``cost``            the analytic cost model (per-image FLOPs, savings, per-epoch counters)
 ``timing``          measured step times and the wall-clock saving of a trajectory
 ``report``          plots and ``report.md`` of a run directory
-``knn``, ``pretrain``, ``demo``   kNN evaluation, the demo teacher's training, the demo
+``knn``, ``pretrain``, ``demo``   kNN accuracy, the demo teacher's training, the demo
+``evaluation``      ``leap eval``: linear probe, revisitop retrieval, kNN on cached features
 ``cli``             the ``leap`` command; ``cli.options`` generates options from ``TrainConfig``
 ==================  ==========================================================================
 """

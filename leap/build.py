@@ -20,11 +20,12 @@ from leap_kernels import FeatureDistillationHead
 from .config import TrainConfig
 from .cost import CostModel, TeacherFlopsTracker
 from .data import FirstN, build_dataset, build_loader
-from .distill import CountingTeacher, DistillModule
+from .distill import CountingTeacher, DistillModule, OneToOneDistillModule
 from .distributed import ProcessGroup
 from .errors import ConfigError, ModelError
 from .models import build_model, check_compatible, load_teacher_weights
 from .optim import WarmupCosine, build_optimizer, peak_lr
+from .precision import resolve_teacher_dtype
 
 __all__ = ["Models", "Optimization", "build_data", "build_models", "build_optimization", "AMP_DTYPES"]
 
@@ -66,8 +67,9 @@ def build_models(cfg: TrainConfig, device: torch.device, precision: str,
                  info: Callable[..., None] = lambda msg, level=logging.INFO: None) -> Models:
     """Teacher (weights loaded, truncatable, counting its blocks), student and projection head.
 
-    The teacher runs in bf16 whenever mixed precision is on (bf16's range is safe for a
-    40-block teacher even when the student runs fp16), in fp32 otherwise.
+    The teacher's weights are in ``--teacher-dtype`` (:func:`leap.precision.resolve_teacher_dtype`:
+    by default bf16 for bf16 runs, fp32 for fp32 and fp16 runs, the latter under the step's autocast).
+    ``--curriculum one-to-one`` builds a :class:`~leap.distill.OneToOneDistillModule`.
 
     Raises:
         ModelError: unknown models, mismatched patch grids, a student without a CLS token.
@@ -75,7 +77,8 @@ def build_models(cfg: TrainConfig, device: torch.device, precision: str,
     """
     teacher_model = build_model(cfg.teacher, img_size=cfg.img_size, **cfg.teacher_overrides)
     if cfg.teacher_weights:
-        fmt = load_teacher_weights(teacher_model, cfg.teacher_weights)
+        fmt = load_teacher_weights(teacher_model, cfg.teacher_weights,
+                                   pos_embed_interpolation=cfg.teacher_pos_embed)
         info(f"loaded teacher weights from {cfg.teacher_weights} ({fmt} layout)")
     else:
         info("no --teacher-weights given: the teacher keeps random weights (smoke runs/tests only)",
@@ -85,12 +88,19 @@ def build_models(cfg: TrainConfig, device: torch.device, precision: str,
     if getattr(student, "cls_token", None) is None:
         raise ModelError(f"--student {cfg.student}: the student needs a CLS token (class_token=True)")
 
-    teacher_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    teacher_dtype = resolve_teacher_dtype(cfg.teacher_dtype, precision)
     teacher = CountingTeacher(teacher_model.to(device), dtype=teacher_dtype)
     head = FeatureDistillationHead(int(student.embed_dim), teacher.embed_dim, normalize=cfg.loss == "token-mse")
-    module = DistillModule(student, head, cfg.cls_weight, compute_dtype=AMP_DTYPES[precision]).to(device)
-    # Analytic FLOPs of what the run spends vs the full-depth baseline (logged per epoch).
-    flops = TeacherFlopsTracker(CostModel(teacher_model, student))
+    if cfg.curriculum == "one-to-one":
+        module: DistillModule = OneToOneDistillModule(student, head, cfg.cls_weight, AMP_DTYPES[precision],
+                                                      teacher_blocks=teacher.num_blocks)
+    else:
+        module = DistillModule(student, head, cfg.cls_weight, compute_dtype=AMP_DTYPES[precision])
+    module = module.to(device)
+    # Analytic FLOPs of what the run spends vs the full-depth baseline (logged per epoch); the
+    # per-step CKA only counts when the run measures it (the baselines by default do not).
+    flops = TeacherFlopsTracker(CostModel(teacher_model, student,
+                                          include_cka=cfg.resolved_cka_every is not None))
     dims = {
         "teacher_blocks": teacher.num_blocks,
         "teacher_dim": teacher.embed_dim,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
     "STRICT_RESUME_KEYS",
     "atomic_save",
     "read_torch_file",
+    "check_finite_weights",
     "load_checkpoint",
     "build_checkpoint",
     "restore_modules",
@@ -67,7 +69,8 @@ STRICT_RESUME_KEYS = ("teacher", "student", "teacher_overrides", "student_overri
 
 #: Config keys that may differ on resume without comment (they do not affect the result,
 #: or are expected to change: --resume itself, --max-steps, ...).
-_SILENT_KEYS = ("resume", "max_steps", "progress", "workers", "out", "device", "ckpt_every")
+_SILENT_KEYS = ("resume", "max_steps", "progress", "workers", "out", "device", "ckpt_every", "keep_checkpoints",
+                "divergence_factor", "log_every")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -91,12 +94,33 @@ def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
-        if "Unsupported global" in str(e):  # a valid pickle, but of arbitrary Python objects
-            why = ("it holds Python objects other than tensors and plain values, so it was not written "
-                   "by leap (or comes from an untrusted source)")
+        text = str(e)
+        # torch's wording differs between versions ("Unsupported global: GLOBAL x.y was not an allowed
+        # global", "Trying to load unsupported GLOBAL x.y whose module x is blocked"); only the one
+        # line of the verdict is shown, never torch's multi-line advice to disable weights_only.
+        found = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+        if found:  # a valid pickle, but of arbitrary Python objects
+            why = (f"refused: it holds Python objects (e.g. {found.group(1)}), not only tensors and plain values; "
+                   "it was not written by leap and may be malicious: do not load it elsewhere unless you trust "
+                   "its source")
         else:
-            why = "the file is corrupt, truncated or not a PyTorch checkpoint"
+            why = ("the file is corrupt, truncated or not a PyTorch checkpoint (write it again, or check the "
+                   "path)")
         raise CheckpointError(f"could not read {what} {path}: {why} ({type(e).__name__})") from None
+
+
+def check_finite_weights(state: dict[str, Any], path: str | os.PathLike, what: str = "weights") -> None:
+    """Refuse a state dict holding NaN/Inf (e.g. a teacher saved after a diverged run).
+
+    Raises:
+        CheckpointError: names the file, how many tensors are affected and one of them.
+    """
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{what} {os.fspath(path)}: {len(bad)} of {len(state)} tensors hold NaN/Inf (e.g. {bad[0]!r}); the file "
+            "comes from a diverged run: retrain it (e.g. with a lower --lr)")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -141,6 +165,8 @@ def build_checkpoint(*, module: torch.nn.Module, optimizer: torch.optim.Optimize
         "version": CHECKPOINT_VERSION,
         "student": module.student.state_dict(),
         "head": module.head.state_dict(),
+        # --curriculum one-to-one: the projectors of the other student blocks.
+        **({"block_heads": module.block_heads.state_dict()} if hasattr(module, "block_heads") else {}),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -167,6 +193,8 @@ def restore_modules(path: str, ckpt: dict[str, Any], *, module: torch.nn.Module,
     try:
         module.student.load_state_dict(ckpt["student"])
         module.head.load_state_dict(ckpt["head"])
+        if hasattr(module, "block_heads"):
+            module.block_heads.load_state_dict(ckpt["block_heads"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])

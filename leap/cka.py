@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["linear_cka", "linear_cka_reference"]
+__all__ = ["linear_cka", "linear_cka_reference", "mean_token_cosine", "similarity_fn"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -227,3 +227,44 @@ def linear_cka_reference(x: torch.Tensor, y: torch.Tensor, *, eps: float = 1e-12
     if den < eps:  # NaN < eps is False: NaN stays NaN
         return torch.zeros((), dtype=torch.float64)
     return num / den
+
+
+def mean_token_cosine(x: torch.Tensor, y: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+    """Mean per-token cosine similarity of two row-aligned token sets of the same width.
+
+    The alternative curriculum metric of the paper's ablation (``--curriculum-metric cosine``):
+    the projected student tokens are compared with the teacher tokens one by one.
+
+    Args:
+        x: (..., D) floating tensor, e.g. projected student patch tokens (B, N, D_t).
+        y: (..., D), same shape as ``x``.
+
+    Returns:
+        0-d float32 tensor (computed in fp32, fp64 for fp64 inputs); no host sync.
+    """
+    x2, y2 = _as_2d(x, "x"), _as_2d(y, "y")
+    if x2.shape != y2.shape:
+        raise ValueError(f"mean_token_cosine: x and y must have the same shape after flattening, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    acc = torch.float64 if torch.float64 in (x2.dtype, y2.dtype) else torch.float32
+    cos = torch.nn.functional.cosine_similarity(x2.to(acc), y2.to(acc), dim=-1, eps=eps)
+    return cos.mean().to(torch.float32)
+
+
+def similarity_fn(metric: str):
+    """The curriculum's similarity ``f(student_projected (..., D), teacher (..., D)) -> 0-d tensor``:
+    ``"cka"`` -> :func:`linear_cka`, ``"cosine"`` -> :func:`mean_token_cosine`, always run with
+    autocast off (the calibration scan may run under the teacher's autocast, which would otherwise
+    push the fp32 Gram products down to 16 bits)."""
+    fns = {"cka": linear_cka, "cosine": mean_token_cosine}
+    if metric not in fns:
+        raise ValueError(f"unknown curriculum metric {metric!r} (expected 'cka' or 'cosine')")
+    fn = fns[metric]
+
+    def score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, y)
+
+    score.__name__ = score.__qualname__ = fn.__name__
+    score.metric = fn  # type: ignore[attr-defined]
+    return score

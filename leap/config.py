@@ -50,8 +50,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data_source": DATA_SOURCES,
     "optimizer": ("lars", "adamw"),
     "loss": ("mse", "token-mse"),
-    "curriculum": ("cka", "off"),
+    "curriculum": ("cka", "off", "one-to-one"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
+    "teacher_dtype": ("auto", "fp32", "bf16", "fp16"),
+    "teacher_pos_embed": ("auto", "bicubic", "bicubic-antialias", "bicubic-offset"),
+    "curriculum_sync": ("mean", "per-rank"),
+    "curriculum_metric": ("cka", "cosine"),
 }
 
 #: Default ``--lr`` per optimizer: LARS 6.0 (the paper's base lr, before sqrt batch scaling), AdamW 5e-4.
@@ -92,6 +96,11 @@ class TrainConfig:
         default_factory=dict)
     img_size: int = _opt(224, "input resolution; teacher and student must give the same patch grid",
                          group="models", metavar="PX", min=1)
+    teacher_pos_embed: str = _opt(
+        "auto", "how a teacher position embedding stored for another grid is resampled: auto = the "
+        "source model's own rule (official DINOv2: bicubic-offset without registers, bicubic-antialias "
+        "with; Hugging Face Dinov2: bicubic, with registers bicubic-antialias; timm: bicubic-antialias)",
+        group="models")
     # data
     data: str | None = _opt(None, "dataset path: a folder of class folders (optionally under train/), or a "
                             "folder with Fashion-MNIST idx files", group="data", metavar="PATH")
@@ -129,8 +138,12 @@ class TrainConfig:
                                group="optimization", metavar="RATIO")
     clip_grad: float = _opt(1.0, "clip the global gradient norm to this value (0 = off)", group="optimization",
                             metavar="NORM")
-    precision: str = _opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler (CUDA only)",
+    precision: str = _opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU; fp16 = the reference's precision: "
+                          "fp16 autocast with a GradScaler, TF32 matmuls, teacher weights fp32 (CUDA only)",
                           group="optimization")
+    teacher_dtype: str = _opt("auto", "teacher weight dtype: auto = fp32 for --precision fp32 and fp16 (run under "
+                              "the step's autocast, as the reference does), bf16 for --precision bf16",
+                              group="optimization")
     # loss
     loss: str = _opt("mse", "mse = the paper's MSE on projected features; token-mse = MSE of per-token "
                      "normalized features (no loss jump when the target block changes)", group="loss")
@@ -138,24 +151,43 @@ class TrainConfig:
                              metavar="W")
     # curriculum
     curriculum: str = _opt("cka", "cka = LEAP adaptive target block; off = baseline, always the last teacher "
-                           "block", group="curriculum")
+                           "block; one-to-one = ablation baseline: student block i (0-indexed) aligned to teacher "
+                           "block round((i+1)*L_t/L_s), each through its own projector", group="curriculum")
+    curriculum_metric: str = _opt("cka", "similarity that drives calibration and level-ups: cka = linear CKA "
+                                  "(--tau), cosine = mean per-token cosine (--cosine-tau)", group="curriculum")
+    curriculum_sync: str = _opt("mean", "DDP: mean = every rank uses the rank-mean score and all target the same "
+                                "block; per-rank = the reference's behaviour: each rank calibrates, measures and "
+                                "levels up on its own batch", group="curriculum")
     tau: float = _opt(0.85, "CKA threshold for moving to the next teacher block (paper: 0.85 ImageNet-100, "
                       "0.80 ImageNet-1K)", group="curriculum", metavar="TAU")
     alpha: float = _opt(1.0, "EMA weight of each new CKA value (1 = no smoothing)", group="curriculum",
                         metavar="A")
     max_epochs_per_block: int = _opt(5, "move on after this many epochs on one block (0 = never)",
                                      group="curriculum", metavar="M", min=0)
-    cka_every: int = _opt(1, "measure CKA (and maybe level up) every N steps", group="curriculum", metavar="N",
-                          min=1)
+    cosine_tau: float = _opt(0.6, "threshold of --curriculum-metric cosine", group="curriculum", metavar="TAU")
+    cka_every: int | None = _opt(None, "measure CKA (and maybe level up) every N steps; default 1 for LEAP, "
+                                 "never for the baselines (set it to log CKA there)", group="curriculum",
+                                 metavar="N", min=1, show_default=False)
     start_block: int | None = _opt(None, "start at this teacher block (1-indexed) instead of the CKA "
                                    "calibration", group="curriculum", metavar="K", min=1)
-    snap_to_last: int | None = _opt(None, "jump straight to the last block once the target reaches block S",
+    snap_to_last: int | None = _opt(None, "once the target reaches block S, jump to the last block and restart "
+                                    "the lr schedule as a cosine without warmup over the remaining steps",
                                     group="curriculum", metavar="S", min=1)
+    reset_head_on_level_up: bool = _opt(False, "re-initialise the projection head (and clear its optimizer "
+                                        "state) whenever the target block changes (paper ablation)",
+                                        group="curriculum")
     # run
     out: str = _opt("runs/leap", "run directory (log.jsonl, checkpoint.pt, summary.json)", group="run",
                     metavar="RUN_DIR")
     ckpt_every: int = _opt(1000, "also checkpoint every N steps (0 = only at epoch ends)", group="run",
                            metavar="N", min=0)
+    keep_checkpoints: int = _opt(2, "checkpoints kept: checkpoint.pt plus the N-1 before it "
+                                 "(checkpoint-stepS.pt), so --resume can go back", group="run", metavar="N", min=1)
+    divergence_factor: float = _opt(100.0, "stop (without checkpointing) when the loss exceeds this many times the "
+                                    "median of the recent steps, or the weight norm this many times its start "
+                                    "value (0 = off; NaN/Inf always stop)", group="run", metavar="X", min=0)
+    log_every: int = _opt(100, "without a terminal (nohup, SLURM, a log file): print a progress line every N "
+                          "steps and at each epoch end (0 = epoch ends only)", group="run", metavar="N", min=0)
     resume: str | None = _opt(None, "continue a run from a checkpoint file, or 'auto' = RUN_DIR/checkpoint.pt "
                               "if it exists", group="run", metavar="PATH|auto")
     seed: int = _opt(0, "random seed (model init, data order, augmentation, mixup)", group="run", metavar="N")
@@ -220,6 +252,18 @@ class TrainConfig:
             raise bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if not math.isfinite(self.tau):
             raise bad("tau", f"must be finite, got {self.tau}")
+        if self.tau < 0:  # CKA is in [0, 1]; a value > 1 means "never by CKA" (only --max-epochs-per-block)
+            raise bad("tau", f"must be in [0, 1] (or > 1: never level up by CKA), got {self.tau}")
+        if not math.isfinite(self.divergence_factor):
+            raise bad("divergence_factor", f"must be a finite number >= 0, got {self.divergence_factor}")
+        if not math.isfinite(self.cosine_tau):
+            raise bad("cosine_tau", f"must be finite, got {self.cosine_tau}")
+        if self.curriculum_sync == "per-rank":
+            # Both would change the shared weights or lr on one rank only: the replicas would diverge.
+            for name in ("snap_to_last", "reset_head_on_level_up"):
+                if getattr(self, name):
+                    raise bad(name, "cannot be combined with --curriculum-sync per-rank (ranks level up at "
+                              "different steps, so the lr/head would differ between DDP replicas)")
         if not 0 < self.alpha <= 1:
             raise bad("alpha", f"must be in (0, 1], got {self.alpha}")
         if not self.out:
@@ -236,6 +280,19 @@ class TrainConfig:
     @property
     def resolved_weight_decay(self) -> float:
         return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer]
+
+    @property
+    def resolved_cka_every(self) -> int | None:
+        """Steps between curriculum measurements: ``cka_every``, or 1 for LEAP and None (never)
+        for the baselines, which need none (the reference baseline computes no CKA)."""
+        if self.cka_every is not None:
+            return self.cka_every
+        return 1 if self.curriculum == "cka" else None
+
+    @property
+    def resolved_threshold(self) -> float:
+        """Level-up threshold of ``curriculum_metric``: ``tau`` (CKA) or ``cosine_tau``."""
+        return self.cosine_tau if self.curriculum_metric == "cosine" else self.tau
 
     @property
     def resume_path(self) -> str | None:

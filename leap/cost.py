@@ -34,7 +34,8 @@ Per image and training step with the teacher target at block ``k`` of ``L``::
   patch tokens of the image, ``X^T Y, X^T X, Y^T Y`` = ``3 T D_t^2`` MACs, plus centering
   (``2 T D_t``) and the three Frobenius norms (``3 D_t^2``), plus re-projecting the detached
   student patch tokens through the head (``T D_s D_t``; the fused loss never materializes
-  the projection). The one-off calibration scan of the first step is ignored.
+  the projection). The one-off calibration scan of the first step is not part of any saving:
+  the trainer reports it apart (``calibration_fraction``: its FLOPs over the baseline teacher FLOPs).
 
 Because ``C`` is linear in ``k``, the mean cost of a trajectory ``k_1..k_n`` (target block
 per epoch or per step, optionally weighted by steps) is ``C(mean k)``, and the savings vs.
@@ -270,8 +271,13 @@ def _build_meta(name: str, img_size: int, overrides: Mapping[str, Any] | None) -
     """Build a named model on the ``meta`` device (shapes only, nothing allocated)."""
     from .models import build_model
 
-    with torch.device("meta"):
-        return build_model(name, img_size=img_size, **dict(overrides or {}))
+    try:
+        with torch.device("meta"):
+            return build_model(name, img_size=img_size, **dict(overrides or {}))
+    except AssertionError as e:  # timm's shape checks, e.g. "dim should be divisible by num_heads"
+        from .errors import ModelError
+
+        raise ModelError(f"{name!r} with arguments {dict(overrides or {})}: {e}") from None
 
 
 def _as_cost(model: Any, img_size: int, overrides: Mapping[str, Any] | None = None) -> ViTCost:
@@ -314,8 +320,9 @@ class CostModel:
         t, s = self.teacher_cost, self.student_cost
         if self.tokens_per_image is None and t.grid != s.grid:
             raise ModelError(
-                f"teacher patch grid {t.grid[0]}x{t.grid[1]} != student patch grid {s.grid[0]}x{s.grid[1]}; "
-                "pass tokens_per_image to override"
+                f"teacher patch grid {t.grid[0]}x{t.grid[1]} != student patch grid {s.grid[0]}x{s.grid[1]} "
+                f"(patch sizes {t.patch_size[0]} and {s.patch_size[0]} at {self.img_size} px): give both models the same "
+                "patch size, e.g. with --teacher-overrides / --student-overrides '{\"patch_size\": 14}'"
             )
         self.d_t = int(self.d_t if self.d_t is not None else t.embed_dim)
         self.d_s = int(s.embed_dim)
@@ -485,7 +492,8 @@ class TeacherFlopsTracker:
     steps at ``k = L``.
     """
 
-    _KEYS = ("teacher_flops", "baseline_teacher_flops", "step_flops", "baseline_step_flops", "images", "steps")
+    _KEYS = ("teacher_flops", "baseline_teacher_flops", "step_flops", "baseline_step_flops", "calibration_flops",
+             "images", "steps")
 
     def __init__(self, cost_model: CostModel):
         self.cost_model = cost_model
@@ -508,12 +516,13 @@ class TeacherFlopsTracker:
                 d[key] += v
 
     def add_teacher_blocks(self, blocks: int, batch_size: int) -> None:
-        """Count extra teacher work (e.g. the calibration scan of all blocks) on ``batch_size``
-        images; it has no baseline counterpart, so it lowers the savings."""
+        """Count the calibration scan (all blocks, once) on ``batch_size`` images. It is kept apart
+        (``calibration_flops``, ``calibration_fraction`` = its share of the baseline teacher FLOPs):
+        ``saved_fraction`` always compares the training steps with the same steps at full depth,
+        the one definition used by the summary, the report and ``leap flops``."""
         extra = batch_size * (self.cost_model.teacher_flops(blocks))
         for d in (self._epoch, self._total):
-            d["teacher_flops"] += extra
-            d["step_flops"] += extra
+            d["calibration_flops"] += extra
 
     @staticmethod
     def _summarize(d: Mapping[str, float], prefix: str = "") -> dict[str, float]:
@@ -521,6 +530,7 @@ class TeacherFlopsTracker:
         bt, bs = d["baseline_teacher_flops"], d["baseline_step_flops"]
         out[f"{prefix}saved_fraction"] = 1.0 - d["teacher_flops"] / bt if bt else 0.0
         out[f"{prefix}total_saved_fraction"] = 1.0 - d["step_flops"] / bs if bs else 0.0
+        out[f"{prefix}calibration_fraction"] = d["calibration_flops"] / bt if bt else 0.0
         return out
 
     def totals(self) -> dict[str, float]:

@@ -18,9 +18,10 @@ Typical trainer use::
 DDP: every rank must call :meth:`Curriculum.calibrate`, :meth:`Curriculum.observe` (and
 :meth:`Curriculum.epoch_end`) at the same points, because ``calibrate``/``observe``
 all-reduce their inputs when a process group is initialised. All ranks then see the same
-mean value and take the same decision, so the target block never diverges between ranks
-(the reference code lets each rank decide on its own, which it should not). Checkpointing
-the state (``state_dict``) from rank 0 only is the trainer's job.
+mean value and take the same decision, so the target block never diverges between ranks.
+``sync="per-rank"`` reproduces the reference code instead: no all-reduce, each rank calibrates,
+measures and levels up on its own batch, so the ranks may target different blocks.
+Checkpointing the state (``state_dict``) from rank 0 only is the trainer's job.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from .distributed import all_reduce_mean, distributed
 
-__all__ = ["Curriculum"]
+__all__ = ["Curriculum", "LevelUpEffects", "RankSync"]
 
 
 class Curriculum:
@@ -61,6 +62,8 @@ class Curriculum:
             "snap" level-up. Use it to skip a slow tail of timeout-driven level-ups.
         enabled: ``False`` is the baseline: the target is always the last block and it
             never moves (CKA is still tracked in ``ema`` for logging).
+        sync: ``"mean"`` (default): scores are averaged over the ranks under DDP;
+            ``"per-rank"``: never reduced (the reference's behaviour).
         process_group: group used for the all-reduces under DDP (default: world).
 
     ``observe`` is meant to be called after training steps; how often (every step or
@@ -82,7 +85,10 @@ class Curriculum:
         snap_to_last: int | None = None,
         enabled: bool = True,
         process_group: Any = None,
+        sync: str = "mean",
     ) -> None:
+        if sync not in ("mean", "per-rank"):
+            raise ValueError(f"sync must be 'mean' or 'per-rank', got {sync!r}")
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
         if not math.isfinite(float(tau)):
@@ -107,6 +113,7 @@ class Curriculum:
         self.snap_to_last = snap_to_last
         self.enabled = bool(enabled)
         self.process_group = process_group
+        self.sync = sync
 
         # Before calibrate(): the configured start (or block 1); baseline is always L.
         self.block: int = num_blocks if not self.enabled else (start_block or 1)
@@ -155,7 +162,7 @@ class Curriculum:
                     f"calibrate: scores must have shape ({self.num_blocks},), got {tuple(scores.shape)}"
                 )
             s = scores.detach().to(torch.float32)
-            if distributed():
+            if self._reduce():
                 s = all_reduce_mean(s, self.process_group)
             values = s.tolist()  # the one host read
             self.calibration_scores = values
@@ -215,12 +222,15 @@ class Curriculum:
                 raise ValueError(f"observe: cka must hold a single value, got shape {tuple(cka.shape)}")
             t = cka.detach().reshape(())
         else:
-            if not distributed():
+            if not self._reduce():
                 return float(cka)
             t = torch.tensor(float(cka), dtype=torch.float32)
-        if distributed():
+        if self._reduce():
             t = all_reduce_mean(t, self.process_group)
         return float(t.item())
+
+    def _reduce(self) -> bool:
+        return distributed() and self.sync == "mean"
 
     def _maybe_level_up(self, *, step: int, epoch: int) -> list[tuple[int, int]]:
         if not self.enabled or self.at_last_block:
@@ -258,6 +268,7 @@ class Curriculum:
             "start_block": self.start_block,
             "snap_to_last": self.snap_to_last,
             "enabled": self.enabled,
+            "sync": self.sync,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -327,3 +338,91 @@ class Curriculum:
             f"Curriculum(block={self.block}/{self.num_blocks}, ema={self.ema:.4f}, "
             f"epochs_on_block={self.epochs_on_block}, tau={self.tau}{mode})"
         )
+
+
+class LevelUpEffects:
+    """What a change of the target block does besides the target (the paper's ablation variants).
+
+    - ``restart_on_snap`` (``--snap-to-last``): a "snap" to the last block restarts the lr
+      schedule as a cosine from the peak without warmup over the remaining steps
+      (:meth:`leap.optim.WarmupCosine.restart`), as the reference does;
+    - ``reset_head`` (``--reset-head-on-level-up``): after any level-up, every projection head is
+      re-initialised (from a generator seeded by ``seed`` and the step, identical on every rank)
+      and its optimizer state (momentum, Adam moments) cleared.
+
+    Call :meth:`apply` with the controller's ``level_ups`` entries added by the last call.
+    """
+
+    def __init__(self, *, module: Any, optimizer: Any, scheduler: Any, reset_head: bool,
+                 restart_on_snap: bool, seed: int = 0):
+        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.reset_head = bool(reset_head)
+        self.restart_on_snap = bool(restart_on_snap)
+        self.seed = int(seed)
+
+    def apply(self, level_ups: list[tuple[int, int, int, int, str]]) -> list[dict[str, Any]]:
+        """Apply the effects of ``level_ups`` (after the optimizer and scheduler steps of their
+        step); returns log records of what was done."""
+        records: list[dict[str, Any]] = []
+        if not level_ups:
+            return records
+        step, epoch = level_ups[-1][0], level_ups[-1][1]
+        if self.restart_on_snap and any(u[4] == "snap" for u in level_ups):
+            self.scheduler.restart()
+            records.append({"type": "lr_restart", "step": step, "epoch": epoch,
+                            "from_step": self.scheduler.restart_step})
+        if self.reset_head:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + 1) % 2**63)
+            params = self.module.reset_heads(gen)
+            for p in params:
+                self.optimizer.state.pop(p, None)
+            records.append({"type": "head_reset", "step": step, "epoch": epoch, "block": level_ups[-1][3]})
+        return records
+
+
+class RankSync:
+    """Which per-rank values a DDP step gathers (with :func:`leap.distributed.reduce_step_values`)
+    and what the controller sees, for ``--curriculum-sync mean|per-rank``.
+
+    - ``mean``: the controller observes the rank-mean score; each measuring step also logs every
+      rank's score (``cka_per_rank``) and their spread (``cka_spread`` = max - min), so the effect
+      of the averaging can be measured.
+    - ``per-rank``: the controller observes this rank's own score; every step logs every rank's
+      target block (``blocks_per_rank``) and, on measuring steps, score (``cka_per_rank``).
+
+    A single process gathers nothing and logs nothing extra.
+    """
+
+    def __init__(self, sync: str, rank: int, world_size: int):
+        if sync not in ("mean", "per-rank"):
+            raise ValueError(f"sync must be 'mean' or 'per-rank', got {sync!r}")
+        self.sync, self.rank, self.world_size = sync, int(rank), int(world_size)
+
+    def inputs(self, score: torch.Tensor | None, block: int, device: torch.device) -> list[torch.Tensor]:
+        """The local scalars to gather this step (empty in a single process)."""
+        if self.world_size <= 1:
+            return []
+        values = [] if score is None else [score]
+        if self.sync == "per-rank":
+            values.append(torch.tensor(float(block), device=device))
+        return values
+
+    def outputs(self, mean_score: float | None, gathered: list[list[float]]) -> tuple[float | None, dict[str, Any]]:
+        """``(score for the controller, extra fields of the step record)`` from the gathered values."""
+        extra: dict[str, Any] = {}
+        score = mean_score
+        if not gathered:
+            return score, extra
+        i = 0
+        if mean_score is not None:
+            per = gathered[0]
+            i = 1
+            extra["cka_per_rank"] = per
+            if self.sync == "per-rank":
+                score = per[self.rank]
+            else:
+                finite = [v for v in per if math.isfinite(v)]
+                extra["cka_spread"] = max(finite) - min(finite) if finite else None
+        if self.sync == "per-rank":
+            extra["blocks_per_rank"] = [int(b) for b in gathered[i]]
+        return score, extra

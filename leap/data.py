@@ -58,7 +58,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from .config import DATA_SOURCES
-from .errors import DataError, InputNotFoundError
+from .errors import ConfigError, DataError, InputNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ class FirstN(Dataset):
 
     def __init__(self, dataset: Dataset, n: int):
         if n < 1:
-            raise ValueError(f"n: expected >= 1, got {n}")
+            raise ConfigError(f"the number of images to use (--limit-images / --limit-train / --limit-test) must be "
+                              f">= 1, got {n}")
         self.dataset = dataset
         self.n = min(n, len(dataset))
 
@@ -242,9 +243,21 @@ class ImageFolderDataset(_LeapDataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
         samples: list[tuple[str, int]] = []
+        # Symbolic links are followed, but each real directory is listed once: a link
+        # loop would otherwise repeat files under wrong labels or never end.
+        # A link into another class's folder is skipped too (its files keep their own label).
+        visited = {os.path.realpath(folder / c) for c in self.classes}
         for c in self.classes:
-            for dirpath, dirnames, filenames in os.walk(folder / c, followlinks=True):
-                dirnames.sort()  # deterministic walk order
+            top = str(folder / c)
+            for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+                real = os.path.realpath(dirpath)
+                if dirpath != top:
+                    if real in visited:
+                        dirnames[:] = []
+                        continue
+                    visited.add(real)
+                dirnames[:] = sorted(d for d in dirnames
+                                     if os.path.realpath(os.path.join(dirpath, d)) not in visited)
                 samples.extend((os.path.join(dirpath, f), self.class_to_idx[c])
                                for f in sorted(filenames) if _is_image_file(f))
         if not samples:
@@ -255,6 +268,21 @@ class ImageFolderDataset(_LeapDataset):
         # One byte per file, in shared memory so DataLoader workers (forked or
         # spawned) all write into the same mask the main process reads.
         self._bad = torch.zeros(len(samples), dtype=torch.uint8).share_memory_()
+        self._check_decodable()
+
+    def _check_decodable(self) -> None:
+        """Decode files in order until one works (usually the first): a folder where no image
+        decodes is refused here, in the main process, with one line, before training starts."""
+        for i, (path, _) in enumerate(self.samples):
+            try:
+                with Image.open(path) as im:
+                    im.convert("RGB")
+                return
+            except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+                self._bad[i] = 1
+        example = self.samples[0][0]
+        raise DataError(f"none of the {len(self.samples)} image files under {self.root} could be decoded "
+                        f"(e.g. {example}); check that the files are JPEG/PNG/WebP/BMP images")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -351,6 +379,8 @@ class FashionMNIST(_LeapDataset):
                 f"t10k-labels-idx1-ubyte.gz) into a folder and pass it as the data path.")
         img_path, lbl_path = found
         self.root = img_path.parent
+        self.files = [str(img_path), str(lbl_path)]
+        log.info("Fashion-MNIST %s: reading %s and %s", split, img_path, lbl_path)
         self.images = _read_idx(img_path, 0x00000803)
         self.labels = _read_idx(lbl_path, 0x00000801).astype(np.int64)
         if self.images.shape[0] != self.labels.shape[0]:
@@ -368,12 +398,12 @@ class FashionMNIST(_LeapDataset):
 
     @staticmethod
     def candidate_dirs(root: str | os.PathLike | None) -> list[Path]:
-        dirs = []
+        """Folders searched for the idx files: under ``root`` only when it is given (a wrong
+        ``--data`` is an error, never silently the system copy), else the default roots."""
         if root is not None:
             r = Path(root).expanduser()
-            dirs += [r, r / "FashionMNIST" / "raw", r / "fashion-mnist"]
-        dirs += [Path(d) for d in FASHION_MNIST_DEFAULT_ROOTS]
-        return dirs
+            return [r, r / "FashionMNIST" / "raw", r / "fashion-mnist"]
+        return [Path(d) for d in FASHION_MNIST_DEFAULT_ROOTS]
 
     @classmethod
     def find_files(cls, root: str | os.PathLike | None,

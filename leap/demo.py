@@ -3,9 +3,10 @@
 Distills the bundled teacher (a ViT trained by ``leap train-teacher`` on
 Fashion-MNIST, shipped with the package as ``leap/assets/teacher_fashion_mnist.pth``) into a smaller ViT twice with the
 same budget: once from the last teacher block only (baseline) and once with the LEAP
-curriculum. Then it evaluates both students with a cosine kNN on frozen features
-(k = 20, Fashion-MNIST test set), writes plots for each run and prints a table:
-curriculum trajectory, teacher FLOPs saved, wall time, kNN accuracy.
+curriculum. Then it evaluates both students on frozen features (cosine kNN, k = 20, and the
+paper's linear probe, Fashion-MNIST test set; records in each run's ``eval.jsonl``), writes
+plots for each run and prints a table: curriculum trajectory, teacher FLOPs saved, wall time,
+kNN and linear-probe accuracy.
 """
 
 from __future__ import annotations
@@ -33,25 +34,22 @@ FASHION_MNIST_HELP = (
 )
 
 
-def _knn_loaders(data: str | None, img_size: int, limit_train: int, limit_test: int | None) -> tuple:
-    """(memory-bank loader, test loader) over Fashion-MNIST without augmentation."""
-    from . import data as leap_data
+def _evaluate(model: dict, data: str | None, out: str, knn_train: int, knn_test: int | None,
+              run_dir: str | None) -> dict[str, Any]:
+    """kNN top-1 (k = 20) and the linear probe of a model's CLS and mean-patch features.
 
-    loaders = []
-    for split, limit in (("train", limit_train), ("test", limit_test)):
-        ds = leap_data.build_dataset("fashion-mnist", data, split, img_size, augment=False)
-        if limit is not None:
-            ds = leap_data.FirstN(ds, limit)
-        loaders.append(leap_data.build_loader(ds, 512, shuffle=False, num_workers=0, drop_last=False))
-    return tuple(loaders)
+    Both read one cached feature pass (``OUT/feature-cache``, fp16). Returns ``{"knn": {kind: top1},
+    "linear": {kind: {"best_top1", "best_epoch", "last_top1"}}}``, kinds ``cls`` and ``patch``.
+    """
+    from .evaluation.run import evaluate_knn, evaluate_linear
 
-
-def _knn(checkpoint: str, loaders: tuple) -> dict[str, float]:
-    """kNN top-1 (k = 20) of a checkpoint's CLS and mean-patch features."""
-    from .knn import FEATURES, evaluate_knn, load_model_for_eval
-
-    net, _, _ = load_model_for_eval(checkpoint)
-    return evaluate_knn(net, *loaders, torch.device("cpu"), k=20, features=FEATURES)
+    common = dict(data_source="fashion-mnist", features="both", cache_dir=os.path.join(out, "feature-cache"),
+                  workers=0, device="cpu", progress=False, limit_train=knn_train, limit_val=knn_test,
+                  run_dir=run_dir, write_record=run_dir is not None)
+    knn = evaluate_knn(model, data, k=20, **common)["numbers"]
+    linear = evaluate_linear(model, data, **common)["numbers"]
+    return {"knn": knn, "linear": {k: {n: v[n] for n in ("best_top1", "best_epoch", "last_top1")}
+                                   for k, v in linear.items()}}
 
 
 def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: str = "runs/demo",
@@ -80,7 +78,6 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
     print(f"student: {student} {student_overrides}")
     print(f"data: Fashion-MNIST, {limit_images or 'all'} training images, {epochs} epochs, batch {batch_size}\n")
 
-    knn_loaders = _knn_loaders(data, meta["img_size"], knn_train, knn_test)
     results = {}
     for mode in ("baseline", "leap"):
         run_dir = os.path.join(out, mode)
@@ -98,46 +95,76 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
         start = time.time()
         summary = train(cfg)
         wall = time.time() - start
-        knn = _knn(summary["checkpoint"], knn_loaders)
+        ev = _evaluate({"model": summary["checkpoint"]}, data, out, knn_train, knn_test, run_dir)
         try:
             from .report import make_report
 
             make_report(run_dir)
         except Exception as exc:  # plots are a convenience; the numbers above stand without them
             print(f"(plots for {run_dir} failed: {exc})")
-        results[mode] = {"summary": summary, "wall_s": wall, "knn_cls": knn["cls"], "knn_patch": knn["mean-patch"],
+        results[mode] = {"summary": summary, "wall_s": wall, "knn_cls": ev["knn"]["cls"],
+                         "knn_patch": ev["knn"]["patch"], "linear": ev["linear"],
                          "epoch_blocks": load_run(run_dir).epoch_mean_blocks()}
         print()
 
-    teacher_knn = _knn(teacher, knn_loaders)["cls"]
-    table = format_table(results, teacher_knn, meta, knn_train, knn_test)
+    teacher_ev = _evaluate({"model": teacher}, data, out, knn_train, knn_test, None)
+    teacher_knn = teacher_ev["knn"]["cls"]
+    table = format_table(results, teacher_knn, meta, knn_train, knn_test, teacher_ev["linear"])
     print(table)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({m: {k: v for k, v in r.items() if k != "summary"} | {"summary": r["summary"]}
-                   for m, r in results.items()} | {"teacher_knn_cls": teacher_knn}, f, indent=2, default=str)
-    return {"results": results, "teacher_knn": teacher_knn, "table": table}
+                   for m, r in results.items()} | {"teacher_knn_cls": teacher_knn, "teacher_linear": teacher_ev["linear"]},
+                  f, indent=2, default=str)
+    return {"results": results, "teacher_knn": teacher_knn, "teacher_linear": teacher_ev["linear"], "table": table}
 
 
-def format_table(results: dict, teacher_knn: float, meta: dict, knn_train: int, knn_test: int | None) -> str:
+def format_table(results: dict, teacher_knn: float, meta: dict, knn_train: int, knn_test: int | None,
+                 teacher_linear: dict | None = None) -> str:
+    """The demo's Markdown table: one row per run, then footnotes (last-epoch probe values, the teacher)."""
+    def pct(x):
+        return "n/a" if x is None else f"{x * 100:.2f}%"
+
     lines = [
-        "| run | target block per epoch | teacher blocks run | teacher FLOPs saved | wall time | kNN top-1 CLS | kNN top-1 mean-patch |",
-        "|---|---|---|---|---|---|---|",
+        "| run | target block per epoch | teacher blocks run | teacher FLOPs saved | wall time | kNN top-1 CLS "
+        "| kNN top-1 mean-patch | linear top-1 CLS (best epoch) | linear top-1 mean-patch (best epoch) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    last = []
     for mode, r in results.items():
         s = r["summary"]
         blocks = " ".join(f"{b:.1f}" for b in r["epoch_blocks"])
         saved = s.get("flops", {}).get("saved_fraction")
+        lin = r.get("linear") or {}
+        probe = [f"{pct(lin[k]['best_top1'])} ({lin[k]['best_epoch']})" if k in lin else "n/a"
+                 for k in ("cls", "patch")]
         lines.append(
             f"| {mode} | {blocks} | {s['teacher_blocks_run']} / {s['teacher_blocks_full']} | "
             f"{'n/a' if saved is None else f'{saved * 100:.1f}%'} | {r['wall_s']:.0f} s | "
-            f"{r['knn_cls'] * 100:.2f}% | {r['knn_patch'] * 100:.2f}% |")
+            f"{r['knn_cls'] * 100:.2f}% | {r['knn_patch'] * 100:.2f}% | {probe[0]} | {probe[1]} |")
+        if lin:
+            last.append(f"{mode} CLS {pct(lin.get('cls', {}).get('last_top1'))}, mean-patch "
+                        f"{pct(lin.get('patch', {}).get('last_top1'))}")
     n_test = "all" if knn_test is None else knn_test
     lines += ["", f"kNN: cosine, k=20, T=0.07, memory bank = first {knn_train} training images, {n_test} test images; "
               f"teacher's own kNN top-1 (CLS): {teacher_knn * 100:.2f}% (its linear-head test accuracy: "
               f"{meta['test_accuracy'] * 100:.2f}%)."]
+    calib = [(mode, r["summary"].get("flops", {}).get("calibration_fraction")) for mode, r in results.items()
+             if r["summary"].get("calibration_blocks")]
+    if calib:
+        lines += ["", "Teacher FLOPs saved: training steps vs. the same steps at full depth (as `leap flops` and "
+                      "`leap report`); the one-off calibration scan is not included: " + "; ".join(
+                          f"{mode} {100 * (f or 0):.2f}% of the baseline teacher FLOPs" for mode, f in calib) + "."]
+    if last or teacher_linear:
+        teacher = "" if not teacher_linear else (
+            f" Teacher's linear probe (best epoch): CLS {pct(teacher_linear.get('cls', {}).get('best_top1'))}, "
+            f"mean-patch {pct(teacher_linear.get('patch', {}).get('best_top1'))}.")
+        lines += ["", f"Linear probe (the paper's protocol: zero-initialized linear classifier on the cached frozen "
+                      f"features, SGD lr 0.1, momentum 0.9, cosine, 100 epochs, batch 256, same images as the kNN): "
+                      f"the table gives the best validation top-1 over the epochs (epoch in parentheses); "
+                      f"after the last epoch: {'; '.join(last)}.{teacher} Features are cached as fp16."]
     return "\n".join(lines)
 
 

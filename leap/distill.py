@@ -1,6 +1,7 @@
 """What one distillation step computes: the student, the projection head and the loss in one
-module (:class:`DistillModule`, the unit DDP wraps), and a truncated teacher that counts the
-blocks it runs (:class:`CountingTeacher`).
+module (:class:`DistillModule`, the unit DDP wraps; :class:`OneToOneDistillModule` for the
+ablation's one-to-one baseline, with :func:`teacher_targets` giving either its targets), and a
+truncated teacher that counts the blocks it runs (:class:`CountingTeacher`).
 
 Used by the trainer (:mod:`leap.train`) and by the step timing (:mod:`leap.timing`), so both
 run the same step.
@@ -15,7 +16,7 @@ from leap_kernels import FeatureDistillationHead
 
 from .teacher import TruncatedTeacher
 
-__all__ = ["DistillModule", "CountingTeacher"]
+__all__ = ["DistillModule", "OneToOneDistillModule", "CountingTeacher", "one_to_one_pairs", "teacher_targets"]
 
 
 class DistillModule(nn.Module):
@@ -58,6 +59,109 @@ class DistillModule(nn.Module):
         cls_loss = self.head(s_cls, target_cls)
         loss = patch_loss + self.cls_weight * cls_loss
         return loss, patch_loss, cls_loss, s_patch.detach()
+
+    @staticmethod
+    def final_target(target: torch.Tensor) -> torch.Tensor:
+        """The target the (final) student features are measured against (CKA/cosine)."""
+        return target
+
+    def heads(self) -> list[nn.Module]:
+        """Every projection head (one here)."""
+        return [self.head]
+
+    @torch.no_grad()
+    def reset_heads(self, generator: torch.Generator) -> list[nn.Parameter]:
+        """Re-initialise every projection head (``--reset-head-on-level-up``) from ``generator``
+        (same seed on every rank: identical heads under DDP); returns the reset parameters."""
+        params = []
+        for head in self.heads():
+            w = torch.empty(head.weight.shape, dtype=torch.float32)
+            # timm trunc-normal(std 0.02) as leap_kernels.init_projection_head_, drawn on CPU
+            # from the given generator so the result does not depend on the device.
+            nn.init.trunc_normal_(w, std=0.02, generator=generator)
+            head.weight.copy_(w)
+            params.append(head.weight)
+            if head.bias is not None:
+                head.bias.zero_()
+                params.append(head.bias)
+        return params
+
+
+def one_to_one_pairs(student_blocks: int, teacher_blocks: int) -> list[tuple[int, int]]:
+    """``(student block, teacher block)`` pairs of the one-to-one baseline, both 1-indexed:
+    student block ``i + 1`` (``i`` 0-indexed) -> teacher block ``round((i + 1) * L_t / L_s)``
+    (Python's round, half to even), so the last student block meets the last teacher block."""
+    if student_blocks < 1 or teacher_blocks < 1:
+        raise ValueError(f"one_to_one_pairs: block counts must be >= 1, got {student_blocks}, {teacher_blocks}")
+    return [(i + 1, max(1, round((i + 1) * teacher_blocks / student_blocks))) for i in range(student_blocks)]
+
+
+class OneToOneDistillModule(DistillModule):
+    """The one-to-one baseline of the paper's ablation: every student block is aligned with a
+    teacher block (:func:`one_to_one_pairs`) through its own projector.
+
+    The student's intermediate outputs go through the student's final norm (as the teacher's
+    do), block ``i``'s tokens through projector ``i`` (the last block's projector is ``head``,
+    so metrics and checkpoints of the final features work as in :class:`DistillModule`), and the
+    loss is the mean over the blocks of ``patch_loss + cls_weight * cls_loss``.
+
+    ``forward(images, target_patch (P, B, N, D_t), target_cls (P, B, D_t))`` with ``P`` = student
+    depth (:func:`teacher_targets` builds them) returns ``(loss, patch_loss, cls_loss, final student
+    patch (B, N, D_s) detached)``, the two partial losses also averaged over the blocks.
+    """
+
+    def __init__(self, student: nn.Module, head: FeatureDistillationHead, cls_weight: float,
+                 compute_dtype: torch.dtype | None = None, teacher_blocks: int = 1):
+        super().__init__(student, head, cls_weight, compute_dtype)
+        self.pairs = one_to_one_pairs(len(student.blocks), teacher_blocks)
+        normalize = getattr(head, "normalize", False)
+        self.block_heads = nn.ModuleList(
+            FeatureDistillationHead(head.weight.shape[1], head.weight.shape[0], normalize=normalize)
+            for _ in self.pairs[:-1])
+
+    @property
+    def teacher_blocks(self) -> list[int]:
+        return [t for _, t in self.pairs]
+
+    def heads(self) -> list[nn.Module]:
+        return [*self.block_heads, self.head]
+
+    def block_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Student tokens after every block, through the final norm: ``L_s`` x ``(B, P + N, D_s)``."""
+        m = self.student
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        outs = []
+        for block in m.blocks:
+            x = block(x)
+            y = m.norm(x)
+            if self.compute_dtype is not None and torch.is_autocast_enabled(y.device.type):
+                y = y.to(self.compute_dtype)
+            outs.append(y)
+        return outs
+
+    def forward(self, images: torch.Tensor, target_patch: torch.Tensor, target_cls: torch.Tensor):
+        feats = self.block_features(images)
+        patch_losses, cls_losses = [], []
+        for p, (x, head) in enumerate(zip(feats, self.heads())):
+            patch_losses.append(head(x[:, self.num_prefix_tokens:], target_patch[p]))
+            cls_losses.append(head(x[:, 0], target_cls[p]))
+        patch_loss = torch.stack(patch_losses).mean()
+        cls_loss = torch.stack(cls_losses).mean()
+        loss = patch_loss + self.cls_weight * cls_loss
+        return loss, patch_loss, cls_loss, feats[-1][:, self.num_prefix_tokens:].detach()
+
+    @staticmethod
+    def final_target(target: torch.Tensor) -> torch.Tensor:
+        return target[-1]
+
+
+def teacher_targets(teacher: "TruncatedTeacher", module: DistillModule, images: torch.Tensor,
+                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's teacher targets: block ``k`` for LEAP/the baseline, every paired block (in one
+    pass, up to the last) for :class:`OneToOneDistillModule`."""
+    if isinstance(module, OneToOneDistillModule):
+        return teacher.collect(images, module.teacher_blocks)
+    return teacher(images, k)
 
 
 class CountingTeacher(TruncatedTeacher):

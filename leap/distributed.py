@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .errors import ConfigError
 
-__all__ = ["ProcessGroup", "distributed", "all_reduce_mean", "all_reduce_sum", "resolve_device"]
+__all__ = ["ProcessGroup", "distributed", "all_reduce_mean", "all_reduce_sum", "reduce_step_values", "resolve_device"]
 
 
 def distributed() -> bool:
@@ -97,6 +97,39 @@ def all_reduce_mean(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     if not distributed():
         return _all_reduce(t, None, group)
     return _all_reduce(t, dist.ReduceOp.SUM, group) / dist.get_world_size(group)
+
+
+def reduce_step_values(means: list[torch.Tensor], per_rank: list[torch.Tensor] | None = None
+                       ) -> tuple[list[float], list[list[float]]]:
+    """One all-reduce and one host read for a step's statistics.
+
+    Args:
+        means: scalars (0-d or one-element tensors, one device) to average over the ranks.
+        per_rank: scalars whose value on *every* rank is wanted (e.g. the local CKA and target
+            block under ``--curriculum-sync per-rank``, or the CKA spread in ``mean`` mode).
+
+    Returns:
+        ``(mean values, [[value of rank 0, rank 1, ...] for each per_rank scalar])``. The means
+        are ``SUM / world`` exactly as :func:`all_reduce_mean` computes them; the per-rank values
+        are exact (each rank fills its own slot of a zero vector, the rest add zeros).
+    """
+    per_rank = list(per_rank or [])
+    world = dist.get_world_size() if distributed() else 1
+    rank = dist.get_rank() if distributed() else 0
+    parts = [torch.stack([m.detach().float().reshape(()) for m in means])]
+    if per_rank:
+        vals = torch.stack([v.detach().float().reshape(()) for v in per_rank])
+        slots = torch.zeros(len(per_rank), world, dtype=torch.float32, device=vals.device)
+        slots[:, rank] = vals
+        parts.append(slots.reshape(-1))
+    t = torch.cat(parts)
+    n = len(means)
+    if distributed():
+        t = _all_reduce(t, dist.ReduceOp.SUM, None)
+        t = torch.cat([t[:n] / world, t[n:]])  # fp32 division, as all_reduce_mean
+    host = t.tolist()  # the one host read
+    ranks = [host[n + i * world: n + (i + 1) * world] for i in range(len(per_rank))]
+    return host[:n], ranks
 
 
 def resolve_device(pref: str, group: ProcessGroup) -> torch.device:

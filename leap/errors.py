@@ -26,6 +26,7 @@ __all__ = [
     "MissingDependencyError",
     "TrainingError",
     "NonFiniteLossError",
+    "RunInterrupted",
 ]
 
 
@@ -71,3 +72,12 @@ class TrainingError(LeapError, RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """The loss (or the gradients / weights) became NaN or Inf."""
+
+
+class RunInterrupted(TrainingError):
+    """The run stopped on SIGTERM/SIGINT after writing a checkpoint; ``exit_code`` is
+    ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT), the shell's convention."""
+
+    def __init__(self, message: str, exit_code: int = 143):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -33,6 +33,7 @@ name the offending keys.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import warnings
@@ -41,11 +42,11 @@ from typing import Any
 
 import torch
 import timm
-from timm.layers import resample_abs_pos_embed
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .checkpoint import read_torch_file
+from .checkpoint import check_finite_weights, read_torch_file
 from .errors import CheckpointError, InputNotFoundError, ModelError
 
 __all__ = [
@@ -55,14 +56,21 @@ __all__ = [
     "load_teacher_weights",
     "convert_state_dict",
     "available_models",
+    "pos_embed_rule",
+    "resample_patch_pos_embed",
+    "POS_EMBED_RULES",
 ]
+
+log = logging.getLogger("leap.models")
 
 # Models timm does not register, defined as (timm base model, overrides).
 _EXTRA_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    # ViT-T/14 in the DINOv2 layout: like vit_small_patch14_dinov2 (depth 12, patch 14,
-    # LayerScale init 1e-5) but width 192 and 3 heads.
-    "vit_tiny_patch14_dinov2": ("vit_small_patch14_dinov2", dict(embed_dim=192, num_heads=3)),
-    "vit_tiny_patch14_reg4_dinov2": ("vit_small_patch14_reg4_dinov2", dict(embed_dim=192, num_heads=3)),
+    # ViT-T/14 as the LEAP reference code builds it: a plain timm VisionTransformer(patch 14,
+    # width 192, depth 12, 3 heads, mlp_ratio 4, qkv_bias) with NO LayerScale (5.50M parameters
+    # at 224 px). Built from timm's plain ViT-T rather than the DINOv2 ViT-S (which would bring
+    # LayerScale; timm drops an ``init_values=None`` override, so it cannot be switched off there).
+    "vit_tiny_patch14_dinov2": ("vit_tiny_patch16_224", dict(patch_size=14)),
+    "vit_tiny_patch14_reg4_dinov2": ("vit_tiny_patch16_224", dict(patch_size=14, reg_tokens=4, no_embed_class=True)),
 }
 
 FORMAT_OFFICIAL = "official_dinov2"
@@ -92,7 +100,7 @@ def build_model(
         name: a timm ViT name (e.g. ``vit_giant_patch14_reg4_dinov2``,
             ``vit_small_patch14_dinov2``, optionally with a ``.tag``) or one of the
             extra names (``vit_tiny_patch14_dinov2``: width 192, depth 12, 3 heads,
-            patch 14, DINOv2 layout).
+            patch 14, no LayerScale -- the LEAP reference ViT-T).
         img_size: square training resolution; must be divisible by the patch size.
         pretrained: download timm's pretrained weights (needs network or a warm HF cache).
             Prefer :func:`load_teacher_weights` with a local file.
@@ -126,7 +134,9 @@ def build_model(
 
     try:
         model = timm.create_model(timm_name, pretrained=pretrained, **kwargs)
-    except TypeError as e:  # an argument timm does not know, e.g. a typo in --student-overrides
+    # TypeError: an argument timm does not know (a typo in --student-overrides); AssertionError: a shape
+    # timm refuses, e.g. embed_dim not divisible by num_heads.
+    except (TypeError, AssertionError) as e:
         if pretrained:
             raise
         raise ModelError(f"{name!r} with arguments {overrides}: {e}") from None
@@ -364,32 +374,96 @@ def _cls_slot_to_model_layout(sd: dict[str, torch.Tensor], model: VisionTransfor
         sd["pos_embed"] = torch.cat([pos[:, :1], zeros, pos[:, 1:]], dim=1)
 
 
-def _resample_pos_embed(sd: dict[str, torch.Tensor], model: VisionTransformer) -> None:
-    """Bicubic-resample ``sd['pos_embed']`` (prefix slots kept) to the model's patch grid."""
+#: Position-embedding resampling rules (``pos_embed_interpolation``); ``"auto"`` picks one per source.
+POS_EMBED_RULES = ("auto", "bicubic", "bicubic-antialias", "bicubic-offset")
+
+
+def pos_embed_rule(fmt: str, has_registers: bool, override: str = "auto") -> str:
+    """The resampling rule the source model itself applies at a new resolution.
+
+    Each source interpolates its stored grid differently, and a teacher must see the position
+    embedding its source model would compute at our resolution (a wrong rule changes the
+    features by several percent):
+
+    - official DINOv2 without registers (``dinov2_vit*14``): ``"bicubic-offset"`` -- bicubic, no
+      antialias, scale factor ``(n + 0.1) / M`` (the ``interpolate_offset=0.1`` kludge of
+      facebookresearch/dinov2 ``DinoVisionTransformer.interpolate_pos_encoding``; the hub
+      builders keep the defaults ``interpolate_antialias=False, interpolate_offset=0.1``);
+    - official DINOv2 with registers (``dinov2_vit*14_reg``): ``"bicubic-antialias"`` -- the hub
+      builders pass ``interpolate_antialias=True, interpolate_offset=0.0`` (output size given);
+    - Hugging Face ``Dinov2Model``: ``"bicubic"`` (output size, no antialias);
+      ``Dinov2WithRegistersModel``: ``"bicubic-antialias"`` (both read in transformers 5.24
+      ``interpolate_pos_encoding``);
+    - timm: ``"bicubic-antialias"`` (``timm.layers.resample_abs_pos_embed`` defaults, used by
+      timm's ``checkpoint_filter_fn`` and dynamic image sizes).
+
+    Args:
+        fmt: detected checkpoint format (``FORMAT_*``).
+        has_registers: the checkpoint holds register tokens.
+        override: one of :data:`POS_EMBED_RULES`; anything but ``"auto"`` is returned as is.
+    """
+    if override not in POS_EMBED_RULES:
+        raise ValueError(f"pos_embed_interpolation must be one of {POS_EMBED_RULES}, got {override!r}")
+    if override != "auto":
+        return override
+    if fmt == FORMAT_OFFICIAL:
+        return "bicubic-antialias" if has_registers else "bicubic-offset"
+    if fmt == FORMAT_HF:
+        return "bicubic-antialias" if has_registers else "bicubic"
+    return "bicubic-antialias"
+
+
+def resample_patch_pos_embed(patch_pos: torch.Tensor, new_grid: tuple[int, int], rule: str) -> torch.Tensor:
+    """Resample a square patch position embedding ``(1, M*M, D)`` to ``(1, gh*gw, D)`` with ``rule``.
+
+    Computed in fp32 (as every source does) and returned in the input dtype.
+    """
+    n, d = patch_pos.shape[1], patch_pos.shape[2]
+    m = int(round(n ** 0.5))
+    gh, gw = int(new_grid[0]), int(new_grid[1])
+    grid = patch_pos.float().reshape(1, m, m, d).permute(0, 3, 1, 2)
+    if rule == "bicubic-offset":
+        # Scale factors, not an output size: the kernel then uses (n + 0.1) / M for the
+        # coordinate mapping, which is what makes this rule differ from "bicubic".
+        out = F.interpolate(grid, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic",
+                            antialias=False)
+    elif rule in ("bicubic", "bicubic-antialias"):
+        out = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False,
+                            antialias=rule == "bicubic-antialias")
+    else:
+        raise ValueError(f"unknown position-embedding rule {rule!r} (expected one of {POS_EMBED_RULES[1:]})")
+    if tuple(out.shape[-2:]) != (gh, gw):
+        raise CheckpointError(f"position-embedding rule {rule!r} gave a {tuple(out.shape[-2:])} grid, "
+                              f"expected {(gh, gw)}")
+    return out.permute(0, 2, 3, 1).reshape(1, gh * gw, d).to(patch_pos.dtype)
+
+
+def _resample_pos_embed(sd: dict[str, torch.Tensor], model: VisionTransformer, rule: str) -> bool:
+    """Resample ``sd['pos_embed']`` (prefix slots kept) to the model's patch grid with ``rule``.
+
+    Returns whether it resampled.
+    """
     pos = sd.get("pos_embed")
     if pos is None or model.pos_embed is None or pos.ndim != 3:
-        return
+        return False
     n_prefix = _prefix_pos_slots(model)
     new_grid = patch_grid(model)
     n_old = pos.shape[1] - n_prefix
     side = int(round(n_old ** 0.5)) if n_old > 0 else 0
     if side * side != n_old:
         if pos.shape == model.pos_embed.shape:
-            return
+            return False
         raise CheckpointError(
             f"pos_embed of shape {tuple(pos.shape)} does not hold a square patch grid after "
             f"{n_prefix} prefix slot(s); model expects {tuple(model.pos_embed.shape)}"
         )
     if (side, side) == new_grid:
-        return
-    sd["pos_embed"] = resample_abs_pos_embed(
-        pos,
-        new_size=list(new_grid),
-        old_size=[side, side],
-        num_prefix_tokens=n_prefix,
-        interpolation="bicubic",
-        antialias=True,
-    )
+        return False
+    if pos.shape[0] != 1:
+        raise CheckpointError(f"pos_embed must have batch dimension 1, got shape {tuple(pos.shape)}")
+    patches = resample_patch_pos_embed(pos[:, n_prefix:], new_grid, rule)
+    sd["pos_embed"] = torch.cat([pos[:, :n_prefix], patches], dim=1)
+    return True
 
 
 def _adapt_to_model(sd: dict[str, torch.Tensor], model_keys: set[str]) -> None:
@@ -412,7 +486,7 @@ def _adapt_to_model(sd: dict[str, torch.Tensor], model_keys: set[str]) -> None:
 
 
 def convert_state_dict(
-    checkpoint: Mapping[str, Any], model: VisionTransformer
+    checkpoint: Mapping[str, Any], model: VisionTransformer, pos_embed_interpolation: str = "auto",
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Convert a loaded checkpoint to ``model``'s timm state-dict layout.
 
@@ -421,6 +495,8 @@ def convert_state_dict(
             possibly wrapped (``{'model': ...}``, ``{'state_dict': ...}``) or prefixed
             (``module.``, ``dinov2.``, ``backbone.`` ...).
         model: the target timm ViT (decides register/pos-embed layout, grid and SwiGLU packing).
+        pos_embed_interpolation: how a position embedding stored for another grid is resampled
+            (:data:`POS_EMBED_RULES`); ``"auto"`` follows the source model (:func:`pos_embed_rule`).
 
     Returns:
         ``(state_dict, format)`` where ``format`` is ``"official_dinov2"``, ``"hf_dinov2"`` or
@@ -428,6 +504,8 @@ def convert_state_dict(
     """
     sd, _prefix = _strip_prefix(_unwrap_container(checkpoint))
     fmt = _detect_format(sd)
+    has_registers = "register_tokens" in sd or "embeddings.register_tokens" in sd or "reg_token" in sd
+    rule = pos_embed_rule(fmt, has_registers, pos_embed_interpolation)
     if fmt == FORMAT_OFFICIAL:
         sd = _official_to_timm_keys(sd)
         _cls_slot_to_model_layout(sd, model)
@@ -436,7 +514,9 @@ def convert_state_dict(
         _cls_slot_to_model_layout(sd, model)
     else:
         sd = dict(sd)
-    _resample_pos_embed(sd, model)
+    if _resample_pos_embed(sd, model, rule):
+        log.info("position embedding resampled to the %dx%d patch grid with rule %r (%s checkpoint%s)",
+                 *patch_grid(model), rule, fmt, " with registers" if has_registers else "")
     _adapt_to_model(sd, set(model.state_dict().keys()))
     return sd, fmt
 
@@ -450,6 +530,7 @@ def load_teacher_weights(
     model: VisionTransformer,
     path: str | os.PathLike | Mapping[str, Any],
     strict: bool = True,
+    pos_embed_interpolation: str = "auto",
 ) -> str:
     """Load a local teacher checkpoint into a timm ViT, converting its layout as needed.
 
@@ -463,14 +544,17 @@ def load_teacher_weights(
     - ``"timm"``: a timm state dict (optionally in ``{'model': ...}``/``{'state_dict': ...}``,
       optionally ``module.``-prefixed).
 
-    The position embedding is bicubic-resampled (antialiased, prefix slots kept) to the model's
-    patch grid, e.g. from the 37x37 grid of a 518 px checkpoint to 16x16 at 224 px.
+    The position embedding is resampled (prefix slots kept) to the model's patch grid, e.g. from
+    the 37x37 grid of a 518 px checkpoint to 16x16 at 224 px, with the rule the source model
+    itself uses at that resolution (:func:`pos_embed_rule`) unless ``pos_embed_interpolation``
+    names one.
 
     Args:
         model: target timm ViT (e.g. from :func:`build_model`); updated in place.
         path: checkpoint file, or an already-loaded state dict.
         strict: if True, missing or unexpected keys raise; otherwise they only warn.
             Shape mismatches always raise.
+        pos_embed_interpolation: ``"auto"`` (follow the source) or a rule of :data:`POS_EMBED_RULES`.
 
     Returns:
         The detected format name.
@@ -482,7 +566,8 @@ def load_teacher_weights(
     """
     source = "<state dict>" if isinstance(path, Mapping) else os.fspath(path)
     raw = path if isinstance(path, Mapping) else _read_file(path)
-    sd, fmt = convert_state_dict(raw, model)
+    sd, fmt = convert_state_dict(raw, model, pos_embed_interpolation)
+    check_finite_weights(sd, source, "teacher checkpoint")
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]

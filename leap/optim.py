@@ -186,6 +186,10 @@ class WarmupCosine:
     with ``W = warmup_steps``, ``T = total_steps``, ``r = min_lr_ratio``. The peak of each
     group is stored as ``group["peak_lr"]``. Construction sets the lr of step 0; call
     :meth:`step` after every optimizer step (like torch schedulers).
+
+    :meth:`restart` (``--snap-to-last``, as the LEAP reference does when it jumps to the last
+    block) replaces the rest of the schedule from step ``R`` on by a cosine from the peak without
+    warmup: ``i >= R: r + (1 - r) * 0.5 * (1 + cos(pi * min(1, (i - R) / max(1, T - R))))``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
@@ -201,10 +205,20 @@ class WarmupCosine:
         for group in optimizer.param_groups:
             group.setdefault("peak_lr", group["lr"])
         self.last_step = 0
+        self.restart_step: int | None = None
+        self._apply()
+
+    def restart(self, step: int | None = None) -> None:
+        """From 0-based step ``step`` (default: the next step) on, a cosine from the peak without warmup."""
+        self.restart_step = self.last_step if step is None else int(step)
         self._apply()
 
     def factor(self, i: int) -> float:
         """Multiplier of the peak lr at 0-based step ``i``."""
+        r = self.min_lr_ratio
+        if self.restart_step is not None and i >= self.restart_step:
+            progress = min(1.0, (i - self.restart_step) / max(1, self.total_steps - self.restart_step))
+            return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if i < self.warmup_steps:
             return (i + 1) / self.warmup_steps
         progress = min(1.0, (i - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
@@ -226,10 +240,13 @@ class WarmupCosine:
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "min_lr_ratio": self.min_lr_ratio}
+                "total_steps": self.total_steps, "min_lr_ratio": self.min_lr_ratio,
+                "restart_step": self.restart_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Only the position is restored: warmup/total/min ratio come from the current config,
         # so a resumed run may extend --epochs (the cosine then stretches from here on).
         self.last_step = int(state["last_step"])
+        restart = state.get("restart_step")
+        self.restart_step = None if restart is None else int(restart)
         self._apply()

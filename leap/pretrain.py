@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from torch import nn
 from . import data as leap_data
 from .checkpoint import atomic_save, read_torch_file
 from .config import parse_json_object
+from .errors import ConfigError, DataError, InputNotFoundError, NonFiniteLossError
 from .models import build_model
 from .optim import WarmupCosine, build_optimizer
 from .runlog import write_json
@@ -77,8 +79,65 @@ def evaluate_accuracy(model: nn.Module, loader, device) -> float:
     return correct / max(total, 1)
 
 
+def validate_teacher_config(cfg: TeacherTrainConfig) -> TeacherTrainConfig:
+    """Refuse values that would train nothing or nonsense (``ConfigError`` naming the option)."""
+    positive = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--img-size": cfg.img_size}
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ConfigError(f"--lr: expected a finite value > 0, got {cfg.lr!r}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ConfigError(f"--weight-decay: expected a finite value >= 0, got {cfg.weight_decay!r}")
+    for name, value in (("--limit-train", cfg.limit_train), ("--limit-test", cfg.limit_test)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+    if os.path.isdir(cfg.out):
+        raise ConfigError(f"--out {cfg.out} is a directory; give the path of the teacher file to write "
+                          f"(e.g. {os.path.join(cfg.out, 'teacher.pth')})")
+    return cfg
+
+
+def _held_out_set(cfg: TeacherTrainConfig, train_set):
+    """The test split; refused when it would be the training images themselves.
+
+    An image folder without ``test/`` or ``val/`` makes :class:`leap.data.ImageFolderDataset`
+    read the class folders of the root for every split: its "test accuracy" would be measured
+    on the training images.
+    """
+    root = train_set.root if isinstance(train_set, leap_data.ImageFolderDataset) else None
+    for split in ("test", "val"):
+        try:
+            test_set = leap_data.build_dataset(cfg.data_source, cfg.data, split, cfg.img_size, augment=False)
+        except InputNotFoundError:
+            if cfg.data_source == "fashion-mnist" or split == "val":
+                raise
+            continue
+        if root is not None and os.path.realpath(getattr(test_set, "root", "")) == os.path.realpath(root):
+            raise DataError(
+                f"{cfg.data} has no held-out split (no test/ or val/ folder beside train/): the test accuracy "
+                f"would be measured on the training images. Put held-out images in "
+                f"{os.path.join(cfg.data, 'test', '<class>')}/ (and the training images in train/<class>/)")
+        return test_set
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_finite(model: nn.Module, what: str) -> None:
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteLossError(f"{what}: {len(bad)} weight tensor(s) are NaN/Inf (e.g. {bad[0]}); nothing was "
+                                 "saved. Try a lower --lr")
+
+
 def train_teacher(cfg: TeacherTrainConfig) -> dict:
-    """Trains, evaluates, saves; returns a summary dict (test accuracy, params, time, path)."""
+    """Trains, evaluates, saves; returns a summary dict (test accuracy, params, time, path).
+
+    Raises:
+        ConfigError: an invalid setting (:func:`validate_teacher_config`).
+        DataError: no held-out split (the accuracy would be measured on training images).
+        NonFiniteLossError: the loss or the weights became NaN/Inf; nothing is saved.
+    """
+    validate_teacher_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -86,7 +145,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     train_set = leap_data.build_dataset(
         cfg.data_source, cfg.data, "train", cfg.img_size, augment=True,
         crop_scale=(0.5, 1.0), color_jitter=False, random_grayscale=False)
-    test_set = leap_data.build_dataset(cfg.data_source, cfg.data, "test", cfg.img_size, augment=False)
+    test_set = _held_out_set(cfg, train_set)
+    data_files = getattr(train_set, "files", []) + getattr(test_set, "files", [])
     if cfg.limit_train is not None:
         train_set = leap_data.FirstN(train_set, cfg.limit_train)
     if cfg.limit_test is not None:
@@ -119,6 +179,10 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         for images, labels in bar:
             logits = model(images.to(device))
             loss = F.cross_entropy(logits, labels.to(device), label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"train-teacher: the loss is {loss.item()} at epoch {epoch + 1}; training stopped and nothing was "
+                    f"saved. Try a lower --lr (now {cfg.lr})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -130,6 +194,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         print(f"teacher epoch {epoch + 1}/{cfg.epochs}: train loss {running / max(1, steps_per_epoch):.4f} "
               f"({time.time() - start:.0f}s)", flush=True)
 
+    _check_finite(model, "train-teacher")
     # Save in fp16, then measure the accuracy of exactly what was saved.
     state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
              for k, v in model.backbone.state_dict().items()}
@@ -141,6 +206,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         "model_overrides": cfg.model_overrides,
         "img_size": cfg.img_size,
         "data_source": cfg.data_source,
+        "data_files": data_files,
+        "test_split": getattr(test_set, "split", "test"),
         "epochs": cfg.epochs,
         "train_images": len(train_set),
         "test_images": len(test_set),
@@ -151,7 +218,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     }
     atomic_save({"model": state, "classifier": classifier, TEACHER_META_KEY: meta}, cfg.out)
     write_json(os.path.splitext(cfg.out)[0] + ".json", meta)
-    print(f"teacher test accuracy {accuracy * 100:.2f}% ({len(test_set)} images); saved {cfg.out} "
+    print(f"teacher test accuracy {accuracy * 100:.2f}% ({len(test_set)} {meta['test_split']} images); saved {cfg.out} "
           f"({os.path.getsize(cfg.out) / 2**20:.1f} MB)")
     return {**meta, "path": cfg.out}
 

@@ -99,12 +99,7 @@ def _cost_model_for(run: RunLog, teacher: str | None, student: str | None, img_s
 
 def _units(run: RunLog) -> tuple[list[float], list[float], list[float], str]:
     """Per-unit ``(x, teacher blocks run, teacher forwards)``: per step if step records exist,
-    else per epoch. The calibration scan is added to the step it happened in."""
-    calib = {}
-    for c in run.calibrations:
-        s, b = _num(c.get("step")), _num(c.get("teacher_blocks_run"))
-        if s is not None and b is not None:
-            calib[s] = calib.get(s, 0.0) + b
+    else per epoch. The calibration scan is not included (:func:`calibration_blocks`)."""
     xs, blocks, n = [], [], []
     rows = [r for r in run.steps if _num(r.get("step")) is not None
             and (_num(r.get("teacher_blocks_run")) is not None or _num(r.get("block")) is not None)]
@@ -114,7 +109,7 @@ def _units(run: RunLog) -> tuple[list[float], list[float], list[float], str]:
             b = _num(r.get("teacher_blocks_run"))
             b = _num(r.get("block")) if b is None else b
             xs.append(s)
-            blocks.append(b + calib.get(s, 0.0))
+            blocks.append(b)
             n.append(1.0)
         return xs, blocks, n, "step"
     for i, r in enumerate(run.epochs):
@@ -131,6 +126,11 @@ def _units(run: RunLog) -> tuple[list[float], list[float], list[float], str]:
         blocks.append(b)
         n.append(steps)
     return xs, blocks, n, "epoch"
+
+
+def calibration_blocks(run: RunLog) -> float:
+    """Teacher blocks run by the calibration scan (reported apart from the savings)."""
+    return sum(_num(c.get("teacher_blocks_run")) or 0.0 for c in run.calibrations)
 
 
 def flops_series(run: RunLog, cost_model=None, cost_note: str | None = None) -> FlopsSeries | None:
@@ -150,8 +150,7 @@ def flops_series(run: RunLog, cost_model=None, cost_note: str | None = None) -> 
     xs, blocks, n, x_label = _units(run)
     if not xs:
         return None
-    scan = " + the calibration scan" if x_label == "step" and any(
-        _num(c.get("teacher_blocks_run")) for c in run.calibrations) else ""
+    scan = ""
     L = run.num_blocks
     if cost_model is not None:
         L = cost_model.num_blocks
@@ -459,6 +458,15 @@ def render_markdown(run: RunLog, series: FlopsSeries | None, plots: dict[str, st
                          f"{_fmt_flops(series.total[-1])} vs. {_fmt_flops(series.baseline_total[-1])}"
                          f" -> saved **{100 * ts:.1f}%**")
         lines.append(f"- source: {series.source}")
+        calib = calibration_blocks(run)
+        if calib:
+            frac = _num((summ.get("flops") or {}).get("calibration_fraction")) if isinstance(summ.get("flops"), dict) \
+                else None
+            if frac is None and L and n_steps:
+                frac = calib / (n_steps * L)  # in teacher blocks (patch embedding not counted)
+            share = f", {100 * frac:.2f}% of the baseline teacher cost" if frac is not None else ""
+            lines.append(f"- calibration scan (once, first step): {int(calib)} teacher blocks{share}; "
+                         "not included in the savings above")
     else:
         lines.append("- no teacher block counts in the log: FLOPs not computed")
     if cost_note and (series is None or cost_note not in series.source):
@@ -478,6 +486,13 @@ def render_markdown(run: RunLog, series: FlopsSeries | None, plots: dict[str, st
     if times:
         lines.append(f"- time per epoch: first {_fmt_time(times[0])}, last {_fmt_time(times[-1])}")
     lines.append("")
+
+    # ---- evaluations (leap eval records of this run directory)
+    from .evaluation.records import report_lines
+
+    evals = report_lines(run.run_dir)
+    if evals:
+        lines += ["## Evaluations", "", *evals, ""]
 
     # ---- plots
     if plots:

@@ -25,6 +25,7 @@ fields may be missing)::
                       "teacher_flops", "baseline_teacher_flops", "saved_fraction", ...}
     {"type": "checkpoint", "step", "epoch", "step_in_epoch", "path"}
     {"type": "error", "step", "epoch", "message"}
+    {"type": "interrupted", "signal", "step", "epoch", "checkpoint"}   # SIGTERM/SIGINT (leap.runguard)
     {"type": "summary", ...}
 
 :func:`load_run` parses a run directory into a :class:`RunLog` (a resumed run may log a
@@ -58,6 +59,7 @@ __all__ = [
     "atomic_write",
     "write_json",
     "read_json",
+    "open_run_file",
     "JsonlWriter",
     "append_jsonl",
     "read_jsonl",
@@ -145,27 +147,54 @@ def read_json(path: str | os.PathLike) -> Any:
         raise RunLogError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def open_run_file(path: str | os.PathLike, mode: str = "a") -> IO[str]:
+    """Open a run file for writing (``"w"`` or ``"a"``, text) without following a symbolic link.
+
+    Raises:
+        RunLogError: ``path`` is a symbolic link (e.g. one planted to make the run overwrite a
+            file elsewhere); the message says to remove it.
+    """
+    path = os.fspath(path)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if mode == "w" else os.O_APPEND)
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if os.path.islink(path):
+            raise RunLogError(f"{path} is a symbolic link; a run writes its files only inside its run directory: "
+                              f"remove the link (or choose another --out)") from None
+        raise
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
 class JsonlWriter:
     """Append-only JSON-lines file, flushed per record. ``path=None`` makes a no-op writer
     (the ranks other than 0 under DDP).
 
+    The file is opened without following a symbolic link (:func:`open_run_file`): a link
+    planted at a run file's path is refused instead of overwriting its target.
+
     Args:
         path: the file; its directory is created.
         truncate: start a new file (True) or append to an existing one (False).
+        fsync: also ``fsync`` after each record (records that must survive a power loss).
     """
 
-    def __init__(self, path: str | os.PathLike | None, *, truncate: bool = False):
+    def __init__(self, path: str | os.PathLike | None, *, truncate: bool = False, fsync: bool = False):
         self.path = None if path is None else os.fspath(path)
         self._f = None
+        self._fsync = fsync
         if self.path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self._f = open(self.path, "w" if truncate else "a", encoding="utf-8")
+            self._f = open_run_file(self.path, "w" if truncate else "a")
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record (a dict with a ``"type"`` key)."""
+        """Append one record (a dict with a ``"type"`` key) as one complete line."""
         if self._f is not None:
             self._f.write(json.dumps(sanitize(record), allow_nan=False) + "\n")
             self._f.flush()
+            if self._fsync:
+                os.fsync(self._f.fileno())
 
     def close(self) -> None:
         if self._f is not None:
@@ -380,7 +409,7 @@ def load_run(run_dir: str | os.PathLike, *, require_records: bool = True) -> Run
                     setattr(run, name, dict(r[name]))
         elif t == "summary":
             run.summary = dict(r)
-        elif t not in ("resume", "checkpoint", "error"):
+        elif t not in ("resume", "checkpoint", "error", "interrupted"):
             run.unknown_types[str(t)] += 1
     run.steps = _dedup_sorted(steps, "step")
     run.epochs = _dedup_sorted(epochs, "epoch")

@@ -71,7 +71,8 @@ class EpochStats:
 class RunTotals:
     """Counters of the whole run, for the summary."""
 
-    teacher_blocks_run: int = 0
+    teacher_blocks_run: int = 0     # training steps only (the calibration scan is counted apart)
+    calibration_blocks: int = 0     # teacher blocks run by the one-off calibration scan
     block_sum: int = 0
     images: int = 0
     time_s: float = 0.0
@@ -109,9 +110,11 @@ class RunStats:
         tot.last_loss = result.loss
 
     def add_calibration(self, start_block: int, scan_blocks: int) -> None:
+        """The calibration scan: its blocks are counted apart from the training steps', so every
+        "saved" number of a run (summary, epoch records, report, ``leap flops``) has one meaning:
+        training steps vs. the same steps at full depth (see :mod:`leap.cost`)."""
         self.total.start_block = start_block
-        self.total.teacher_blocks_run += scan_blocks
-        self.epoch.teacher_blocks_run += scan_blocks
+        self.total.calibration_blocks += scan_blocks
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """The ``epoch_stats`` and ``totals`` entries of a checkpoint."""

@@ -174,6 +174,32 @@ class TruncatedTeacher(nn.Module):
         return self._normed_outputs(x)
 
     @torch.no_grad()
+    def collect(self, x: torch.Tensor, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normed outputs after several blocks in one pass (the one-to-one baseline's targets).
+
+        Args:
+            x: images ``(B, 3, H, W)``.
+            blocks: 1-indexed blocks, increasing (repeats allowed); runs up to the largest only.
+
+        Returns:
+            ``(patch (P, B, N, D), cls (P, B, D))`` with ``P = len(blocks)``, entry ``p`` after
+            block ``blocks[p]`` and the final norm.
+        """
+        blocks = [self._check_k(k) for k in blocks]
+        if not blocks or any(b < a for a, b in zip(blocks, blocks[1:])):
+            raise ValueError(f"collect: blocks must be a non-empty increasing list, got {blocks}")
+        h = self.embed(x)
+        done = 0
+        patches, clss = [], []
+        for k in blocks:
+            h = self._run_blocks(h, done, k)
+            done = k
+            patch, cls = self._normed_outputs(h)
+            patches.append(patch)
+            clss.append(cls)
+        return torch.stack(patches), torch.stack(clss)
+
+    @torch.no_grad()
     def scan(self, x: torch.Tensor, score_fn: ScoreFn) -> torch.Tensor:
         """Score every block in one pass through the teacher.
 

@@ -21,8 +21,10 @@ One step (:meth:`Trainer.train_step`), identical for ``curriculum="cka"`` (LEAP)
    ``+ cls_weight *`` the same on the CLS token, through one shared head
    (:class:`leap.distill.DistillModule`);
 5. backward, grad-norm clipping, optimizer + lr-schedule step;
-6. every ``cka_every`` steps: CKA of the detached projected student vs the target,
-   ``curriculum.observe`` (may level up for the next step).
+6. every ``cka_every`` steps (LEAP: every step; the baselines: only when ``--cka-every`` is
+   given): CKA (or ``--curriculum-metric cosine``) of the detached projected student vs the
+   target, ``curriculum.observe`` (may level up for the next step; ``--snap-to-last`` and
+   ``--reset-head-on-level-up`` act through :class:`leap.curriculum.LevelUpEffects`).
 
 Run directory (rank 0 writes it, through :mod:`leap.runlog`): ``log.jsonl``,
 ``checkpoint.pt`` (layout in :mod:`leap.checkpoint`), ``summary.json``.
@@ -30,7 +32,8 @@ Run directory (rank 0 writes it, through :mod:`leap.runlog`): ``log.jsonl``,
 DDP (:mod:`leap.distributed`): launched by ``torchrun``, NCCL on CUDA and gloo on CPU. The
 student and head live in one :class:`~leap.distill.DistillModule` wrapped in DDP; every
 rank calls the curriculum at the same points (it all-reduces the CKA), so all ranks always
-target the same block. :func:`train` owns the process group for the whole run; a
+target the same block (``--curriculum-sync per-rank``: each rank decides on its own batch, as
+the reference does; :class:`leap.curriculum.RankSync`). :func:`train` owns the process group for the whole run; a
 :class:`Trainer` built without one joins it itself and leaves it in :meth:`Trainer.close`
 (which :meth:`Trainer.fit` calls: a trainer runs once).
 
@@ -65,12 +68,15 @@ from .checkpoint import (
     restore_modules,
     restore_rng_state,
 )
-from .cka import linear_cka
+from .cka import similarity_fn
 from .config import TrainConfig
-from .curriculum import Curriculum
+from .curriculum import Curriculum, LevelUpEffects, RankSync
+from .distill import teacher_targets
 from .data import mixup, set_loader_epoch
-from .distributed import ProcessGroup, all_reduce_mean, all_reduce_sum, resolve_device
+from .distributed import ProcessGroup, all_reduce_sum, reduce_step_values, resolve_device
+from .precision import configure_matmul_precision, teacher_autocast
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .runguard import RunGuard, config_warnings, truncate_log
 from .runlog import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME, JsonlWriter, LevelUp, run_file, sanitize, write_json
 from .runstats import EpochStats, RunStats, StepResult
 
@@ -110,6 +116,9 @@ class Trainer:
         self._closed = False
         self._log_file = JsonlWriter(None)
         self._bar = None
+        # Run-directory lock, stop signals, kept checkpoints, divergence stops (leap.runguard).
+        self._guard = RunGuard(self.cfg.out, is_main=self.group.is_main, keep_checkpoints=self.cfg.keep_checkpoints,
+                               divergence_factor=self.cfg.divergence_factor, on_error=self._log)
         try:
             self._setup()
         except BaseException:
@@ -123,8 +132,12 @@ class Trainer:
         self.device = resolve_device(cfg.device, group)
         self.precision = _resolve_precision(cfg.precision, self.device)
         self.amp_dtype = AMP_DTYPES[self.precision]
+        self.tf32 = configure_matmul_precision(self.precision, self.device)
         self.run_dir = cfg.out
         self.ckpt_path = run_file(cfg.out, CHECKPOINT_NAME)
+        self._guard.start(group, self.device)
+        for warning in config_warnings(cfg):
+            self._info(warning, level=logging.WARNING)
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         random.seed(cfg.seed)
@@ -154,11 +167,19 @@ class Trainer:
 
         # ---- curriculum (baseline = disabled controller: pinned to the last block)
         self.curriculum = Curriculum(
-            self.num_blocks, tau=cfg.tau, alpha=cfg.alpha,
+            self.num_blocks, tau=cfg.resolved_threshold, alpha=cfg.alpha,
             max_epochs_per_block=cfg.max_epochs_per_block or None,
             start_block=cfg.start_block, snap_to_last=cfg.snap_to_last,
-            enabled=cfg.curriculum == "cka",
+            enabled=cfg.curriculum == "cka", sync=cfg.curriculum_sync,
         )
+        # Similarity of the curriculum (--curriculum-metric) and its cadence (None: never measured).
+        self.score_fn, self.cka_every = similarity_fn(cfg.curriculum_metric), cfg.resolved_cka_every
+        self.effects = LevelUpEffects(module=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
+                                      reset_head=cfg.reset_head_on_level_up,
+                                      restart_on_snap=cfg.snap_to_last is not None, seed=cfg.seed)
+        self.rank_sync = RankSync(cfg.curriculum_sync, group.rank, group.world_size)
+        self._step_extra: dict[str, Any] = {}
+        self._effect_records: list[dict[str, Any]] = []
         # Mixup draws from its own CPU generator (no device sync), different per rank.
         self.mixup_gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + group.rank * 7919 + 17) % 2**63)
 
@@ -176,18 +197,22 @@ class Trainer:
             "global_batch": self.global_batch, "lr": cfg.resolved_lr, "peak_lr": self.peak_lr,
             "weight_decay": cfg.resolved_weight_decay, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-            "teacher_dtype": str(self.teacher.dtype).replace("torch.", ""),
+            "teacher_dtype": str(self.teacher.dtype).replace("torch.", ""), "tf32": self.tf32,
+            "cka_every": self.cka_every,
         }
 
         if resume is not None:
             self._resume(*resume)
         if group.is_main:
+            if resume is not None:  # the steps after the checkpoint are run again: log them once
+                truncate_log(run_file(cfg.out, LOG_NAME), self.step)
             self._log_file = JsonlWriter(run_file(cfg.out, LOG_NAME), truncate=resume is None)
         if resume is None:
             self._log({"type": "config", "config": cfg.to_dict(), "resolved": self.resolved, "dims": self.dims})
         else:
             self._log({"type": "resume", "checkpoint": resume[0], "step": self.step, "epoch": self.epoch,
                        "step_in_epoch": self.step_in_epoch})
+        self._guard.set_reference(self.params)
 
     def _read_resume_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
         """Load ``--resume`` (if any) as ``(path, checkpoint)``; refuse to silently overwrite a run."""
@@ -240,6 +265,8 @@ class Trainer:
         if rng:
             mine = rng[self.group.rank] if len(rng) == self.group.world_size else rng[0]
             restore_rng_state(mine, {"mixup": self.mixup_gen})
+            if cfg.curriculum_sync == "per-rank" and len(rng) == self.group.world_size and "curriculum" in mine:
+                self.curriculum.load_state_dict(mine["curriculum"])  # this rank's own block, not rank 0's
         self.last_good = path
         self._last_saved_step = self.step
         self._info(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.step_in_epoch}), "
@@ -271,6 +298,7 @@ class Trainer:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        self._guard.close(failed_early=self._log_file.path is None)
         self._log_file.close()
         if self._owns_group:
             self.group.close()
@@ -288,9 +316,12 @@ class Trainer:
                 s_patch, _ = self.module.features(images)
                 s_proj = self.module.head.project(s_patch)
             before = self.teacher.blocks_run
-            scores = self.teacher.scan(images, lambda k, patch, cls: linear_cka(s_proj, patch))
+            with teacher_autocast(self.device, self.amp_dtype, self.teacher.dtype):
+                scores = self.teacher.scan(images, lambda k, patch, cls: self.score_fn(s_proj, patch))
             scan_blocks = self.teacher.blocks_run - before
         start = cur.calibrate(scores, step=self.step + 1, epoch=self.epoch)
+        for record in self.effects.apply(cur.level_ups):  # a snap at calibration restarts the lr
+            self._log(record)
         self.stats.add_calibration(start, scan_blocks)
         if scan_blocks:
             self.flops.add_teacher_blocks(scan_blocks, images.shape[0] * self.group.world_size)
@@ -317,7 +348,8 @@ class Trainer:
 
         k = cur.block
         before = self.teacher.blocks_run
-        t_patch, t_cls = self.teacher(images, k)  # blocks 1..k only, no grad
+        with teacher_autocast(self.device, self.amp_dtype, self.teacher.dtype):
+            t_patch, t_cls = teacher_targets(self.teacher, self.module, images, k)  # blocks 1..k only, no grad
         blocks_run = self.teacher.blocks_run - before
         self.flops.add_step(blocks_run, images.shape[0] * self.group.world_size)
 
@@ -327,10 +359,10 @@ class Trainer:
         self.scaler.scale(loss).backward()
 
         cka_t = None
-        if step % cfg.cka_every == 0:
+        if self.cka_every and step % self.cka_every == 0:
             # Detached projected student (head before this step's update) vs the current target.
             with torch.no_grad():
-                cka_t = linear_cka(self.module.head.project(s_patch), t_patch)
+                cka_t = self.score_fn(self.module.head.project(s_patch), self.module.final_target(t_patch))
 
         grad_norm_t = None
         if cfg.clip_grad > 0:
@@ -344,7 +376,7 @@ class Trainer:
         # One small all-reduce + one host read per step, CKA included: the logged loss is the
         # global mean, a NaN on any rank is seen by all ranks, which then stop together, and
         # every rank hands the curriculum the same rank-mean CKA.
-        values = all_reduce_mean(torch.stack([s.float() for s in stats])).tolist()
+        values, gathered = reduce_step_values(stats, self.rank_sync.inputs(cka_t, k, self.device))
         loss_v, patch_v, cls_v = values[:3]
         grad_norm = values[3] if grad_norm_t is not None else None
         cka_v = values[-1] if cka_t is not None else None
@@ -363,11 +395,13 @@ class Trainer:
 
         result = StepResult(step=step, epoch=self.epoch, loss=loss_v, patch_loss=patch_v, cls_loss=cls_v, block=k,
                             lr=lr, teacher_blocks_run=blocks_run, mixup_lambda=lam, grad_norm=grad_norm)
+        cka_v, self._step_extra = self.rank_sync.outputs(cka_v, gathered)  # per-rank: this rank's own
         if cka_t is not None:
             n_before = len(cur.level_ups)
             cur.observe(cka_v, step=step, epoch=self.epoch, already_reduced=True)
             result.cka = cur.last_cka
             result.level_ups = [LevelUp(*u) for u in cur.level_ups[n_before:]]
+            self._effect_records = self.effects.apply(cur.level_ups[n_before:])
         return result
 
     # ------------------------------------------------------------------ loop
@@ -398,13 +432,18 @@ class Trainer:
         try:
             for images, _labels in self.loader:
                 result = self.train_step(images)
+                self._guard.check_step(result.loss, result.step, self._guard.last_good_text(self.last_good),
+                                       block=result.block)
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 self.step += 1
                 self.step_in_epoch += 1
                 result.images_per_s = self.global_batch / dt if dt > 0 else None
-                self._log(result.record())
+                self._log({**result.record(), **self._step_extra})
                 self._log_level_ups(result.level_ups, result.cka)
+                for record in self._effect_records:  # lr restart / head reset of this step's level-ups
+                    self._log(record)
+                self._effect_records = []
                 self.stats.add_step(result, self.global_batch, dt)
                 self.block_history.append(result.block)
                 self._bar.update(1)
@@ -414,9 +453,11 @@ class Trainer:
                 if result.images_per_s:
                     post["img/s"] = f"{result.images_per_s:.0f}"
                 self._bar.set_postfix(post, refresh=False)
+                self._plain_progress(result)
 
                 if self.step_in_epoch >= self.steps_per_epoch:
                     continue  # the epoch end (below) checkpoints
+                self._stop_if_signalled()
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
                 if self._max_steps_reached():
@@ -432,6 +473,8 @@ class Trainer:
         n_before = len(cur.level_ups)
         cur.epoch_end(epoch=self.epoch, step=self.step)
         self._log_level_ups([LevelUp(*u) for u in cur.level_ups[n_before:]], None)
+        for record in self.effects.apply(cur.level_ups[n_before:]):
+            self._log(record)
 
         # Each rank's dataset counts the bad files of its own shard: sum over ranks.
         new_failures = self.dataset.decode_failures - self._decode_seen
@@ -475,10 +518,12 @@ class Trainer:
             raise RuntimeError("this Trainer has already run (or was closed); build a new one to train again")
         try:
             status = "completed"
+            self._guard.catch_signals()
             while self.epoch < self.cfg.epochs:
                 if self._max_steps_reached() or not self._run_epoch():
                     status = "stopped_at_max_steps"
                     break
+                self._stop_if_signalled()
             if self._last_saved_step != self.step:
                 self.save_checkpoint()
             summary = self.summary(status)
@@ -504,19 +549,49 @@ class Trainer:
             raise self._stop(
                 f"student/head weights became non-finite by step {self.step} (epoch {self.epoch + 1}); "
                 f"the checkpoint was NOT overwritten. Last good checkpoint: {self._last_good_text()}.", self.step)
-        rng_all = self.group.all_gather_object(capture_rng_state({"mixup": self.mixup_gen}))
+        self._guard.check_weights(self.params, self.step, self._guard.last_good_text(self.last_good))
+        # Every rank's controller travels with its RNG state: under --curriculum-sync per-rank they differ.
+        rng_all = self.group.all_gather_object({**capture_rng_state({"mixup": self.mixup_gen}),
+                                                "curriculum": self.curriculum.state_dict()})
         if self.group.is_main:
             ckpt = build_checkpoint(
                 module=self.module, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                 curriculum=self.curriculum, rng=rng_all, epoch=self.epoch, step=self.step,
                 step_in_epoch=self.step_in_epoch, stats=self.stats.state_dict(), flops=self.flops.state_dict(),
                 config=self.cfg.to_dict(), resolved=self.resolved, dims=self.dims)
+            self._guard.keep_previous(self.ckpt_path, self._last_saved_step)
             atomic_save(ckpt, self.ckpt_path)
             self._log({"type": "checkpoint", "step": self.step, "epoch": self.epoch,
                        "step_in_epoch": self.step_in_epoch, "path": self.ckpt_path})
         self.last_good = self.ckpt_path
         self._last_saved_step = self.step
         return self.ckpt_path
+
+    # ------------------------------------------------------------------ signals and plain progress (leap.runguard)
+
+    def _stop_if_signalled(self) -> None:
+        """After SIGTERM/SIGINT (agreed by every rank): checkpoint, log, raise RunInterrupted."""
+        signum = self._guard.stop_requested(self.group, self.device)
+        if not signum:
+            return
+        if self._last_saved_step != self.step:
+            self.save_checkpoint()
+        self._log({"type": "interrupted", "signal": int(signum), "step": self.step, "epoch": self.epoch,
+                   "checkpoint": self.ckpt_path})
+        raise self._guard.interrupted(signum, self.step, self.ckpt_path)
+
+    def _plain_progress(self, result: StepResult) -> None:
+        """Without a terminal (no bar): one line every ``log_every`` steps and at each epoch end."""
+        if not (self.cfg.progress and self.group.is_main) or sys.stderr.isatty():
+            return
+        end = self.step_in_epoch >= self.steps_per_epoch
+        if not end and not (self.cfg.log_every and self.step % self.cfg.log_every == 0):
+            return
+        extra = f", cka {result.cka:.3f}" if result.cka is not None else ""
+        rate = f", {result.images_per_s:.0f} img/s" if result.images_per_s else ""
+        log.info(f"epoch {self.epoch + 1}/{self.cfg.epochs} step {self.step_in_epoch}/{self.steps_per_epoch} "
+                 f"(total {self.step}): loss {result.loss:.4g}, block {result.block}/{self.num_blocks}{extra}{rate}"
+                 + (" [epoch end]" if end else ""))
 
     # ------------------------------------------------------------------ summary
 
@@ -526,7 +601,10 @@ class Trainer:
         full = steps * self.num_blocks
         return sanitize({
             "status": status,
-            "mode": "leap" if cur.enabled else "baseline",
+            "mode": "leap" if cur.enabled else ("one-to-one" if self.cfg.curriculum == "one-to-one" else "baseline"),
+            # Whether the per-step CKA (or cosine) was computed: the baselines skip it unless --cka-every.
+            "cka_computed": self.cka_every is not None, "curriculum_sync": self.cfg.curriculum_sync,
+            "blocks_per_rank": self._step_extra.get("blocks_per_rank"),
             "run_dir": self.run_dir,
             "checkpoint": self.last_good,
             "steps": steps,
@@ -539,6 +617,7 @@ class Trainer:
             "level_ups": [{k: v for k, v in LevelUp(*u).record().items() if k != "type"} for u in cur.level_ups],
             "calibration_scores": cur.calibration_scores,
             "teacher_blocks_run": tot.teacher_blocks_run,
+            "calibration_blocks": tot.calibration_blocks,  # apart from the savings (leap.runstats)
             "teacher_blocks_full": full,
             "teacher_block_savings": 1.0 - tot.teacher_blocks_run / full if full else None,
             "final_loss": tot.last_loss,

@@ -1,9 +1,15 @@
 """Backends and dispatch.
 
-Each backend declares, for a given op and its input tensors, the reasons it
-cannot run them (an empty list means it can). Automatic dispatch picks the first
-backend in priority order that can; a forced backend (``LEAP_KERNELS_BACKEND`` or
-:func:`use_backend`) that cannot run raises with its reasons.
+Each backend declares, per op, what its kernels accept (:class:`OpSupport`: devices, dtypes,
+row width, head dims, ...) next to the backend itself, and from that lists the reasons it
+cannot run a given call (an empty list means it can). The ops only describe the call (tensors,
+row width, head dim, scale) and never test for a backend's limits, so adding a backend means
+adding its declaration and its implementations, not editing every op's checks.
+
+Automatic dispatch tries the backends in the order of :func:`dispatch_order` for the device and
+takes the first that can run the call; a backend whose kernels were never verified on the
+hardware is skipped (it can still be forced). A forced backend (``LEAP_KERNELS_BACKEND`` or
+:func:`use_backend`) that cannot run the call raises with its reasons.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ import contextlib
 import dataclasses
 import os
 import threading
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
+
+from . import _ext
 
 ENV_BACKEND = "LEAP_KERNELS_BACKEND"
 AUTO = "auto"
@@ -22,7 +30,15 @@ AUTO = "auto"
 # Ops whose Triton kernels hold a whole token row in registers (row normalization).
 MAX_TRITON_ROW_WIDTH = 16384
 
-_SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_16_32 = (torch.float32, torch.bfloat16, torch.float16)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+#: Head dims of the Triton attention kernel (one ``tl.dot`` over the whole head dim).
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+#: Head dims of the CUDA attention kernel.
+CUDA_HEAD_DIMS = (64, 128)
+
+NOT_VERIFIED = "not yet verified on a GPU (force it with {env}={name})"
 
 
 def triton_interpret_enabled() -> bool:
@@ -39,21 +55,100 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def _sample_span(t: torch.Tensor) -> int:
+    """Elements spanned by one sample (dims 1..) of ``t``: the kernels index inside it with int32."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSupport:
+    """What one backend's kernels of one op accept.
+
+    ``verified=False`` marks kernels that were compiled but never checked on the hardware:
+    automatic dispatch does not choose them; forcing the backend does run them.
+    """
+
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] = FLOAT_16_32
+    max_row_width: Optional[int] = None
+    head_dims: Optional[tuple[int, ...]] = None
+    positive_scale: bool = False
+    max_sample_span: Optional[int] = None
+    verified: bool = True
+
+
 class Backend:
-    """A way to compute the ops. Subclasses list why they cannot run an input."""
+    """A way to compute the ops: a declaration per op, and why it cannot run here at all."""
 
     name: str = "?"
+    ops: dict[str, OpSupport] = {}
 
-    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor], **meta) -> list[str]:
-        raise NotImplementedError
+    def availability_reasons(self) -> list[str]:
+        """Why this backend cannot run anything in this process (not installed, not built...)."""
+        return []
+
+    def device_reasons(self, device_type: str) -> list[str]:
+        """Why it cannot run tensors of this device type now (beyond the per-op device list)."""
+        return []
+
+    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor], *, auto: bool = False,
+                              row_width: Optional[int] = None, head_dim: Optional[int] = None,
+                              scale: Optional[float] = None, **_meta) -> list[str]:
+        reasons = self.availability_reasons()
+        support = self.ops.get(op)
+        if support is None:
+            reasons.append(f"the {self.name} backend has no {op} kernel")
+            return reasons
+        for device_type in sorted({t.device.type for t in tensors}):
+            if device_type not in support.devices:
+                reasons.append(f"{op}: {device_type} tensors given; the {self.name} kernels run on "
+                               f"{' or '.join(support.devices)} tensors")
+            else:
+                reasons.extend(self.device_reasons(device_type))
+        unsupported = sorted(str(d) for d in {t.dtype for t in tensors} if d not in support.dtypes)
+        if unsupported:
+            names = ", ".join(str(d).replace("torch.", "") for d in support.dtypes)
+            reasons.append(f"dtype {', '.join(unsupported)} not supported by the {self.name} {op} kernels ({names})")
+        if support.max_row_width is not None and row_width is not None and row_width > support.max_row_width:
+            reasons.append(f"{op}: row width {row_width} exceeds the {support.max_row_width} channels one "
+                           f"{self.name} program holds in registers")
+        if support.head_dims is not None and head_dim is not None and head_dim not in support.head_dims:
+            reasons.append(f"{op}: head dim {head_dim} not supported by the {self.name} kernel "
+                           f"(supported head dims: {', '.join(map(str, support.head_dims))})")
+        if support.positive_scale and scale is not None and not scale > 0:
+            reasons.append(f"{op}: the {self.name} kernel needs scale > 0, got {scale}")
+        if support.max_sample_span is not None:
+            for t in tensors:
+                if t.dim() >= 2 and _sample_span(t) >= support.max_sample_span:
+                    reasons.append(f"{op}: one sample spans {_sample_span(t)} elements; the {self.name} kernel "
+                                   "indexes within a sample with 32-bit offsets")
+        if auto and not support.verified:
+            reasons.append(f"{op}: the {self.name} kernels are " + NOT_VERIFIED.format(env=ENV_BACKEND, name=self.name))
+        return reasons
+
+    def status_reasons(self, device_type: str) -> list[str]:
+        """Reasons shown by :func:`backends`: availability, device, and unverified kernels."""
+        reasons = self.availability_reasons()
+        ops_here = {op: s for op, s in self.ops.items() if device_type in s.devices}
+        if not ops_here:
+            reasons.append(f"no kernels for {device_type} tensors")
+            return reasons
+        reasons.extend(self.device_reasons(device_type))
+        unverified = sorted(op for op, s in ops_here.items() if not s.verified)
+        if unverified and len(unverified) == len(ops_here):
+            reasons.append("kernels " + NOT_VERIFIED.format(env=ENV_BACKEND, name=self.name))
+        return reasons
 
 
 class TorchBackend(Backend):
-    """Plain PyTorch: the readable reference and the CPU path. Runs everything."""
+    """Plain PyTorch: the readable reference and the fallback. Runs everything."""
 
     name = "torch"
 
     def not_supported_reasons(self, op, tensors, **meta):
+        return []
+
+    def status_reasons(self, device_type):
         return []
 
 
@@ -61,87 +156,132 @@ class TritonBackend(Backend):
     """Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
 
     name = "triton"
+    ops = {
+        "fused_feature_loss": OpSupport(("cuda", "cpu"), max_row_width=MAX_TRITON_ROW_WIDTH),
+        "token_normalized_mse": OpSupport(("cuda", "cpu"), max_row_width=MAX_TRITON_ROW_WIDTH),
+        "scale_cast": OpSupport(("cuda", "cpu")),
+        "teacher_attention": OpSupport(("cuda", "cpu"), dtypes=HALF_DTYPES, head_dims=TRITON_HEAD_DIMS,
+                                       positive_scale=True, max_sample_span=2**31),
+    }
 
-    def not_supported_reasons(self, op, tensors, **meta):
-        reasons = []
-        import_error = _triton_import_error()
-        if import_error:
-            reasons.append(import_error)
-        device_types = {t.device.type for t in tensors}
-        for device_type in sorted(device_types):
-            if device_type == "cuda":
-                if not torch.cuda.is_available():
-                    reasons.append("CUDA tensors given but torch.cuda is not available")
-            elif device_type == "cpu":
-                if not triton_interpret_enabled():
-                    reasons.append(
-                        "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
-                        "before importing leap_kernels (slow; meant for tests)"
-                    )
-            else:
-                reasons.append(f"device type {device_type!r} is not supported (cuda, or cpu with TRITON_INTERPRET=1)")
-        # An op's kernels may take fewer dtypes than the default (meta "dtypes").
-        supported = meta.get("dtypes") or _SUPPORTED_FLOAT_DTYPES
-        dtypes = {t.dtype for t in tensors}
-        unsupported = sorted(str(d) for d in dtypes if d not in supported)
-        if unsupported:
-            names = ", ".join(str(d).replace("torch.", "") for d in supported)
-            reasons.append(f"dtype {', '.join(unsupported)} not supported by the {op} kernels ({names})")
-        row_width = meta.get("row_width")
-        if row_width is not None and row_width > MAX_TRITON_ROW_WIDTH:
-            reasons.append(
-                f"{op}: row width {row_width} exceeds the {MAX_TRITON_ROW_WIDTH} channels one Triton "
-                "program holds in registers"
-            )
-        # Limits of one op's kernels (head dims, scales, ...), computed by the op itself.
-        reasons.extend(meta.get("op_reasons") or ())
-        return reasons
+    def availability_reasons(self):
+        error = _triton_import_error()
+        return [error] if error else []
+
+    def device_reasons(self, device_type):
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return ["CUDA tensors given but torch.cuda is not available"]
+        if device_type == "cpu" and not triton_interpret_enabled():
+            return ["CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+                    "leap_kernels (slow; meant for tests)"]
+        return []
 
 
-# Priority order for automatic dispatch: fastest first, the reference last.
-_BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), TorchBackend())}
+class CppBackend(Backend):
+    """The compiled C++ CPU kernels of ``leap_kernels._C`` (ATen GEMMs, at::vec row kernels)."""
 
-_override = threading.local()
+    name = "cpp"
+    ops = {
+        "fused_feature_loss": OpSupport(("cpu",)),
+        "token_normalized_mse": OpSupport(("cpu",)),
+        "scale_cast": OpSupport(("cpu",)),  # ATen ops: the rescale after the fused loss's backward
+    }
+
+    def availability_reasons(self):
+        error = _ext.load_error()
+        return [error] if error else []
 
 
-def backend_names() -> list[str]:
-    return list(_BACKENDS)
+class CudaBackend(Backend):
+    """The compiled CUDA kernels of ``leap_kernels._C`` (cuBLAS GEMMs through ATen + row kernels;
+    an ``mma.sync`` attention). None has run on a GPU yet: automatic dispatch skips them."""
+
+    name = "cuda"
+    ops = {
+        "fused_feature_loss": OpSupport(("cuda",), verified=False),
+        "token_normalized_mse": OpSupport(("cuda",), verified=False),
+        "scale_cast": OpSupport(("cuda",), verified=False),
+        "teacher_attention": OpSupport(("cuda",), dtypes=HALF_DTYPES, head_dims=CUDA_HEAD_DIMS, positive_scale=True,
+                                       verified=False),
+    }
+
+    def availability_reasons(self):
+        error = _ext.load_error()
+        if error:
+            return [error]
+        if not _ext.with_cuda():
+            return ["leap_kernels._C was built without CUDA kernels (no GPU or toolkit at build time; rebuild "
+                    "with LEAP_KERNELS_BUILD_CUDA=1)"]
+        return []
+
+    def device_reasons(self, device_type):
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return ["CUDA tensors given but torch.cuda is not available"]
+        return []
+
+
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), CppBackend(), TorchBackend())}
+
+#: Automatic order per device type, unless :data:`MEASURED_ORDER` has one for the device class.
+DEFAULT_ORDER = {"cuda": ("cuda", "triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
+#: Device class (a substring of ``torch.cuda.get_device_name()``) -> backend order, fastest first, as
+#: the committed results under bench/results/ show. Empty until the cuda backend is measured on a GPU.
+MEASURED_ORDER: dict[str, tuple[str, ...]] = {}
+
+# Process-wide, not thread-local: on CUDA, autograd runs backward ops on its own device threads, and a
+# backend forced around ``loss.backward()`` must reach them too.
+_override_lock = threading.Lock()
+_override_stack: list[str] = []
+
+
+def dispatch_order(device: torch.device | str) -> tuple[str, ...]:
+    """Backends automatic dispatch tries for tensors on ``device``, in order."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device)
+        for device_class, order in MEASURED_ORDER.items():
+            if device_class in name:
+                return order
+    return DEFAULT_ORDER.get(device.type, ("torch",))
 
 
 def _requested_backend() -> str:
-    forced = getattr(_override, "name", None)
-    if forced is not None:
-        return forced
+    with _override_lock:
+        if _override_stack:
+            return _override_stack[-1]
     value = os.environ.get(ENV_BACKEND, AUTO).strip().lower() or AUTO
     if value != AUTO and value not in _BACKENDS:
-        raise ValueError(
-            f"{ENV_BACKEND}: expected one of {[AUTO, *_BACKENDS]}, got {value!r}"
-        )
+        raise ValueError(f"{ENV_BACKEND}: expected one of {[AUTO, *_BACKENDS]}, got {value!r}")
     return value
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force a backend (``"torch"``, ``"triton"`` or ``"auto"``) inside a ``with`` block.
+    """Force a backend (``"cuda"``, ``"triton"``, ``"cpp"``, ``"torch"`` or ``"auto"``) in a ``with`` block.
 
-    Takes precedence over ``LEAP_KERNELS_BACKEND``; applies to the current thread.
+    Takes precedence over ``LEAP_KERNELS_BACKEND``. Applies to the whole process while the block is
+    open (autograd's backward threads included), so call ``backward()`` inside it as well.
     """
     name = name.strip().lower()
     if name != AUTO and name not in _BACKENDS:
         raise ValueError(f"use_backend: expected one of {[AUTO, *_BACKENDS]}, got {name!r}")
-    previous = getattr(_override, "name", None)
-    _override.name = name
+    with _override_lock:
+        _override_stack.append(name)
     try:
         yield
     finally:
-        _override.name = previous
+        with _override_lock:
+            # Remove this block's entry (blocks on several threads may close out of order).
+            index = len(_override_stack) - 1 - _override_stack[::-1].index(name)
+            del _override_stack[index]
 
 
 def select_backend(op: str, tensors: Sequence[torch.Tensor], **meta) -> str:
     """Name of the backend that runs ``op`` on ``tensors`` now.
 
-    Raises RuntimeError when a forced backend cannot run them (with the reasons),
-    or when no backend can (listing every backend's reasons).
+    ``meta`` describes the call for the backends' declarations: ``row_width``, ``head_dim``, ``scale``.
+    Raises RuntimeError when a forced backend cannot run it (with the reasons), or when no backend
+    can (listing every backend's reasons).
     """
     requested = _requested_backend()
     if requested != AUTO:
@@ -152,8 +292,8 @@ def select_backend(op: str, tensors: Sequence[torch.Tensor], **meta) -> str:
             )
         return requested
     all_reasons = {}
-    for name, backend in _BACKENDS.items():
-        reasons = backend.not_supported_reasons(op, tensors, **meta)
+    for name in dispatch_order(tensors[0].device):
+        reasons = _BACKENDS[name].not_supported_reasons(op, tensors, auto=True, **meta)
         if not reasons:
             return name
         all_reasons[name] = reasons
@@ -174,19 +314,22 @@ class BackendStatus:
 
 
 def backends(device: str | torch.device | None = None) -> dict[str, BackendStatus]:
-    """Which backends can run here, and why the others cannot.
+    """Every backend (cuda, triton, cpp, torch), whether automatic dispatch may use it for tensors
+    on ``device``, and why not.
 
-    ``device`` defaults to CUDA when available, else CPU. Example::
+    ``device`` defaults to CUDA when available, else CPU. Example (CPU, no interpreter)::
 
         >>> leap_kernels.backends()
-        {'triton': BackendStatus(name='triton', usable=False, reasons=('CPU tensors need ...',)),
+        {'cuda': BackendStatus(name='cuda', usable=False, reasons=('no kernels for cpu tensors',)),
+         'triton': BackendStatus(name='triton', usable=False, reasons=('CPU tensors need ...',)),
+         'cpp': BackendStatus(name='cpp', usable=True, reasons=()),
          'torch': BackendStatus(name='torch', usable=True, reasons=())}
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    probe = torch.empty(0, dtype=torch.float32, device=device)
+    device_type = torch.device(device).type
     out = {}
     for name, backend in _BACKENDS.items():
-        reasons = tuple(backend.not_supported_reasons("backends()", [probe]))
+        reasons = tuple(backend.status_reasons(device_type))
         out[name] = BackendStatus(name, not reasons, reasons)
     return out

@@ -3,6 +3,7 @@ expected and what was given."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -42,8 +43,20 @@ def check_reduction(reduction) -> None:
 
 
 def check_eps(eps) -> None:
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
+    # eps = inf would make every normalized token 0 (loss 0); eps <= 0 divides by zero on constant tokens.
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
+
+
+def check_normalize(normalize) -> None:
+    # A string such as "no" would otherwise count as True.
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__} {normalize!r}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
 
 
 def check_constant_target(target: torch.Tensor, op: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _checks
 from .ops.feature_loss import fused_feature_loss
 from .ops.token_norm_mse import token_normalized_mse
 
@@ -27,6 +28,12 @@ class FeatureDistillationHead(nn.Module):
     def __init__(self, student_dim: int, teacher_dim: int, *, bias: bool = True, normalize: bool = False,
                  reduction: str = "mean", eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
+        # Validated here, not at the first forward: a bad config fails where it is written.
+        _checks.check_positive_int("student_dim", student_dim)
+        _checks.check_positive_int("teacher_dim", teacher_dim)
+        _checks.check_normalize(normalize)
+        _checks.check_reduction(reduction)
+        _checks.check_eps(eps)
         self.normalize = normalize
         self.reduction = reduction
         self.eps = eps
@@ -56,6 +63,8 @@ class TokenNormalizedMSELoss(nn.Module):
 
     def __init__(self, *, reduction: str = "mean", eps: float = 1e-6):
         super().__init__()
+        _checks.check_reduction(reduction)
+        _checks.check_eps(eps)
         self.reduction = reduction
         self.eps = eps
 

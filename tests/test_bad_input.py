@@ -22,21 +22,24 @@ def good(m=(2, 5), d_s=8, d_t=12):
         (lambda a: a.update(target=torch.randint(0, 3, (2, 5, 12))), TypeError, r"target: expected a floating dtype.*int64"),
         (lambda a: a.update(student=torch.randn(0, 8), target=torch.randn(0, 12)), ValueError, r"student: got zero tokens"),
         (lambda a: a.update(reduction="avg"), ValueError, r"reduction: expected one of \('mean', 'sum', 'none'\), got 'avg'"),
-        (lambda a: a.update(eps=-1.0), ValueError, r"eps: expected a float >= 0"),
+        (lambda a: a.update(eps=-1.0), ValueError, r"eps: expected a finite float > 0, got -1.0"),
+        (lambda a: a.update(eps=float("inf")), ValueError, r"eps: expected a finite float > 0, got inf"),
+        (lambda a: a.update(eps=0.0), ValueError, r"eps: expected a finite float > 0, got 0.0"),
+        (lambda a: a.update(normalize="no"), TypeError, r"normalize: expected a bool, got str 'no'"),
         (lambda a: a.update(target=torch.randn(2, 5, 12, requires_grad=True)), ValueError, r"target:.*requires grad.*detach"),
         (lambda a: a.update(student=[1.0]), TypeError, r"student: expected a torch.Tensor, got list"),
         (lambda a: a.update(bias=torch.randn(12, device="meta")), ValueError, r"bias: expected a tensor on cpu.*got meta"),
     ],
     ids=["target-shape", "weight-shape", "weight-dim", "bias-shape", "int-student", "int-target", "zero-tokens",
-         "reduction", "eps", "target-grad", "not-tensor", "device"],
+         "reduction", "eps", "eps-inf", "eps-zero", "normalize-str", "target-grad", "not-tensor", "device"],
 )
 def test_fused_feature_loss_errors(mutate, exc, pattern):
     s, w, b, t = good()
-    args = dict(student=s, weight=w, bias=b, target=t, reduction="mean", eps=1e-6)
+    args = dict(student=s, weight=w, bias=b, target=t, reduction="mean", eps=1e-6, normalize=False)
     mutate(args)
     with pytest.raises(exc, match=pattern):
         fused_feature_loss(args["student"], args["weight"], args["bias"], args["target"],
-                           reduction=args["reduction"], eps=args["eps"])
+                           reduction=args["reduction"], eps=args["eps"], normalize=args["normalize"])
 
 
 def test_target_requiring_grad_is_fine_under_no_grad():
@@ -55,3 +58,34 @@ def test_token_normalized_mse_errors():
         token_normalized_mse(torch.randn(0, 8), torch.randn(0, 8))
     with pytest.raises(ValueError, match=r"reduction"):
         token_normalized_mse(x, x, reduction="max")
+    with pytest.raises(ValueError, match=r"eps: expected a finite float > 0, got inf"):
+        token_normalized_mse(x, x, eps=float("inf"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(student_dim=0, teacher_dim=16), ValueError, r"student_dim: expected a positive int, got 0"),
+        (dict(student_dim=8, teacher_dim=-1), ValueError, r"teacher_dim: expected a positive int, got -1"),
+        (dict(student_dim=8.0, teacher_dim=16), ValueError, r"student_dim: expected a positive int, got 8.0"),
+        (dict(student_dim=8, teacher_dim=16, normalize="no"), TypeError, r"normalize: expected a bool, got str"),
+        (dict(student_dim=8, teacher_dim=16, eps=float("inf")), ValueError, r"eps: expected a finite float > 0"),
+        (dict(student_dim=8, teacher_dim=16, reduction="avg"), ValueError, r"reduction: expected one of"),
+    ],
+    ids=["zero-dim", "negative-dim", "float-dim", "normalize-str", "eps-inf", "reduction"],
+)
+def test_head_validates_its_config_at_construction(kwargs, exc, pattern):
+    # Errors come from __init__, before any forward.
+    from leap_kernels import FeatureDistillationHead
+
+    with pytest.raises(exc, match=pattern):
+        FeatureDistillationHead(**kwargs)
+
+
+def test_token_mse_module_validates_at_construction():
+    from leap_kernels import TokenNormalizedMSELoss
+
+    with pytest.raises(ValueError, match=r"reduction: expected one of"):
+        TokenNormalizedMSELoss(reduction="avg")
+    with pytest.raises(ValueError, match=r"eps: expected a finite float > 0"):
+        TokenNormalizedMSELoss(eps=0.0)

@@ -380,3 +380,24 @@ def test_cli_measure_tiny(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "k =   1" in out and "k =   2" in out and "wall-clock saving" in out
     assert math.isfinite(float(out.split("wall-clock saving")[1].split(":")[1].strip().rstrip("%")))
+
+
+def test_readme_quotes_the_cost_model_numbers():
+    """The README's per-image numbers are the ones `leap flops` prints (one formula, CostModel)."""
+    import pathlib
+    import re
+
+    text = " ".join((pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    cm = C.CostModel(GIANT, "vit_small_patch14_dinov2", img_size=224)
+    tiny = C.CostModel(GIANT, "vit_tiny_patch14_dinov2", img_size=224)
+    quoted = {
+        "CKA per step": cm.cka_macs,
+        "ViT-T": tiny.student_forward_macs,
+        "ViT-S forward": cm.student_forward_macs,
+        "full ViT-g": cm.teacher_macs(cm.num_blocks),
+    }
+    for label, macs in quoted.items():
+        m = re.search(re.escape(label) + r" ([\d.]+) GMACs", text)
+        assert m, f"README quotes no '{label} ... GMACs'"
+        decimals = len(m.group(1).partition(".")[2])  # compare at the precision quoted
+        assert float(m.group(1)) == round(macs / 1e9, decimals), (label, m.group(1), macs / 1e9)

@@ -9,7 +9,8 @@ import torch
 
 from leap.demo import DEFAULT_TEACHER, run_demo
 from leap.data import build_dataset, build_loader
-from leap.knn import knn_accuracy, load_model_for_eval
+from leap.knn import knn_accuracy
+from leap.models import build_model, load_teacher_weights
 from leap.pretrain import TeacherTrainConfig, evaluate_accuracy, read_teacher_meta, train_teacher
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "fashion-mnist-sample")
@@ -31,7 +32,8 @@ def test_demo_pipeline_on_sample(tmp_path, capsys):
     saved = read_teacher_meta(teacher_path)
     assert saved["model_overrides"]["depth"] == 4 and saved["test_accuracy"] == meta["test_accuracy"]
     # The accuracy is that of the saved (fp16) weights: recomputing it on the reloaded file agrees.
-    net, _, _ = load_model_for_eval(teacher_path)
+    net = build_model(saved["model"], img_size=saved["img_size"], **saved["model_overrides"])
+    load_teacher_weights(net, teacher_path)
     raw = torch.load(teacher_path, weights_only=True)
     classifier = torch.nn.Linear(net.num_features, 10)
     classifier.load_state_dict(raw["classifier"])
@@ -58,6 +60,20 @@ def test_demo_pipeline_on_sample(tmp_path, capsys):
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved["leap"]["epoch_blocks"] == leap["epoch_blocks"] and saved["teacher_knn_cls"] == out["teacher_knn"]
     assert saved["baseline"]["summary"]["teacher_blocks_run"] == base["summary"]["teacher_blocks_run"]
+    for r in (base, leap):  # the linear probe of each student: best over 100 epochs >= the last epoch
+        for kind in ("cls", "patch"):
+            probe = r["linear"][kind]
+            assert 1 <= probe["best_epoch"] <= 100 and probe["best_top1"] >= probe["last_top1"], probe
+            assert (probe["best_top1"] * 64).is_integer(), probe  # 64 test images
+        assert r["linear"]["patch"]["best_top1"] > 0.1, r["linear"]  # above chance (10 classes)
+    header = table.split("\n")[0]
+    assert "linear top-1 CLS (best epoch)" in header and "linear top-1 mean-patch (best epoch)" in header
+    assert f"{base['linear']['cls']['best_top1'] * 100:.2f}% ({base['linear']['cls']['best_epoch']})" in \
+        table.split("| baseline |")[1].split("\n")[0]
+    assert "after the last epoch" in table
+    # Each student's evaluations are recorded in its run directory and listed by its report.
+    report = (tmp_path / "demo" / "leap" / "report" / "report.md").read_text()
+    assert "## Evaluations" in report and "linear probe top-1" in report and "kNN top-1" in report
     assert "teacher FLOPs saved" in capsys.readouterr().out
 
 

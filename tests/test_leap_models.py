@@ -158,7 +158,16 @@ def test_vit_tiny_dims():
     assert tuple(m.patch_embed.patch_size) == (14, 14)
     assert patch_grid(m) == (16, 16)
     assert m.num_prefix_tokens == 1 and m.reg_token is None
-    assert torch.allclose(m.blocks[0].ls1.gamma, torch.full((192,), 1e-5))
+    # The reference ViT-T is a plain timm VisionTransformer: no LayerScale anywhere.
+    assert not any(".ls1." in k or ".ls2." in k for k in m.state_dict())
+    assert all(isinstance(b.ls1, nn.Identity) and isinstance(b.ls2, nn.Identity) for b in m.blocks)
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=224, patch_size=14, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True, num_classes=0)
+    n_params = sum(p.numel() for p in m.parameters())
+    assert n_params == sum(p.numel() for p in ref.parameters()) == 5_501_376
+    assert m.state_dict().keys() == ref.state_dict().keys()
+    reg = build_model("vit_tiny_patch14_reg4_dinov2")
+    assert not any(".ls1." in k or ".ls2." in k for k in reg.state_dict())
     assert m.blocks[0].mlp.fc1.out_features == 4 * 192
     assert isinstance(m.head, nn.Identity) and m.num_classes == 0
     with torch.no_grad():
@@ -301,13 +310,14 @@ def _expected_pos(src: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
      ("giant_reg", "timm")],
 )
 def test_pos_embed_at_other_grid_is_resampled(tmp_path, variant, fmt):
-    """Checkpoint stored at a 4x4 grid (like 37x37 at 518 px) loaded at a 2x2 grid."""
+    """Checkpoint stored at a 4x4 grid (like 37x37 at 518 px) loaded at a 2x2 grid, with the rule
+    forced to antialiased bicubic (the per-source rules: tests/test_leap_fidelity_pos_embed.py)."""
     src = tiny(variant, img=56, seed=6)
     to_layout = {"official_dinov2": timm_to_official, "hf_dinov2": timm_to_hf,
                  "timm": lambda m: m.state_dict()}[fmt]
     path = write(tmp_path / "big.pth", to_layout(src))
     dst = tiny(variant, img=28, seed=7)
-    assert load_teacher_weights(dst, path) == fmt
+    assert load_teacher_weights(dst, path, pos_embed_interpolation="bicubic-antialias") == fmt
 
     ref = tiny(variant, img=28, seed=8)
     ref_sd = dict(src.state_dict(), pos_embed=_expected_pos(src, (2, 2)))

@@ -83,13 +83,16 @@ def test_report_with_cost_model(tmp_path):
     assert "1 unreadable line(s)" in md
     assert "CostModel" in res["flops_source"]
     assert "![flops](flops.png)" in md
-    # FLOPs from the cost model: 8 images per step; the calibration scan adds L blocks at step 1
-    from leap.cost import CostModel
+    # FLOPs from the cost model: 8 images per step; the calibration scan (L blocks at step 1) is
+    # reported apart, so the saving is the same number `leap flops` gives for this trajectory.
+    from leap.cost import CostModel, savings
 
     cm = CostModel("vit_giant_patch14_reg4_dinov2", "vit_small_patch14_dinov2", teacher_overrides={"depth": L})
     emb, blk = cm.embed_macs, cm.block_macs
-    blocks_run = sum([1, 1, 2, 2, 3, 4, 4, 4]) + L
+    blocks_run = sum([1, 1, 2, 2, 3, 4, 4, 4])
     expected = 1 - (8 * emb + blocks_run * blk) / (8 * (emb + L * blk))
+    assert expected == pytest.approx(savings([1, 1, 2, 2, 3, 4, 4, 4], cost_model=cm)["teacher_saving"])
+    assert "calibration scan (once, first step)" in md
     assert res["saved_fraction"] == pytest.approx(expected)
     assert 0 < res["total_saved_fraction"] < res["saved_fraction"]
 
@@ -101,9 +104,10 @@ def test_report_without_models_uses_block_counts(tmp_path):
     assert "cka" not in res["plots"]  # no CKA logged: no CKA plot
     for name in ("loss", "blocks", "flops"):
         assert_png(out / f"{name}.png")
-    # L falls back to the largest block seen (4); calibration scan counted
-    assert res["saved_fraction"] == pytest.approx(1 - (21 + 4) / 4 / 8)
+    # L falls back to the largest block seen (4); the calibration scan is reported apart, not in the saving
+    assert res["saved_fraction"] == pytest.approx(1 - 21 / 4 / 8)
     md = (out / "report.md").read_text()
+    assert "calibration scan (once, first step): 4 teacher blocks, 12.50% of the baseline teacher cost" in md
     assert "full teacher passes" in md and "teacher depth L: 4" in md
 
 

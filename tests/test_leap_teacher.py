@@ -166,3 +166,26 @@ def test_requires_cls_token():
                     class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match="CLS"):
         TruncatedTeacher(m)
+
+
+def test_collect_matches_per_block_forward(teacher):
+    """collect (the one-to-one baseline's targets): one pass, each entry = forward(x, k)."""
+    x = images()
+    blocks = [1, 1, teacher.num_blocks]
+    calls = []
+    original = teacher.block_forward
+    teacher.block_forward = lambda block, h: (calls.append(1), original(block, h))[1]
+    try:
+        patch, cls = teacher.collect(x, blocks)
+    finally:
+        del teacher.block_forward  # the fixture is shared by the module's tests
+    assert len(calls) == teacher.num_blocks  # one pass, no block run twice
+    assert patch.shape == (3, 2, *teacher.forward(x, 1)[0].shape[1:]) and cls.shape[:2] == (3, 2)
+    for p, k in enumerate(blocks):
+        ref_patch, ref_cls = teacher(x, k)
+        torch.testing.assert_close(patch[p], ref_patch, rtol=0, atol=0)
+        torch.testing.assert_close(cls[p], ref_cls, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="increasing"):
+        teacher.collect(x, [2, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        teacher.collect(x, [teacher.num_blocks + 1])

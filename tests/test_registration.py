@@ -6,6 +6,7 @@ import torch
 import leap_kernels
 from leap_kernels import fused_feature_loss, token_normalized_mse, use_backend
 from leap_kernels.ops.naive import fused_feature_loss_reference, token_normalized_mse_reference
+from tolerances import BACKENDS
 
 OPS = torch.ops.leap_kernels
 
@@ -18,7 +19,7 @@ def _feature_args(m=13, d_s=16, d_t=24, bias=True, dtype=torch.float32):
     return s, w, b, t
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("bias", [True, False])
@@ -34,7 +35,7 @@ def test_opcheck_fused_feature_loss(backend, normalize, reduction, bias):
         )
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_opcheck_token_normalized_mse(backend, reduction):
     x = torch.randn(11, 40, requires_grad=True)
@@ -86,8 +87,10 @@ def test_torch_compile_inductor_forward():
 
 def test_backends_lists_reasons(clean_backend_env):
     status = leap_kernels.backends("cpu")
-    assert set(status) == {"torch", "triton"}
+    assert list(status) == ["cuda", "triton", "cpp", "torch"]
     assert status["torch"].usable and status["torch"].reasons == ()
+    assert not status["cuda"].usable and any("cpu" in r for r in status["cuda"].reasons)
+    assert status["cpp"].usable == leap_kernels._ext.available()
     assert status["triton"].usable  # the test suite runs with TRITON_INTERPRET=1
     clean_backend_env.setenv("TRITON_INTERPRET", "0")
     status = leap_kernels.backends("cpu")
@@ -119,9 +122,11 @@ def test_env_switch_selects_and_validates(clean_backend_env):
 
     x = torch.randn(3, 8)
     clean_backend_env.setenv("LEAP_KERNELS_BACKEND", "torch")
-    assert select_backend("op", [x]) == "torch"
+    assert select_backend("fused_feature_loss", [x]) == "torch"
     clean_backend_env.setenv("LEAP_KERNELS_BACKEND", "triton")
-    assert select_backend("op", [x]) == "triton"
+    assert select_backend("fused_feature_loss", [x]) == "triton"
+    with pytest.raises(RuntimeError, match="the triton backend has no op kernel"):
+        select_backend("op", [x])
     clean_backend_env.setenv("LEAP_KERNELS_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="LEAP_KERNELS_BACKEND"):
         select_backend("op", [x])
@@ -129,9 +134,15 @@ def test_env_switch_selects_and_validates(clean_backend_env):
         with use_backend("nope"):
             pass
     clean_backend_env.delenv("LEAP_KERNELS_BACKEND")
-    assert select_backend("op", [x]) == "triton"  # auto prefers triton where it can run
+    # Automatic order on CPU: cpp, torch (the interpreted Triton only when forced); an op no
+    # compiled kernel exists for runs on torch.
+    expected = "cpp" if leap_kernels._ext.available() else "torch"
+    assert select_backend("fused_feature_loss", [x]) == expected
+    assert select_backend("op", [x]) == "torch"
     with use_backend("torch"):
-        assert select_backend("op", [x]) == "torch"
+        assert select_backend("fused_feature_loss", [x]) == "torch"
+    with use_backend("triton"):
+        assert select_backend("fused_feature_loss", [x]) == "triton"
 
 
 def test_chunk_env_validated(clean_backend_env):
@@ -141,14 +152,14 @@ def test_chunk_env_validated(clean_backend_env):
         fused_feature_loss(s, w, b, t)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_scale_cast(backend):
     with use_backend(backend):
         torch.library.opcheck(OPS.scale_cast.default, (torch.randn(5, 7).half(), torch.tensor(0.3), torch.float16))
         torch.library.opcheck(OPS.scale_cast.default, (torch.randn(9), torch.tensor(2.0), torch.bfloat16))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_backward_rescale_keeps_the_factor_in_fp32(backend, dtype):
     # A mean over many elements gives a factor like 1/(M*D_t) ~ 2e-8: it underflows to 0 in fp16
@@ -161,3 +172,47 @@ def test_backward_rescale_keeps_the_factor_in_fp32(backend, dtype):
     assert out.dtype == dtype
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert (out != 0).all()
+
+
+def test_unverified_cuda_kernels_are_never_chosen_automatically(clean_backend_env):
+    from leap_kernels._backends import _BACKENDS, dispatch_order
+
+    cuda = _BACKENDS["cuda"]
+    meta = torch.empty(4, 8, device="meta")
+    # The declaration, not this machine: every CUDA kernel carries the "not verified" reason in
+    # automatic dispatch, none when forced.
+    for op in ("fused_feature_loss", "token_normalized_mse", "teacher_attention"):
+        assert not cuda.ops[op].verified
+        auto = cuda.not_supported_reasons(op, [meta], auto=True)
+        forced = cuda.not_supported_reasons(op, [meta], auto=False)
+        assert any("not yet verified on a GPU" in r and "LEAP_KERNELS_BACKEND=cuda" in r for r in auto), auto
+        assert not any("not yet verified" in r for r in forced)
+    assert dispatch_order("cpu") == ("cpp", "torch")
+    assert dispatch_order("meta")[-1] == "torch"
+
+
+def test_backend_declarations_give_reasons():
+    from leap_kernels._backends import _BACKENDS
+
+    x64 = torch.randn(3, 8, dtype=torch.float64)
+    reasons = _BACKENDS["cpp"].not_supported_reasons("fused_feature_loss", [x64])
+    assert any("float64" in r for r in reasons)
+    reasons = _BACKENDS["cpp"].not_supported_reasons("teacher_attention", [torch.randn(1, 2, 6)])
+    assert reasons and "no teacher_attention kernel" in reasons[-1]
+    reasons = _BACKENDS["triton"].not_supported_reasons("token_normalized_mse", [torch.randn(2, 4)], row_width=20000)
+    assert any("row width 20000" in r for r in reasons)
+
+
+def test_forced_backend_reaches_other_threads(clean_backend_env):
+    # Autograd runs CUDA backward ops on its own threads: a forced backend must be seen there too.
+    import threading
+
+    from leap_kernels import _backends
+
+    seen = []
+    with leap_kernels.use_backend("torch"):
+        worker = threading.Thread(target=lambda: seen.append(_backends._requested_backend()))
+        worker.start()
+        worker.join()
+    seen.append(_backends._requested_backend())
+    assert seen == ["torch", "auto"]

@@ -146,6 +146,25 @@ def test_nonpositive_scale_runs_on_torch(clean_backend_env):
                      RELATIVE_TOLERANCE[torch.bfloat16][0], "scale < 0")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+def test_nan_propagates(backend, where):
+    # As the reference: a NaN query spoils its own output row (of its head); a NaN key or value
+    # spoils every row of its head. torch's CPU SDPA used to return zeros for the query case.
+    h, d = 2, 64
+    qkv = _qkv(1, 9, h, d, torch.bfloat16)
+    channel = {"q": 0, "k": h * d, "v": 2 * h * d}[where] + 5  # head 0
+    qkv[0, 3, channel] = float("nan")
+    with torch.no_grad(), use_backend(backend):
+        out = teacher_attention(qkv, h)
+    ref = teacher_attention_reference(qkv.double(), h)
+    head0, head1 = out[0, :, :d], out[0, :, d:]
+    assert torch.equal(head0.isnan().any(-1), ref[0, :, :d].isnan().any(-1)), (where, head0.isnan().any(-1))
+    assert head0.isnan().any(-1)[3]
+    assert torch.isfinite(head1).all()
+
+
 def test_empty_batch():
     with torch.no_grad():
         assert teacher_attention(torch.randn(0, 5, 192, dtype=torch.bfloat16), 1).shape == (0, 5, 64)

@@ -4,7 +4,18 @@ Errors are relative Frobenius norms ``||out - ref|| / ||ref||`` against a float6
 evaluation of the plain PyTorch reference on the same (already rounded) inputs.
 """
 
+import pytest
 import torch
+
+from leap_kernels import _ext
+
+# The backends the op tests run on CPU (Triton through the interpreter). The compiled one is
+# skipped, with the reason, when leap_kernels._C is not built (make test always builds it).
+BACKENDS = [
+    "torch",
+    "triton",
+    pytest.param("cpp", marks=pytest.mark.skipif(not _ext.available(), reason=f"cpp backend: {_ext.load_error()}")),
+]
 
 # dtype -> (loss, gradients)
 RELATIVE_TOLERANCE = {

@@ -31,7 +31,8 @@ _DELEGATED = {
     "flops": ("leap.cli.flops", "main_flops", "per-image FLOPs of teacher/student and the savings of a block trajectory"),
     "report": ("leap.report", "main_report", "plots and a Markdown summary of a run directory"),
     "train-teacher": ("leap.pretrain", "main_train_teacher", "train a small ViT teacher classifier (e.g. on Fashion-MNIST)"),
-    "eval": ("leap.knn", "main_eval", "evaluate frozen features: `leap eval knn --checkpoint ... --data ...`"),
+    "eval": ("leap.evaluation.cli", "main",
+             "evaluate frozen features: linear probe, revisitop retrieval mAP, kNN (`leap eval PROTOCOL --help`)"),
     "demo": ("leap.demo", "main_demo", "baseline vs LEAP on Fashion-MNIST with the bundled teacher (make demo)"),
 }
 
@@ -41,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .distill import DESCRIPTION, add_parser
 
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=Formatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # The version is looked up only when asked for: it imports leap_kernels (and torch), which would
+    # otherwise delay every option error by seconds.
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_parser(sub)
     for name, (_, _, help_text) in _DELEGATED.items():
@@ -50,10 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _VersionAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
+
+
 def _version() -> str:
     import leap
 
     return leap.__version__
+
+
+class _BarSafeHandler(logging.StreamHandler):
+    """Log lines go above an active tqdm progress bar (``tqdm.write``) instead of being glued to it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm_module = sys.modules.get("tqdm")
+        bars = getattr(getattr(tqdm_module, "tqdm", None), "_instances", None)
+        if bars:
+            try:
+                tqdm_module.tqdm.write(self.format(record), file=self.stream)
+                return
+            except Exception:  # noqa: BLE001 - fall back to a plain line
+                pass
+        super().emit(record)
 
 
 def _error(msg: str, code: int) -> int:
@@ -99,8 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"{PROG}: %(message)s",
-                        stream=sys.stderr)
+    handler = _BarSafeHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[handler])
     command = argv[0] if argv and not argv[0].startswith("-") else None
     try:
         try:

@@ -38,7 +38,8 @@ examples:
   leap distill --teacher vit_small_patch14_dinov2 --student vit_small_patch14_dinov2 \\
       --teacher-overrides '{"depth": 4, "embed_dim": 48, "num_heads": 3}' \\
       --student-overrides '{"depth": 2, "embed_dim": 32, "num_heads": 2}' \\
-      --img-size 28 --data-source synthetic --synthetic-size 64 --batch-size 8 --epochs 2 --out runs/smoke
+      --img-size 28 --data-source synthetic --synthetic-size 64 --batch-size 8 --epochs 2 \\
+      --warmup-epochs 0.5 --out runs/smoke
 
   # settings from a file (CLI flags win), continue an interrupted run
   leap distill --config vits.yaml --resume auto
@@ -82,17 +83,25 @@ def _print_summary(s: dict[str, Any]) -> None:
     def fmt(v, spec=".4g"):
         return "n/a" if v is None else format(v, spec)
 
+    def pct(v, spec):
+        return "n/a" if v is None else format(100 * v, spec) + "%"
+
+    flops = s.get("flops") or {}
+    blocks_saved = s["teacher_block_savings"]
     lines = [
         f"leap distill ({'LEAP curriculum' if s['mode'] == 'leap' else 'baseline'}) "
         f"{s['status'].replace('_', ' ')}: {s['steps']} steps, {s['epochs_completed']}/{s['epochs']} epochs",
         f"  target block: start {s['start_block']}, final {s['final_block']} of {s['num_blocks']} "
         f"(mean {fmt(s['mean_block'], '.2f')}), {len(s['level_ups'])} level-up(s)",
-        f"  teacher blocks run: {s['teacher_blocks_run']} of {s['teacher_blocks_full']} "
-        f"({fmt(None if s['teacher_block_savings'] is None else 100 * s['teacher_block_savings'], '.1f')}% saved)",
+        f"  teacher blocks run: {s['teacher_blocks_run']} of {s['teacher_blocks_full']} ({pct(blocks_saved, '.1f')} "
+        f"saved); teacher FLOPs saved: {pct(flops.get('saved_fraction'), '.1f')}",
         f"  loss: final {fmt(s['final_loss'])}, last epoch mean {fmt(s['last_epoch_mean_loss'])}; "
         f"{fmt(s['images_per_s'], '.1f')} images/s",
         f"  run dir: {s['run_dir']} (log.jsonl, summary.json, checkpoint.pt)",
     ]
+    if s.get("calibration_blocks"):  # reported apart: the savings compare training steps only
+        lines.append(f"  calibration scan: {s['calibration_blocks']} teacher blocks once "
+                     f"({pct(flops.get('calibration_fraction'), '.2f')} of the baseline teacher FLOPs, not in the savings)")
     if s.get("decode_failures"):
         lines.append(f"  {s['decode_failures']} undecodable image(s) were skipped")
     print("\n".join(lines), flush=True)

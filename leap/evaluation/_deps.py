@@ -14,12 +14,13 @@ from ..errors import LeapError
 # name -> (module relative to the ``leap`` package, attribute)
 _LAZY = {
     "CHECKPOINT_FORMAT": (".checkpoint", "CHECKPOINT_FORMAT"),
+    "check_finite_weights": (".checkpoint", "check_finite_weights"),
     "IMAGENET_MEAN": (".data", "IMAGENET_MEAN"),
     "IMAGENET_STD": (".data", "IMAGENET_STD"),
     "FashionMNIST": (".data", "FashionMNIST"),
     "ImageFolderDataset": (".data", "ImageFolderDataset"),
     "knn_accuracy": (".knn", "knn_accuracy"),
-    "CheckpointError": (".models", "CheckpointError"),
+    "CheckpointError": (".errors", "CheckpointError"),
     "build_model": (".models", "build_model"),
     "load_teacher_weights": (".models", "load_teacher_weights"),
     "TEACHER_META_KEY": (".pretrain", "TEACHER_META_KEY"),

@@ -18,6 +18,10 @@ the transform and the precision, so a second evaluation of the same model and da
 A checkpoint's embedded model recipe is untrusted input: only the model-shape keys in
 :data:`ALLOWED_MODEL_KEYS`, with plain values, reach model construction (e.g. a crafted
 ``pretrained_cfg_overlay`` is refused).
+
+Why this module is long: the four model sources, the untrusted-recipe filter, the transform
+and the on-disk cache all meet in the one extraction pass; splitting them would spread the
+cache key (which must name every one of them) over several modules.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ._deps import (
     TEACHER_META_KEY,
     CheckpointError,
     build_model,
+    check_finite_weights,
     load_teacher_weights,
 )
 from .errors import EvaluationError
@@ -298,6 +303,10 @@ def load_model(model: str | None = None, *, teacher: str | None = None, teacher_
         _load_weights(net, obj if obj is not None else path, source)
         kind, what = "teacher", f"teacher {name}"
 
+    try:  # a model saved after a diverged run: say so instead of reporting NaN accuracies
+        check_finite_weights(net.state_dict(), path, "model weights")
+    except CheckpointError as exc:
+        raise EvaluationError(str(exc)) from None
     depth = len(net.blocks)
     extractor = TokenFeatures(net, block)
     if block is not None:

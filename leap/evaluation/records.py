@@ -60,15 +60,11 @@ def make_record(protocol: str, *, model: dict, data: dict, settings: dict, numbe
 
 def append_record(run_dir: str | os.PathLike, record: dict[str, Any]) -> str:
     """Append ``record`` as one line to ``run_dir/eval.jsonl``; returns the file's path."""
-    os.makedirs(run_dir, exist_ok=True)
+    from ..runlog import JsonlWriter
+
     path = os.path.join(os.fspath(run_dir), EVAL_LOG)
-    line = json.dumps(_plain(record), sort_keys=False, allow_nan=False) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with JsonlWriter(path, fsync=True) as w:
+        w.write(_plain(record))
     return path
 
 
@@ -77,19 +73,12 @@ def read_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
     Lines that are not complete JSON objects (a crash mid-write) are skipped.
     """
+    from ..runlog import read_jsonl
+
     path = os.path.join(os.fspath(run_dir), EVAL_LOG)
     if not os.path.isfile(path):
         return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("type") == "eval":
-                out.append(rec)
-    return out
+    return [rec for rec in read_jsonl(path)[0] if rec.get("type") == "eval"]
 
 
 def _pct(x: Any) -> str:
@@ -120,6 +109,8 @@ def report_lines(run_dir: str | os.PathLike) -> list[str]:
     for rec in read_records(run_dir):
         model = rec.get("model", {})
         block = f", block {model['block']}" if model.get("block") else ""
+        data = rec.get("data", {})
+        where = data.get("path") or (f"{data['kind']} (default location)" if data.get("kind") else "?")
         lines.append(f"- {rec.get('time', '?')}: {summary_line(rec)} [{model.get('description', '?')}{block}; "
-                     f"data {rec.get('data', {}).get('path')}]")
+                     f"data {where}]")
     return lines

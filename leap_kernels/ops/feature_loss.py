@@ -2,7 +2,8 @@
 token-normalized MSE against the teacher's features, forward and backward fused.
 
 Room layout: Triton kernels (projection GEMM with a loss epilogue; weight/bias
-gradient GEMM) -> the chunk loop of each backend -> torch.library ops with fake
+gradient GEMM) -> the chunk loop of each backend (Triton and torch here; cpp and cuda:
+one call of the C++ loop in csrc/ops.cpp) -> torch.library ops with fake
 implementations and autograd -> functional API.
 
 How it saves memory (the idea of Liger's fused linear cross-entropy, for a
@@ -28,20 +29,18 @@ import torch
 
 from .. import _backends, _checks
 from ._triton_common import HAS_TRITON, INTERPRETED, accumulation_dtype, dot_precision, upcast_dot
-from .token_norm_mse import (
-    _reduce_rows,
-    _row_grad_scale,
-    token_norm_input_grad,
-    token_norm_rows_torch,
-    token_norm_rows_triton,
-)
+from ._rows import reduce_rows, row_grad_scale, token_norm_input_grad, token_norm_rows_torch, token_norm_rows_triton
 
 ENV_CHUNK_TOKENS = "LEAP_KERNELS_CHUNK_TOKENS"
 DEFAULT_CHUNK_TOKENS = 8192
+# The C++ CPU loop, measured at M = 8192, 384 -> 1536 on 2 cores: smaller chunks run the GEMMs slower
+# (1024 tokens: 1.5x the time of 8192), and 8192 raises the peak from 43 MB to 62 MB (eager: 192 MB).
+DEFAULT_CPU_CHUNK_TOKENS = 4096
 
 
-def chunk_tokens(m: int) -> int:
-    """Tokens per chunk: bounds the ``(chunk, D_t)`` scratch buffers (``LEAP_KERNELS_CHUNK_TOKENS``)."""
+def chunk_tokens(m: int, default: int = DEFAULT_CHUNK_TOKENS) -> int:
+    """Tokens per chunk: bounds the ``(chunk, D_t)`` scratch buffers (``LEAP_KERNELS_CHUNK_TOKENS``
+    when set, else ``default``)."""
     value = os.environ.get(ENV_CHUNK_TOKENS)
     if value:
         try:
@@ -51,7 +50,7 @@ def chunk_tokens(m: int) -> int:
         if chunk <= 0:
             raise ValueError(f"{ENV_CHUNK_TOKENS}: expected a positive integer, got {value!r}")
     else:
-        chunk = DEFAULT_CHUNK_TOKENS
+        chunk = default
     return min(m, chunk)
 
 
@@ -64,7 +63,8 @@ if HAS_TRITON:
     def _gemm_configs(interpreted: bool, **extra):
         if interpreted:  # the interpreter accepts one config; big tiles mean few programs
             return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, **extra}, num_warps=4)]
-        shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+        # No 128x256 tile: it spills registers with the MSE epilogue (bench/compile_check.py, sm_90).
+        shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes
@@ -342,11 +342,32 @@ def _chunks_torch(
     return row_loss, grad_student, grad_weight, grad_bias
 
 
+# ----------------------------------------------------------------------------- compiled backends (cpp, cuda)
+
+
+def _chunks_compiled(
+    student, weight, bias, target, normalize, eps, want_grads, row_scale
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The whole chunk loop in one call of the C++ op ``leap_kernels::feature_loss_chunks`` (csrc/ops.cpp).
+
+    Same contract as :func:`_chunks_torch` (fp32 and 16-bit inputs only).
+    """
+    default = DEFAULT_CPU_CHUNK_TOKENS if student.device.type == "cpu" else DEFAULT_CHUNK_TOKENS
+    row_loss, grad_student, grad_weight, grad_bias = torch.ops.leap_kernels.feature_loss_chunks(
+        student, weight, bias, target, normalize, eps, want_grads, row_scale, chunk_tokens(student.shape[0], default)
+    )
+    if not want_grads:
+        return row_loss, None, None, None
+    return row_loss, grad_student, grad_weight, grad_bias if bias is not None else None
+
+
+_CHUNK_LOOPS = {"triton": _chunks_triton, "torch": _chunks_torch, "cpp": _chunks_compiled, "cuda": _chunks_compiled}
+
+
 def _run_chunks(student, weight, bias, target, normalize, eps, want_grads, row_scale=None):
     tensors = [t for t in (student, weight, bias, target) if t is not None]
     backend = _backends.select_backend("fused_feature_loss", tensors, row_width=weight.shape[0] if normalize else None)
-    run = _chunks_triton if backend == "triton" else _chunks_torch
-    return run(student, weight, bias, target, normalize, eps, want_grads, row_scale)
+    return _CHUNK_LOOPS[backend](student, weight, bias, target, normalize, eps, want_grads, row_scale)
 
 
 # ----------------------------------------------------------------------------- torch.library ops
@@ -383,7 +404,7 @@ def _fused_feature_loss_op(
     row_loss, grad_student, grad_weight, grad_bias = _run_chunks(
         student, weight, bias, target, normalize, eps, compute_grads
     )
-    loss = _reduce_rows(row_loss.to(acc), reduction, weight.shape[0])
+    loss = reduce_rows(row_loss.to(acc), reduction, weight.shape[0])
     if not compute_grads:
         return (loss, *_empty_like_outputs(student, weight, bias, False, acc))
     if grad_bias is None:
@@ -449,7 +470,7 @@ def _scale_cast_op(x: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) ->
     """
     acc = accumulation_dtype(x.dtype, factor.dtype, dtype)
     x = x.contiguous()
-    backend = _backends.select_backend("scale_cast", [x], dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    backend = _backends.select_backend("scale_cast", [x])
     if backend == "triton" and x.numel() and acc == torch.float32 and dtype in (torch.float32, torch.bfloat16,
                                                                                 torch.float16):
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -465,17 +486,13 @@ def _(x, factor, dtype):
     return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
-def _rescale(saved: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return _scale_cast_op(saved, factor, dtype)
-
-
 def _backward(ctx, grad_loss, _grad_student, _grad_weight, _grad_bias):
     student_dtype, weight_dtype, bias_dtype = ctx.dtypes
     m, n = ctx.shape
     if ctx.reduction == "none":
         student, weight, bias, target = ctx.saved_tensors
         grad_student, grad_weight, grad_bias = torch.ops.leap_kernels.fused_feature_loss_backward(
-            _row_grad_scale(grad_loss, "none", m, n), student, weight, bias, target, ctx.normalize, ctx.eps
+            row_grad_scale(grad_loss, "none", m, n), student, weight, bias, target, ctx.normalize, ctx.eps
         )
         factor = None
     else:
@@ -493,9 +510,9 @@ def _backward(ctx, grad_loss, _grad_student, _grad_weight, _grad_bias):
         out_weight = grad_weight.to(weight_dtype) if need_weight else None
         out_bias = grad_bias.to(bias_dtype) if (need_bias and ctx.has_bias) else None
     else:
-        out_student = _rescale(grad_student, factor, student_dtype) if need_student else None
-        out_weight = _rescale(grad_weight, factor, weight_dtype) if need_weight else None
-        out_bias = _rescale(grad_bias, factor, bias_dtype) if (need_bias and ctx.has_bias) else None
+        out_student = _scale_cast_op(grad_student, factor, student_dtype) if need_student else None
+        out_weight = _scale_cast_op(grad_weight, factor, weight_dtype) if need_weight else None
+        out_bias = _scale_cast_op(grad_bias, factor, bias_dtype) if (need_bias and ctx.has_bias) else None
     return out_student, out_weight, out_bias, None, None, None, None, None
 
 
@@ -546,6 +563,7 @@ def fused_feature_loss(
         >>> loss.backward()
     """
     _checks.check_feature_loss_inputs(student, weight, bias, target, reduction, eps)
+    _checks.check_normalize(normalize)
     lead_shape = student.shape[:-1]
     student_2d = student.reshape(-1, student.shape[-1])
     target_2d = target.reshape(-1, target.shape[-1])

@@ -20,11 +20,13 @@ into the softmax scale so the exponentials are ``exp2``. The key loop runs over 
 the out-of-range keys masked to ``-inf`` *before* the row max; query rows past ``N`` are
 masked at load and at store. Nothing is padded in memory.
 
-Backends: ``triton`` runs bfloat16/float16 inputs with head dims 16, 32, 64, 128 and a positive
-scale (CUDA, or CPU under ``TRITON_INTERPRET=1``). Everything else (float32, float64, other head
-dims, scale <= 0) runs on the ``torch`` backend (``scaled_dot_product_attention`` on permuted
-views of ``qkv``), which automatic dispatch falls back to; forcing ``triton`` on such inputs
-raises with the reasons.
+Backends (their limits are declared in :mod:`leap_kernels._backends`): ``triton`` runs
+bfloat16/float16 inputs with head dims 16, 32, 64, 128 and a positive scale (CUDA, or CPU under
+``TRITON_INTERPRET=1``); ``cuda`` (``leap_kernels._C``, bfloat16/float16, head dims 64 and 128)
+only when forced until it is verified on a GPU. Everything else (float32, float64, other head
+dims, scale <= 0, CPU tensors) runs on the ``torch`` backend (``scaled_dot_product_attention`` on
+permuted views of ``qkv``), which automatic dispatch falls back to; forcing a backend on inputs
+it cannot run raises with the reasons.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from ._triton_common import HAS_TRITON, INTERPRETED, upcast_dot
 
 OP_NAME = "teacher_attention"
 #: Head dims the Triton kernel is built for (one ``tl.dot`` over the whole head dim).
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_HEAD_DIMS = _backends.TRITON_HEAD_DIMS
 #: Input dtypes of the Triton kernel (tensor-core dots with fp32 accumulation).
-TRITON_DTYPES = (torch.bfloat16, torch.float16)
+TRITON_DTYPES = _backends.HALF_DTYPES
 
 LOG2E = 1.4426950408889634
 
@@ -204,37 +206,24 @@ def teacher_attention_torch(qkv: torch.Tensor, num_heads: int, scale: float) -> 
     batch, n, c = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if qkv.device.type == "cpu":
+        # torch's CPU SDPA kernel turns a query row holding NaN/inf into zeros; the reference (and
+        # every other backend) gives NaN there. q.sum() * 0 is 0, or NaN for such a row.
+        out = out + (q.sum(dim=-1, keepdim=True) * 0).to(out.dtype)
     return out.transpose(1, 2).reshape(batch, n, c // 3)
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 
-def triton_attention_reasons(qkv: torch.Tensor, head_dim: int, scale: float = 1.0) -> list[str]:
-    """Why the Triton kernel cannot run ``qkv`` (empty: it can), beyond the device checks."""
-    reasons = []
-    if not scale > 0:
-        reasons.append(f"{OP_NAME}: the Triton kernel needs scale > 0, got {scale}")
-    if head_dim not in TRITON_HEAD_DIMS:
-        reasons.append(f"{OP_NAME}: head dim {head_dim} not supported by the Triton kernel "
-                       f"(supported head dims: {', '.join(map(str, TRITON_HEAD_DIMS))})")
-    if qkv.dim() == 3:
-        # In-sample offsets are 32-bit in the kernel (the batch offset is 64-bit).
-        span = sum((size - 1) * abs(stride) for size, stride in zip(qkv.shape[1:], qkv.stride()[1:]))
-        if span >= 2**31:
-            reasons.append(f"{OP_NAME}: one sample of qkv spans {span} elements; the Triton kernel "
-                           "indexes within a sample with 32-bit offsets")
-    return reasons
-
-
 def select_attention_backend(qkv: torch.Tensor, head_dim: int, scale: float = 1.0) -> str:
-    """Backend for this call: :func:`leap_kernels._backends.select_backend` plus the kernel's own limits.
+    """Backend for this call (:func:`leap_kernels._backends.select_backend` with the call's head dim
+    and scale, which the backends' declarations check).
 
-    Automatic dispatch falls back to ``torch`` when the Triton kernel cannot take the dtype or head
-    dim; a forced ``triton`` raises RuntimeError with every reason.
+    Automatic dispatch falls back to ``torch`` when no kernel can take the dtype, head dim or scale;
+    a forced backend that cannot raises RuntimeError with every reason.
     """
-    return _backends.select_backend(OP_NAME, [qkv], dtypes=TRITON_DTYPES,
-                                    op_reasons=triton_attention_reasons(qkv, head_dim, scale))
+    return _backends.select_backend(OP_NAME, [qkv], head_dim=head_dim, scale=scale)
 
 
 # ----------------------------------------------------------------------------- torch.library op
@@ -246,9 +235,12 @@ def _teacher_attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> to
     head_dim = c // (3 * num_heads)
     if qkv.numel() == 0:
         return qkv.new_zeros((batch, n, c // 3))
-    if select_attention_backend(qkv, head_dim, scale) == "triton":
+    backend = select_attention_backend(qkv, head_dim, scale)
+    if backend == "triton":
         out = torch.empty((batch, n, c // 3), dtype=qkv.dtype, device=qkv.device)
         return teacher_attention_triton(qkv, num_heads, scale, out)
+    if backend == "cuda":  # the mma.sync kernel of leap_kernels._C (csrc/cuda)
+        return torch.ops.leap_kernels.teacher_attention_fwd(qkv, num_heads, scale)
     return teacher_attention_torch(qkv, num_heads, scale).contiguous()
 
 

@@ -1,0 +1,188 @@
+"""Per-token (row) loss and gradient helpers shared by the fused feature loss and the
+token-normalized MSE: the Triton row kernel, the plain PyTorch rows, the compiled rows
+(``leap_kernels._C``), and the reductions between per-token losses and the op's loss.
+
+Row contract, every backend: for ``x, t (M, D)``, ``row_loss[i] = sum_j e_ij^2`` with
+``e = x - t`` (plain) or ``e = LN(x) - LN(t)`` (token-normalized: LN over ``D``, no affine, ``eps``
+inside the square root, fp32 two-pass statistics), and the gradients of
+``sum_i row_scale[i] * row_loss[i]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._triton_common import HAS_TRITON, INTERPRETED, next_power_of_2
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _token_norm_mse_rows_kernel(
+        X, T, ROW_SCALE, LOSS, GX, GT,
+        M, D,
+        stride_xm, stride_xd, stride_tm, stride_td, stride_gxm, stride_gtm,
+        eps,
+        HAS_ROW_SCALE: tl.constexpr,
+        WRITE_LOSS: tl.constexpr,
+        WRITE_GX: tl.constexpr,
+        WRITE_GT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # One program owns BLOCK_M whole rows: the statistics need the full channel dim.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_D)
+        row_mask = rows < M
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(T + rows64[:, None] * stride_tm + cols[None, :] * stride_td, mask=mask, other=0.0).to(tl.float32)
+        inv_d = 1.0 / D
+        # Two-pass mean/variance in registers: no cancellation for large-mean tokens.
+        x_centered = tl.where(mask, x - (tl.sum(x, axis=1) * inv_d)[:, None], 0.0)
+        t_centered = tl.where(mask, t - (tl.sum(t, axis=1) * inv_d)[:, None], 0.0)
+        rstd_x = 1.0 / tl.sqrt(tl.sum(x_centered * x_centered, axis=1) * inv_d + eps)
+        rstd_t = 1.0 / tl.sqrt(tl.sum(t_centered * t_centered, axis=1) * inv_d + eps)
+        x_hat = x_centered * rstd_x[:, None]
+        t_hat = t_centered * rstd_t[:, None]
+        diff = x_hat - t_hat
+        if WRITE_LOSS:
+            tl.store(LOSS + rows, tl.sum(diff * diff, axis=1), mask=row_mask)
+        if WRITE_GX or WRITE_GT:
+            if HAS_ROW_SCALE:
+                scale = 2.0 * tl.load(ROW_SCALE + rows, mask=row_mask, other=0.0).to(tl.float32)
+                g = diff * scale[:, None]
+            else:
+                g = 2.0 * diff
+            g_mean = tl.sum(g, axis=1) * inv_d
+            if WRITE_GX:
+                gx_proj = tl.sum(g * x_hat, axis=1) * inv_d
+                gx = rstd_x[:, None] * (g - g_mean[:, None] - x_hat * gx_proj[:, None])
+                tl.store(GX + rows64[:, None] * stride_gxm + cols[None, :], gx.to(GX.dtype.element_ty), mask=mask)
+            if WRITE_GT:
+                gt_proj = tl.sum(g * t_hat, axis=1) * inv_d
+                gt = -rstd_t[:, None] * (g - g_mean[:, None] - t_hat * gt_proj[:, None])
+                tl.store(GT + rows64[:, None] * stride_gtm + cols[None, :], gt.to(GT.dtype.element_ty), mask=mask)
+
+
+def _row_block_config(d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps): about 4K elements per program on GPU, more in the interpreter."""
+    block_d = max(16, next_power_of_2(d))
+    budget = 65536 if INTERPRETED else 4096
+    block_m = max(1, min(64, budget // block_d))
+    num_warps = 4 if block_d * block_m <= 2048 else 8
+    return block_m, block_d, num_warps
+
+
+def token_norm_rows_triton(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    eps: float,
+    *,
+    row_scale: Optional[torch.Tensor] = None,
+    row_loss: Optional[torch.Tensor] = None,
+    grad_x: Optional[torch.Tensor] = None,
+    grad_t: Optional[torch.Tensor] = None,
+) -> None:
+    """Per-token loss and/or gradients for 2-D ``x, t (M, D)``; writes into the given buffers.
+
+    ``row_loss (M,)`` fp32 gets ``sum_c (x_hat - t_hat)^2``; ``grad_x``/``grad_t`` ``(M, D)`` (unit
+    channel stride) get the gradient of ``sum_rows row_scale * row_loss`` (``row_scale`` = 1 if None).
+    """
+    m, d = x.shape
+    block_m, block_d, num_warps = _row_block_config(d)
+    dummy = row_loss if row_loss is not None else (grad_x if grad_x is not None else grad_t)
+    _token_norm_mse_rows_kernel[(triton.cdiv(m, block_m),)](
+        x, t,
+        row_scale if row_scale is not None else dummy,
+        row_loss if row_loss is not None else dummy,
+        grad_x if grad_x is not None else dummy,
+        grad_t if grad_t is not None else dummy,
+        m, d,
+        x.stride(0), x.stride(1), t.stride(0), t.stride(1),
+        grad_x.stride(0) if grad_x is not None else 0,
+        grad_t.stride(0) if grad_t is not None else 0,
+        eps,
+        HAS_ROW_SCALE=row_scale is not None,
+        WRITE_LOSS=row_loss is not None,
+        WRITE_GX=grad_x is not None,
+        WRITE_GT=grad_t is not None,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+
+
+# ----------------------------------------------------------------------------- torch backend
+
+
+def token_norm_rows_torch(x: torch.Tensor, t: torch.Tensor, eps: float, acc_dtype: torch.dtype):
+    """Normalized rows and their per-token statistics in ``acc_dtype``.
+
+    Returns ``(x_hat, rstd_x, t_hat, rstd_t)``; x_hat ``(M, D)``, rstd ``(M, 1)``.
+    """
+    x = x.to(acc_dtype)
+    t = t.to(acc_dtype)
+    x_centered = x - x.mean(dim=-1, keepdim=True)
+    t_centered = t - t.mean(dim=-1, keepdim=True)
+    rstd_x = torch.rsqrt(x_centered.square().mean(dim=-1, keepdim=True) + eps)
+    rstd_t = torch.rsqrt(t_centered.square().mean(dim=-1, keepdim=True) + eps)
+    return x_centered * rstd_x, rstd_x, t_centered * rstd_t, rstd_t
+
+
+def token_norm_input_grad(g: torch.Tensor, x_hat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """Backward of the affine-free row normalization: ``dL/dx`` from ``g = dL/dx_hat``."""
+    g_mean = g.mean(dim=-1, keepdim=True)
+    proj = (g * x_hat).mean(dim=-1, keepdim=True)
+    return rstd * (g - g_mean - x_hat * proj)
+
+
+# ----------------------------------------------------------------------------- compiled rows (leap_kernels._C)
+
+
+def token_norm_rows_compiled(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    eps: float,
+    *,
+    normalize: bool = True,
+    row_scale: Optional[torch.Tensor] = None,
+    want_loss: bool = False,
+    want_grad_x: bool = False,
+    want_grad_t: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C++/CUDA rows kernel (``leap_kernels::rows_loss_grad``) on ``x, t (M, D)``.
+
+    Returns ``(row_loss (M,) fp32, grad_x (M, D) in x's dtype, grad_t (M, D) in t's dtype)``; an
+    output not asked for is an empty ``(0,)`` tensor. Gradients are those of
+    ``sum_rows row_scale * row_loss`` (``row_scale`` = 1 if None).
+    """
+    return torch.ops.leap_kernels.rows_loss_grad(
+        x, t, normalize, float(eps), row_scale, want_loss, want_grad_x, want_grad_t
+    )
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def reduce_rows(row_loss: torch.Tensor, reduction: str, d: int) -> torch.Tensor:
+    if reduction == "mean":
+        return row_loss.sum() / (row_loss.numel() * d)
+    if reduction == "sum":
+        return row_loss.sum()
+    return row_loss / d
+
+
+def row_grad_scale(grad: torch.Tensor, reduction: str, m: int, d: int) -> torch.Tensor:
+    """Per-token weight of ``row_loss`` in the upstream gradient, shape ``(M,)``."""
+    if reduction == "mean":
+        return (grad.float() / (m * d)).expand(m).contiguous()
+    if reduction == "sum":
+        return grad.float().expand(m).contiguous()
+    return grad.float() / d

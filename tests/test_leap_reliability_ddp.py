@@ -1,0 +1,67 @@
+"""SIGTERM under DDP (two gloo CPU ranks): a signal that reaches one rank only stops every rank
+after the same step, with one checkpoint and the conventional exit code (issue "Reliability", item 8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+import pytest
+import torch
+from spawn import run_processes
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LEAP_KERNELS_BACKEND="torch")
+    from leap.config import TrainConfig
+    from leap.errors import RunInterrupted
+    from leap.train import Trainer
+
+    original = Trainer.train_step
+
+    def step(self, images):
+        result = original(self, images)
+        if rank == 1 and result.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is signalled
+        return result
+
+    Trainer.train_step = step
+    cfg = TrainConfig(
+        teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2",
+        teacher_overrides={"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
+        student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
+        img_size=28, data_source="synthetic", synthetic_size=32, batch_size=4, epochs=2, curriculum="off",
+        workers=0, out=os.path.join(tmp, "run"), progress=False, device="cpu", warmup_epochs=0.5, ckpt_every=0,
+    )
+    outcome = {"code": None, "steps": None}
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    except RunInterrupted as e:
+        outcome["code"] = e.exit_code
+    outcome["steps"] = trainer.step
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_all_ranks_after_the_same_step(tmp_path):
+    run_processes(_worker, (WORLD, _free_port(), str(tmp_path)), WORLD, timeout_s=180)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
+    assert r0 == r1 == {"code": 143, "steps": 1}
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "checkpoint"] == [1]
+    assert log[-1]["type"] == "interrupted" and log[-1]["signal"] == signal.SIGTERM
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
