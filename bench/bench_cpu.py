@@ -87,10 +87,7 @@ def main(argv=None) -> int:
                                      interleave=True)
     out = args.out or os.path.join(harness.RESULTS_DIR, f"cpu-{torch.get_num_threads()}core-"
                                    f"{harness.device_slug(cpu_name())}{'-smoke' if args.smoke else ''}.csv")
-    harness.write_csv(out, rows, env)
-    print(harness.markdown_table(rows, env))
-    print(f"\nwrote {out}")
-    return 0
+    return harness.finish(out, rows, env)
 
 
 if __name__ == "__main__":

@@ -130,10 +130,7 @@ def main(argv=None) -> int:
         rows += harness.run_variants(name, variants, iters=iters, warmup=warmup, device=device)
     out = args.out or os.path.join(harness.RESULTS_DIR, f"feature_loss-{harness.device_slug(env['device'])}"
                                    f"{'-smoke' if args.smoke else ''}.csv")
-    harness.write_csv(out, rows, env)
-    print(harness.markdown_table(rows, env))
-    print(f"\nwrote {out}")
-    return 0
+    return harness.finish(out, rows, env)
 
 
 if __name__ == "__main__":

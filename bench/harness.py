@@ -90,17 +90,32 @@ def cpu_peak_extra_mb(fn: Callable[[], None]) -> float:
     return peak / 2**20
 
 
+def peak_extra_mb(fn: Callable[[], None], device: torch.device) -> float:
+    """Peak memory allocated above what existed before, during one call of ``fn`` (MB)."""
+    if device.type != "cuda":
+        return cpu_peak_extra_mb(fn)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def finish(out: str, rows: list["Measurement"], env: dict) -> int:
+    """Write the CSV, print the markdown table and where the CSV went; the script's exit code."""
+    write_csv(out, rows, env)
+    print(markdown_table(rows, env))
+    print(f"\nwrote {out}")
+    return 0
+
+
 def measure(fn: Callable[[], None], *, iters: int, warmup: int, device: torch.device) -> tuple[list[float], Optional[float]]:
     """Times ``fn`` (one fwd+bwd) ``iters`` times; returns (times in ms, peak extra MB or None)."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak_extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+        peak_extra = peak_extra_mb(fn, device)
         times = []
         for _ in range(iters):
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -182,15 +197,7 @@ def _run_interleaved(case, variants, *, iters, warmup, device) -> list[Measureme
             rows.append(failed[name])
             continue
         fn = fns[name]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            peak = cpu_peak_extra_mb(fn)
+        peak = peak_extra_mb(fn, device)
         t = times[name]
         rows.append(Measurement(case, name, statistics.median(t), _quantile(t, 0.2), _quantile(t, 0.8), peak, len(t)))
     return rows

@@ -171,7 +171,7 @@ def test_checkpoint_recipe_keys_are_restricted(tmp_path):
         load_model(str(tmp_path / "nope"))
 
 
-def _tiny_run(tmp_path) -> str:
+def tiny_run(tmp_path, step: int = 7) -> str:
     """A run directory holding a `leap distill`-format checkpoint of a tiny random student."""
     from leap.evaluation._deps import CHECKPOINT_FORMAT, build_model
 
@@ -183,14 +183,14 @@ def _tiny_run(tmp_path) -> str:
             blk.ls2.gamma.fill_(1.0)
     run = tmp_path / "run"
     run.mkdir()
-    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "step": 7, "student": net.state_dict(),
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "student": net.state_dict(),
                 "config": {"student": "vit_small_patch14_dinov2", "student_overrides": overrides, "img_size": 28}},
                run / "checkpoint.pt")
     return str(run)
 
 
 def test_run_dir_model_and_block_features(tmp_path):
-    run = _tiny_run(tmp_path)
+    run = tiny_run(tmp_path)
     loaded = load_model(run)
     assert loaded.run_dir == run and loaded.identity["kind"] == "student" and "step 7" in loaded.description
     vit = loaded.extractor.vit
@@ -221,7 +221,7 @@ def test_teacher_at_block_from_weights(tmp_path):
 
 
 def test_cli_linear_on_a_run_dir(tmp_path, capsys, cache_dir):
-    run = _tiny_run(tmp_path)
+    run = tiny_run(tmp_path)
     code = eval_main(["linear", "--model", run, "--data", SAMPLE, "--epochs", "3", "--features", "patch",
                       "--workers", "0", "--cache-dir", cache_dir, "--no-progress", "--limit-train", "64",
                       "--limit-val", "32"])

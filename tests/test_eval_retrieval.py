@@ -13,23 +13,7 @@ from leap.evaluation.cli import main as eval_main
 from leap.evaluation.records import report_lines
 from leap.evaluation.retrieval import RevisitopImages, find_dataset, retrieval_transform
 from leap.evaluation.run import evaluate_retrieval
-
-
-def _tiny_run(tmp_path) -> str:
-    from leap.evaluation._deps import CHECKPOINT_FORMAT, build_model
-
-    overrides = {"patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2}
-    net = build_model("vit_small_patch14_dinov2", img_size=28, **overrides)
-    with torch.no_grad():
-        for blk in net.blocks:
-            blk.ls1.gamma.fill_(1.0)
-            blk.ls2.gamma.fill_(1.0)
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "step": 1, "student": net.state_dict(),
-                "config": {"student": "vit_small_patch14_dinov2", "student_overrides": overrides, "img_size": 28}},
-               run / "checkpoint.pt")
-    return str(run)
+from test_eval_linear import tiny_run
 
 
 def _dataset(tmp_path):
@@ -54,7 +38,7 @@ def _dataset(tmp_path):
 
 
 def test_retrieval_end_to_end(tmp_path, capsys):
-    run = _tiny_run(tmp_path)
+    run = tiny_run(tmp_path, step=1)
     data = _dataset(tmp_path)
     cache = str(tmp_path / "cache")
     rec = evaluate_retrieval({"model": run}, data, "roxford5k", cache_dir=cache, workers=0, batch_size=4,

@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-from spawn import run_processes
+from spawn import free_port, run_processes, set_ddp_env
 
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    torch.set_num_threads(1)  # 2 processes on a 2-core machine
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LEAP_KERNELS_BACKEND="torch")
+    set_ddp_env(rank, world, port)
     from leap.config import TrainConfig
     from leap.train import Trainer
 
@@ -47,7 +38,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks_stay_in_lockstep(tmp_path):
-    run_processes(_worker, (WORLD, _free_port(), str(tmp_path)), WORLD, timeout_s=180)
+    run_processes(_worker, (WORLD, free_port(), str(tmp_path)), WORLD, timeout_s=180)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
 
     assert r0["world_size"] == r1["world_size"] == WORLD

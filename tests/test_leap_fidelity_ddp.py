@@ -13,16 +13,13 @@ import os
 
 import pytest
 import torch
-from spawn import run_processes
-from test_leap_ddp import _free_port
+from spawn import free_port, run_processes, set_ddp_env
 
 WORLD = 2
 
 
 def _worker(rank: int, world: int, port: int, tmp: str, sync: str) -> None:
-    torch.set_num_threads(1)  # 2 processes on a 2-core machine
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LEAP_KERNELS_BACKEND="torch")
+    set_ddp_env(rank, world, port)
     from leap.config import TrainConfig
     from leap.distributed import ProcessGroup
     from leap.train import Trainer
@@ -55,7 +52,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, sync: str) -> None:
 
 
 def _run(tmp_path, sync):
-    run_processes(_worker, (WORLD, _free_port(), str(tmp_path), sync), WORLD, timeout_s=180)
+    run_processes(_worker, (WORLD, free_port(), str(tmp_path), sync), WORLD, timeout_s=180)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     return ranks, [r for r in log if r["type"] == "step"]

@@ -6,25 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 
 import pytest
 import torch
-from spawn import run_processes
+from spawn import free_port, run_processes, set_ddp_env
 
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LEAP_KERNELS_BACKEND="torch")
+    set_ddp_env(rank, world, port)
     from leap.config import TrainConfig
     from leap.errors import RunInterrupted
     from leap.train import Trainer
@@ -58,7 +49,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 
 @pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_ranks_after_the_same_step(tmp_path):
-    run_processes(_worker, (WORLD, _free_port(), str(tmp_path)), WORLD, timeout_s=180)
+    run_processes(_worker, (WORLD, free_port(), str(tmp_path)), WORLD, timeout_s=180)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
     assert r0 == r1 == {"code": 143, "steps": 1}
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
