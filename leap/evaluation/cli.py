@@ -286,8 +286,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("leap: error: interrupted", file=sys.stderr)
         return 130
-    except (LeapError, OSError) as e:  # EvaluationError is a LeapError: bad input, one line
-        if os.environ.get("LEAP_DEBUG", "") not in ("", "0"):
-            raise
+    except LeapError as e:  # EvaluationError is a LeapError: bad input, one line; anything else is a bug
         print(f"leap: error: eval: {e}", file=sys.stderr)
         return 2
