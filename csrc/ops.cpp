@@ -110,7 +110,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> feature_loss_chunks(const Tensor& stu
     grad_bias = at::empty({0}, f32);
   }
   const int64_t rows_max = std::min(m, chunk);
-  Tensor proj = at::empty({rows_max, n}, f32);  // P, then G in place (fp32 G)
+  // Upcast path: P in one reusable fp32 buffer, then G in place. CUDA 16-bit path: P is the fp32
+  // output of the GEMM itself (no copy into a buffer; the caching allocator reuses the memory).
+  Tensor proj = upcast ? at::empty({rows_max, n}, f32) : Tensor();
   Tensor g16;                                   // CUDA 16-bit: G in the student dtype, for the GEMMs
   if (want_grads && !upcast) g16 = at::empty({rows_max, n}, student.options());
   Tensor ds_tmp;  // dS of one chunk in fp32 when the student is 16-bit and the GEMMs are fp32
@@ -122,15 +124,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> feature_loss_chunks(const Tensor& stu
     Tensor s_c = student.slice(0, start, stop);
     if (upcast) s_c = s_c.to(at::kFloat);
     Tensor t_c = target.slice(0, start, stop);
-    Tensor p = proj.narrow(0, 0, rows);
+    Tensor p;
     if (upcast) {
+      p = proj.narrow(0, 0, rows);
       if (has_bias) at::addmm_out(p, b32, s_c, w_c.t());
       else at::mm_out(p, s_c, w_c.t());
     } else {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-      p.copy_(has_bias ? at::addmm(b32, s_c, w_c.t(), at::kFloat) : at::mm(s_c, w_c.t(), at::kFloat));
+      p = has_bias ? at::addmm(b32, s_c, w_c.t(), at::kFloat) : at::mm(s_c, w_c.t(), at::kFloat);
 #else
-      p.copy_(at::mm(s_c.to(at::kFloat), w_c.t().to(at::kFloat)));
+      p = at::mm(s_c.to(at::kFloat), w_c.t().to(at::kFloat));
       if (has_bias) p.add_(b32);
 #endif
     }
@@ -155,7 +158,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> feature_loss_chunks(const Tensor& stu
       grad_weight.addmm_(g.t(), s_c);
     } else {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-      grad_weight.add_(at::mm(g.t(), s_c, at::kFloat));
+      grad_weight = at::addmm(grad_weight, g.t(), s_c, at::kFloat);  // one pass: no separate add
 #else
       grad_weight.addmm_(g.t().to(at::kFloat), s_c.to(at::kFloat));
 #endif
