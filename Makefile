@@ -2,6 +2,8 @@
 #               CUDA sources compiled for sm_80/sm_90) and run the test suite
 #               (make test BUILD_CUDA=0: the C++ CPU kernels only, for machines without nvcc)
 # make demo   - set up .venv and run the demo: baseline vs LEAP distillation on Fashion-MNIST (CPU, minutes)
+# make experiment - the seeded comparison last block / one-to-one / LEAP on Fashion-MNIST (CPU, about 45 min;
+#               experiments/fashion-mnist/results.md)
 # make demo-ops - a short example of the fused-loss ops
 # make bench-smoke - the benchmark harness at tiny sizes (CPU ok)
 # make bench  - full-size benchmarks (needs a CUDA GPU)
@@ -16,7 +18,7 @@ CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu
 BUILD_CUDA ?= 1
 CUDA_ARCHS ?= 8.0;9.0
 
-.PHONY: test demo demo-ops bench bench-smoke clean
+.PHONY: test demo experiment fashion-mnist demo-ops bench bench-smoke clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +44,7 @@ test: $(PKG_STAMP)
 DATA ?=
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-demo: $(PKG_STAMP)
+fashion-mnist: $(PKG_STAMP)
 	@if [ -z "$(DATA)" ] && [ ! -f $(FMNIST) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
@@ -51,10 +53,17 @@ demo: $(PKG_STAMP)
 	fi
 	@if [ -z "$(DATA)" ] && [ ! -f $(FMNIST) ]; then \
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or download the four"; \
-	  echo "idx files (train/t10k images and labels) into a folder and run 'make demo DATA=that/folder'."; \
+	  echo "idx files (train/t10k images and labels) into a folder and run 'make demo DATA=that/folder' (or experiment)."; \
 	  exit 1; \
 	fi
+
+demo: fashion-mnist
 	$(VPY) -m leap demo $(if $(DATA),--data $(DATA))
+
+# EXPERIMENT=path/to/config.yaml runs another experiment file; finished runs are reused (leap experiment --fresh retrains).
+EXPERIMENT ?= experiments/fashion-mnist/config.yaml
+experiment: fashion-mnist
+	$(VPY) -m leap experiment $(EXPERIMENT) $(if $(DATA),--data $(DATA))
 
 demo-ops: $(PKG_STAMP)
 	$(VPY) -m leap_kernels.demo

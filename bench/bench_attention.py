@@ -8,6 +8,8 @@ Kernel mode (default), per shape, measured in one run on one device:
   sdpa-*-prepermuted         SDPA alone on contiguous (B, H, N, d) q, k, v made beforehand: the pure
                              kernel, without the layout cost
   xformers                   xformers.ops.memory_efficient_attention on (B, N, H, d) views (if importable)
+  eager, compile             the plain PyTorch reference (matmul, softmax, matmul) and torch.compile of it
+                             (on request with --variants; eager is the CPU default)
 TFLOP/s = 4*B*H*N^2*d / time. Times: ``triton.testing.do_bench`` median (with its default L2 flush
 between runs; the ANCHORS.md method). Each variant's output is also compared with an fp32 SDPA
 of the same inputs (``rel_err``).
@@ -27,7 +29,6 @@ and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import math
@@ -37,14 +38,12 @@ import sys
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cases  # noqa: E402
 import harness  # noqa: E402
 
-import leap_kernels  # noqa: E402
-from leap_kernels.ops.naive import teacher_attention_reference  # noqa: E402
-from leap_kernels.ops.teacher_attention import split_qkv, teacher_attention_torch  # noqa: E402
+from leap_kernels.ops.teacher_attention import teacher_attention_torch  # noqa: E402
 
 # (name, B, H, N, d)
 FULL_CASES = [
@@ -58,7 +57,7 @@ TEACHER_KS = (10, 20, 40)
 
 ALL_VARIANTS = ("ours", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-default",
                 "sdpa-cudnn-prepermuted", "sdpa-flash-prepermuted", "sdpa-efficient-prepermuted", "xformers",
-                "eager")
+                "eager", "compile")
 TEACHER_VARIANTS = ("timm", "timm-cudnn", "ours")
 
 
@@ -74,33 +73,11 @@ class Row:
     error: str = ""
 
 
-def _sdpa_backends():
-    from torch.nn.attention import SDPBackend
-
-    return {
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "math": SDPBackend.MATH,
-    }
-
-
-def _sdpa_context(name: Optional[str]):
-    if name is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import sdpa_kernel
-
-    return sdpa_kernel([_sdpa_backends()[name]])
-
-
 def time_fn(fn: Callable[[], object], device: torch.device, iters: int, warmup: int,
             rep_ms: int = 100) -> tuple[float, float, float]:
     """(median, p20, p80) in ms: do_bench on CUDA (L2 flushed between runs), host clock on CPU."""
     if device.type == "cuda":
-        import triton.testing
-
-        median, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return median, p20, p80
+        return harness.do_bench_ms(fn, rep_ms=rep_ms)
     times, _ = harness.measure(fn, iters=iters, warmup=warmup, device=device)
     return statistics.median(times), harness._quantile(times, 0.2), harness._quantile(times, 0.8)
 
@@ -108,47 +85,17 @@ def time_fn(fn: Callable[[], object], device: torch.device, iters: int, warmup: 
 # ----------------------------------------------------------------------------- kernel mode
 
 
-def kernel_variants(qkv: torch.Tensor, heads: int) -> dict[str, Callable[[], tuple[Callable[[], torch.Tensor], object]]]:
-    """name -> factory returning ``(fn, context)``: ``fn()`` computes the ``(B, N, H*d)`` output and is
-    timed inside ``context`` (an SDPA backend selection, entered once around the timing)."""
-    batch, n, c = qkv.shape
-    d = c // (3 * heads)
-    scale = d ** -0.5
-
-    def packed(backend):
-        return lambda: (lambda: teacher_attention_torch(qkv, heads, scale), _sdpa_context(backend))
-
-    def prepermuted(backend):
-        def make():
-            q, k, v = (t.contiguous() for t in split_qkv(qkv, heads))
-            return (lambda: F.scaled_dot_product_attention(q, k, v)), _sdpa_context(backend)
-        return make
-
-    def xformers_variant():
-        import xformers.ops as xops  # ImportError -> reported as this variant's error
-
-        q, k, v = qkv.view(batch, n, 3, heads, d).unbind(2)  # (B, N, H, d) views
-        return (lambda: xops.memory_efficient_attention(q, k, v).reshape(batch, n, heads * d)), contextlib.nullcontext()
-
-    variants = {
-        "ours": lambda: ((lambda: leap_kernels.teacher_attention(qkv, heads)), contextlib.nullcontext()),
-        "eager": lambda: ((lambda: teacher_attention_reference(qkv, heads)), contextlib.nullcontext()),
-        "sdpa-default": packed(None),
-        "xformers": xformers_variant,
-    }
-    for backend in ("cudnn", "flash", "efficient"):
-        variants[f"sdpa-{backend}"] = packed(backend)
-        variants[f"sdpa-{backend}-prepermuted"] = prepermuted(backend)
-    return variants
+# Built in bench/cases.py (shared with the pytest-benchmark suite).
+kernel_variants = cases.attention_variants
+attention_flops = cases.attention_flops
+teacher_flops = cases.teacher_flops
+build_teacher = cases.build_teacher
+_sdpa_context = cases.sdpa_context
 
 
-def attention_flops(batch: int, heads: int, n: int, d: int) -> float:
-    return 4.0 * batch * heads * n * n * d
-
-
-def run_kernel_cases(cases, wanted, device, dtype, iters, warmup) -> list[Row]:
+def run_kernel_cases(case_list, wanted, device, dtype, iters, warmup) -> list[Row]:
     rows = []
-    for name, batch, heads, n, d in cases:
+    for name, batch, heads, n, d in case_list:
         gen = torch.Generator(device="cpu").manual_seed(0)
         qkv = torch.randn(batch, n, 3 * heads * d, generator=gen).to(device=device, dtype=dtype)
         with torch.no_grad():
@@ -177,31 +124,6 @@ def run_kernel_cases(cases, wanted, device, dtype, iters, warmup) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------- teacher mode
-
-
-def teacher_flops(teacher, batch: int, k: int) -> float:
-    """GEMM + attention FLOPs of ``teacher(x, k)``: patch embed, k blocks (every nn.Linear), final norm ignored."""
-    from torch import nn
-
-    m = teacher.model
-    tokens = m.patch_embed.num_patches + teacher.num_prefix_tokens
-    proj = m.patch_embed.proj
-    flops = 2.0 * m.patch_embed.num_patches * proj.weight.numel()
-    for block in list(m.blocks)[:k]:
-        for layer in block.modules():
-            if isinstance(layer, nn.Linear):
-                flops += 2.0 * tokens * layer.weight.numel()
-        flops += 4.0 * tokens * tokens * block.attn.num_heads * block.attn.head_dim
-    return batch * flops
-
-
-def build_teacher(model_name: str, img_size: int, device: torch.device, overrides: dict):
-    from leap.models import build_model
-    from leap.teacher import TruncatedTeacher
-
-    with torch.device(device):  # random init directly on the device (fast for the 1.1B-param giant)
-        model = build_model(model_name, img_size=img_size, **overrides)
-    return TruncatedTeacher(model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def run_teacher_cases(model_name, img_size, batch, ks, overrides, wanted, device, iters, warmup) -> list[Row]:
@@ -318,7 +240,7 @@ def main(argv=None) -> int:
             rows = run_teacher_cases(TEACHER_MODEL, 224, args.batch, ks, {}, wanted, device, iters, warmup)
         baseline, stem = "timm", "attention-teacher"
     else:
-        default = "eager,ours" if device.type != "cuda" else ",".join(v for v in ALL_VARIANTS if v != "eager")
+        default = "eager,ours" if device.type != "cuda" else ",".join(v for v in ALL_VARIANTS if v not in ("eager", "compile"))
         wanted = set((args.variants or default).split(","))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         rows = run_kernel_cases(SMOKE_CASES if args.smoke else FULL_CASES, wanted, device, dtype, iters, warmup)

@@ -13,6 +13,10 @@ events (see bench/harness.py).
 
     python bench/bench_cpu.py                      # full sizes, writes bench/results/cpu-<N>core-<cpu>.csv
     python bench/bench_cpu.py --smoke              # tiny sizes (a harness check)
+
+The variants come from bench/cases.py and the timing and memory functions from bench/harness.py,
+as for the pytest-benchmark suite (``pytest bench/``); this script adds the interleaving, which
+pytest-benchmark (one test after the other) cannot do.
 """
 
 from __future__ import annotations
@@ -24,10 +28,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_feature_loss  # noqa: E402
+import cases  # noqa: E402
 import harness  # noqa: E402
-
-import leap_kernels  # noqa: E402
 
 FULL_CASES = [
     ("mse fp32 M=8192 384->1536", "mse", 32 * 256, 384, 1536),
@@ -40,26 +42,8 @@ SMOKE_CASES = [
 ]
 
 
-def forced(factory, backend: str):
-    def build():
-        run = factory()
-
-        def wrapped():
-            with leap_kernels.use_backend(backend):
-                run()
-        return wrapped
-    return build
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
+forced = cases.forced
+cpu_name = harness.cpu_name
 
 
 def main(argv=None) -> int:
@@ -77,7 +61,7 @@ def main(argv=None) -> int:
     env["device"] = f"cpu {torch.get_num_threads()} threads ({cpu_name()})"
     rows = []
     for name, op, m, d_s, d_t in (SMOKE_CASES if args.smoke else FULL_CASES):
-        base = bench_feature_loss.make_case(op, m, d_s, d_t, torch.float32, device, args.compile_backend)
+        base = cases.feature_loss_variants(op, m, d_s, d_t, torch.float32, device, args.compile_backend)
         variants = {"eager": base["eager"], "compile": base["compile"], "cpp": forced(base["ours"], "cpp"),
                     "torch-backend": forced(base["ours"], "torch")}
         if "gemm-floor" in base:

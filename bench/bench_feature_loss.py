@@ -10,6 +10,8 @@ Variants, measured in one run on one device:
     python bench/bench_feature_loss.py --smoke    # tiny sizes, any device (a harness check)
 
 Writes bench/results/feature_loss-<device>.csv (or --out) and prints a Markdown table.
+The same variants, timed by pytest-benchmark with JSON output and per-device baselines:
+``pytest bench/`` (bench/conftest.py).
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cases  # noqa: E402
 import harness  # noqa: E402
-
-import leap_kernels  # noqa: E402
-from leap_kernels.ops.naive import fused_feature_loss_reference, token_normalized_mse_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,62 +43,9 @@ SMOKE_CASES = [
 ]
 
 
-def make_case(op: str, m: int, d_s: int, d_t: int, dtype: torch.dtype, device: torch.device, compile_backend: str):
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
-
-    target = rand(m, d_t, scale=2.0)
-    if op == "token-norm-only":
-        x = rand(m, d_t).requires_grad_()
-
-        def reference(a, t):
-            return token_normalized_mse_reference(a, t)
-
-        def ours(a, t):
-            return leap_kernels.token_normalized_mse(a, t)
-
-        inputs = (x, target)
-        leaves = (x,)
-    else:
-        normalize = op == "token-mse"
-        student = rand(m, d_s).requires_grad_()
-        weight = rand(d_t, d_s, scale=d_s ** -0.5).requires_grad_()
-        bias = rand(d_t, scale=0.1).requires_grad_()
-
-        def reference(s, w, b, t):
-            return fused_feature_loss_reference(s, w, b, t, normalize=normalize)
-
-        def ours(s, w, b, t):
-            return leap_kernels.fused_feature_loss(s, w, b, t, normalize=normalize)
-
-        inputs = (student, weight, bias, target)
-        leaves = (student, weight, bias)
-
-    def fwd_bwd(loss_fn):
-        def run():
-            loss = loss_fn(*inputs)
-            torch.autograd.grad(loss, leaves)
-        return run
-
-    variants = {
-        "eager": lambda: fwd_bwd(reference),
-        "compile": lambda: fwd_bwd(torch.compile(reference, fullgraph=True, backend=compile_backend)),
-        "ours": lambda: fwd_bwd(ours),
-    }
-    if op != "token-norm-only":
-        s, w = inputs[0].detach(), inputs[1].detach()
-
-        def gemm_floor():
-            def run():
-                p = s @ w.T
-                p @ w
-                p.T @ s
-            return run
-
-        variants["gemm-floor"] = gemm_floor
-    return variants
+# The variants (eager, compile, ours, gemm-floor) are built in bench/cases.py, shared with the
+# pytest-benchmark suite; timing and memory come from bench/harness.py.
+make_case = cases.feature_loss_variants
 
 
 def main(argv=None) -> int:

@@ -11,8 +11,9 @@ computes the launch's specialization with Triton's own binder for a CUDA sm_90 t
 compiles that, once per autotune config a GPU could choose:
 
 - fused feature loss: M = 32768 tokens (128 x 256), D_s = 384, D_t = 1536; plain and token-normalized;
-  forward with gradients (reduction mean/sum), forward only and the recomputing backward
-  (reduction none); bf16, fp16, fp32;
+  forward with gradients and the backward rescale (reduction mean/sum), the same on token slices
+  ``x[:, 5:]`` of (128, 261, D) tensors (read in place: other strides), forward only and the
+  recomputing backward (reduction none); bf16, fp16, fp32;
 - token-normalized MSE: (32768, 1536) forward and backward; bf16, fp16, fp32;
 - teacher attention: B = 128, N = 261, H = 24 x d = 64 and H = 12 x d = 128; bf16, fp16.
 
@@ -156,12 +157,20 @@ def workloads(dtypes: list[str], ops: set[str]) -> Iterator[tuple[str, str, Call
     """(op, case label, function running the op's host code on meta tensors) at the paper's shapes."""
     m, d_s, d_t = PAPER["M"], PAPER["D_S"], PAPER["D_T"]
     fused, fused_bwd = op_impl("fused_feature_loss"), op_impl("fused_feature_loss_backward")
-    scale_cast = op_impl("scale_cast")
+    rescale, scale_cast = op_impl("feature_loss_rescale"), op_impl("scale_cast")
     tmse, tmse_bwd = op_impl("token_normalized_mse"), op_impl("token_normalized_mse_backward")
     attention = op_impl("teacher_attention")
 
-    def loss_inputs(dt):  # student (M, D_s), weight (D_t, D_s), bias (D_t,), target (M, D_t)
-        return meta(m, d_s, dtype=dt), meta(d_t, d_s, dtype=dt), meta(d_t, dtype=dt), meta(m, d_t, dtype=dt)
+    def loss_inputs(dt, prefix=0):
+        """student (M, D_s), weight (D_t, D_s), bias (D_t,), target (M, D_t); with a prefix, the token
+        slices x[:, prefix:] of (B, N + prefix, D) tensors that training passes (read in place)."""
+        w, b = meta(d_t, d_s, dtype=dt), meta(d_t, dtype=dt)
+        if not prefix:
+            return meta(m, d_s, dtype=dt), w, b, meta(m, d_t, dtype=dt)
+        batch, tokens = PAPER["B"], m // PAPER["B"]
+        s = meta(batch, tokens + prefix, d_s, dtype=dt)[:, prefix:]
+        t = meta(batch, tokens + prefix, d_t, dtype=dt)[:, prefix:]
+        return s, w, b, t
 
     for name in dtypes:
         dt = DTYPES[name]
@@ -169,12 +178,14 @@ def workloads(dtypes: list[str], ops: set[str]) -> Iterator[tuple[str, str, Call
             for normalize in (False, True):
                 loss = "token-mse" if normalize else "mse"
 
-                def forward_grads(dt=dt, normalize=normalize):
-                    s, w, b, t = loss_inputs(dt)
+                def forward_grads(dt=dt, normalize=normalize, prefix=0):
+                    s, w, b, t = loss_inputs(dt, prefix)
                     _, gs, gw, gb = fused(s, w, b, t, normalize, "mean", 1e-6, True)
-                    factor = meta((), dtype=torch.float32)
-                    for grad, param in ((gs, s), (gw, w), (gb, b)):  # backward: rescale by grad_output / numel
-                        scale_cast(grad, factor, param.dtype)
+                    grad_output = meta((), dtype=torch.float32)
+                    # backward: one rescale launch for the three gradients
+                    rescale(gs, gw, gb, grad_output, 1.0 / (m * d_t), s.dtype, w.dtype, b.dtype, True, True, True)
+                    if not prefix:  # the standalone scale_cast op (no longer part of the fused loss)
+                        scale_cast(gs, grad_output, s.dtype)
 
                 def forward_only(dt=dt, normalize=normalize):
                     s, w, b, t = loss_inputs(dt)
@@ -185,6 +196,8 @@ def workloads(dtypes: list[str], ops: set[str]) -> Iterator[tuple[str, str, Call
                     fused_bwd(meta(m, dtype=torch.float32), s, w, b, t, normalize, 1e-6)
 
                 yield "feature_loss", f"{name} {loss} mean fwd+grads", forward_grads
+                yield ("feature_loss", f"{name} {loss} mean fwd+grads x[:, 5:]",
+                       lambda dt=dt, normalize=normalize: forward_grads(dt, normalize, prefix=5))
                 yield "feature_loss", f"{name} {loss} none fwd", forward_only
                 yield "feature_loss", f"{name} {loss} none bwd", backward_none
         if "token_mse" in ops:

@@ -4,24 +4,38 @@
 #   OUT=/some/dir bash bench/gpu_check.sh
 #
 # Sections, in order (SECTIONS=a,b,... runs some; default: all):
-#   install       LEAP_KERNELS_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e . (build time
-#                 logged); if the build fails the run goes on from the source tree without
-#                 leap_kernels._C (the Triton and torch backends) and the failure is recorded
-#   env           nvidia-smi, versions, backends -> $OUT/env.txt
-#   tests         pytest -m gpu tests/test_gpu.py (every op, every backend, vs float64) -> $OUT/junit-gpu.xml
-#   feature_loss  bench/bench_feature_loss.py          -> $OUT/feature_loss-<device>.csv
-#   attention     bench/bench_attention.py             -> $OUT/attention-<device>.csv
-#   teacher       bench/bench_attention.py --teacher   -> $OUT/attention-teacher-<device>.csv
+#   install   LEAP_KERNELS_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e . (build time
+#             logged); if the build fails the run goes on from the source tree without
+#             leap_kernels._C (the Triton and torch backends) and the failure is recorded
+#   env       nvidia-smi, versions, backends -> $OUT/env.txt
+#   tests     pytest -m gpu tests/test_gpu.py tests/test_leap_fp8.py (every op, every backend, vs float64;
+#             the FP8 teacher's torch._scaled_mm path vs its emulation) -> $OUT/junit-gpu.xml
+#   bench     the benchmark suite at full sizes: pytest bench/test_bench_ops.py (fused loss, plain and
+#             token-normalized, token_normalized_mse, teacher attention; ours per backend, eager,
+#             torch.compile) -> $OUT/bench-<device>.json; then bench/compare.py against
+#             bench/baselines/<device>.json when there is one -> $OUT/compare.log
+#   teacher   the truncated teacher forward (ViT-g/14 reg4, B=128, bf16) at k = 1,10,20,30,40
+#             (GPU_CHECK_TEACHER_KS): timm eager, timm torch.compile, ours per attention backend
+#             -> $OUT/teacher-<device>.json
+#   step      one full LEAP training step at k = 10,20,40 (GPU_CHECK_STEP_KS): ours (the trainer's step with
+#             our kernels) vs stock timm + PyTorch, eager and torch.compile -> $OUT/step-<device>.json;
+#             then bench/whole_run.py: the whole-run time over the paper's trajectory (step times weighted
+#             by the epochs spent at each k) -> $OUT/whole-run-<device>.json, table in the summary
+#   fp8       bench/fp8_teacher.py: ViT-g/14 reg4 (random init) with --teacher-precision fp8 vs bf16 vs fp32:
+#             relative error and CKA per block, and the truncated teacher's time in bf16 and fp8
+#             -> $OUT/fp8_teacher-<device>.csv
 #
 # Every section runs under `timeout` and the whole run keeps to GPU_CHECK_BUDGET_S seconds (default 540):
 # a section that no longer fits is skipped and listed as such, so one call returns within ~9 minutes
-# with whatever it measured. A later call can run the rest, e.g. SECTIONS=env,feature_loss,attention,teacher
-# (the extension built in place by `install` stays in the tree). Logs: $OUT/<section>.log; the summary is
-# printed at the end and kept in $OUT/summary.txt. Exit status: 0 when no section failed.
+# with whatever it measured. A later call can run the rest, e.g. SECTIONS=env,teacher,step (the
+# extension built in place by `install` stays in the tree). Logs: $OUT/<section>.log; one table per
+# benchmark JSON in $OUT/tables.md; the summary is printed at the end and kept in $OUT/summary.txt.
+# Exit status: 0 when no section failed (a benchmark regression against the baseline is a failure).
 #
 # Other switches: OUT (default bench/results/gpu-run), PYTHON (default python), GPU_CHECK_DRY_RUN=1 (a CPU
-# rehearsal of the flow: no install, benchmarks at their --smoke sizes, the GPU tests skip),
-# GPU_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-k paper").
+# rehearsal of the flow: no install, benchmarks at --bench-size=smoke with torch.compile's eager backend,
+# the GPU tests skip), GPU_CHECK_PYTEST_ARGS (extra arguments of the GPU tests, e.g. "-k paper"),
+# GPU_CHECK_BENCH_ARGS (extra arguments of the three benchmark runs, e.g. "-k ours").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -32,7 +46,7 @@ PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 DRY=${GPU_CHECK_DRY_RUN:-0}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
-ALL_SECTIONS="install,env,tests,feature_loss,attention,teacher"
+ALL_SECTIONS="install,env,tests,bench,teacher,step,fp8"
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
 # The GPU tests must run the compiled kernels, not the interpreter; the source tree is importable
 # even when the editable install fails.
@@ -51,6 +65,7 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 START=$SECONDS
 failed=0
+RAN=0
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
 # run_section NAME TIMEOUT_S COMMAND...: runs within the remaining budget, logs to $OUT/NAME.log.
@@ -58,10 +73,12 @@ run_section() {
     local name=$1 limit=$2
     shift 2
     local left=$(( BUDGET - (SECONDS - START) ))
+    RAN=0
     if (( left < 30 )); then
         note "$name: SKIPPED (time budget of ${BUDGET} s used up)"
         return 0
     fi
+    RAN=1
     (( limit > left - 10 )) && limit=$(( left - 10 ))
     echo "gpu_check: $name (at most ${limit} s) ..."
     local t0=$SECONDS rc
@@ -115,7 +132,7 @@ import importlib, platform
 import torch
 print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
-for name in ("triton", "timm", "pytest", "numpy", "xformers"):
+for name in ("triton", "timm", "pytest", "pytest_benchmark", "numpy", "xformers"):
     try:
         print(name, importlib.import_module(name).__version__)
     except Exception as exc:
@@ -138,7 +155,7 @@ fi
 
 if wanted tests; then
     # shellcheck disable=SC2086
-    run_section tests 300 "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfEs -p no:cacheprovider \
+    run_section tests 300 "$PY" -m pytest -m gpu tests/test_gpu.py tests/test_leap_fp8.py -q -rfEs -p no:cacheprovider \
         --junitxml="$OUT/junit-gpu.xml" ${GPU_CHECK_PYTEST_ARGS:-}
     if [[ -f "$OUT/junit-gpu.xml" ]]; then
         "$PY" - "$OUT/junit-gpu.xml" <<'EOF' | tee -a "$SUMMARY"
@@ -163,30 +180,76 @@ EOF
     fi
 fi
 
+# The benchmark sections: pytest-benchmark JSON under $OUT, a table of each in tables.md, pass counts in
+# the summary.
 if [[ "$DRY" == 1 ]]; then
-    FL_ARGS=(--smoke --variants eager,ours)
-    AT_ARGS=(--smoke)
-    TE_ARGS=(--teacher --smoke)
+    BENCH_ARGS=(--bench-size=smoke --bench-compile-backend=eager)
+    TEACHER_KS=${GPU_CHECK_TEACHER_KS:-}
+    STEP_KS=${GPU_CHECK_STEP_KS:-}
 else
-    FL_ARGS=()
-    AT_ARGS=()
-    TE_ARGS=(--teacher)
+    BENCH_ARGS=()
+    TEACHER_KS=${GPU_CHECK_TEACHER_KS:-1,10,20,30,40}
+    STEP_KS=${GPU_CHECK_STEP_KS:-10,20,40}
 fi
-if wanted feature_loss; then
-    run_section feature_loss 240 "$PY" bench/bench_feature_loss.py "${FL_ARGS[@]}" --out "$OUT/feature_loss-$DEVICE.csv"
-fi
-if wanted attention; then
-    run_section attention 180 "$PY" bench/bench_attention.py "${AT_ARGS[@]}" --out "$OUT/attention-$DEVICE.csv"
+# shellcheck disable=SC2206
+BENCH_ARGS+=(${GPU_CHECK_BENCH_ARGS:-})
+
+# run_bench NAME TIMEOUT_S JSON PYTEST_ARGS...: one pytest-benchmark run of the suite.
+run_bench() {
+    local name=$1 limit=$2 json=$3
+    shift 3
+    rm -f "$json"
+    # -o timeout=0: compiling a ViT-g step can take minutes; the section's own limit bounds the run.
+    run_section "$name" "$limit" "$PY" -m pytest "$@" "${BENCH_ARGS[@]}" -q -rfEs -p no:cacheprovider \
+        -o timeout=0 --benchmark-json="$json" --benchmark-columns=median,iqr,rounds
+    local rc=$?
+    (( RAN )) || return 0
+    tail -1 "$OUT/$name.log" | sed "s/^/  $name: /" | tee -a "$SUMMARY"
+    if [[ -f "$json" ]]; then
+        "$PY" bench/compare.py --show "$json" >> "$OUT/tables.md" 2>&1
+        echo >> "$OUT/tables.md"
+    fi
+    return $rc
+}
+
+if wanted bench; then
+    JSON="$OUT/bench-$DEVICE.json"
+    run_bench bench 300 "$JSON" bench/test_bench_ops.py
+    if (( RAN )) && [[ -f "$JSON" ]]; then
+        # A regression beyond 1.25x against the committed baseline of this card fails the run.
+        run_section compare 60 "$PY" bench/compare.py --baseline-dir bench/baselines --threshold 1.25 "$JSON"
+        (( RAN )) && grep -E "^(no baseline|the baseline|[0-9]+ benchmarks:|FAILED|OK)" "$OUT/compare.log" \
+            | sed 's/^/  compare: /' | tee -a "$SUMMARY"
+    fi
 fi
 if wanted teacher; then
-    run_section teacher 240 "$PY" bench/bench_attention.py "${TE_ARGS[@]}" --out "$OUT/attention-teacher-$DEVICE.csv"
+    run_bench teacher 240 "$OUT/teacher-$DEVICE.json" bench/test_bench_teacher.py \
+        ${TEACHER_KS:+--teacher-ks=$TEACHER_KS}
+fi
+if wanted step; then
+    JSON="$OUT/step-$DEVICE.json"
+    run_bench step 300 "$JSON" bench/test_bench_step.py ${STEP_KS:+--step-ks=$STEP_KS}
+    if (( RAN )) && [[ -f "$JSON" ]]; then
+        run_section whole_run 60 "$PY" bench/whole_run.py "$JSON" --out "$OUT/whole-run-$DEVICE.json"
+        (( RAN )) && grep -E "^(\||whole run)" "$OUT/whole_run.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+    fi
+fi
+if wanted fp8; then
+    if [[ "$DRY" == 1 ]]; then
+        FP8_ARGS=(--images 4 --batch 4)  # the bundled demo teacher, CPU emulation
+    else
+        FP8_ARGS=(--model vit_giant_patch14_reg4_dinov2 --images 8 --batch 8 --time-batch 32)
+    fi
+    run_section fp8 120 "$PY" bench/fp8_teacher.py "${FP8_ARGS[@]}" --out "$OUT/fp8_teacher-$DEVICE.csv"
 fi
 
 echo
 echo "== gpu_check summary ($(( SECONDS - START )) s, dry run: $DRY, results in $OUT)"
 cat "$SUMMARY"
-for csv in "$OUT"/*.csv; do
-    [[ -f "$csv" ]] && echo "  wrote $(basename "$csv") ($(( $(wc -l < "$csv") - 1 )) rows)"
+for json in "$OUT"/*.json; do
+    [[ -f "$json" ]] || continue
+    count=$(grep -c '"fullname"' "$json")
+    echo "  wrote $(basename "$json")$( (( count )) && echo " ($count benchmarks)")"
 done
 echo "total: $(( SECONDS - START )) s; $([[ $failed == 0 ]] && echo 'no section failed' || echo 'SOME SECTIONS FAILED')"
 exit $failed

@@ -15,6 +15,11 @@ allocator recorded by the profiler (``profile_memory=True``; the running sum of 
 in time order, and its maximum), i.e. every tensor allocated during the run, like
 tracemalloc for Python objects. Memory outside torch's allocator (oneDNN/MKL scratch) is
 not counted on either device.
+
+The same functions serve the pytest-benchmark suite (``pytest bench/``, see bench/conftest.py) and
+the CSV scripts (bench_feature_loss.py, bench_attention.py, bench_cpu.py): :class:`RoundTimer` is
+one timed round, :func:`peak_extra_mb` the memory figure, :func:`environment` and
+:func:`device_class` what identifies the machine.
 """
 
 from __future__ import annotations
@@ -70,8 +75,45 @@ def environment() -> dict:
     }
 
 
+def versions() -> dict:
+    """Versions of what the timings depend on (for the benchmark JSON's machine info)."""
+    import importlib
+    import platform
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+           "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none"}
+    for name in ("triton", "timm", "numpy"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:  # not installed: recorded, not fatal
+            out[name] = "none"
+    return out
+
+
 def device_slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("cpu" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def device_class(device: torch.device | str) -> str:
+    """The name results and baselines are filed under: the GPU's name (``nvidia-h200``), or
+    ``cpu-<threads>core-<cpu model>`` (``cpu-2core-intel-r-xeon-r-processor``), since absolute times
+    only compare within one class."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return device_slug(torch.cuda.get_device_name(device))
+    return f"cpu-{torch.get_num_threads()}core-{device_slug(cpu_name())}"
 
 
 def cpu_peak_extra_mb(fn: Callable[[], None]) -> float:
@@ -110,27 +152,60 @@ def finish(out: str, rows: list["Measurement"], env: dict) -> int:
     return 0
 
 
+class RoundTimer:
+    """One timed round of ``fn`` (one fwd+bwd), callable; the unit both timing paths share.
+
+    On CUDA a round synchronizes, records a CUDA event, runs ``fn``, records a second event and
+    synchronizes again, so the host time of a round (what pytest-benchmark measures around the
+    call) covers all the GPU work of ``fn`` and nothing queued before it; the device time between
+    the events is appended to ``device_ms``. On CPU a round is ``fn()``; ``device_ms`` stays empty.
+    """
+
+    def __init__(self, fn: Callable[[], None], device: torch.device):
+        self.fn = fn
+        self.cuda = torch.device(device).type == "cuda"
+        self.device_ms: list[float] = []
+
+    def __call__(self) -> None:
+        if not self.cuda:
+            self.fn()
+            return
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.fn()
+        stop.record()
+        stop.synchronize()
+        torch.cuda.synchronize()
+        self.device_ms.append(start.elapsed_time(stop))
+
+    def host_ms(self) -> float:
+        """Runs one round; its host-clock time in ms."""
+        t0 = time.perf_counter()
+        self()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def do_bench_ms(fn: Callable[[], object], rep_ms: int = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of ``fn`` on CUDA by ``triton.testing.do_bench``: its default flush of
+    the L2 cache between runs, so an op does not find its inputs cached from the previous run (the
+    method of the project's attention anchors)."""
+    import triton.testing
+
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return median, p20, p80
+
+
 def measure(fn: Callable[[], None], *, iters: int, warmup: int, device: torch.device) -> tuple[list[float], Optional[float]]:
-    """Times ``fn`` (one fwd+bwd) ``iters`` times; returns (times in ms, peak extra MB or None)."""
+    """Times ``fn`` (one fwd+bwd) ``iters`` times; returns (times in ms, peak extra MB).
+
+    Times are CUDA-event times on GPU (:class:`RoundTimer`), host-clock times on CPU."""
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        peak_extra = peak_extra_mb(fn, device)
-        times = []
-        for _ in range(iters):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        return times, peak_extra
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times, cpu_peak_extra_mb(fn)
+    timer = RoundTimer(fn, device)
+    host = [timer.host_ms() for _ in range(iters)]
+    times = timer.device_ms if timer.cuda else host
+    return times, peak_extra_mb(fn, device)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -181,13 +256,7 @@ def _run_interleaved(case, variants, *, iters, warmup, device) -> list[Measureme
     for _ in range(iters):
         for name, fn in list(fns.items()):
             try:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append(RoundTimer(fn, device).host_ms())
             except Exception as exc:
                 failed[name] = _failed(case, name, exc)
                 del fns[name]

@@ -23,6 +23,7 @@ from .data import FirstN, build_dataset, build_loader
 from .distill import CountingTeacher, DistillModule, OneToOneDistillModule
 from .distributed import ProcessGroup
 from .errors import ConfigError, ModelError
+from .fp8 import emulation_warning, fp8_linears
 from .models import build_model, check_compatible, load_teacher_weights
 from .optim import WarmupCosine, build_optimizer, peak_lr
 from .precision import resolve_teacher_dtype
@@ -69,6 +70,8 @@ def build_models(cfg: TrainConfig, device: torch.device, precision: str,
 
     The teacher's weights are in ``--teacher-dtype`` (:func:`leap.precision.resolve_teacher_dtype`:
     by default bf16 for bf16 runs, fp32 for fp32 and fp16 runs, the latter under the step's autocast).
+    ``--teacher-precision fp8`` puts the teacher's block linears in FP8 (:mod:`leap.fp8`), with a
+    warning where they run the emulated path (no FP8 tensor cores on ``device``).
     ``--curriculum one-to-one`` builds a :class:`~leap.distill.OneToOneDistillModule`.
 
     Raises:
@@ -88,8 +91,21 @@ def build_models(cfg: TrainConfig, device: torch.device, precision: str,
     if getattr(student, "cls_token", None) is None:
         raise ModelError(f"--student {cfg.student}: the student needs a CLS token (class_token=True)")
 
+    # Analytic FLOPs of what the run spends vs the full-depth baseline (logged per epoch); the
+    # per-step CKA only counts when the run measures it (the baselines by default do not). Read
+    # before the teacher is built: --teacher-precision fp8 replaces its nn.Linear layers, and the
+    # FLOPs are the same whatever the precision.
+    flops = TeacherFlopsTracker(CostModel(teacher_model, student,
+                                          include_cka=cfg.resolved_cka_every is not None))
+
     teacher_dtype = resolve_teacher_dtype(cfg.teacher_dtype, precision)
-    teacher = CountingTeacher(teacher_model.to(device), dtype=teacher_dtype)
+    teacher = CountingTeacher(teacher_model.to(device), dtype=teacher_dtype, precision=cfg.teacher_precision)
+    if teacher.precision == "fp8":
+        warning = emulation_warning(teacher.model, device)
+        if warning is not None:
+            info(warning, level=logging.WARNING)
+        else:
+            info(f"FP8 teacher: {len(fp8_linears(teacher.model))} block linears on torch._scaled_mm")
     head = FeatureDistillationHead(int(student.embed_dim), teacher.embed_dim, normalize=cfg.loss == "token-mse")
     if cfg.curriculum == "one-to-one":
         module: DistillModule = OneToOneDistillModule(student, head, cfg.cls_weight, AMP_DTYPES[precision],
@@ -97,10 +113,6 @@ def build_models(cfg: TrainConfig, device: torch.device, precision: str,
     else:
         module = DistillModule(student, head, cfg.cls_weight, compute_dtype=AMP_DTYPES[precision])
     module = module.to(device)
-    # Analytic FLOPs of what the run spends vs the full-depth baseline (logged per epoch); the
-    # per-step CKA only counts when the run measures it (the baselines by default do not).
-    flops = TeacherFlopsTracker(CostModel(teacher_model, student,
-                                          include_cka=cfg.resolved_cka_every is not None))
     dims = {
         "teacher_blocks": teacher.num_blocks,
         "teacher_dim": teacher.embed_dim,

@@ -53,6 +53,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "curriculum": ("cka", "off", "one-to-one"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "teacher_dtype": ("auto", "fp32", "bf16", "fp16"),
+    "teacher_precision": ("auto", "fp8"),
     "teacher_pos_embed": ("auto", "bicubic", "bicubic-antialias", "bicubic-offset"),
     "curriculum_sync": ("mean", "per-rank"),
     "curriculum_metric": ("cka", "cosine"),
@@ -144,6 +145,11 @@ class TrainConfig:
     teacher_dtype: str = _opt("auto", "teacher weight dtype: auto = fp32 for --precision fp32 and fp16 (run under "
                               "the step's autocast, as the reference does), bf16 for --precision bf16",
                               group="optimization")
+    teacher_precision: str = _opt(
+        "auto", "teacher block linears (qkv, proj, fc1, fc2): auto = in the teacher dtype; fp8 = FP8 e4m3 weights "
+        "and inputs with per-row scales (FP8 tensor cores on NVIDIA GPUs of compute capability 8.9+; elsewhere, "
+        "e.g. on a CPU, an emulated path with the same numerics that is slower than auto, with a warning)",
+        group="optimization")
     # loss
     loss: str = _opt("mse", "mse = the paper's MSE on projected features; token-mse = MSE of per-token "
                      "normalized features (no loss jump when the target block changes)", group="loss")

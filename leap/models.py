@@ -112,9 +112,18 @@ def build_model(
         ``(B, 3, img_size, img_size)`` returns pooled features ``(B, embed_dim)``.
 
     Raises:
-        ModelError: unknown name (close names are suggested), or bad ``img_size``.
+        ModelError: unknown name (close names are suggested), bad ``img_size``, or an override of None
+            (timm would drop it silently).
         RuntimeError: ``pretrained=True`` and the weights could not be fetched.
     """
+    dropped = sorted(k for k, v in overrides.items() if v is None)
+    if dropped:
+        # timm.create_model silently drops None arguments, so the model would keep its default.
+        raise ModelError(
+            f"{name!r}: override {dropped[0]}=None would be ignored (timm drops None arguments and keeps the "
+            f"model's default); give a value instead"
+            + (" (no LayerScale: use vit_tiny_patch14_dinov2, a plain timm ViT, with depth/embed_dim/num_heads "
+               "overrides)" if dropped[0] == "init_values" else ""))
     base_name, _, tag = name.partition(".")
     kwargs: dict[str, Any] = {}
     if base_name in _EXTRA_MODELS:

@@ -4,6 +4,12 @@
 autocast around the whole step, a GradScaler, TF32 for the remaining fp32 matmuls, and the
 teacher's weights kept in fp32 (so the teacher's matmuls run in fp16 under the step's autocast,
 its norms and softmax in fp32). ``--teacher-dtype`` overrides the teacher's weight dtype.
+
+``--teacher-precision fp8`` additionally runs the teacher's block linears (qkv, proj, fc1, fc2)
+in FP8 e4m3 with per-row scales (:mod:`leap.fp8`); norms, attention and the residual stream keep
+the teacher dtype, and the FP8 layers ignore the step's autocast. The real FP8 GEMM
+(``torch._scaled_mm``) needs an NVIDIA GPU of compute capability 8.9+; elsewhere the same
+numerics run emulated (slower than the teacher dtype) and the run says so in a warning.
 """
 
 from __future__ import annotations
@@ -12,9 +18,13 @@ import contextlib
 
 import torch
 
-__all__ = ["TEACHER_DTYPES", "resolve_teacher_dtype", "teacher_autocast", "configure_matmul_precision"]
+__all__ = ["TEACHER_DTYPES", "TEACHER_PRECISIONS", "resolve_teacher_dtype", "teacher_autocast",
+           "configure_matmul_precision"]
 
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``--teacher-precision``: auto = the block linears compute in the teacher dtype; fp8 = e4m3
+#: (:class:`leap.fp8.Fp8Linear`).
+TEACHER_PRECISIONS = ("auto", "fp8")
 
 
 def resolve_teacher_dtype(pref: str, precision: str) -> torch.dtype:

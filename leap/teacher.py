@@ -9,6 +9,10 @@ All blocks run through :meth:`TruncatedTeacher._run_blocks`, which calls
 attention kernel (:func:`leap_kernels.teacher_attention`) is swapped in: with it on, a timm
 ``Block`` runs as ``x + ls1(proj(attention(qkv(norm1(x))))) ; x + ls2(mlp(norm2(x)))`` with the
 attention read straight from the packed ``qkv`` output (no permute, no transpose copy).
+
+With ``precision="fp8"`` the block linears (``qkv``, ``proj``, ``fc1``, ``fc2``) are
+:class:`leap.fp8.Fp8Linear` layers (e4m3 weights and inputs, per-row scales); everything else
+keeps the teacher dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import torch
 from torch import nn
 
 from leap_kernels import teacher_attention
+
+from .fp8 import convert_teacher_linears
+from .precision import TEACHER_PRECISIONS
 
 __all__ = ["TruncatedTeacher", "ScoreFn"]
 
@@ -41,6 +48,10 @@ class TruncatedTeacher(nn.Module):
             Blocks the kernel path does not cover (not a timm ``Block``/``Attention``, a q/k norm,
             attention dropout in training mode) always run timm's forward. The op picks its backend
             itself (Triton for bf16/fp16 with head dim 16/32/64/128, else SDPA).
+        precision: ``"auto"`` (default): the block linears compute in ``dtype``; ``"fp8"``: they are
+            replaced in place by :class:`leap.fp8.Fp8Linear` (quantized from the loaded weights;
+            ``torch._scaled_mm`` on GPUs of compute capability 8.9+, else the emulated path with the
+            same numerics). Outputs stay in ``dtype``.
 
     Shapes (B = batch, N = patch tokens = rows*cols, D = ``embed_dim``):
         input ``x``: ``(B, 3, H, W)`` at the model's image size; cast to the teacher dtype.
@@ -48,7 +59,7 @@ class TruncatedTeacher(nn.Module):
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None,
-                 attention_kernel: bool | None = None):
+                 attention_kernel: bool | None = None, precision: str = "auto"):
         super().__init__()
         for attr in ("patch_embed", "_pos_embed", "blocks", "norm"):
             if not hasattr(model, attr):
@@ -56,15 +67,22 @@ class TruncatedTeacher(nn.Module):
                                 f"has no {attr!r}")
         if getattr(model, "cls_token", None) is None:
             raise ValueError("TruncatedTeacher needs a teacher with a CLS token (class_token=True)")
+        if precision not in TEACHER_PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(TEACHER_PRECISIONS)}, got {precision!r}")
         if dtype is None:
             param = next(model.parameters(), None)
             on_cuda = param is not None and param.device.type == "cuda"
             dtype = torch.bfloat16 if on_cuda else torch.float32
+        if precision == "fp8":
+            # Before the dtype cast, so the weights are quantized from the loaded values (not from
+            # their bf16 rounding); Fp8Linear keeps its dtypes through the cast.
+            convert_teacher_linears(model)
         model = model.to(dtype=dtype)
         model.eval()
         model.requires_grad_(False)
         self.model = model
         self._dtype = dtype
+        self._precision = precision
         if attention_kernel is not None and not isinstance(attention_kernel, bool):
             raise TypeError(f"attention_kernel: expected True, False or None (auto), got {attention_kernel!r}")
         #: ``True``/``False`` force the attention kernel on/off; ``None``: on for CUDA inputs only.
@@ -76,6 +94,11 @@ class TruncatedTeacher(nn.Module):
     def dtype(self) -> torch.dtype:
         """Compute dtype of the teacher."""
         return self._dtype
+
+    @property
+    def precision(self) -> str:
+        """``"auto"`` (block linears in :attr:`dtype`) or ``"fp8"`` (:class:`leap.fp8.Fp8Linear`)."""
+        return self._precision
 
     @property
     def num_blocks(self) -> int:

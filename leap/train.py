@@ -198,8 +198,14 @@ class Trainer:
             "weight_decay": cfg.resolved_weight_decay, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
             "teacher_dtype": str(self.teacher.dtype).replace("torch.", ""), "tf32": self.tf32,
-            "cka_every": self.cka_every,
+            "cka_every": self.cka_every, "teacher_precision": self.teacher.precision,
         }
+        if self.teacher.precision == "fp8":
+            from .fp8 import describe_paths
+
+            # How many block linears run on torch._scaled_mm and how many are emulated (and why).
+            self.resolved["fp8_paths"], self.resolved["fp8_emulated_reasons"] = describe_paths(self.teacher.model,
+                                                                                            self.device)
 
         if resume is not None:
             self._resume(*resume)

@@ -192,3 +192,106 @@ def test_module_front_end():
     loss.backward()
     assert head.weight.grad is not None and head.bias.grad is not None and student.grad is not None
     assert head.project(student).shape == (3, 11, 100)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_kept_gradients_do_not_overflow(backend):
+    # |P - T| ~ 1e3 on every channel and a projection whose columns add up coherently: the student
+    # gradient of sum(row_loss), 2 (P - T) W, reaches ~1.5e5 and overflowed fp16 (inf) when kept
+    # unscaled; the loss's own gradient (mean) is ~0.5 and fits.
+    d_s, d_t = 64, 1536
+    student = torch.randn(197, d_s).half().requires_grad_()
+    weight = (0.05 + 0.01 * torch.randn(d_t, d_s)).half().requires_grad_()
+    bias = torch.zeros(d_t).half().requires_grad_()
+    with torch.no_grad():
+        projection = student.float() @ weight.float().T
+    target = (projection - 1e3 + 50.0 * torch.randn(197, d_t)).half()
+    with use_backend(backend):
+        check_against_reference(student, weight, bias, target, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_small_residuals_keep_their_precision(backend):
+    # The other side of the kept scale: residuals ~1e-2 (a converged head) must not push the kept
+    # student gradient into fp16's subnormals.
+    student, weight, bias, target = make_inputs((197,), 192, 1536, torch.float16)
+    with torch.no_grad():
+        projection = student.float() @ weight.float().T + bias.float()
+    target = (projection + 1e-2 * torch.randn_like(projection)).half()
+    with use_backend(backend):  # "sum": the returned fp16 gradients are in the normal range themselves
+        check_against_reference(student, weight, bias, target, dtype=torch.float16, reduction="sum")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True], ids=["mse", "token-mse"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_weight_gradient_split_over_tokens(backend, normalize, reduction, clean_backend_env):
+    # Several token splits per chunk and several chunks: the Triton loop accumulates each split's
+    # weight/bias gradient across chunks and backward adds the splits; the other backends hand over
+    # their one gradient in the same layout.
+    from leap_kernels.ops import feature_loss as fl
+
+    clean_backend_env.setattr(fl, "MIN_ROWS_PER_SPLIT", 64)
+    clean_backend_env.setattr(fl, "DEFAULT_TRITON_CHUNK_TOKENS", 200)
+    clean_backend_env.setattr(fl, "INTERPRETED", True)  # splits on CPU for every backend, as on a GPU
+    assert fl.weight_grad_splits(261, torch.device("cpu")) == 4
+    student, weight, bias, target = make_inputs((261,), 64, 100, torch.float32)
+    with use_backend(backend):
+        check_against_reference(student, weight, bias, target, dtype=torch.float32, normalize=normalize,
+                                reduction=reduction)
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["mse", "token-mse"])
+def test_split_weight_gradient_is_deterministic(normalize, clean_backend_env):
+    from leap_kernels.ops import feature_loss as fl
+
+    clean_backend_env.setattr(fl, "MIN_ROWS_PER_SPLIT", 64)
+    clean_backend_env.setattr(fl, "DEFAULT_TRITON_CHUNK_TOKENS", 200)
+    student, weight, bias, target = make_inputs((261,), 64, 100, torch.float32)
+    runs = []
+    for _ in range(2):
+        with use_backend("triton"):
+            loss = fused_feature_loss(student, weight, bias, target, normalize=normalize)
+            runs.append(torch.autograd.grad(loss, (student, weight, bias)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_autotune_keys_bucket_the_token_count():
+    from leap_kernels.ops import _triton_common, feature_loss as fl
+
+    assert [_triton_common.m_bucket(m) for m in (1, 7, 197, 8192, 16384, 10**6)] == [1, 8, 256, 8192, 16384, 65536]
+    for kernel in (fl._projection_loss_kernel, fl._grad_weight_kernel):
+        assert "M_BUCKET" in kernel.keys and "M" not in kernel.keys, kernel.keys
+
+
+def test_token_normalized_projection_in_bf16_adds_little_error():
+    # The Triton loop stores the projection in the compute dtype (bf16 here) before normalizing; the
+    # torch backend keeps it in fp32. Both against float64: the extra error stays within bf16's own.
+    student, weight, bias, target = make_inputs((2, 257), 384, 1536, torch.bfloat16)
+    errors = {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            loss = fused_feature_loss(student, weight, bias, target, normalize=True)
+        ref, _ = reference_loss_and_grads(student, weight, bias, target, torch.ones(()), normalize=True)
+        errors[backend] = abs(loss.item() - ref.item()) / ref.item()
+    assert errors["triton"] <= RELATIVE_TOLERANCE[torch.bfloat16][0] / 4, errors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_rescale_and_strided_op(backend):
+    ops = torch.ops.leap_kernels
+    gs, gw, gb = torch.randn(7, 5).half(), torch.randn(3, 6, 5), torch.randn(3, 6)
+    with use_backend(backend):
+        for need in ((True, True, True), (True, False, False), (False, True, False)):
+            torch.library.opcheck(ops.feature_loss_rescale.default,
+                                  (gs, gw, gb, torch.tensor(0.7), 0.01, torch.float16, torch.float32, torch.bfloat16,
+                                   *need))
+        torch.library.opcheck(ops.feature_loss_rescale.default,
+                              (gs, gw, torch.empty(0), None, 2.0, torch.float16, torch.float16, torch.float16,
+                               True, True, True))
+        student = torch.randn(2, 9, 16, requires_grad=True)[:, 2:]  # (2, 7, 16) token slice
+        target = torch.randn(2, 9, 24)[:, 2:]
+        weight, bias = torch.randn(24, 16, requires_grad=True), torch.randn(24, requires_grad=True)
+        torch.library.opcheck(ops.fused_feature_loss.default,
+                              (student, weight, bias, target, True, "mean", 1e-6, True))

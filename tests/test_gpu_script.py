@@ -1,10 +1,10 @@
 """bench/gpu_check.sh, the one-call GPU run, rehearsed on CPU.
 
 The fast tests drive the script with a stand-in interpreter (a shell script that answers the
-script's calls: pip, pytest, the benchmarks) to check its flow: sections, results under $OUT,
-failure and time-budget handling, the summary. The slow one is the real dry run
-(``GPU_CHECK_DRY_RUN=1``): the project's interpreter, the GPU tests collected and skipped, the
-benchmarks at their ``--smoke`` sizes.
+script's calls: pip, pytest, the benchmark suite, bench/compare.py, bench/whole_run.py) to check its
+flow: sections, results under $OUT, failure and time-budget handling, the summary. The slow one is
+the real dry run (``GPU_CHECK_DRY_RUN=1``): the project's interpreter, the GPU tests collected and
+skipped, the benchmark suite at ``--bench-size=smoke``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ case "$1" in
         case "$2" in
             pip) echo "building"; exit "${FAKE_PIP_RC:-0}" ;;
             pytest)
+                suite=0
                 for a in "$@"; do
+                    [[ $a == bench/* ]] && suite=1
                     if [[ $a == --junitxml=* ]]; then
                         cat > "${a#--junitxml=}" <<'XML'
 <?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1" skipped="2" tests="6">
@@ -37,15 +39,25 @@ case "$1" in
 </testsuite></testsuites>
 XML
                     fi
+                    if [[ $a == --benchmark-json=* ]]; then
+                        printf '{"benchmarks": [{"name": "t[x]", "fullname": "bench/t.py::t[x]"}]}\n' > "${a#--benchmark-json=}"
+                    fi
                 done
+                if (( suite )); then echo "4 passed in 1.00s"; exit "${FAKE_BENCH_RC:-0}"; fi
                 exit "${FAKE_PYTEST_RC:-0}" ;;
         esac ;;
     -) if [[ $# -gt 1 ]]; then exec /usr/bin/env python3 - "${@:2}"; fi
        cat > /dev/null; echo "torch 9.9 fake"; echo "backend triton: usable" ;;
-    bench/*)
+    bench/compare.py)
+        if [[ " $* " == *" --show "* ]]; then echo "| t[x] | 1.0 | |"; exit 0; fi
+        echo "1 benchmarks: 0 regressed, 0 faster, 0 missing from the new run, 0 new"
+        [[ ${FAKE_COMPARE_RC:-0} == 0 ]] && echo OK || echo FAILED
+        exit "${FAKE_COMPARE_RC:-0}" ;;
+    bench/whole_run.py)
         out=$(out_arg "$@")
-        [[ -n $out ]] && printf 'case,variant,median_ms\nx,ours,1.0\n' > "$out"
-        exit "${FAKE_BENCH_RC:-0}" ;;
+        [[ -n $out ]] && echo '{"variants": {}}' > "$out"
+        echo "whole run over the trajectory (mean block 29.35 of 40); step times in ms"
+        echo "| ours | 2.00x |" ;;
 esac
 exit 0
 """
@@ -73,53 +85,71 @@ def test_script_parses():
     assert proc.returncode == 0, proc.stderr
 
 
+def _pytest_calls(calls):
+    return [c for c in calls if c.startswith("-m pytest")]
+
+
 def test_all_sections_in_order_with_results_under_out(fake):
     proc, out, calls = fake()
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the fake junit XML has a failed test
-    # install: editable, no deps, no build isolation; then the GPU tests, then each benchmark to $OUT.
+    # install: editable, no deps, no build isolation; then the GPU tests, then each benchmark run to $OUT.
     pip = [c for c in calls if c.startswith("-m pip")]
     assert pip == ["-m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -e ."], calls
-    pytest_call = next(c for c in calls if c.startswith("-m pytest"))
-    assert "-m gpu tests/test_gpu.py" in pytest_call and f"--junitxml={out}/junit-gpu.xml" in pytest_call
-    benches = [c for c in calls if c.startswith("bench/")]
-    assert benches == [
-        f"bench/bench_feature_loss.py --out {out}/feature_loss-fake-gpu.csv",
-        f"bench/bench_attention.py --out {out}/attention-fake-gpu.csv",
-        f"bench/bench_attention.py --teacher --out {out}/attention-teacher-fake-gpu.csv",
+    tests, bench, teacher, step = _pytest_calls(calls)
+    assert "-m gpu tests/test_gpu.py tests/test_leap_fp8.py" in tests and f"--junitxml={out}/junit-gpu.xml" in tests
+    assert bench.startswith("-m pytest bench/test_bench_ops.py ") and f"--benchmark-json={out}/bench-fake-gpu.json" in bench
+    assert teacher.startswith("-m pytest bench/test_bench_teacher.py --teacher-ks=1,10,20,30,40 ")
+    assert f"--benchmark-json={out}/teacher-fake-gpu.json" in teacher
+    assert step.startswith("-m pytest bench/test_bench_step.py --step-ks=10,20,40 ")
+    assert f"--benchmark-json={out}/step-fake-gpu.json" in step
+    for call in (bench, teacher, step):
+        assert "--bench-size" not in call and "-o timeout=0" in call  # full sizes; no per-test timeout
+    scripts = [c for c in calls if c.startswith("bench/") and "--show" not in c]
+    assert scripts == [
+        f"bench/compare.py --baseline-dir bench/baselines --threshold 1.25 {out}/bench-fake-gpu.json",
+        f"bench/whole_run.py {out}/step-fake-gpu.json --out {out}/whole-run-fake-gpu.json",
+        f"bench/fp8_teacher.py --model vit_giant_patch14_reg4_dinov2 --images 8 --batch 8 --time-batch 32 "
+        f"--out {out}/fp8_teacher-fake-gpu.csv",
     ]
-    for name in ("summary.txt", "env.txt", "junit-gpu.xml", "install.log", "tests.log",
-                 "feature_loss-fake-gpu.csv", "attention-fake-gpu.csv", "attention-teacher-fake-gpu.csv"):
+    for name in ("summary.txt", "env.txt", "junit-gpu.xml", "install.log", "tests.log", "tables.md", "compare.log",
+                 "bench-fake-gpu.json", "teacher-fake-gpu.json", "step-fake-gpu.json", "whole-run-fake-gpu.json"):
         assert (out / name).is_file(), name
     summary = (out / "summary.txt").read_text()
-    assert "install: ok" in summary and "env: ok" in summary and "teacher: ok" in summary
+    assert "install: ok" in summary and "env: ok" in summary and "teacher: ok" in summary and "step: ok" in summary
     assert "tests: 3 passed, 1 failed, 0 errors, 2 skipped" in summary
     assert "FAILED test_b[cuda]: relative error 3e-1 > 1e-2" in summary
-    assert "wrote attention-fake-gpu.csv (1 rows)" in proc.stdout
+    assert "bench: 4 passed in 1.00s" in summary and "compare: OK" in summary
+    assert "whole run over the trajectory" in summary and "| ours | 2.00x |" in summary
+    assert (out / "tables.md").read_text().count("| t[x] |") == 3
+    assert "wrote bench-fake-gpu.json (1 benchmarks)" in proc.stdout
 
 
 def test_clean_run_exits_zero(fake):
-    proc, out, _ = fake(SECTIONS="env,feature_loss")
+    proc, out, _ = fake(SECTIONS="env,bench")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no section failed" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "env.log", "env.txt", "feature_loss-fake-gpu.csv", "feature_loss.log", "summary.txt"]
+        "bench-fake-gpu.json", "bench.log", "compare.log", "env.log", "env.txt", "summary.txt", "tables.md"]
 
 
 def test_sections_switch_and_unknown_section(fake):
-    proc, out, calls = fake(SECTIONS="attention")
+    proc, out, calls = fake(SECTIONS="teacher")
     assert proc.returncode == 0
-    expected = [f"bench/bench_attention.py --out {out}/attention-fake-gpu.csv"]
-    assert [c for c in calls if not c.startswith("-c")] == expected
-    proc, _, _ = fake(SECTIONS="attention,nonsense")
+    assert [c for c in calls if not c.startswith(("-c", "bench/compare.py --show"))] == [
+        f"-m pytest bench/test_bench_teacher.py --teacher-ks=1,10,20,30,40 -q -rfEs -p no:cacheprovider -o timeout=0 "
+        f"--benchmark-json={out}/teacher-fake-gpu.json --benchmark-columns=median,iqr,rounds"]
+    proc, _, _ = fake(SECTIONS="teacher,nonsense")
     assert proc.returncode == 2 and "unknown section 'nonsense'" in proc.stderr
+    proc, _, calls = fake(SECTIONS="step", GPU_CHECK_STEP_KS="20,40", GPU_CHECK_BENCH_ARGS="-k ours")
+    assert "--step-ks=20,40 -k ours " in _pytest_calls(calls)[-1]  # the calls log accumulates
 
 
 def test_failed_build_is_recorded_and_the_run_goes_on(fake):
-    proc, out, calls = fake(FAKE_PIP_RC="1", SECTIONS="install,feature_loss")
+    proc, out, calls = fake(FAKE_PIP_RC="1", SECTIONS="install,bench")
     assert proc.returncode == 1
     summary = (out / "summary.txt").read_text()
     assert "install: FAILED, exit 1" in summary and "continuing without a fresh leap_kernels._C" in summary
-    assert "feature_loss: ok" in summary and any(c.startswith("bench/bench_feature_loss.py") for c in calls)
+    assert "bench: ok" in summary and any(c.startswith("-m pytest bench/test_bench_ops.py") for c in calls)
 
 
 def test_failing_benchmark_fails_the_run(fake):
@@ -128,26 +158,40 @@ def test_failing_benchmark_fails_the_run(fake):
     assert "teacher: FAILED, exit 3" in (out / "summary.txt").read_text()
 
 
+def test_regression_against_the_baseline_fails_the_run(fake):
+    proc, out, _ = fake(FAKE_COMPARE_RC="1", SECTIONS="bench")
+    assert proc.returncode == 1
+    summary = (out / "summary.txt").read_text()
+    assert "bench: ok" in summary and "compare: FAILED, exit 1" in summary and "compare: FAILED" in summary
+
+
 def test_time_budget_skips_what_no_longer_fits(fake):
-    proc, out, calls = fake(GPU_CHECK_BUDGET_S="20", SECTIONS="tests,attention")
+    proc, out, calls = fake(GPU_CHECK_BUDGET_S="20", SECTIONS="tests,bench,step")
     assert proc.returncode == 0
     summary = (out / "summary.txt").read_text()
-    assert "tests: SKIPPED (time budget" in summary and "attention: SKIPPED (time budget" in summary
+    for name in ("tests", "bench", "step"):
+        assert f"{name}: SKIPPED (time budget" in summary
     assert not [c for c in calls if not c.startswith("-c")]
+    assert not (out / "tables.md").exists()
 
 
 def test_dry_run_uses_smoke_sizes_and_no_install(fake):
     proc, out, calls = fake(GPU_CHECK_DRY_RUN="1")
     assert not any(c.startswith("-m pip") for c in calls)
     assert "install: skipped (dry run)" in (out / "summary.txt").read_text()
-    benches = [c for c in calls if c.startswith("bench/")]
-    assert all("--smoke" in c for c in benches) and len(benches) == 3
+    benches = [c for c in _pytest_calls(calls) if "bench/" in c]
+    assert len(benches) == 3
+    for call in benches:
+        assert "--bench-size=smoke --bench-compile-backend=eager" in call
+        assert "--teacher-ks" not in call and "--step-ks" not in call  # the smoke models' own k
 
 
 @pytest.mark.slow
 def test_real_dry_run_on_cpu(tmp_path):
-    """The whole flow with the project's interpreter: GPU tests collected and skipped, benchmark CLIs
-    at --smoke sizes writing their CSVs under $OUT."""
+    """The whole flow with the project's interpreter: GPU tests collected and skipped, the benchmark
+    suite at --bench-size=smoke writing its JSON under $OUT, the whole-run table from the step JSON."""
+    import json
+
     out = tmp_path / "out"
     env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable}
     env.pop("TRITON_INTERPRET", None)
@@ -155,8 +199,15 @@ def test_real_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     assert "tests: 0 passed, 0 failed, 0 errors" in summary  # every GPU test skips without CUDA
-    for name in ("env.txt", "junit-gpu.xml", "feature_loss-cpu.csv", "attention-cpu.csv", "attention-teacher-cpu.csv"):
+    assert "whole run over the trajectory" in summary
+    for name in ("env.txt", "junit-gpu.xml", "tables.md", "whole-run-cpu.json"):
         assert (out / name).is_file(), name
-    for name in ("feature_loss-cpu.csv", "attention-cpu.csv", "attention-teacher-cpu.csv"):
-        lines = (out / name).read_text().splitlines()
-        assert len(lines) >= 3 and "ours" in "\n".join(lines), name
+    for name, test in (("bench-cpu.json", "test_fused_loss"), ("teacher-cpu.json", "test_teacher_forward"),
+                       ("step-cpu.json", "test_leap_step")):
+        data = json.loads((out / name).read_text())
+        assert data["machine_info"]["leap_bench"]["size"] == "smoke", name
+        names = [b["name"] for b in data["benchmarks"]]
+        assert any(n.startswith(test) for n in names) and any("ours" in n for n in names), names
+    variants = json.loads((out / "whole-run-cpu.json").read_text())["variants"]
+    assert set(variants) == {"ours", "stock-eager", "stock-compile"}
+    assert all(v["mean_step_s"] > 0 for v in variants.values())

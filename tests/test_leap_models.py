@@ -190,6 +190,15 @@ def test_unknown_name_suggests_close_names():
         build_model("resnet50")  # a timm model, but not a ViT
 
 
+def test_none_override_is_refused_not_dropped():
+    # timm drops None arguments: init_values=None would silently keep LayerScale.
+    with pytest.raises(ValueError, match="init_values=None would be ignored.*vit_tiny_patch14_dinov2"):
+        build_model("vit_small_patch14_dinov2", img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2,
+                    init_values=None)
+    plain = build_model("vit_tiny_patch14_dinov2", img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2)
+    assert isinstance(plain.blocks[0].ls1, nn.Identity)
+
+
 def test_bad_img_size():
     with pytest.raises(ValueError, match="divisible"):
         build_model("vit_small_patch14_dinov2", img_size=30, depth=1, embed_dim=32, num_heads=2)

@@ -29,16 +29,90 @@ def _check(qkv, h, dtype, backend, scale=None, what=""):
     assert_close_rel(out, ref, RELATIVE_TOLERANCE[dtype][0], what)
 
 
-# N = 1 / 5 (one partial key tile), 197 / 261 (full tiles + a tail; 261 = ViT-g/14 reg4 at 224),
-# 128 (full tiles only); interpreter time grows with B*H*N^2, so long sequences get B = 1.
-GRID = [(2 if n <= 5 else 1, n, h, d, dtype)
-        for n in (1, 5, 197, 261) for h in (1, 3) for d in (64, 128) for dtype in (torch.float16, torch.bfloat16)]
-EXTRA = [(1, 128, 2, 64, torch.bfloat16), (1, 70, 2, 32, torch.float16), (3, 24, 2, 16, torch.bfloat16)]
+# The interpreter runs 64 x 64 tiles with 16-row / 16-key tails. N = 1 / 15 / 16 / 17: tail tiles
+# only (17: two tail query tiles and two key steps); 197 / 257 / 261 / 1025: full tiles and a 5- or
+# 1-token tail (261 = ViT-g/14 reg4 at 224 px, 257 = ViT-S, 1025 = 448 px). Interpreter time grows
+# with B*H*N^2, so long sequences get B = H = 1. (N, B, H):
+SEQUENCES = [(1, 2, 3), (15, 2, 3), (16, 2, 3), (17, 2, 3), (197, 1, 3), (257, 1, 3), (261, 1, 1), (1025, 1, 1)]
+GRID = [(b, n, h, d, dtype) for n, b, h in SEQUENCES for d in (64, 128) for dtype in (torch.float16, torch.bfloat16)]
+EXTRA = [(1, 128, 2, 64, torch.bfloat16), (1, 261, 3, 64, torch.float16), (1, 70, 2, 32, torch.float16),
+         (3, 24, 2, 16, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("b,n,h,d,dtype", GRID + EXTRA, ids=lambda v: str(v).replace("torch.", ""))
 def test_triton_matches_float64_reference(b, n, h, d, dtype):
     _check(_qkv(b, n, h, d, dtype), h, dtype, "triton", what=f"triton B={b} N={n} H={h} d={d}")
+
+
+# Fixed tiles other than the interpreter's autotune config (the GPU configs and more): several
+# full key tiles, 1-4 key tail steps, several 16-row tail query tiles (197 % 128 = 69 rows: five),
+# N a multiple of every tile (no tails), N below every tile (tails only), 16-row full tiles.
+TILES = [
+    (77, 32, 32, 64, torch.bfloat16),  # 2 full 32-tiles + 13-token tails
+    (120, 16, 64, 64, torch.float16),  # key tail of 56 = 4 steps (last one masked); 16-row full tiles
+    (197, 128, 64, 64, torch.bfloat16),  # 1 full query tile + 5 tail query tiles
+    (261, 128, 128, 64, torch.float16),  # the GPU's 128 x 128 config at the paper's N
+    (261, 64, 32, 128, torch.bfloat16),
+    (128, 64, 32, 64, torch.float16),  # no tails
+    (40, 64, 128, 64, torch.bfloat16),  # no full tile at all
+]
+
+
+@pytest.mark.parametrize("n,block_m,block_n,d,dtype", TILES, ids=lambda v: str(v).replace("torch.", ""))
+def test_triton_fixed_tiles_match_float64_reference(n, block_m, block_n, d, dtype):
+    from leap_kernels.ops.teacher_attention import teacher_attention_triton
+
+    h = 2
+    qkv = _qkv(2, n, h, d, dtype, spread=2.0)  # peaked rows: the max moves between full tiles and tail steps
+    out = torch.full((2, n, h * d), float("nan"), dtype=dtype)  # a row the grid misses stays NaN
+    teacher_attention_triton(qkv, h, d ** -0.5, out, block_m=block_m, block_n=block_n)
+    ref = teacher_attention_reference(qkv.double(), h)
+    assert_close_rel(out, ref, RELATIVE_TOLERANCE[dtype][0], f"tiles {block_m}x{block_n} N={n} d={d}")
+
+
+def test_fixed_tiles_bad_input():
+    from leap_kernels.ops.teacher_attention import teacher_attention_triton
+
+    qkv = _qkv(1, 5, 1, 64, torch.bfloat16)
+    out = torch.empty(1, 5, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"block_m: expected a power of 2 >= 16.*got 48"):
+        teacher_attention_triton(qkv, 1, 0.125, out, block_m=48, block_n=64)
+    with pytest.raises(ValueError, match=r"block_n: expected a power of 2 >= 16.*got None"):
+        teacher_attention_triton(qkv, 1, 0.125, out, block_m=64)
+
+
+def test_tail_tiles_bound_the_masked_work():
+    # Computed (query, key) pairs per (batch, head): full tiles plus 16-token tails. At the paper's
+    # N the masked fraction is what one 16-token tail costs (it was a whole 64/128-token tile).
+    from leap_kernels.ops.teacher_attention import computed_pairs, query_programs
+
+    assert computed_pairs(261, 64, 64) == 272 * 272 and computed_pairs(261, 128, 128) == 272 * 272
+    assert computed_pairs(1025, 128, 64) == 1040 * 1040 and computed_pairs(256, 64, 64) == 256 * 256
+    assert computed_pairs(197, 128, 32) == 208 * 208 and computed_pairs(1, 64, 64) == 16 * 16
+    for n, worst in ((261, 0.08), (257, 0.11), (1025, 0.03)):
+        for bm, bn in ((128, 64), (64, 64), (128, 32), (64, 32), (128, 128)):
+            assert 1 - n * n / computed_pairs(n, bm, bn) <= worst, (n, bm, bn)
+    assert [query_programs(n, 64) for n in (1, 16, 17, 64, 65, 261)] == [1, 1, 2, 1, 2, 5]
+    assert query_programs(197, 128) == 1 + 5
+
+
+def test_autotune_key_has_grid_size(monkeypatch):
+    # A config tuned at one batch size must not be reused for a very different grid: the key holds
+    # N and a power-of-2 bucket of B*H besides the head dim.
+    from leap_kernels.ops import teacher_attention as ta
+
+    assert ta._teacher_attention_fwd_tuned.keys == ["N", "bh_bucket", "HEAD_DIM"]
+    assert [ta.bh_bucket(x) for x in (1, 2, 3, 24, 768, 3072, 4096)] == [1, 2, 4, 32, 1024, 4096, 4096]
+    seen = []
+
+    def record(*args, grid, warmup, **kwargs):
+        seen.append(dict(zip(ta._teacher_attention_fwd_tuned.arg_names, args)))
+
+    monkeypatch.setattr(ta._teacher_attention_fwd_tuned, "run", record)
+    with torch.no_grad(), use_backend("triton"):
+        teacher_attention(_qkv(5, 9, 3, 64, torch.bfloat16), 3)
+        teacher_attention(_qkv(1, 9, 3, 64, torch.bfloat16), 3)
+    assert [(a["N"], a["bh_bucket"]) for a in seen] == [(9, 16), (9, 4)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -1,5 +1,5 @@
 """The ``leap`` command (also ``python -m leap``): ``leap distill``, ``leap flops``,
-``leap report``, ``leap train-teacher``, ``leap eval``, ``leap demo``.
+``leap report``, ``leap train-teacher``, ``leap eval``, ``leap demo``, ``leap experiment``.
 
 Exit codes: 0 success; 2 bad input (an error of :mod:`leap.errors` other than a training
 failure: options, config file, data, models, checkpoints, a missing optional dependency),
@@ -34,6 +34,8 @@ _DELEGATED = {
     "eval": ("leap.evaluation.cli", "main",
              "evaluate frozen features: linear probe, revisitop retrieval mAP, kNN (`leap eval PROTOCOL --help`)"),
     "demo": ("leap.demo", "main_demo", "baseline vs LEAP on Fashion-MNIST with the bundled teacher (make demo)"),
+    "experiment": ("leap.experiment", "main_experiment",
+                   "a seeded comparison of methods from a YAML file: train, evaluate, tables (make experiment)"),
 }
 
 

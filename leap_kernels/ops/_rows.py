@@ -16,6 +16,9 @@ import torch
 
 from ._triton_common import HAS_TRITON, INTERPRETED, next_power_of_2
 
+if HAS_TRITON:
+    from ._triton_common import _row_offsets
+
 # ----------------------------------------------------------------------------- Triton kernel
 
 if HAS_TRITON:
@@ -27,7 +30,8 @@ if HAS_TRITON:
         X, T, ROW_SCALE, LOSS, GX, GT,
         M, D,
         stride_xm, stride_xd, stride_tm, stride_td, stride_gxm, stride_gtm,
-        eps,
+        eps, loss_scale,
+        T_ROW0, T_TOKENS, stride_tb,
         HAS_ROW_SCALE: tl.constexpr,
         WRITE_LOSS: tl.constexpr,
         WRITE_GX: tl.constexpr,
@@ -35,14 +39,16 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        # One program owns BLOCK_M whole rows: the statistics need the full channel dim.
+        # One program owns BLOCK_M whole rows: the statistics need the full channel dim. It loads
+        # its rows completely before storing anything, so GX may be X (G overwrites P in place).
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_D)
         row_mask = rows < M
         mask = row_mask[:, None] & (cols < D)[None, :]
         rows64 = rows.to(tl.int64)
+        t_rows = _row_offsets(T_ROW0 + rows, T_TOKENS, stride_tb, stride_tm)
         x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(T + rows64[:, None] * stride_tm + cols[None, :] * stride_td, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(T + t_rows[:, None] + cols[None, :] * stride_td, mask=mask, other=0.0).to(tl.float32)
         inv_d = 1.0 / D
         # Two-pass mean/variance in registers: no cancellation for large-mean tokens.
         x_centered = tl.where(mask, x - (tl.sum(x, axis=1) * inv_d)[:, None], 0.0)
@@ -53,7 +59,7 @@ if HAS_TRITON:
         t_hat = t_centered * rstd_t[:, None]
         diff = x_hat - t_hat
         if WRITE_LOSS:
-            tl.store(LOSS + rows, tl.sum(diff * diff, axis=1), mask=row_mask)
+            tl.store(LOSS + rows, tl.sum(diff * diff, axis=1) * loss_scale, mask=row_mask)
         if WRITE_GX or WRITE_GT:
             if HAS_ROW_SCALE:
                 scale = 2.0 * tl.load(ROW_SCALE + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -89,13 +95,23 @@ def token_norm_rows_triton(
     row_loss: Optional[torch.Tensor] = None,
     grad_x: Optional[torch.Tensor] = None,
     grad_t: Optional[torch.Tensor] = None,
+    loss_scale: float = 1.0,
+    t_rows: Optional[tuple[int, int, int, int]] = None,
 ) -> None:
     """Per-token loss and/or gradients for 2-D ``x, t (M, D)``; writes into the given buffers.
 
-    ``row_loss (M,)`` fp32 gets ``sum_c (x_hat - t_hat)^2``; ``grad_x``/``grad_t`` ``(M, D)`` (unit
-    channel stride) get the gradient of ``sum_rows row_scale * row_loss`` (``row_scale`` = 1 if None).
+    ``row_loss (M,)`` fp32 gets ``loss_scale * sum_c (x_hat - t_hat)^2``; ``grad_x``/``grad_t``
+    ``(M, D)`` (unit channel stride) get the gradient of ``sum_rows row_scale * (that sum)``
+    (``row_scale`` = 1 if None, ``loss_scale`` not included). ``grad_x`` may be ``x`` itself.
+
+    ``t_rows = (row0, tokens, stride_b, stride_n)`` reads row ``i`` of ``t`` from token row ``row0 + i``
+    of a ``(B, tokens, D)`` view with those strides instead (``t`` is then that tensor; used by the
+    fused feature loss to read a chunk of a strided teacher tensor in place).
     """
     m, d = x.shape
+    if t_rows is None:
+        t_rows = (0, m, 0, t.stride(0))
+    row0, tokens, stride_tb, stride_tm = t_rows
     block_m, block_d, num_warps = _row_block_config(d)
     dummy = row_loss if row_loss is not None else (grad_x if grad_x is not None else grad_t)
     _token_norm_mse_rows_kernel[(triton.cdiv(m, block_m),)](
@@ -105,10 +121,11 @@ def token_norm_rows_triton(
         grad_x if grad_x is not None else dummy,
         grad_t if grad_t is not None else dummy,
         m, d,
-        x.stride(0), x.stride(1), t.stride(0), t.stride(1),
+        x.stride(0), x.stride(1), stride_tm, t.stride(-1),
         grad_x.stride(0) if grad_x is not None else 0,
         grad_t.stride(0) if grad_t is not None else 0,
-        eps,
+        eps, loss_scale,
+        row0, tokens, stride_tb,
         HAS_ROW_SCALE=row_scale is not None,
         WRITE_LOSS=row_loss is not None,
         WRITE_GX=grad_x is not None,

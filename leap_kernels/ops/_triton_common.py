@@ -1,4 +1,5 @@
-"""Small helpers shared by the Triton kernels' host code."""
+"""Small helpers shared by the Triton kernels: host-side settings and one device function
+(:func:`_row_offsets`, the token-row addressing of strided ``(B, N, D)`` inputs)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,24 @@ def next_power_of_2(n: int) -> int:
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """fp32 accumulation, or fp64 when a float64 input asks for a reference-grade result."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def m_bucket(rows: int, cap: int = 1 << 16) -> int:
+    """Problem-size bucket of a token count for autotune keys: the next power of two, capped.
+
+    Autotuned kernels take it as an (unused) argument named in their key, so a config is chosen
+    once per bucket and cached, not once per distinct chunk size (nor once for the first size seen).
+    """
+    return min(next_power_of_2(max(1, rows)), cap)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _row_offsets(rows, TOKENS, stride_b, stride_n):
+        """Element offsets of token rows ``rows`` in a ``(B, TOKENS, D)`` view: row m sits at
+        ``(m // TOKENS) * stride_b + (m % TOKENS) * stride_n``. Lets the kernels read slices such as
+        ``x[:, prefix:]`` in place; a 2-D ``(M, D)`` tensor is the case ``TOKENS = M``."""
+        batch = rows // TOKENS
+        token = rows - batch * TOKENS
+        return batch.to(tl.int64) * stride_b + token.to(tl.int64) * stride_n

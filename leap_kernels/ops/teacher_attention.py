@@ -11,14 +11,19 @@ the strides of ``qkv`` (no permute/contiguous copy; strided views of ``qkv`` wor
 writes the output ``(B, N, H*d)`` directly in the layout the output projection consumes,
 i.e. ``(softmax(q k^T * scale) v).transpose(1, 2).reshape(B, N, H*d)`` - no transpose copy.
 
-Kernel (flash-attention forward, one program per (query block, batch*head)): the query
+Kernel (flash-attention forward, one program per (query tile, batch*head)): the query
 tile stays in registers; key/value tiles of ``BLOCK_N`` tokens stream past it; the running
 row max ``m`` and row sum ``l`` of the online softmax are fp32, the output accumulator is
 fp32 and is rescaled by ``exp2(m_old - m_new)`` when the max grows. ``log2(e)`` is folded
-into the softmax scale so the exponentials are ``exp2``. The key loop runs over the full
-``BLOCK_N`` tiles without any mask, then once over the tail tile (if ``N % BLOCK_N``) with
-the out-of-range keys masked to ``-inf`` *before* the row max; query rows past ``N`` are
-masked at load and at store. Nothing is padded in memory.
+into the softmax scale so the exponentials are ``exp2``. Ragged ends cost 16-token steps, not
+whole tiles: the key loop runs over the full ``BLOCK_N`` tiles without any mask, then over the
+key tail (``N % BLOCK_N`` keys) in ``TAIL_N = 16``-key steps with the out-of-range keys masked
+to ``-inf`` *before* the row max; each (batch, head) has ``N // BLOCK_M`` full query tiles
+(no row masks) and ``cdiv(N % BLOCK_M, TAIL_M)`` tail tiles of ``TAIL_M = 16`` rows (masked
+at load and store). At N = 261 with 64 x 64 tiles that is 272 x 272 computed (query, key)
+pairs instead of 320 x 320 (8 % masked instead of 33 %; :func:`computed_pairs`). Full query
+tiles run on wgmma (Hopper), the 16-row tail tiles on mma.sync. Nothing is padded in memory.
+The autotune key is ``N``, ``bh_bucket(B * H)`` and the head dim.
 
 Backends (their limits are declared in :mod:`leap_kernels._backends`): ``triton`` runs
 bfloat16/float16 inputs with head dims 16, 32, 64, 128 and a positive scale (CUDA, or CPU under
@@ -50,6 +55,33 @@ LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------- Triton kernel
 
+#: Rows of a tail query tile and keys of a tail key step. The query and key remainders past the
+#: last full ``BLOCK_M`` / ``BLOCK_N`` tile are computed in steps of 16 (the k extent of a 16-bit
+#: tensor-core MMA): N = 261 costs 4 full 64-key tiles and one 16-key step, not a fifth 64-key tile.
+TAIL_M = 16
+TAIL_N = 16
+
+
+def query_programs(n: int, block_m: int) -> int:
+    """Programs per (batch, head): ``n // block_m`` full query tiles and ``cdiv(n % block_m, TAIL_M)`` tail tiles."""
+    return n // block_m + -(-(n % block_m) // TAIL_M)
+
+
+def computed_pairs(n: int, block_m: int, block_n: int) -> int:
+    """(query, key) pairs the kernel computes per (batch, head) with ``block_m x block_n`` tiles
+    (``n * n`` of them are real; the rest are masked padding)."""
+    rows = (n // block_m) * block_m + -(-(n % block_m) // TAIL_M) * TAIL_M
+    keys = (n // block_n) * block_n + -(-(n % block_n) // TAIL_N) * TAIL_N
+    return rows * keys
+
+
+def bh_bucket(batch_heads: int) -> int:
+    """Autotune key of the grid size: ``B * H`` rounded up to a power of 2 (with ``N`` in the key
+    this fixes the program count within a factor of 2, so a config tuned at one batch size is not
+    reused for a very different grid)."""
+    return 1 << max(0, (batch_heads - 1).bit_length())
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -60,8 +92,8 @@ if HAS_TRITON:
         shapes = [
             # (BLOCK_M, BLOCK_N, num_warps, num_stages)
             (128, 64, 8, 3),  # Hopper default for d = 64
-            (64, 64, 4, 3),  # more programs for short sequences (N ~ 261: 5 query tiles instead of 3)
-            (128, 32, 4, 3),  # less wasted work on the key tail
+            (64, 64, 4, 3),  # more programs for short sequences and small batches
+            (128, 32, 4, 3),  # fewer registers per thread
             (64, 32, 4, 4),
             (128, 128, 8, 2),  # long sequences
         ]
@@ -83,7 +115,8 @@ if HAS_TRITON:
         MASK_KEYS: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
-        """One key/value tile of the online softmax; returns the updated ``(acc, l_i, m_i)``."""
+        """One key/value tile (``len(offs_n)`` keys from ``start_n``) of the online softmax;
+        returns the updated ``(acc, l_i, m_i)``."""
         if MASK_KEYS:
             key_ok = (start_n + offs_n) < N
             k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
@@ -113,26 +146,80 @@ if HAS_TRITON:
             acc = tl.dot(p, v, acc)
         return acc, l_i, m_new
 
-    @triton.autotune(
-        configs=_attention_configs(INTERPRETED),
-        key=["N", "HEAD_DIM"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )
     @triton.jit
+    def _attention_rows(
+        q_base, k_base, v_base, out_base, row0, N,
+        stride_qkv_n, stride_qkv_c, stride_out_n,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        UPCAST: tl.constexpr,
+        ROWS: tl.constexpr,
+        MASK_ROWS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        TAIL_N: tl.constexpr,
+    ):
+        """Output rows ``[row0, row0 + ROWS)`` of one (batch, head): the full ``BLOCK_N`` key tiles
+        without masks, then the key tail in ``TAIL_N``-key steps. ``MASK_ROWS``: rows may pass ``N``."""
+        offs_m = row0 + tl.arange(0, ROWS)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_ptrs = q_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
+        if MASK_ROWS:
+            q = tl.load(q_ptrs, mask=(offs_m < N)[:, None], other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+
+        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+
+        offs_n = tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
+        v_ptrs = v_base + offs_n[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
+        n_full = (N // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):  # full tiles: no masks
+            acc, l_i, m_i = _attention_kv_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale, offs_n,
+                                               MASK_KEYS=False, UPCAST=UPCAST)
+            k_ptrs += BLOCK_N * stride_qkv_n
+            v_ptrs += BLOCK_N * stride_qkv_n
+        # The key tail (N % BLOCK_N keys) in TAIL_N-key steps, keys past N masked; not pipelined (one
+        # step at the paper's shapes; stages would only cost shared memory).
+        offs_t = tl.arange(0, TAIL_N)
+        k_ptrs = k_base + (n_full + offs_t)[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
+        v_ptrs = v_base + (n_full + offs_t)[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
+        for start_n in tl.range(n_full, N, TAIL_N, num_stages=1):
+            acc, l_i, m_i = _attention_kv_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale, offs_t,
+                                               MASK_KEYS=True, UPCAST=UPCAST)
+            k_ptrs += TAIL_N * stride_qkv_n
+            v_ptrs += TAIL_N * stride_qkv_n
+
+        out = acc * (1.0 / l_i)[:, None]
+        out_ptrs = out_base + offs_m[:, None] * stride_out_n + offs_d[None, :]
+        if MASK_ROWS:
+            tl.store(out_ptrs, out.to(out_base.dtype.element_ty), mask=(offs_m < N)[:, None])
+        else:
+            tl.store(out_ptrs, out.to(out_base.dtype.element_ty))
+
+    @triton.jit(do_not_specialize=["bh_bucket"])
     def _teacher_attention_fwd_kernel(
         QKV, OUT,
         N, H,
+        bh_bucket,  # autotune key only (bh_bucket(B * H)); unused by the kernel
         stride_qkv_b, stride_qkv_n, stride_qkv_c,
         stride_out_b, stride_out_n,
         qk_scale,
         HEAD_DIM: tl.constexpr,
         UPCAST: tl.constexpr,
+        TAIL_M: tl.constexpr,
+        TAIL_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        # 1-D grid, query tiles fastest: the programs of one (batch, head) run together and share
-        # its K/V tiles in L2; no 65535 limit on the batch*head axis.
-        num_m_tiles = tl.cdiv(N, BLOCK_M)
+        # 1-D grid, query tiles fastest: the programs of one (batch, head), its tail tiles included,
+        # run together and share its K/V tiles in L2; no 65535 limit on the batch*head axis.
+        # Per (batch, head): N // BLOCK_M full query tiles (no row masks), then the query tail in
+        # TAIL_M-row tiles, so N = 261 costs 4 x 64 + 16 rows instead of 5 x 64.
+        num_full_m = N // BLOCK_M
+        num_m_tiles = num_full_m + tl.cdiv(N - num_full_m * BLOCK_M, TAIL_M)
         pid = tl.program_id(0)
         pid_m = pid % num_m_tiles
         pid_bh = pid // num_m_tiles
@@ -144,51 +231,49 @@ if HAS_TRITON:
         q_base = base + (h * HEAD_DIM) * stride_qkv_c
         k_base = base + ((H + h) * HEAD_DIM) * stride_qkv_c
         v_base = base + ((2 * H + h) * HEAD_DIM) * stride_qkv_c
+        out_base = OUT + b.to(tl.int64) * stride_out_b + h * HEAD_DIM
+        if pid_m < num_full_m:
+            _attention_rows(q_base, k_base, v_base, out_base, pid_m * BLOCK_M, N,
+                            stride_qkv_n, stride_qkv_c, stride_out_n, qk_scale,
+                            HEAD_DIM=HEAD_DIM, UPCAST=UPCAST, ROWS=BLOCK_M, MASK_ROWS=False,
+                            BLOCK_N=BLOCK_N, TAIL_N=TAIL_N)
+        else:
+            _attention_rows(q_base, k_base, v_base, out_base, num_full_m * BLOCK_M + (pid_m - num_full_m) * TAIL_M,
+                            N, stride_qkv_n, stride_qkv_c, stride_out_n, qk_scale,
+                            HEAD_DIM=HEAD_DIM, UPCAST=UPCAST, ROWS=TAIL_M, MASK_ROWS=True,
+                            BLOCK_N=BLOCK_N, TAIL_N=TAIL_N)
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = offs_m < N
-
-        q = tl.load(q_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c,
-                    mask=row_ok[:, None], other=0.0)
-        k_ptrs = k_base + offs_n[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
-        v_ptrs = v_base + offs_n[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
-
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
-        n_full = (N // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):  # full tiles: no masks
-            acc, l_i, m_i = _attention_kv_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale, offs_n,
-                                               MASK_KEYS=False, UPCAST=UPCAST)
-            k_ptrs += BLOCK_N * stride_qkv_n
-            v_ptrs += BLOCK_N * stride_qkv_n
-        if n_full < N:  # the key tail
-            acc, l_i, m_i = _attention_kv_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, N, qk_scale, offs_n,
-                                               MASK_KEYS=True, UPCAST=UPCAST)
-
-        out = acc * (1.0 / l_i)[:, None]
-        out_ptrs = (OUT + b.to(tl.int64) * stride_out_b + offs_m[:, None] * stride_out_n
-                    + (h * HEAD_DIM + offs_d)[None, :])
-        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    _teacher_attention_fwd_tuned = triton.autotune(
+        configs=_attention_configs(INTERPRETED),
+        # Exact N (one per model resolution: it fixes the full-tile and tail counts) and the B*H
+        # bucket (the grid size): a config picked at batch 128 is not reused at batch 1.
+        key=["N", "bh_bucket", "HEAD_DIM"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_teacher_attention_fwd_kernel)
 
 
-def teacher_attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, out: torch.Tensor) -> torch.Tensor:
-    """Triton backend: writes attention of ``qkv (B, N, 3*H*d)`` into ``out (B, N, H*d)`` (unit channel stride)."""
+def teacher_attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, out: torch.Tensor, *,
+                             block_m: Optional[int] = None, block_n: Optional[int] = None,
+                             num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
+    """Triton backend: writes attention of ``qkv (B, N, 3*H*d)`` into ``out (B, N, H*d)`` (unit channel stride).
+
+    ``block_m``/``block_n`` (powers of 2, >= 16) launch fixed tiles with ``num_warps``/``num_stages``
+    instead of the autotuned config (tests and benchmarks of one config).
+    """
     batch, n, c = qkv.shape
     head_dim = c // (3 * num_heads)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * batch * num_heads,)  # noqa: E731
-    _teacher_attention_fwd_kernel[grid](
-        qkv, out,
-        n, num_heads,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2),
-        out.stride(0), out.stride(1),
-        float(scale) * LOG2E,
-        HEAD_DIM=head_dim,
-        UPCAST=upcast_dot(qkv.dtype),
-    )
+    grid = lambda meta: (query_programs(n, meta["BLOCK_M"]) * batch * num_heads,)  # noqa: E731
+    args = (qkv, out, n, num_heads, bh_bucket(batch * num_heads),
+            qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), float(scale) * LOG2E)
+    meta = dict(HEAD_DIM=head_dim, UPCAST=upcast_dot(qkv.dtype), TAIL_M=TAIL_M, TAIL_N=TAIL_N)
+    if block_m is None and block_n is None:
+        _teacher_attention_fwd_tuned[grid](*args, **meta)
+    else:
+        for name, value in (("block_m", block_m), ("block_n", block_n)):
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"{name}: expected a power of 2 >= 16 (with the other one given), got {value!r}")
+        _teacher_attention_fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
+                                            num_warps=num_warps, num_stages=num_stages)
     return out
 
 

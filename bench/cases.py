@@ -1,0 +1,448 @@
+"""What the benchmarks run: the cases (shapes, dtypes) per size, and per case the variants.
+
+A variant is a *factory*: calling it builds what the variant needs (compiles, allocates) and
+returns the closure that one timed round calls (one forward+backward of a loss, one forward of
+attention or of the truncated teacher, one LEAP training step). Building lazily keeps one
+variant's failure (say, torch.compile on an unsupported setup) from hiding the others.
+
+The pytest-benchmark suite (bench/test_bench_*.py) and the CSV scripts (bench_feature_loss.py,
+bench_attention.py, bench_cpu.py) both build their variants here, and time them with
+bench/harness.py.
+
+Sizes: ``full`` is the paper's per-GPU step (GPU), ``small`` a quarter of the CPU targets'
+token count (so that ``pytest bench/`` takes about a minute on 2 cores), ``smoke`` tiny shapes
+that only check the plumbing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import leap_kernels
+from leap_kernels.ops.naive import (fused_feature_loss_reference, teacher_attention_reference,
+                                    token_normalized_mse_reference)
+from leap_kernels.ops.teacher_attention import split_qkv, teacher_attention_torch
+
+Factory = Callable[[], Callable[[], object]]
+
+SIZES = ("full", "small", "smoke")
+
+
+# ----------------------------------------------------------------------------- fused loss
+
+
+@dataclasses.dataclass(frozen=True)
+class LossCase:
+    """One loss benchmark: ``op`` is "mse" / "token-mse" (fused_feature_loss, plain or
+    token-normalized) or "token-norm-only" (token_normalized_mse alone, ``d_s`` unused)."""
+
+    name: str
+    op: str
+    m: int
+    d_s: int
+    d_t: int
+    dtype: torch.dtype
+
+
+def _loss_cases(m: int, d_s: int, d_t: int, dtype: torch.dtype, tag: str, with_192: bool = False) -> list[LossCase]:
+    cases = [LossCase(f"mse-{tag}-M{m}-{d_s}x{d_t}", "mse", m, d_s, d_t, dtype),
+             LossCase(f"token-mse-{tag}-M{m}-{d_s}x{d_t}", "token-mse", m, d_s, d_t, dtype)]
+    if with_192:
+        cases.append(LossCase(f"mse-{tag}-M{m}-192x{d_t}", "mse", m, 192, d_t, dtype))
+    cases.append(LossCase(f"token-norm-only-{tag}-M{m}-D{d_t}", "token-norm-only", m, 0, d_t, dtype))
+    return cases
+
+
+LOSS_CASES = {
+    # The paper's per-GPU step: M = 128 * 256 student tokens, ViT-S (384) / ViT-T (192) -> ViT-g (1536).
+    "full": _loss_cases(128 * 256, 384, 1536, torch.bfloat16, "bf16", with_192=True),
+    "small": _loss_cases(8 * 256, 384, 1536, torch.float32, "fp32"),
+    "smoke": _loss_cases(2 * 257, 64, 256, torch.float32, "fp32"),
+}
+
+
+def forced(factory: Factory, backend: str) -> Factory:
+    """``factory`` with every call of its closure run under ``leap_kernels.use_backend(backend)``
+    (backward included: the override is process-wide)."""
+    def build():
+        run = factory()
+
+        def wrapped():
+            with leap_kernels.use_backend(backend):
+                return run()
+        return wrapped
+    return build
+
+
+def feature_loss_variants(op: str, m: int, d_s: int, d_t: int, dtype: torch.dtype, device: torch.device,
+                          compile_backend: str = "inductor") -> dict[str, Factory]:
+    """Variants of one fwd+bwd of a loss on random inputs (fixed seed).
+
+    ``eager``: the plain PyTorch reference (leap_kernels.ops.naive) with autograd; ``compile``:
+    ``torch.compile(fullgraph=True)`` of the same reference; ``ours``: the leap_kernels op
+    (automatic backend; wrap with :func:`forced` for one backend); ``gemm-floor`` (not for
+    "token-norm-only"): the three GEMMs of forward+backward alone, a lower bound.
+
+    Shapes: student ``(m, d_s)``, weight ``(d_t, d_s)``, bias ``(d_t,)``, target ``(m, d_t)``;
+    "token-norm-only": input and target ``(m, d_t)``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    target = rand(m, d_t, scale=2.0)
+    if op == "token-norm-only":
+        x = rand(m, d_t).requires_grad_()
+
+        def reference(a, t):
+            return token_normalized_mse_reference(a, t)
+
+        def ours(a, t):
+            return leap_kernels.token_normalized_mse(a, t)
+
+        inputs = (x, target)
+        leaves = (x,)
+    elif op in ("mse", "token-mse"):
+        normalize = op == "token-mse"
+        student = rand(m, d_s).requires_grad_()
+        weight = rand(d_t, d_s, scale=d_s ** -0.5).requires_grad_()
+        bias = rand(d_t, scale=0.1).requires_grad_()
+
+        def reference(s, w, b, t):
+            return fused_feature_loss_reference(s, w, b, t, normalize=normalize)
+
+        def ours(s, w, b, t):
+            return leap_kernels.fused_feature_loss(s, w, b, t, normalize=normalize)
+
+        inputs = (student, weight, bias, target)
+        leaves = (student, weight, bias)
+    else:
+        raise ValueError(f"op: expected 'mse', 'token-mse' or 'token-norm-only', got {op!r}")
+
+    def fwd_bwd(loss_fn):
+        def run():
+            loss = loss_fn(*inputs)
+            torch.autograd.grad(loss, leaves)
+        return run
+
+    variants = {
+        "eager": lambda: fwd_bwd(reference),
+        "compile": lambda: fwd_bwd(torch.compile(reference, fullgraph=True, backend=compile_backend)),
+        "ours": lambda: fwd_bwd(ours),
+    }
+    if op != "token-norm-only":
+        s, w = inputs[0].detach(), inputs[1].detach()
+
+        def gemm_floor():
+            def run():
+                p = s @ w.T
+                p @ w
+                p.T @ s
+            return run
+
+        variants["gemm-floor"] = gemm_floor
+    return variants
+
+
+# ----------------------------------------------------------------------------- teacher attention
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCase:
+    name: str
+    batch: int
+    heads: int
+    n: int
+    head_dim: int
+
+
+ATTENTION_CASES = {
+    "full": [
+        AttentionCase("vitg-reg4-224-B128-H24-N261-d64", 128, 24, 261, 64),
+        AttentionCase("vits-224-B128-H6-N257-d64", 128, 6, 257, 64),
+        AttentionCase("vitg-448-B32-H24-N1025-d64", 32, 24, 1025, 64),
+    ],
+    "small": [],  # GPU only: attention at CPU sizes says nothing about the kernels
+    "smoke": [AttentionCase("smoke-B2-H2-N37-d64", 2, 2, 37, 64)],
+}
+
+
+def attention_flops(batch: int, heads: int, n: int, d: int) -> float:
+    """``4 B H N^2 d``: the two attention products."""
+    return 4.0 * batch * heads * n * n * d
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+
+
+def sdpa_context(name: Optional[str]):
+    """``sdpa_kernel`` forcing one SDPA backend ("cudnn", "flash", "efficient", "math"); None: no-op."""
+    import contextlib
+
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel([_sdpa_backends()[name]])
+
+
+def attention_variants(qkv: torch.Tensor, heads: int, compile_backend: str = "inductor") -> dict[str, Callable]:
+    """name -> factory returning ``(fn, context)``: ``fn()`` computes the ``(B, N, H*d)`` output of
+    attention on the packed ``qkv (B, N, 3*H*d)`` and is timed inside ``context`` (an SDPA backend
+    selection, entered once around the timing).
+
+    ``ours``: leap_kernels.teacher_attention; ``eager``: the plain PyTorch reference (matmul,
+    softmax, matmul); ``compile``: torch.compile of it; ``sdpa-default`` / ``sdpa-<backend>``: what timm
+    does (permuted views of the packed qkv -> SDPA -> transpose/reshape), with SDPA's own choice or
+    one backend forced; ``sdpa-<backend>-prepermuted``: SDPA alone on contiguous q, k, v made
+    beforehand (the kernel without the layout cost); ``xformers`` when importable.
+    """
+    import contextlib
+
+    batch, n, c = qkv.shape
+    d = c // (3 * heads)
+    scale = d ** -0.5
+    none = contextlib.nullcontext
+
+    def packed(backend):
+        return lambda: (lambda: teacher_attention_torch(qkv, heads, scale), sdpa_context(backend))
+
+    def prepermuted(backend):
+        def make():
+            q, k, v = (t.contiguous() for t in split_qkv(qkv, heads))
+            return (lambda: F.scaled_dot_product_attention(q, k, v)), sdpa_context(backend)
+        return make
+
+    def xformers_variant():
+        import xformers.ops as xops  # ImportError -> reported as this variant's error
+
+        q, k, v = qkv.view(batch, n, 3, heads, d).unbind(2)  # (B, N, H, d) views
+        return (lambda: xops.memory_efficient_attention(q, k, v).reshape(batch, n, heads * d)), none()
+
+    def compiled():
+        fn = torch.compile(teacher_attention_reference, fullgraph=True, backend=compile_backend)
+        return (lambda: fn(qkv, heads)), none()
+
+    variants = {
+        "ours": lambda: ((lambda: leap_kernels.teacher_attention(qkv, heads)), none()),
+        "eager": lambda: ((lambda: teacher_attention_reference(qkv, heads)), none()),
+        "compile": compiled,
+        "sdpa-default": packed(None),
+        "xformers": xformers_variant,
+    }
+    for backend in ("cudnn", "flash", "efficient"):
+        variants[f"sdpa-{backend}"] = packed(backend)
+        variants[f"sdpa-{backend}-prepermuted"] = prepermuted(backend)
+    return variants
+
+
+# ----------------------------------------------------------------------------- truncated teacher
+
+
+TEACHER_MODEL = "vit_giant_patch14_reg4_dinov2"
+STUDENT_MODEL = "vit_small_patch14_dinov2"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """Teacher and student of the teacher-forward and LEAP-step benchmarks at one size."""
+
+    teacher: str
+    student: str
+    img_size: int
+    batch: int
+    teacher_overrides: dict
+    student_overrides: dict
+    teacher_ks: tuple[int, ...]
+    step_ks: tuple[int, ...]
+
+
+MODEL_SIZES = {
+    "full": ModelSize(TEACHER_MODEL, STUDENT_MODEL, 224, 128, {}, {}, (40,), (10, 20, 40)),
+    "small": ModelSize(TEACHER_MODEL, STUDENT_MODEL, 224, 128, {}, {}, (40,), (10, 20, 40)),  # GPU only
+    "smoke": ModelSize("vit_small_patch14_dinov2", "vit_small_patch14_dinov2", 56, 2,
+                       dict(depth=4, embed_dim=128, num_heads=2), dict(depth=2, embed_dim=64, num_heads=1),
+                       (1, 4), (1, 2, 4)),
+}
+
+
+def build_teacher(model_name: str, img_size: int, device: torch.device, overrides: dict, *,
+                  attention_kernel: Optional[bool] = None):
+    """A :class:`leap.teacher.TruncatedTeacher` around a randomly initialised timm model (bf16 on
+    CUDA, fp32 on CPU)."""
+    from leap.models import build_model
+    from leap.teacher import TruncatedTeacher
+
+    with torch.device(device):  # random init directly on the device (fast for the 1.1B-param giant)
+        model = build_model(model_name, img_size=img_size, **overrides)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return TruncatedTeacher(model, dtype=dtype, attention_kernel=attention_kernel)
+
+
+def teacher_view(teacher, attention_kernel: Optional[bool]):
+    """A second :class:`~leap.teacher.TruncatedTeacher` over the same model (no copy), with its own
+    ``attention_kernel`` setting: variants that differ only there share one set of weights, and a
+    compiled variant never sees the setting change under it."""
+    from leap.teacher import TruncatedTeacher
+
+    return TruncatedTeacher(teacher.model, dtype=teacher.dtype, attention_kernel=attention_kernel)
+
+
+def teacher_flops(teacher, batch: int, k: int) -> float:
+    """GEMM + attention FLOPs of ``teacher(x, k)``: patch embed, k blocks (every nn.Linear), final norm ignored."""
+    from torch import nn
+
+    m = teacher.model
+    tokens = m.patch_embed.num_patches + teacher.num_prefix_tokens
+    proj = m.patch_embed.proj
+    flops = 2.0 * m.patch_embed.num_patches * proj.weight.numel()
+    for block in list(m.blocks)[:k]:
+        for layer in block.modules():
+            if isinstance(layer, nn.Linear):
+                flops += 2.0 * tokens * layer.weight.numel()
+        flops += 4.0 * tokens * tokens * block.attn.num_heads * block.attn.head_dim
+    return batch * flops
+
+
+def teacher_variants(teacher, x: torch.Tensor, k: int, compile_backend: str = "inductor") -> dict[str, Factory]:
+    """One forward of the truncated teacher to block ``k`` on images ``x (B, 3, H, W)``.
+
+    ``timm``: timm's own blocks (SDPA attention); ``timm-compile``: torch.compile of that forward
+    (static shapes; one graph per ``k``); ``ours``: the blocks with leap_kernels.teacher_attention
+    (wrap with :func:`forced` for one attention backend).
+    """
+    stock = teacher_view(teacher, False)
+    kernel = teacher_view(teacher, True)
+
+    def compiled():
+        fn = torch.compile(lambda images: stock(images, k), dynamic=False, backend=compile_backend)
+        return lambda: fn(x)
+
+    return {
+        "timm": lambda: (lambda: stock(x, k)),
+        "timm-compile": compiled,
+        "ours": lambda: (lambda: kernel(x, k)),
+    }
+
+
+# ----------------------------------------------------------------------------- one LEAP step
+
+
+class LeapStep:
+    """One LEAP training step at target block ``k``, built once per variant and called with ``k``.
+
+    ``ours`` is the trainer's step (as :func:`leap.timing.measure_step_times` runs it): the truncated
+    teacher with the attention kernel, :class:`leap.distill.DistillModule` (student + head +
+    ``leap_kernels.fused_feature_loss``, patch loss + 0.05 x CLS loss), backward, the per-step CKA
+    on the re-projected student and a fused AdamW step.
+
+    ``stock-eager`` / ``stock-compile`` is the same step with stock tools: timm's blocks for the
+    teacher, ``nn.Linear`` head + ``F.mse_loss`` for the loss (same CLS weight), the same CKA
+    (``leap.cka.linear_cka``, plain PyTorch) and optimizer; ``stock-compile`` compiles the teacher
+    forward (one static graph per ``k``) and the student forward + loss (its backward through
+    AOTAutograd). Student forward under autocast to the teacher dtype on CUDA.
+    """
+
+    VARIANTS = ("ours", "stock-eager", "stock-compile")
+
+    def __init__(self, variant: str, teacher, student_template: torch.nn.Module, batch: int,
+                 device: torch.device, compile_backend: str = "inductor", cls_weight: float = 0.05):
+        from leap.cka import linear_cka
+        from leap.cost import pair
+        from leap.distill import DistillModule
+
+        if variant not in self.VARIANTS:
+            raise ValueError(f"variant: expected one of {self.VARIANTS}, got {variant!r}")
+        device = torch.device(device)
+        self.variant = variant
+        cuda = device.type == "cuda"
+        dtype = teacher.dtype
+        amp = dtype in (torch.bfloat16, torch.float16)
+        student = copy.deepcopy(student_template).to(device).train()
+        d_s, d_t = int(student.embed_dim), teacher.embed_dim
+        prefix = int(student.num_prefix_tokens)
+        h, w = pair(teacher.model.patch_embed.img_size)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        self.x = torch.randn(batch, 3, h, w, generator=gen).to(device)
+        opt_kwargs = {"fused": True} if cuda else {"foreach": True}
+
+        if variant == "ours":
+            kernel_teacher = teacher_view(teacher, True if cuda else None)
+            head = leap_kernels.FeatureDistillationHead(d_s, d_t)
+            module = DistillModule(student, head, cls_weight, compute_dtype=dtype if amp else None).to(device).train()
+            opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6, **opt_kwargs)
+
+            def step(k: int) -> None:
+                t_patch, t_cls = kernel_teacher(self.x, k)
+                with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                    loss, _, _, s_patch = module(self.x, t_patch, t_cls)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                with torch.no_grad():
+                    linear_cka(module.head.project(s_patch), t_patch)
+                opt.step()
+        else:
+            stock_teacher = teacher_view(teacher, False)
+            head = torch.nn.Linear(d_s, d_t).to(device)
+            opt = torch.optim.AdamW(list(student.parameters()) + list(head.parameters()), lr=1e-6, **opt_kwargs)
+
+            def teacher_forward(images, k):
+                return stock_teacher(images, k)
+
+            def student_loss(images, t_patch, t_cls):
+                with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                    feats = student.forward_features(images)
+                    s_patch, s_cls = feats[:, prefix:], feats[:, 0]
+                    patch_loss = F.mse_loss(head(s_patch).float(), t_patch.float())
+                    cls_loss = F.mse_loss(head(s_cls).float(), t_cls.float())
+                return patch_loss + cls_weight * cls_loss, s_patch.detach()
+
+            compiled_teacher: dict[int, Callable] = {}
+            if variant == "stock-compile":
+                student_loss = torch.compile(student_loss, backend=compile_backend)
+
+            def teacher_at(k: int):
+                if variant != "stock-compile":
+                    return lambda images: teacher_forward(images, k)
+                if k not in compiled_teacher:  # one static graph per k, as a user would compile it
+                    compiled_teacher[k] = torch.compile(lambda images: teacher_forward(images, k),
+                                                        dynamic=False, backend=compile_backend)
+                return compiled_teacher[k]
+
+            def step(k: int) -> None:
+                t_patch, t_cls = teacher_at(k)(self.x)
+                loss, s_patch = student_loss(self.x, t_patch, t_cls)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                with torch.no_grad():
+                    linear_cka(F.linear(s_patch, head.weight.to(s_patch.dtype), head.bias.to(s_patch.dtype)),
+                               t_patch)
+                opt.step()
+
+        self.step = step
+
+    def at(self, k: int) -> Callable[[], None]:
+        """The no-argument closure of one step at block ``k`` (what a timed round calls)."""
+        return lambda: self.step(k)
+
+
+def build_student(model_name: str, img_size: int, device: torch.device, overrides: dict):
+    """A randomly initialised timm student (fp32 weights; the step autocasts)."""
+    from leap.models import build_model
+
+    with torch.device(device):
+        return build_model(model_name, img_size=img_size, **overrides)
