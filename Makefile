@@ -2,7 +2,7 @@
 #               CUDA sources compiled for sm_80/sm_90) and run the test suite
 #               (make test BUILD_CUDA=0: the C++ CPU kernels only, for machines without nvcc)
 # make demo   - set up .venv and run the demo: baseline vs LEAP distillation on Fashion-MNIST (CPU, minutes)
-# make experiment - the seeded comparison last block / one-to-one / LEAP on Fashion-MNIST (CPU, about 45 min;
+# make experiment - the seeded comparison last block / one-to-one / LEAP on Fashion-MNIST (CPU, about 35 min;
 #               experiments/fashion-mnist/results.md)
 # make demo-ops - a short example of the fused-loss ops
 # make bench-smoke - the benchmark harness at tiny sizes (CPU ok)

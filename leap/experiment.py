@@ -254,6 +254,7 @@ def collect_run(run_dir: str, *, method: str, seed: int, baseline_flops: dict[st
         "start_block": summary.get("start_block"), "final_block": summary.get("final_block"),
         "level_ups": summary.get("level_ups"),
         "trajectory": {"step_blocks": run.step_blocks(), "epoch_mean_blocks": run.epoch_mean_blocks()},
+        "eval_elapsed_s": (linear.get("elapsed_s") or 0.0) + (knn.get("elapsed_s") or 0.0),
         "linear_settings": linear.get("settings"), "knn_settings": knn.get("settings"),
         "eval_data": {"linear": linear.get("data"), "knn": knn.get("data")},
         "sources": {SUMMARY_FILE: _sha256(summary_path), EVAL_FILE: _sha256(eval_path),
@@ -307,7 +308,8 @@ def _train_and_evaluate(cfg: ExperimentConfig, method: str, seed: int, progress:
     summary = train({**run_config(cfg, method, seed, run_dir), "progress": progress})
     if summary.get("status") not in _DONE:
         raise LeapError(f"{method} seed {seed}: training ended with status {summary.get('status')!r}")
-    _evaluate_run(cfg, run_dir, summary["checkpoint"], progress)
+    # The evaluation's bars only on a terminal (in a log file they would be one line per update).
+    _evaluate_run(cfg, run_dir, summary["checkpoint"], progress and sys.stderr.isatty())
     try:
         from .report import make_report
 
@@ -456,10 +458,12 @@ def main_experiment(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="retrain runs that finished earlier")
     parser.add_argument("--table-only", action="store_true",
                         help="no training: rebuild results.md from the finished runs")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars or progress lines")
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config, seeds=args.seeds, methods=args.methods, runs_dir=args.runs_dir, data=args.data)
     out = args.out or os.path.dirname(os.path.abspath(args.config))
-    run_experiment(cfg, out, fresh=args.fresh, progress=args.progress and sys.stderr.isatty(),
+    # The trainer shows a bar on a terminal and a line every --log-every steps otherwise.
+    run_experiment(cfg, out, fresh=args.fresh, progress=args.progress,
                    table_only=args.table_only)
     return 0

@@ -116,7 +116,7 @@ def format_value(value: float | None, unit: str, *, signed: bool = False) -> str
     if unit == "s":
         return f"{value:{sign}.0f}"
     if unit == "TFLOP":
-        return f"{value:{sign}.3g}"
+        return f"{value:{sign}.2f}"
     return f"{value:{sign}.2f}"
 
 
@@ -275,13 +275,16 @@ def render_results(cfg: Any, records: list[dict[str, Any]], agg: dict[str, Any],
     t_params = teacher.get("params")
     ratio = f"{t_params / student_params:.0f}x" if t_params and student_params else "n/a"
     seeds = ", ".join(str(s) for s in cfg.seeds)
+    train_min = sum(r["metrics"].get("train_time_s") or 0.0 for r in records) / 60
+    eval_min = sum(r.get("eval_elapsed_s") or 0.0 for r in records) / 60
     lines = [
         f"# Experiment `{cfg.name}`", "",
         cfg.description.strip(), "",
         f"Reproduce: `leap experiment {os.path.relpath(cfg.path)}` (`make experiment`). "
-        f"Runs: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds ({seeds}), {wall_s / 60:.1f} min end to end on "
-        f"{env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch threads), torch {env['torch']}, "
-        f"git {env['git'] or 'n/a'}, {env['date']}.", "",
+        f"Runs: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds ({seeds}): {train_min:.1f} min of training and "
+        f"{eval_min:.1f} min of evaluation in all (from the runs' records) on {env['cpu']} ({env['cpu_count']} cores, "
+        f"{env['torch_threads']} torch threads), torch {env['torch']}; tables written by git {env['git'] or 'n/a'} "
+        f"on {env['date']} ({wall_s / 60:.1f} min for this invocation).", "",
         "## Setup", "",
         f"- teacher: `{os.path.relpath(cfg.teacher)}`: {teacher.get('model')} {json.dumps(teacher.get('model_overrides'))} "
         f"at {teacher.get('img_size')} px, {t_params:,} parameters, test accuracy "
