@@ -10,7 +10,7 @@ run shares, the methods (each a few :class:`~leap.config.TrainConfig` overrides,
    linear probe and kNN of :mod:`leap.evaluation` on the frozen student (records in the run's
    ``eval.jsonl``) and :func:`leap.report.make_report`;
 3. one record per run read back from the run's own files (``summary.json``, ``eval.jsonl``,
-   ``log.jsonl``) -- never from memory -- written as ``OUT/runs/<method>-seed<k>.json``;
+   ``log.jsonl``) -- never from memory -- written as ``OUT/raw/<method>-seed<k>.json``;
 4. ``OUT/results.md``: mean +- std over seeds per method and metric, the paired difference to the
    baseline with a 95% Student-t interval, plots, and ``OUT/results.json`` with everything.
 
@@ -45,6 +45,8 @@ SUMMARY_FILE = "summary.json"
 #: Statuses of a run that trained its whole budget (``epochs``, or ``max_steps`` when set).
 _DONE = ("completed", "stopped_at_max_steps")
 EVAL_FILE = "eval.jsonl"
+#: The folder of the per-run JSON records under the results folder.
+RAW_DIR = "raw"
 
 _TOP_KEYS = {"name", "description", "teacher", "student", "student_overrides", "data", "data_source", "seeds",
              "baseline", "train", "methods", "eval", "teacher_cka", "runs_dir", "threads"}
@@ -377,7 +379,7 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, fresh: bool = False, prog
         raise InputNotFoundError(FASHION_MNIST_HELP)
     teacher = _teacher_meta(cfg)
     start = time.time()
-    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    os.makedirs(os.path.join(out, RAW_DIR), exist_ok=True)
     jobs = [(m, s) for m in cfg.methods for s in cfg.seeds]
     for i, (method, seed) in enumerate(jobs, 1):
         run_dir = run_dir_of(cfg, method, seed)
@@ -395,21 +397,21 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, fresh: bool = False, prog
     baseline_flops = {k: statistics.fmean(r["flops"][k] for r in base) for k in ("teacher_flops", "step_flops")}
     records = [collect_run(run_dir_of(cfg, m, s), method=m, seed=s, baseline_flops=baseline_flops) for m, s in jobs]
     for rec in records:
-        write_json(os.path.join(out, "runs", f"{rec['method']}-seed{rec['seed']}.json"), rec)
+        write_json(os.path.join(out, RAW_DIR, f"{rec['method']}-seed{rec['seed']}.json"), rec)
     agg = aggregate(records, cfg.baseline)
 
     cka_path = os.path.join(out, "teacher_cka.json")
     cka = None
     if cfg.teacher_cka.get("images", 1000):
-        # Cached next to the results: it depends only on the teacher and the images.
-        want = {"teacher_sha256": _sha256(cfg.teacher), "images": int(cfg.teacher_cka.get("images", 1000))}
+        # Cached next to the results: it depends only on the teacher, the data and the image count.
+        key = {"teacher_sha256": _sha256(cfg.teacher), "data": cfg.data,
+               "requested": int(cfg.teacher_cka.get("images", 1000))}
         old = read_json(cka_path) if os.path.isfile(cka_path) else None
-        if old and all(old.get(k) == v for k, v in want.items() if k != "images") and old.get("requested") == want["images"]:
+        if old and all(old.get(k) == v for k, v in key.items()):
             cka = old
         else:
-            print(f"teacher block-to-block CKA on {want['images']} test images", flush=True)
-            cka = {**teacher_block_cka(cfg, want["images"]), "teacher_sha256": want["teacher_sha256"],
-                   "requested": want["images"]}
+            print(f"teacher block-to-block CKA on {key['requested']} test images", flush=True)
+            cka = {**teacher_block_cka(cfg, key["requested"]), **key}
             write_json(cka_path, cka)
     plots = write_plots(records, agg, cka, out)
     env = environment()

@@ -256,6 +256,10 @@ def write_plots(records: list[dict[str, Any]], agg: dict[str, Any], cka: dict[st
     return plots
 
 
+def _lowest_off_diagonal(matrix: list[list[float]]) -> float:
+    return min(v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j)
+
+
 def _trajectory_line(entry_records: list[dict[str, Any]]) -> str:
     epochs = [r["trajectory"]["epoch_mean_blocks"] for r in entry_records]
     if not epochs or not epochs[0]:
@@ -286,9 +290,11 @@ def render_results(cfg: Any, records: list[dict[str, Any]], agg: dict[str, Any],
         f"{env['torch_threads']} torch threads), torch {env['torch']}; tables written by git {env['git'] or 'n/a'} "
         f"on {env['date']} ({wall_s / 60:.1f} min for this invocation).", "",
         "## Setup", "",
-        f"- teacher: `{os.path.relpath(cfg.teacher)}`: {teacher.get('model')} {json.dumps(teacher.get('model_overrides'))} "
+        f"- teacher: `{os.path.relpath(cfg.teacher)}`: {teacher.get('model')} "
+        f"{json.dumps(teacher.get('model_overrides'))} "
         f"at {teacher.get('img_size')} px, {t_params:,} parameters, test accuracy "
-        f"{teacher.get('test_accuracy', float('nan')) * 100:.2f}% (`leap train-teacher`, recipe in the .json beside it)",
+        f"{teacher.get('test_accuracy', float('nan')) * 100:.2f}% "
+        "(`leap train-teacher`, recipe in the .json beside it)",
         f"- student: {cfg.student} {json.dumps(cfg.student_overrides)}, {student_params:,} parameters "
         f"(teacher / student = {ratio})",
         f"- shared recipe: `{json.dumps(cfg.train, sort_keys=True)}`",
@@ -317,16 +323,17 @@ def render_results(cfg: Any, records: list[dict[str, Any]], agg: dict[str, Any],
     if cka is not None:
         lines += ["## Teacher block-to-block linear CKA", "",
                   f"Patch tokens after each block and the final norm, {cka['images']} test images pooled. "
-                  f"Lowest off-diagonal value: {min(v for i, row in enumerate(cka['matrix']) for j, v in enumerate(row) if i != j):.3f}; "
+                  f"Lowest off-diagonal value: {_lowest_off_diagonal(cka['matrix']):.3f}; "
                   f"CKA(block 1, last block) = {cka['matrix'][0][-1]:.3f}.", ""]
         if plots.get("teacher_cka"):
             lines += [f"![Teacher CKA]({os.path.basename(plots['teacher_cka'])})", ""]
         lines += ["| block | " + " | ".join(str(b) for b in cka["blocks"]) + " |",
                   "|" + "---|" * (len(cka["blocks"]) + 1)]
-        lines += [f"| {b} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for b, row in zip(cka["blocks"], cka["matrix"])]
+        lines += [f"| {b} | " + " | ".join(f"{v:.2f}" for v in row) + " |"
+                  for b, row in zip(cka["blocks"], cka["matrix"])]
         lines.append("")
     lines += ["## Raw records", "",
-              "`runs/<method>-seed<k>.json`: one per run, read from the run's `summary.json` and `eval.jsonl` "
+              "`raw/<method>-seed<k>.json`: one per run, read from the run's `summary.json` and `eval.jsonl` "
               "(SHA-256 of each in `sources`); `results.json`: all of them with the aggregates.", ""]
     return "\n".join(lines)
 

@@ -107,7 +107,7 @@ def test_results_table_structure(tiny):
     for cell in diff[1][1:]:
         assert re.fullmatch(r"[+-]\d+(\.\d+)? \[[+-]\d+(\.\d+)?, [+-]\d+(\.\d+)?\]", cell), cell
     # One raw record per run, with the run's file hashes.
-    raw = sorted(p.name for p in (out / "runs").iterdir())
+    raw = sorted(p.name for p in (out / "raw").iterdir())
     assert raw == sorted(f"{m}-seed{s}.json" for m in METHODS for s in SEEDS)
     # The teacher's CKA matrix: one row per block, ones on the diagonal.
     cka = json.loads((out / "teacher_cka.json").read_text())
@@ -146,7 +146,7 @@ def test_every_number_comes_from_the_runs_records(tiny):
                 f"{ex.format_value(mean + half, metric.unit, signed=True)}]")
         assert diff[1][dheader.index(column_label(metric))] == want, metric.key
     # The raw per-run JSON carries the same numbers and the SHA-256 of the files they came from.
-    rec = json.loads((tmp / "out" / "runs" / "leap-seed1.json").read_text())
+    rec = json.loads((tmp / "out" / "raw" / "leap-seed1.json").read_text())
     assert rec["metrics"]["knn_cls"] == own[("leap", 1)]["knn_cls"]
     assert rec["sources"]["summary.json"] == ex._sha256(str(tmp / "runs" / "leap" / "seed1" / "summary.json"))
 
