@@ -642,13 +642,10 @@ def _select_backend(student, weight, bias, target, normalize) -> str:
     return _backends.select_backend("fused_feature_loss", tensors, row_width=weight.shape[0] if normalize else None)
 
 
-def _as_parts(grad: torch.Tensor, splits: int) -> torch.Tensor:
-    """A whole gradient as ``splits`` split slices (the first holds it), the Triton loop's layout."""
-    if splits == 1:
-        return grad.unsqueeze(0)
-    parts = grad.new_zeros((splits, *grad.shape))
-    parts[0] = grad
-    return parts
+def _kept_splits(backend: str, m: int, device: torch.device) -> int:
+    """Token splits of the kept weight/bias gradients: the Triton loop's :func:`weight_grad_splits`;
+    the other backends hand over their one gradient as a single split (no padding slices to add)."""
+    return weight_grad_splits(m, device) if backend == "triton" else 1
 
 
 def _run(student, weight, bias, target, normalize, eps, *, reduction, want_grads, row_scale=None, kept_scale=1.0):
@@ -658,8 +655,8 @@ def _run(student, weight, bias, target, normalize, eps, *, reduction, want_grads
     backend = _select_backend(student, weight, bias, target, normalize)
     n = weight.shape[0]
     m = student.numel() // student.shape[-1]
-    splits = weight_grad_splits(m, student.device)
     if backend == "triton":
+        splits = _kept_splits(backend, m, student.device)
         return _forward_triton(student, weight, bias, target, normalize, eps, reduction=reduction,
                                want_grads=want_grads, row_scale=row_scale, splits=splits, kept_scale=kept_scale)
     # The other backends take (M, D) rows: a strided (B, N, D) view is copied here.
@@ -670,20 +667,21 @@ def _run(student, weight, bias, target, normalize, eps, *, reduction, want_grads
     loss = reduce_rows(row_loss.to(acc), reduction, n) if reduction is not None else None
     if not want_grads:
         return loss, None, None, None
-    grad_bias = _as_parts(grad_bias.to(acc), splits) if grad_bias is not None else None
-    return loss, grad_student.view(student.shape), _as_parts(grad_weight.to(acc), splits), grad_bias
+    grad_bias = grad_bias.to(acc).unsqueeze(0) if grad_bias is not None else None
+    return loss, grad_student.view(student.shape), grad_weight.to(acc).unsqueeze(0), grad_bias
 
 
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-def _kept_outputs(student, weight, bias, compute_grads, acc_dtype):
+def _kept_outputs(student, weight, bias, target, normalize, compute_grads, acc_dtype):
     """Empty tensors shaped like the kept gradients (``(0,)`` each without ``compute_grads``)."""
     if not compute_grads:
         return student.new_empty(0), student.new_empty(0), student.new_empty(0)
     k = student.shape[-1]
     n = weight.shape[0]
-    splits = weight_grad_splits(student.numel() // k, student.device)
+    backend = _select_backend(student, weight, bias, target, normalize)
+    splits = _kept_splits(backend, student.numel() // k, student.device)
     grad_student = student.new_empty(student.shape)
     grad_weight = student.new_empty((splits, n, k), dtype=acc_dtype)
     grad_bias = student.new_empty((splits, n) if bias is not None else (0,), dtype=acc_dtype)
@@ -715,7 +713,7 @@ def _fused_feature_loss_op(
         kept_scale=kept_grad_scale(student.dtype, weight.shape[0]),
     )
     if not compute_grads:
-        return (loss, *_kept_outputs(student, weight, bias, False, acc))
+        return (loss, *_kept_outputs(student, weight, bias, target, normalize, False, acc))
     if grad_bias is None:
         grad_bias = grad_weight.new_empty(0)
     return loss, grad_student, grad_weight, grad_bias
@@ -726,7 +724,7 @@ def _(student, weight, bias, target, normalize, reduction, eps, compute_grads):
     acc = accumulation_dtype(student.dtype, weight.dtype, target.dtype)
     m = student.numel() // student.shape[-1]
     loss = student.new_empty((m,) if reduction == "none" else (), dtype=acc)
-    return (loss, *_kept_outputs(student, weight, bias, compute_grads, acc))
+    return (loss, *_kept_outputs(student, weight, bias, target, normalize, compute_grads, acc))
 
 
 @torch.library.custom_op("leap_kernels::fused_feature_loss_backward", mutates_args=())
@@ -755,7 +753,7 @@ def _fused_feature_loss_backward_op(
 @_fused_feature_loss_backward_op.register_fake
 def _(row_scale, student, weight, bias, target, normalize, eps):
     acc = accumulation_dtype(student.dtype, weight.dtype, target.dtype)
-    return _kept_outputs(student, weight, bias, True, acc)
+    return _kept_outputs(student, weight, bias, target, normalize, True, acc)
 
 
 @torch.library.custom_op("leap_kernels::feature_loss_rescale", mutates_args=())
@@ -792,6 +790,7 @@ def _rescale_op(
         return _rescale_triton(grad_student, grad_weight, grad_bias, grad_output, scale, student_dtype, weight_dtype,
                                bias_dtype, need_student, need_weight, need_bias)
     factor = grad_output.to(acc) * scale if grad_output is not None else scale
+
     def empty(dtype):  # one each: outputs must not alias
         return grad_weight.new_empty(0, dtype=dtype)
 
