@@ -7,6 +7,9 @@
 # make demo-ops - a short example of the fused-loss ops
 # make bench-smoke - the benchmark harness at tiny sizes (CPU ok)
 # make bench  - full-size benchmarks (needs a CUDA GPU)
+# make lint   - ruff (lint + format check), mypy on leap_kernels/ and the docs check (not clean yet:
+#               make test runs the docs check only, until the tree is formatted and typed)
+# make gpu-check - the one-call GPU run (tools/gpu_check.sh; OUT=dir for the results; CUDA machine)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -18,7 +21,7 @@ CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu
 BUILD_CUDA ?= 1
 CUDA_ARCHS ?= 8.0;9.0
 
-.PHONY: test demo experiment fashion-mnist demo-ops bench bench-smoke clean
+.PHONY: test lint demo experiment fashion-mnist demo-ops bench bench-smoke gpu-check clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +38,22 @@ $(PKG_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 	touch $@
 
 # LEAP_KERNELS_REQUIRE_EXT: a missing or unusable leap_kernels._C fails the run instead of skipping the cpp tests.
-# bench/compile_check.sh: every Triton kernel compiled for sm_90 with Triton 3.8 and 3.6 (no GPU needed).
+# tools/compile_check.sh: every Triton kernel compiled for sm_90 with Triton 3.8 and 3.6 (no GPU needed).
 test: $(PKG_STAMP)
-	VENV=$(VENV) bash bench/compile_check.sh
+	$(VPY) tools/check_docs.py
+	VENV=$(VENV) bash tools/compile_check.sh
 	LEAP_KERNELS_REQUIRE_EXT=1 $(VPY) -m pytest -q tests
+
+# PYTHON_TOOLS: the interpreter that has ruff and mypy (default: the project's venv).
+PYTHON_TOOLS ?= $(VPY)
+lint:
+	$(PYTHON_TOOLS) -m ruff check .
+	$(PYTHON_TOOLS) -m ruff format --check .
+	$(PYTHON_TOOLS) -m mypy leap_kernels
+	$(PYTHON_TOOLS) tools/check_docs.py
+
+gpu-check: $(PKG_STAMP)
+	PYTHON=$(VPY) bash tools/gpu_check.sh
 
 # DATA=/path/to/fashion-mnist overrides the Debian package location.
 DATA ?=
@@ -75,4 +90,4 @@ bench: $(PKG_STAMP)
 	$(VPY) bench/bench_feature_loss.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache leap_kernels/_C*.so
+	rm -rf $(VENV) .venv-triton36 build *.egg-info .pytest_cache .ruff_cache .mypy_cache leap_kernels/_C*.so

@@ -89,14 +89,53 @@ def want_cuda(torch) -> tuple[bool, str]:
     return False, f"no GPU visible (set {ENV_BUILD_CUDA}=1 to compile the CUDA kernels anyway)"
 
 
+#: Per-library wheels of older CUDA majors (nvidia/<library>/include); cu13 has one nvidia/cu13.
+CUDA_LIBRARY_WHEELS = ("cuda_runtime", "cublas", "cusparse", "cusolver", "curand", "cufft")
+
+
 def wheel_cuda_include_dirs(torch) -> list[str]:
     """Headers of the CUDA wheels torch depends on (nvidia/cu13/include, ...): torch's own headers
     include some of them (e.g. the cuBLAS/cuSPARSE ones of a cu13 build), which an older system
-    toolkit may lack or have in another version."""
-    site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    toolkit may lack or have in another version. Found through the ``nvidia`` package's own path
+    (wherever pip put it), with torch's site-packages as a fallback."""
+    import importlib.util
+
     major = (torch.version.cuda or "").split(".")[0]
-    dirs = sorted(glob.glob(os.path.join(site, "nvidia", f"cu{major}", "include"))) if major else []
-    return [d for d in dirs if os.path.isdir(d)]
+    if not major:
+        return []
+    roots = []
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        roots += list(spec.submodule_search_locations)
+    roots.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__))), "nvidia"))
+    dirs: list[str] = []
+    for root in roots:
+        for d in [os.path.join(root, f"cu{major}", "include"),
+                  *(os.path.join(root, lib, "include") for lib in CUDA_LIBRARY_WHEELS)]:
+            d = os.path.realpath(d)
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def toolkit_include_dirs(cuda_home: str) -> list[str]:
+    """The toolkit's own include dirs: include/ and targets/<arch>-linux/include (where the
+    network-installer layouts keep the library headers)."""
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "arm64": "sbsa", "aarch64": "sbsa"}.get(machine, machine)
+    dirs = [os.path.join(cuda_home, "include"), *sorted(glob.glob(os.path.join(cuda_home, "targets", f"{arch}*", "include")))]
+    return list(dict.fromkeys(os.path.realpath(d) for d in dirs if os.path.isdir(d)))
+
+
+#: Headers torch's CUDA headers include (ATen/cuda/CUDAContext.h); without them the build fails late.
+REQUIRED_CUDA_HEADERS = ("cuda_runtime.h", "cublas_v2.h", "cusparse.h")
+
+
+def missing_cuda_headers(include_dirs: list[str]) -> list[str]:
+    return [h for h in REQUIRED_CUDA_HEADERS if not any(os.path.exists(os.path.join(d, h)) for d in include_dirs)]
 
 
 def cpu_simd_flags() -> list[str]:
@@ -143,6 +182,20 @@ def extensions():
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))
                               + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         include_dirs = [os.path.join(HERE, "csrc"), *wheel_cuda_include_dirs(torch)]
+        toolkit_dirs = toolkit_include_dirs(os.environ["CUDA_HOME"])
+        include_dirs += [d for d in toolkit_dirs[1:] if d not in include_dirs]  # include/ is nvcc's own
+        missing = missing_cuda_headers(include_dirs[1:] + toolkit_dirs)
+        if missing:
+            # An explicit request fails here, with the places searched; otherwise the build falls
+            # back to the CPU kernels and says so (backends() then names the reason too).
+            where = ", ".join(include_dirs[1:] + toolkit_dirs) or "none"
+            reason = (f"the CUDA headers {', '.join(missing)} were found in none of: {where} "
+                      "(install the CUDA wheels torch names, e.g. nvidia-cusparse, or a full toolkit)")
+            if os.environ.get(ENV_BUILD_CUDA, "").strip().lower() in ("1", "true", "yes", "on"):
+                raise RuntimeError(f"{ENV_BUILD_CUDA}=1 but {reason}")
+            log(f"NOT building the CUDA kernels: {reason}")
+            cuda = False
+    if cuda:
         log(f"building leap_kernels._C with CUDA kernels ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}; "
             f"extra include dirs {include_dirs[1:]}")
         ext = CUDAExtension(

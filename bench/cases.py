@@ -318,19 +318,45 @@ def teacher_flops(teacher, batch: int, k: int) -> float:
     return batch * flops
 
 
+def regional_compiled_teacher(teacher, compile_backend: str = "inductor") -> Callable:
+    """``forward(images, k) -> (patch (B, N, D), cls (B, D))``: timm's own forward to block ``k``
+    with each block under ``torch.compile`` (regional compilation).
+
+    The blocks share one class and one set of shapes, so the compiled code of the first block
+    serves all of them (parameters are graph inputs): the cold compile costs one block, seconds,
+    not one graph per depth ``k``, minutes for a ViT-g. Patch embed, positions and the final norm
+    stay eager (they run once per forward). The same computation as ``TruncatedTeacher(x, k)``
+    with timm's attention.
+    """
+    model = teacher.model
+    blocks = [torch.compile(block, dynamic=False, backend=compile_backend) for block in model.blocks]
+    prefix = teacher.num_prefix_tokens
+
+    @torch.no_grad()
+    def forward(images: torch.Tensor, k: int):
+        x = model.patch_embed(images.to(teacher.dtype))
+        x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
+        for block in blocks[:k]:
+            x = block(x)
+        x = model.norm(x)
+        return x[:, prefix:], x[:, 0]
+
+    return forward
+
+
 def teacher_variants(teacher, x: torch.Tensor, k: int, compile_backend: str = "inductor") -> dict[str, Factory]:
     """One forward of the truncated teacher to block ``k`` on images ``x (B, 3, H, W)``.
 
-    ``timm``: timm's own blocks (SDPA attention); ``timm-compile``: torch.compile of that forward
-    (static shapes; one graph per ``k``); ``ours``: the blocks with leap_kernels.teacher_attention
-    (wrap with :func:`forced` for one attention backend).
+    ``timm``: timm's own blocks (SDPA attention); ``timm-compile``: the same forward with each block
+    compiled (:func:`regional_compiled_teacher`); ``ours``: the blocks with
+    leap_kernels.teacher_attention (wrap with :func:`forced` for one attention backend).
     """
     stock = teacher_view(teacher, False)
     kernel = teacher_view(teacher, True)
 
     def compiled():
-        fn = torch.compile(lambda images: stock(images, k), dynamic=False, backend=compile_backend)
-        return lambda: fn(x)
+        fn = regional_compiled_teacher(stock, compile_backend)
+        return lambda: fn(x, k)
 
     return {
         "timm": lambda: (lambda: stock(x, k)),
@@ -345,15 +371,15 @@ def teacher_variants(teacher, x: torch.Tensor, k: int, compile_backend: str = "i
 class LeapStep:
     """One LEAP training step at target block ``k``, built once per variant and called with ``k``.
 
-    ``ours`` is the trainer's step (as :func:`leap.timing.measure_step_times` runs it): the truncated
+    ``ours`` is the trainer's step (as :func:`leap.run.timing.measure_step_times` runs it): the truncated
     teacher with the attention kernel, :class:`leap.distill.DistillModule` (student + head +
     ``leap_kernels.fused_feature_loss``, patch loss + 0.05 x CLS loss), backward, the per-step CKA
     on the re-projected student and a fused AdamW step.
 
     ``stock-eager`` / ``stock-compile`` is the same step with stock tools: timm's blocks for the
     teacher, ``nn.Linear`` head + ``F.mse_loss`` for the loss (same CLS weight), the same CKA
-    (``leap.cka.linear_cka``, plain PyTorch) and optimizer; ``stock-compile`` compiles the teacher
-    forward (one static graph per ``k``) and the student forward + loss (its backward through
+    (``leap.cka.linear_cka``, plain PyTorch) and optimizer; ``stock-compile`` compiles the teacher's
+    blocks (:func:`regional_compiled_teacher`) and the student forward + loss (its backward through
     AOTAutograd). Student forward under autocast to the teacher dtype on CUDA.
     """
 
@@ -411,20 +437,13 @@ class LeapStep:
                     cls_loss = F.mse_loss(head(s_cls).float(), t_cls.float())
                 return patch_loss + cls_weight * cls_loss, s_patch.detach()
 
-            compiled_teacher: dict[int, Callable] = {}
             if variant == "stock-compile":
                 student_loss = torch.compile(student_loss, backend=compile_backend)
-
-            def teacher_at(k: int):
-                if variant != "stock-compile":
-                    return lambda images: teacher_forward(images, k)
-                if k not in compiled_teacher:  # one static graph per k, as a user would compile it
-                    compiled_teacher[k] = torch.compile(lambda images: teacher_forward(images, k),
-                                                        dynamic=False, backend=compile_backend)
-                return compiled_teacher[k]
+                # Regional compilation: one compiled block serves every block and every k.
+                teacher_forward = regional_compiled_teacher(stock_teacher, compile_backend)
 
             def step(k: int) -> None:
-                t_patch, t_cls = teacher_at(k)(self.x)
+                t_patch, t_cls = teacher_forward(self.x, k)
                 loss, s_patch = student_loss(self.x, t_patch, t_cls)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -17,7 +17,9 @@ def _loss_variants(device, op: str) -> list[str]:
 
 
 def _attention_variants(device) -> list[str]:
-    refs = ["eager", "compile", "sdpa-default"] + (["sdpa-cudnn"] if device.type == "cuda" else [])
+    # On CUDA, each of SDPA's fast backends forced (cuDNN, flash, memory-efficient), as the anchors report.
+    refs = ["eager", "compile", "sdpa-default"] + (
+        ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient"] if device.type == "cuda" else [])
     return refs + [f"ours-{b}" for b in ours_backends(device) if b != "cpp"]  # no CPU attention kernel
 
 

@@ -6,7 +6,7 @@
 A LEAP run spends its steps at different target blocks k; the time of a run is the sum of its steps'
 times. With the steps spread over the epochs evenly, the mean step time of the run is the mean over
 the per-epoch target blocks of the step time at that block, each step time linearly interpolated
-between the measured k (the teacher's cost is linear in k; ``leap.timing.wall_clock_savings`` does the
+between the measured k (the teacher's cost is linear in k; ``leap.run.timing.wall_clock_savings`` does the
 interpolation and the weighting). Per variant of the step benchmark (``ours``, ``stock-eager``,
 ``stock-compile``) this prints the step time at each measured k, the run's mean step time, its saving
 against the same variant at full depth (every step at k = L, the baseline of the paper's "train
@@ -80,7 +80,7 @@ def step_times(path: str) -> dict[str, dict[int, float]]:
 def whole_run(times: dict[str, dict[int, float]], trajectory, num_blocks: int) -> dict:
     """Per variant: the step times, the trajectory's mean step time, the saving against the same
     variant at full depth and the speedup over ``stock-eager`` at full depth."""
-    from leap.timing import wall_clock_savings
+    from leap.run.timing import wall_clock_savings
 
     results = {}
     for variant, by_k in sorted(times.items()):

@@ -36,9 +36,12 @@ bool has_cuda() {
 }
 
 // One place where the rows kernel of the tensors' device is called.
+// x_bias (CPU only): a (d,) fp32 row added to x inside the kernel.
 void rows_kernel(const Tensor& x, const Tensor& t, bool normalize, double eps, const c10::optional<Tensor>& row_scale,
-                 const Tensor& loss, const Tensor& grad_x, const Tensor& grad_t, const Tensor& col_sum) {
+                 const Tensor& loss, const Tensor& grad_x, const Tensor& grad_t, const Tensor& col_sum,
+                 const Tensor& x_bias = Tensor()) {
   if (x.is_cuda()) {
+    TORCH_CHECK(!x_bias.defined(), "rows_kernel: x_bias is CPU only");
 #ifdef LEAP_KERNELS_WITH_CUDA
     cuda::rows_loss_grad(x, t, normalize, eps, row_scale, loss, grad_x, grad_t);
     if (col_sum.defined() && grad_x.defined()) col_sum.add_(grad_x.sum(0, /*keepdim=*/false, at::kFloat));
@@ -47,7 +50,7 @@ void rows_kernel(const Tensor& x, const Tensor& t, bool normalize, double eps, c
     TORCH_CHECK(false, "leap_kernels._C was built without CUDA kernels");
 #endif
   }
-  cpu::rows_loss_grad(x, t, normalize, eps, row_scale, loss, grad_x, grad_t, col_sum);
+  cpu::rows_loss_grad(x, t, normalize, eps, row_scale, loss, grad_x, grad_t, col_sum, x_bias);
 }
 
 std::tuple<Tensor, Tensor, Tensor> rows_loss_grad_op(const Tensor& x, const Tensor& t, bool normalize, double eps,
@@ -59,6 +62,10 @@ std::tuple<Tensor, Tensor, Tensor> rows_loss_grad_op(const Tensor& x, const Tens
   Tensor loss = at::empty({want_loss ? m : 0}, x.options().dtype(at::kFloat));
   Tensor gx = want_grad_x ? at::empty({m, d}, x.options()) : at::empty({0}, x.options());
   Tensor gt = want_grad_t ? at::empty({m, d}, t.options()) : at::empty({0}, t.options());
+  if (!x.is_cuda()) {  // fresh outputs written once: huge pages make their first touch cheap
+    cpu::advise_hugepages(gx);
+    cpu::advise_hugepages(gt);
+  }
   c10::optional<Tensor> scale;
   if (row_scale.has_value() && row_scale->defined()) scale = row_scale->to(at::kFloat).contiguous();
   // CUDA kernels take unit channel stride; the CPU kernel takes any strides.
@@ -102,6 +109,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> feature_loss_chunks(const Tensor& stu
   Tensor grad_student, grad_weight, grad_bias;
   if (want_grads) {
     grad_student = at::empty({m, k}, student.options());
+    if (!on_cuda) cpu::advise_hugepages(grad_student);
     grad_weight = at::zeros({n, k}, f32);
     grad_bias = at::zeros({has_bias ? n : 0}, f32);
   } else {
@@ -113,6 +121,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> feature_loss_chunks(const Tensor& stu
   // Upcast path: P in one reusable fp32 buffer, then G in place. CUDA 16-bit path: P is the fp32
   // output of the GEMM itself (no copy into a buffer; the caching allocator reuses the memory).
   Tensor proj = upcast ? at::empty({rows_max, n}, f32) : Tensor();
+  if (!on_cuda) cpu::advise_hugepages(proj);
+  // CPU: the bias is added inside the rows kernel (P = S_c W^T by a plain GEMM; addmm would first
+  // write the broadcast bias into P, one more pass over it). CUDA keeps addmm.
+  const bool bias_in_rows = has_bias && !on_cuda;
+  const Tensor bias_rows = bias_in_rows ? b32.contiguous() : Tensor();
   Tensor g16;                                   // CUDA 16-bit: G in the student dtype, for the GEMMs
   if (want_grads && !upcast) g16 = at::empty({rows_max, n}, student.options());
   Tensor ds_tmp;  // dS of one chunk in fp32 when the student is 16-bit and the GEMMs are fp32
@@ -127,7 +140,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> feature_loss_chunks(const Tensor& stu
     Tensor p;
     if (upcast) {
       p = proj.narrow(0, 0, rows);
-      if (has_bias) at::addmm_out(p, b32, s_c, w_c.t());
+      if (has_bias && !bias_in_rows) at::addmm_out(p, b32, s_c, w_c.t());
       else at::mm_out(p, s_c, w_c.t());
     } else {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
@@ -141,11 +154,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> feature_loss_chunks(const Tensor& stu
     if (scale.has_value()) scale_c = scale->slice(0, start, stop);
     Tensor loss_c = row_loss.slice(0, start, stop);
     if (!want_grads) {
-      rows_kernel(p, t_c, normalize, eps, scale_c, loss_c, Tensor(), Tensor(), Tensor());
+      rows_kernel(p, t_c, normalize, eps, scale_c, loss_c, Tensor(), Tensor(), Tensor(),
+                  bias_rows);
       continue;
     }
     Tensor g = upcast ? p : g16.narrow(0, 0, rows);
-    rows_kernel(p, t_c, normalize, eps, scale_c, loss_c, g, Tensor(), has_bias ? grad_bias : Tensor());
+    rows_kernel(p, t_c, normalize, eps, scale_c, loss_c, g, Tensor(), has_bias ? grad_bias : Tensor(),
+                bias_rows);
     Tensor gs = grad_student.slice(0, start, stop);
     if (ds_tmp.defined()) {
       Tensor tmp = ds_tmp.narrow(0, 0, rows);

@@ -1,36 +1,34 @@
 """LEAP trainer: truncated teacher, adaptive curriculum, training loop, the ``leap`` command.
 
-Module map (one concern per module; :mod:`leap.errors` and :mod:`leap.config` import no
-other ``leap`` module that needs torch):
+Layout (one concern per module or folder; lower rows never import upper ones; :mod:`leap.errors`
+and :mod:`leap.config` import no other ``leap`` module that needs torch):
 
 ==================  ==========================================================================
-``errors``          the exception types (user-facing ones map to exit status 2 in the CLI)
-``config``          :class:`TrainConfig`: every option with its type, default, help, choices
-``runlog``          the run directory's files: JSONL writer/reader, summary, typed log view
+``errors``          the exception types and the command's exit codes
+``config``          :class:`TrainConfig` (every option with its type, default, help, choices),
+                    :class:`TeacherTrainConfig`
+``runlog``          the run directory's files: JSONL writer/reader, atomic writes, typed log view
+``precision``       precision names -> dtypes, the ``auto`` rule, the teacher's dtype and autocast
+``vit``             the one adapter over a timm ViT's internals (embedding, blocks, final norm)
 ``models``          building timm ViTs, loading teacher checkpoints (DINOv2, HF, timm layouts)
 ``teacher``         :class:`~leap.teacher.TruncatedTeacher`: blocks ``1..k`` only, early exit
 ``cka``             linear CKA (device, no sync) and its float64 reference
-``curriculum``      the target-block controller (calibration, EMA, threshold, timeout)
-``data``            image sources, augmentation, mixup, the resumable sampler
+``curriculum``      the target-block controller and its :class:`~leap.curriculum.LevelUp` events
+``data/``           image sources, transforms and mixup, the resumable sampler and loader
 ``optim``           LARS, parameter groups, the warmup-cosine schedule
 ``distill``         :class:`~leap.distill.DistillModule` (student + head + loss), counting teacher
 ``distributed``     the process group life cycle, all-reduce helpers, device choice
 ``checkpoint``      the checkpoint layout, atomic save, validated load, RNG states
-``build``           what a run is built from: data, models, optimizer and schedule
-``runstats``        typed ``StepResult`` / ``RunStats``
-``train``           :class:`Trainer`: the loop (resume, steps, epoch ends, checkpoints, summary)
 ``cost``            the analytic cost model (per-image FLOPs, savings, per-epoch counters)
-``timing``          measured step times and the wall-clock saving of a trajectory
-``report``          plots and ``report.md`` of a run directory
-``knn``, ``pretrain``, ``demo``   kNN accuracy, the demo teacher's training, the demo
-``evaluation``      ``leap eval``: linear probe, revisitop retrieval, kNN on cached features
-``cli``             the ``leap`` command; ``cli.options`` generates options from ``TrainConfig``
+``run/``            a training run: build, loop (:class:`Trainer`), guard, stats, timing
+``evaluation/``     frozen-feature evaluations: linear probe, revisitop retrieval, kNN
+``apps/``           report, plotting, pretrain (the demo teacher), demo, experiment
+``cli/``            the ``leap`` command: one module per command, ``cli.command`` their shape
 ==================  ==========================================================================
 """
 
 # Imported lazily so `import leap` and `leap --help` stay fast:
-#   leap.TrainConfig, leap.Trainer; the function is leap.train.train(config) -> summary dict
-#   (`leap.train` is the submodule, so it cannot also be the function).
+#   leap.TrainConfig, leap.Trainer; the function is leap.run.loop.train(config) -> summary dict.
 __all__ = ["TrainConfig", "Trainer", "__version__"]
 
 
@@ -42,7 +40,7 @@ def __getattr__(name):
     if name == "Trainer":
         import importlib
 
-        return importlib.import_module(f"{__name__}.train").Trainer
+        return importlib.import_module(f"{__name__}.run.loop").Trainer
     if name == "__version__":  # one version for the distribution: leap_kernels.__version__
         from leap_kernels import __version__
 

@@ -23,6 +23,9 @@ A LEAP training checkpoint is one ``torch.save`` file holding a dict::
 states back; the trainer restores the positions and counters. Everything in it is
 loadable with ``torch.load(weights_only=True)`` (tensors and plain Python types), so a
 resume never unpickles arbitrary objects.
+
+A ``leap train-teacher`` checkpoint (:mod:`leap.apps.pretrain`) is told apart by its
+:data:`TEACHER_META_KEY` entry (the model recipe and accuracy).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .runlog import atomic_write
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "TEACHER_META_KEY",
     "STRICT_RESUME_KEYS",
     "atomic_save",
     "read_torch_file",
@@ -58,6 +62,8 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "leap-train-checkpoint"
 CHECKPOINT_VERSION = 1
+#: The key of a ``leap train-teacher`` checkpoint holding its recipe (model, overrides, img size).
+TEACHER_META_KEY = "leap_teacher"
 
 _REQUIRED_KEYS = ("student", "head", "optimizer", "scheduler", "curriculum", "epoch", "step",
                   "step_in_epoch", "config", "dims")

@@ -1,4 +1,5 @@
-"""Training configuration: the :class:`TrainConfig` dataclass, config files, validation.
+"""Training configuration: the :class:`TrainConfig` dataclass, config files, validation, and
+:class:`TeacherTrainConfig` (the recipe of ``leap train-teacher``).
 
 Every field of :class:`TrainConfig` carries its documentation in its metadata (``help``,
 ``group``, ``metavar``, ``choices``, ``min``), which is the single source of the
@@ -7,6 +8,9 @@ Every field of :class:`TrainConfig` carries its documentation in its metadata (`
 ``--no-augment``/``--no-mixup``/``--no-progress``), of the options other commands share
 with it, and of the keys of a ``--config`` YAML/JSON file. Keys in a file may be written
 ``snake_case`` or ``kebab-case`` (``no_mixup: true`` also works); unknown keys are an error.
+
+Why this module is long: every option of ``leap distill`` is declared here once, with its help
+text; the field declarations are most of the module.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .runlog import CHECKPOINT_NAME, run_file
 
 __all__ = [
     "TrainConfig",
+    "TeacherTrainConfig",
     "CHOICES",
     "DATA_SOURCES",
     "DEFAULT_LR",
@@ -488,3 +493,29 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: expected a mapping of options at the top level, "
                           f"got {type(data).__name__}")
     return data
+
+
+@dataclasses.dataclass
+class TeacherTrainConfig:
+    """The recipe of ``leap train-teacher`` (:func:`leap.apps.pretrain.train_teacher`); its defaults are
+    the command's option defaults."""
+
+    model: str = "vit_small_patch14_dinov2"
+    model_overrides: dict = dataclasses.field(
+        default_factory=lambda: {"patch_size": 7, "depth": 8, "embed_dim": 128, "num_heads": 2})
+    img_size: int = 28
+    data: str | None = None
+    data_source: str = "fashion-mnist"
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    limit_train: int | None = None  # use only the first N training images (tests, quick tries)
+    limit_test: int | None = None
+    workers: int = 1
+    seed: int = 0
+    threads: int | None = None
+    out: str = "teacher.pth"
+    progress: bool = True

@@ -48,7 +48,7 @@ the full-depth baseline (every step at ``k = L``, same cost model) are:
 * ``total_saving = 1 - C(mean k) / C(L)`` -- including the student step, head and CKA
   (about 23.4% for the paper's ViT-S run).
 
-Measured wall-clock savings (:mod:`leap.timing`) are lower still: data loading, the optimizer and kernel overheads do not shrink with ``k``.
+Measured wall-clock savings (:mod:`leap.run.timing`) are lower still: data loading, the optimizer and kernel overheads do not shrink with ``k``.
 
 Why this module is long: about a fifth of it is this description of the cost model, which
 the README and the tests refer to; the code is the ViT cost reader, ``CostModel``,
@@ -66,11 +66,11 @@ from torch import nn
 
 from .errors import ModelError, RunLogError
 from .runlog import Trajectory
+from .vit import unwrap_vit
 
 __all__ = [
     "ViTCost",
     "vit_cost",
-    "unwrap_vit",
     "pair",
     "head_macs",
     "cka_macs",
@@ -123,19 +123,6 @@ class ViTCost:
         """Patch embed + the first ``blocks`` blocks (all if None)."""
         n = self.depth if blocks is None else _check_blocks(blocks, self.depth)
         return self.patch_embed_macs + sum(self.block_macs[:n])
-
-
-def unwrap_vit(model: Any) -> nn.Module:
-    """The timm ViT inside ``model`` (itself, or ``.model`` of a wrapper such as TruncatedTeacher)."""
-    if isinstance(model, nn.Module) and not hasattr(model, "patch_embed"):
-        inner = getattr(model, "model", None)
-        if isinstance(inner, nn.Module) and hasattr(inner, "patch_embed"):
-            return inner
-    if not isinstance(model, nn.Module) or not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
-        raise TypeError(
-            f"expected a timm VisionTransformer (or a wrapper with .model), got {type(model).__name__}"
-        )
-    return model
 
 
 def pair(v: Any) -> tuple[int, int]:

@@ -28,13 +28,37 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .distributed import all_reduce_mean, distributed
 
-__all__ = ["Curriculum", "LevelUpEffects", "RankSync"]
+__all__ = ["Curriculum", "LevelUp", "LevelUpEffects", "RankSync"]
+
+
+class LevelUp(NamedTuple):
+    """One move of the curriculum target: ``from_block -> to_block`` at ``step`` (1-based)
+    in ``epoch`` (0-based); ``reason`` is ``"cka"``, ``"timeout"`` or ``"snap"``.
+
+    The one shape of a level-up everywhere (controller history, step results, log records,
+    summary). A named tuple: it compares equal to, and is saved in checkpoints as, the plain
+    ``(step, epoch, from_block, to_block, reason)`` it was before it had names.
+    """
+
+    step: int
+    epoch: int
+    from_block: int
+    to_block: int
+    reason: str
+
+    def record(self, cka: float | None = None) -> dict[str, Any]:
+        """The ``level_up`` log record (``cka`` only for a level-up by CKA)."""
+        rec: dict[str, Any] = {"type": "level_up", "step": self.step, "epoch": self.epoch,
+                               "from_block": self.from_block, "to_block": self.to_block, "reason": self.reason}
+        if cka is not None and self.reason == "cka":
+            rec["cka"] = cka
+        return rec
 
 
 class Curriculum:
@@ -70,8 +94,8 @@ class Curriculum:
     every N steps, "cka_every") is the trainer's choice, not the controller's. Note the
     EMA then averages over observations, not steps.
 
-    History: ``level_ups`` is a list of ``(step, epoch, from_block, to_block, reason)``
-    with reason in ``{"cka", "timeout", "snap"}``.
+    History: ``level_ups`` is a list of :class:`LevelUp` ``(step, epoch, from_block, to_block,
+    reason)`` with reason in ``{"cka", "timeout", "snap"}``.
     """
 
     def __init__(
@@ -119,7 +143,7 @@ class Curriculum:
         self.block: int = num_blocks if not self.enabled else (start_block or 1)
         self.ema: float = 0.0
         self.epochs_on_block: int = 0
-        self.level_ups: list[tuple[int, int, int, int, str]] = []
+        self.level_ups: list[LevelUp] = []
         self.calibrated: bool = False
         self.calibration_scores: list[float] | None = None
         self.steps_observed: int = 0
@@ -245,7 +269,7 @@ class Curriculum:
         self.block = old + 1
         self.ema = 0.0
         self.epochs_on_block = 0
-        self.level_ups.append((step, epoch, old, self.block, reason))
+        self.level_ups.append(LevelUp(step, epoch, old, self.block, reason))
         return [(old, self.block)] + self._maybe_snap(step=step, epoch=epoch)
 
     def _maybe_snap(self, *, step: int, epoch: int) -> list[tuple[int, int]]:
@@ -256,7 +280,7 @@ class Curriculum:
         self.block = self.num_blocks
         self.ema = 0.0
         self.epochs_on_block = 0
-        self.level_ups.append((step, epoch, old, self.block, "snap"))
+        self.level_ups.append(LevelUp(step, epoch, old, self.block, "snap"))
         return [(old, self.block)]
 
     # ----------------------------------------------------------------------------------
@@ -322,7 +346,7 @@ class Curriculum:
         self.block = block
         self.ema = float(state["ema"])
         self.epochs_on_block = int(state["epochs_on_block"])
-        self.level_ups = [(int(s), int(e), int(a), int(b), str(r)) for s, e, a, b, r in state["level_ups"]]
+        self.level_ups = [LevelUp(int(s), int(e), int(a), int(b), str(r)) for s, e, a, b, r in state["level_ups"]]
         self.calibrated = bool(state.get("calibrated", True))
         scores = state.get("calibration_scores")
         self.calibration_scores = None if scores is None else [float(v) for v in scores]
@@ -360,14 +384,15 @@ class LevelUpEffects:
         self.restart_on_snap = bool(restart_on_snap)
         self.seed = int(seed)
 
-    def apply(self, level_ups: list[tuple[int, int, int, int, str]]) -> list[dict[str, Any]]:
+    def apply(self, level_ups: list[LevelUp]) -> list[dict[str, Any]]:
         """Apply the effects of ``level_ups`` (after the optimizer and scheduler steps of their
         step); returns log records of what was done."""
         records: list[dict[str, Any]] = []
         if not level_ups:
             return records
-        step, epoch = level_ups[-1][0], level_ups[-1][1]
-        if self.restart_on_snap and any(u[4] == "snap" for u in level_ups):
+        last = level_ups[-1]
+        step, epoch = last.step, last.epoch
+        if self.restart_on_snap and any(u.reason == "snap" for u in level_ups):
             self.scheduler.restart()
             records.append({"type": "lr_restart", "step": step, "epoch": epoch,
                             "from_step": self.scheduler.restart_step})
@@ -376,7 +401,7 @@ class LevelUpEffects:
             params = self.module.reset_heads(gen)
             for p in params:
                 self.optimizer.state.pop(p, None)
-            records.append({"type": "head_reset", "step": step, "epoch": epoch, "block": level_ups[-1][3]})
+            records.append({"type": "head_reset", "step": step, "epoch": epoch, "block": last.to_block})
         return records
 
 

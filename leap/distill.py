@@ -3,7 +3,7 @@ module (:class:`DistillModule`, the unit DDP wraps; :class:`OneToOneDistillModul
 ablation's one-to-one baseline, with :func:`teacher_targets` giving either its targets), and a
 truncated teacher that counts the blocks it runs (:class:`CountingTeacher`).
 
-Used by the trainer (:mod:`leap.train`) and by the step timing (:mod:`leap.timing`), so both
+Used by the trainer (:mod:`leap.run.loop`) and by the step timing (:mod:`leap.run.timing`), so both
 run the same step.
 """
 
@@ -14,6 +14,7 @@ from torch import nn
 
 from leap_kernels import FeatureDistillationHead
 
+from . import vit
 from .teacher import TruncatedTeacher
 
 __all__ = ["DistillModule", "OneToOneDistillModule", "CountingTeacher", "one_to_one_pairs", "teacher_targets"]
@@ -129,11 +130,12 @@ class OneToOneDistillModule(DistillModule):
     def block_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Student tokens after every block, through the final norm: ``L_s`` x ``(B, P + N, D_s)``."""
         m = self.student
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        family = vit.family_of(m, "OneToOneDistillModule")
+        x = family.embed(m, images)
         outs = []
-        for block in m.blocks:
+        for block in family.blocks(m):
             x = block(x)
-            y = m.norm(x)
+            y = family.final_norm(m, x)
             if self.compute_dtype is not None and torch.is_autocast_enabled(y.device.type):
                 y = y.to(self.compute_dtype)
             outs.append(y)

@@ -132,15 +132,18 @@ def reduce_step_values(means: list[torch.Tensor], per_rank: list[torch.Tensor] |
     return host[:n], ranks
 
 
-def resolve_device(pref: str, group: ProcessGroup) -> torch.device:
-    """The ``--device`` option as a device; under DDP each rank takes the GPU of its LOCAL_RANK.
+def resolve_device(pref: str | None, group: ProcessGroup | None = None) -> torch.device:
+    """The ``--device`` option (``auto``/None, ``cpu``, ``cuda``, ``cuda:N``) as a device: ``auto`` is
+    CUDA where available, else the CPU. Under DDP (``group`` enabled) each rank takes the GPU of
+    its LOCAL_RANK. Every command's ``--device`` goes through here.
 
     Raises:
         ConfigError: an invalid device name, or CUDA asked for where there is none.
     """
-    if pref == "auto":
+    enabled = group is not None and group.enabled
+    if pref in (None, "auto"):
         if torch.cuda.is_available():
-            return torch.device("cuda", group.local_rank if group.enabled else torch.cuda.current_device())
+            return torch.device("cuda", group.local_rank if enabled else torch.cuda.current_device())
         return torch.device("cpu")
     try:
         device = torch.device(pref)
@@ -149,7 +152,7 @@ def resolve_device(pref: str, group: ProcessGroup) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {pref}: CUDA is not available on this machine; use --device cpu")
-        if group.enabled:  # one GPU per rank, chosen by LOCAL_RANK
+        if enabled:  # one GPU per rank, chosen by LOCAL_RANK
             device = torch.device("cuda", group.local_rank)
         elif device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

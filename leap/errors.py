@@ -10,12 +10,20 @@ traceback is printed (exit status 1).
 Each type also derives from the matching built-in exception (``ValueError``,
 ``FileNotFoundError``, ...), so code that catches those keeps working.
 
+The exit codes of the ``leap`` command are defined here, once: :data:`EXIT_OK`,
+:data:`EXIT_FAILURE`, :data:`EXIT_USAGE`, :data:`EXIT_INTERRUPTED`; an error's ``exit_code``
+is one of them.
+
 This module imports nothing else from ``leap``; every module may import it.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_OK",
+    "EXIT_FAILURE",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
     "LeapError",
     "ConfigError",
     "InputNotFoundError",
@@ -29,11 +37,22 @@ __all__ = [
     "RunInterrupted",
 ]
 
+#: Exit status: success (``--help`` included).
+EXIT_OK = 0
+#: Exit status: a training failure (one line) or a defect (the traceback is printed).
+EXIT_FAILURE = 1
+#: Exit status: bad input (options, files, data, models, checkpoints, a missing optional dependency).
+EXIT_USAGE = 2
+#: Exit status: interrupted by Ctrl-C (SIGINT) outside a training run, ``128 + 2`` as shells do.
+EXIT_INTERRUPTED = 130
+#: Base of a run stopped by a signal: ``128 + signal number`` (:class:`RunInterrupted`).
+_EXIT_SIGNAL_BASE = 128
+
 
 class LeapError(Exception):
     """Base of the errors caused by the user's input (exit status 2 in the ``leap`` command)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(LeapError, ValueError):
@@ -67,7 +86,7 @@ class MissingDependencyError(LeapError, ImportError):
 class TrainingError(LeapError, RuntimeError):
     """Training started but cannot continue (the message says why and what to do)."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class NonFiniteLossError(TrainingError):
@@ -78,6 +97,11 @@ class RunInterrupted(TrainingError):
     """The run stopped on SIGTERM/SIGINT after writing a checkpoint; ``exit_code`` is
     ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT), the shell's convention."""
 
-    def __init__(self, message: str, exit_code: int = 143):
+    def __init__(self, message: str, exit_code: int = _EXIT_SIGNAL_BASE + 15):
         super().__init__(message)
         self.exit_code = exit_code
+
+    @staticmethod
+    def exit_code_of(signum: int) -> int:
+        """``128 + signum``: the exit status of a run stopped by signal ``signum``."""
+        return _EXIT_SIGNAL_BASE + int(signum)

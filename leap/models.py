@@ -48,6 +48,7 @@ from torch import nn
 
 from .checkpoint import check_finite_weights, read_torch_file
 from .errors import CheckpointError, InputNotFoundError, ModelError
+from .vit import patch_grid, unwrap
 
 __all__ = [
     "build_model",
@@ -172,24 +173,8 @@ def build_model(
 # --------------------------------------------------------------------------------------
 
 
-def _unwrap_vit(model: nn.Module) -> nn.Module:
-    """Return the timm ViT inside a wrapper exposing it as ``.model`` (e.g. TruncatedTeacher)."""
-    if not hasattr(model, "patch_embed") and isinstance(getattr(model, "model", None), nn.Module):
-        return model.model
-    return model
-
-
-def patch_grid(model: nn.Module) -> tuple[int, int]:
-    """Patch grid ``(rows, cols)`` of a timm ViT at its configured image size."""
-    vit = _unwrap_vit(model)
-    if not hasattr(vit, "patch_embed"):
-        raise TypeError(f"{type(model).__name__} has no patch_embed; expected a timm VisionTransformer")
-    g = vit.patch_embed.grid_size
-    return int(g[0]), int(g[1])
-
-
 def _describe_grid(model: nn.Module) -> str:
-    pe = _unwrap_vit(model).patch_embed
+    pe = unwrap(model).patch_embed
     gh, gw = patch_grid(model)
     ih, iw = (int(s) for s in pe.img_size)
     ph, pw = (int(s) for s in pe.patch_size)

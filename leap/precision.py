@@ -6,7 +6,7 @@ teacher's weights kept in fp32 (so the teacher's matmuls run in fp16 under the s
 its norms and softmax in fp32). ``--teacher-dtype`` overrides the teacher's weight dtype.
 
 ``--teacher-precision fp8`` additionally runs the teacher's block linears (qkv, proj, fc1, fc2)
-in FP8 e4m3 with per-row scales (:mod:`leap.fp8`); norms, attention and the residual stream keep
+in FP8 e4m3 with per-row scales (:mod:`leap_kernels.ops.fp8_linear`); norms, attention and the residual stream keep
 the teacher dtype, and the FP8 layers ignore the step's autocast. The real FP8 GEMM
 (``torch._scaled_mm``) needs an NVIDIA GPU of compute capability 8.9+; elsewhere the same
 numerics run emulated (slower than the teacher dtype) and the run says so in a warning.
@@ -18,13 +18,29 @@ import contextlib
 
 import torch
 
-__all__ = ["TEACHER_DTYPES", "TEACHER_PRECISIONS", "resolve_teacher_dtype", "teacher_autocast",
-           "configure_matmul_precision"]
+__all__ = ["DTYPES", "TEACHER_PRECISIONS", "auto_precision", "resolve_precision", "amp_dtype",
+           "resolve_teacher_dtype", "teacher_autocast", "configure_matmul_precision"]
 
-TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: The dtype of each precision name (``--precision``, ``--teacher-dtype``, ``leap eval --precision``).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``--teacher-precision``: auto = the block linears compute in the teacher dtype; fp8 = e4m3
-#: (:class:`leap.fp8.Fp8Linear`).
+#: (:class:`leap_kernels.ops.fp8_linear.Fp8Linear`).
 TEACHER_PRECISIONS = ("auto", "fp8")
+
+
+def auto_precision(device: torch.device) -> str:
+    """The ``auto`` precision on ``device``: bf16 on CUDA, fp32 elsewhere."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def resolve_precision(pref: str, device: torch.device) -> str:
+    """``pref`` with ``auto`` resolved by :func:`auto_precision` (other names unchanged)."""
+    return auto_precision(device) if pref == "auto" else pref
+
+
+def amp_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved ``precision`` (None for fp32: no autocast)."""
+    return None if precision == "fp32" else DTYPES[precision]
 
 
 def resolve_teacher_dtype(pref: str, precision: str) -> torch.dtype:
@@ -36,9 +52,9 @@ def resolve_teacher_dtype(pref: str, precision: str) -> torch.dtype:
     """
     if pref == "auto":
         return torch.bfloat16 if precision == "bf16" else torch.float32
-    if pref not in TEACHER_DTYPES:
+    if pref not in DTYPES:
         raise ValueError(f"--teacher-dtype: expected auto, fp32, bf16 or fp16, got {pref!r}")
-    return TEACHER_DTYPES[pref]
+    return DTYPES[pref]
 
 
 def teacher_autocast(device: torch.device, amp_dtype: torch.dtype | None, teacher_dtype: torch.dtype):

@@ -25,7 +25,7 @@ fields may be missing)::
                       "teacher_flops", "baseline_teacher_flops", "saved_fraction", ...}
     {"type": "checkpoint", "step", "epoch", "step_in_epoch", "path"}
     {"type": "error", "step", "epoch", "message"}
-    {"type": "interrupted", "signal", "step", "epoch", "checkpoint"}   # SIGTERM/SIGINT (leap.runguard)
+    {"type": "interrupted", "signal", "step", "epoch", "checkpoint"}   # SIGTERM/SIGINT (leap.run.guard)
     {"type": "summary", ...}
 
 :func:`load_run` parses a run directory into a :class:`RunLog` (a resumed run may log a
@@ -56,6 +56,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "run_file",
     "sanitize",
+    "TEMP_FILE_RE",
     "atomic_write",
     "write_json",
     "read_json",
@@ -63,7 +64,6 @@ __all__ = [
     "JsonlWriter",
     "append_jsonl",
     "read_jsonl",
-    "LevelUp",
     "RunLog",
     "load_run",
     "Trajectory",
@@ -96,11 +96,18 @@ def sanitize(value: Any) -> Any:
     return value
 
 
+#: The temp files of :func:`atomic_write`: ``.NAME.XXXXXXXX.tmp`` (``tempfile.mkstemp``: 8 random
+#: characters); the run guard removes the ones an interrupted write left behind.
+TEMP_FILE_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = True) -> None:
     """Call ``write(file)`` on a temp file in the same directory, fsync, then ``os.replace``.
 
     A crash mid-write leaves the previous file at ``path`` intact (``os.replace`` is atomic
     on POSIX when source and target are on the same filesystem, hence the same directory).
+    The temp file is named as :data:`TEMP_FILE_RE` says. Every atomic write of ``leap`` (logs,
+    summaries, checkpoints, the evaluation's feature cache) goes through here.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -253,26 +260,6 @@ def number(v: Any) -> float | None:
         return None
     v = float(v)
     return v if math.isfinite(v) else None
-
-
-@dataclass(frozen=True)
-class LevelUp:
-    """One move of the curriculum target: ``from_block -> to_block`` at ``step`` (1-based)
-    in ``epoch`` (0-based); ``reason`` is ``"cka"``, ``"timeout"`` or ``"snap"``."""
-
-    step: int
-    epoch: int
-    from_block: int
-    to_block: int
-    reason: str
-
-    def record(self, cka: float | None = None) -> dict[str, Any]:
-        """The ``level_up`` log record (``cka`` only for a level-up by CKA)."""
-        rec: dict[str, Any] = {"type": "level_up", "step": self.step, "epoch": self.epoch,
-                               "from_block": self.from_block, "to_block": self.to_block, "reason": self.reason}
-        if cka is not None and self.reason == "cka":
-            rec["cka"] = cka
-        return rec
 
 
 @dataclass

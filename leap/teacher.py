@@ -11,7 +11,7 @@ attention kernel (:func:`leap_kernels.teacher_attention`) is swapped in: with it
 attention read straight from the packed ``qkv`` output (no permute, no transpose copy).
 
 With ``precision="fp8"`` the block linears (``qkv``, ``proj``, ``fc1``, ``fc2``) are
-:class:`leap.fp8.Fp8Linear` layers (e4m3 weights and inputs, per-row scales); everything else
+:class:`leap_kernels.ops.fp8_linear.Fp8Linear` layers (e4m3 weights and inputs, per-row scales); everything else
 keeps the teacher dtype.
 """
 
@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from leap_kernels import teacher_attention
+from leap_kernels.ops.fp8_linear import convert_teacher_linears
 
-from .fp8 import convert_teacher_linears
-from .precision import TEACHER_PRECISIONS
+from . import vit
+from .precision import DTYPES, TEACHER_PRECISIONS, auto_precision
 
 __all__ = ["TruncatedTeacher", "ScoreFn"]
 
@@ -49,7 +50,7 @@ class TruncatedTeacher(nn.Module):
             attention dropout in training mode) always run timm's forward. The op picks its backend
             itself (Triton for bf16/fp16 with head dim 16/32/64/128, else SDPA).
         precision: ``"auto"`` (default): the block linears compute in ``dtype``; ``"fp8"``: they are
-            replaced in place by :class:`leap.fp8.Fp8Linear` (quantized from the loaded weights;
+            replaced in place by :class:`leap_kernels.ops.fp8_linear.Fp8Linear` (quantized from the loaded weights;
             ``torch._scaled_mm`` on GPUs of compute capability 8.9+, else the emulated path with the
             same numerics). Outputs stay in ``dtype``.
 
@@ -61,18 +62,14 @@ class TruncatedTeacher(nn.Module):
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None,
                  attention_kernel: bool | None = None, precision: str = "auto"):
         super().__init__()
-        for attr in ("patch_embed", "_pos_embed", "blocks", "norm"):
-            if not hasattr(model, attr):
-                raise TypeError(f"TruncatedTeacher needs a timm VisionTransformer; {type(model).__name__} "
-                                f"has no {attr!r}")
+        family = vit.family_of(model, "TruncatedTeacher")
         if getattr(model, "cls_token", None) is None:
             raise ValueError("TruncatedTeacher needs a teacher with a CLS token (class_token=True)")
         if precision not in TEACHER_PRECISIONS:
             raise ValueError(f"precision: expected one of {', '.join(TEACHER_PRECISIONS)}, got {precision!r}")
         if dtype is None:
             param = next(model.parameters(), None)
-            on_cuda = param is not None and param.device.type == "cuda"
-            dtype = torch.bfloat16 if on_cuda else torch.float32
+            dtype = DTYPES[auto_precision(param.device if param is not None else torch.device("cpu"))]
         if precision == "fp8":
             # Before the dtype cast, so the weights are quantized from the loaded values (not from
             # their bf16 rounding); Fp8Linear keeps its dtypes through the cast.
@@ -81,6 +78,7 @@ class TruncatedTeacher(nn.Module):
         model.eval()
         model.requires_grad_(False)
         self.model = model
+        self._family = family  # the layout of the model's internals (leap.vit)
         self._dtype = dtype
         self._precision = precision
         if attention_kernel is not None and not isinstance(attention_kernel, bool):
@@ -97,13 +95,13 @@ class TruncatedTeacher(nn.Module):
 
     @property
     def precision(self) -> str:
-        """``"auto"`` (block linears in :attr:`dtype`) or ``"fp8"`` (:class:`leap.fp8.Fp8Linear`)."""
+        """``"auto"`` (block linears in :attr:`dtype`) or ``"fp8"`` (:class:`leap_kernels.ops.fp8_linear.Fp8Linear`)."""
         return self._precision
 
     @property
     def num_blocks(self) -> int:
         """Number of transformer blocks L (valid ``k`` are ``1..L``)."""
-        return len(self.model.blocks)
+        return len(self._family.blocks(self.model))
 
     @property
     def embed_dim(self) -> int:
@@ -113,13 +111,12 @@ class TruncatedTeacher(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches: CLS + registers."""
-        return int(self.model.num_prefix_tokens)
+        return self._family.num_prefix_tokens(self.model)
 
     @property
     def patch_grid(self) -> tuple[int, int]:
         """Patch grid ``(rows, cols)``; N = rows * cols patch tokens."""
-        g = self.model.patch_embed.grid_size
-        return int(g[0]), int(g[1])
+        return self._family.patch_grid(self.model)
 
     def train(self, mode: bool = True) -> "TruncatedTeacher":
         """The teacher always stays in eval mode (no dropout / drop-path), whatever ``mode``."""
@@ -137,16 +134,10 @@ class TruncatedTeacher(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Token embedding as in timm ``forward_features``: ``(B, 3, H, W) -> (B, P + N, D)``.
 
-        Patch embed, ``_pos_embed`` (prepends CLS/register tokens, adds positions),
-        ``patch_drop`` and ``norm_pre``.
+        Patch embed, position embedding with the prefix tokens, ``patch_drop`` and ``norm_pre``
+        (:meth:`leap.vit.VitFamily.embed`).
         """
-        m = self.model
-        x = x.to(dtype=self._dtype)
-        x = m.patch_embed(x)
-        x = m._pos_embed(x)
-        x = m.patch_drop(x)
-        x = m.norm_pre(x)
-        return x
+        return self._family.embed(self.model, x.to(dtype=self._dtype))
 
     def uses_attention_kernel(self, x: torch.Tensor) -> bool:
         """Whether blocks run on tokens ``x`` take the attention-kernel path (see ``attention_kernel``)."""
@@ -170,13 +161,14 @@ class TruncatedTeacher(nn.Module):
 
         This is the only per-block loop of the class; ``forward`` and ``scan`` both use it.
         """
+        blocks = self._family.blocks(self.model)
         for i in range(start, stop):
-            x = self.block_forward(self.model.blocks[i], x)
+            x = self.block_forward(blocks[i], x)
         return x
 
     def _normed_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final teacher norm on ``(B, P + N, D)``; return ``(patch (B, N, D), cls (B, D))``."""
-        x = self.model.norm(x)
+        x = self._family.final_norm(self.model, x)
         return x[:, self.num_prefix_tokens:], x[:, 0]
 
     # ------------------------------------------------------------------ public API

@@ -18,7 +18,8 @@ import contextlib
 import dataclasses
 import os
 import threading
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -70,10 +71,10 @@ class OpSupport:
 
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...] = FLOAT_16_32
-    max_row_width: Optional[int] = None
-    head_dims: Optional[tuple[int, ...]] = None
+    max_row_width: int | None = None
+    head_dims: tuple[int, ...] | None = None
     positive_scale: bool = False
-    max_sample_span: Optional[int] = None
+    max_sample_span: int | None = None
     verified: bool = True
 
 
@@ -92,8 +93,8 @@ class Backend:
         return []
 
     def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor], *, auto: bool = False,
-                              row_width: Optional[int] = None, head_dim: Optional[int] = None,
-                              scale: Optional[float] = None, **_meta) -> list[str]:
+                              row_width: int | None = None, head_dim: int | None = None,
+                              scale: float | None = None, **_meta: Any) -> list[str]:
         reasons = self.availability_reasons()
         support = self.ops.get(op)
         if support is None:
@@ -145,10 +146,10 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def not_supported_reasons(self, op, tensors, **meta):
+    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor], **meta: Any) -> list[str]:
         return []
 
-    def status_reasons(self, device_type):
+    def status_reasons(self, device_type: str) -> list[str]:
         return []
 
 
@@ -159,16 +160,16 @@ class TritonBackend(Backend):
     ops = {
         "fused_feature_loss": OpSupport(("cuda", "cpu"), max_row_width=MAX_TRITON_ROW_WIDTH),
         "token_normalized_mse": OpSupport(("cuda", "cpu"), max_row_width=MAX_TRITON_ROW_WIDTH),
-        "scale_cast": OpSupport(("cuda", "cpu")),
+        "feature_loss_rescale": OpSupport(("cuda", "cpu")),
         "teacher_attention": OpSupport(("cuda", "cpu"), dtypes=HALF_DTYPES, head_dims=TRITON_HEAD_DIMS,
                                        positive_scale=True, max_sample_span=2**31),
     }
 
-    def availability_reasons(self):
+    def availability_reasons(self) -> list[str]:
         error = _triton_import_error()
         return [error] if error else []
 
-    def device_reasons(self, device_type):
+    def device_reasons(self, device_type: str) -> list[str]:
         if device_type == "cuda" and not torch.cuda.is_available():
             return ["CUDA tensors given but torch.cuda is not available"]
         if device_type == "cpu" and not triton_interpret_enabled():
@@ -184,10 +185,10 @@ class CppBackend(Backend):
     ops = {
         "fused_feature_loss": OpSupport(("cpu",)),
         "token_normalized_mse": OpSupport(("cpu",)),
-        "scale_cast": OpSupport(("cpu",)),  # ATen ops: the rescale after the fused loss's backward
+        "feature_loss_rescale": OpSupport(("cpu",)),  # ATen ops: the fused loss's backward rescale
     }
 
-    def availability_reasons(self):
+    def availability_reasons(self) -> list[str]:
         error = _ext.load_error()
         return [error] if error else []
 
@@ -200,12 +201,12 @@ class CudaBackend(Backend):
     ops = {
         "fused_feature_loss": OpSupport(("cuda",), verified=False),
         "token_normalized_mse": OpSupport(("cuda",), verified=False),
-        "scale_cast": OpSupport(("cuda",), verified=False),
+        "feature_loss_rescale": OpSupport(("cuda",), verified=False),
         "teacher_attention": OpSupport(("cuda",), dtypes=HALF_DTYPES, head_dims=CUDA_HEAD_DIMS, positive_scale=True,
                                        verified=False),
     }
 
-    def availability_reasons(self):
+    def availability_reasons(self) -> list[str]:
         error = _ext.load_error()
         if error:
             return [error]
@@ -214,7 +215,7 @@ class CudaBackend(Backend):
                     "with LEAP_KERNELS_BUILD_CUDA=1)"]
         return []
 
-    def device_reasons(self, device_type):
+    def device_reasons(self, device_type: str) -> list[str]:
         if device_type == "cuda" and not torch.cuda.is_available():
             return ["CUDA tensors given but torch.cuda is not available"]
         return []
@@ -234,11 +235,22 @@ _override_lock = threading.Lock()
 _override_stack: list[str] = []
 
 
+def backend_names() -> tuple[str, ...]:
+    """Names of every backend (``"cuda"``, ``"triton"``, ``"cpp"``, ``"torch"``)."""
+    return tuple(_BACKENDS)
+
+
+@torch.compiler.assume_constant_result
+def _device_name(index: int) -> str:
+    # A constant of the process: torch.compile takes the value instead of tracing the CUDA query.
+    return torch.cuda.get_device_name(index)
+
+
 def dispatch_order(device: torch.device | str) -> tuple[str, ...]:
     """Backends automatic dispatch tries for tensors on ``device``, in order."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(device)
+    if MEASURED_ORDER and device.type == "cuda" and torch.cuda.is_available():
+        name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
         for device_class, order in MEASURED_ORDER.items():
             if device_class in name:
                 return order
@@ -246,9 +258,15 @@ def dispatch_order(device: torch.device | str) -> tuple[str, ...]:
 
 
 def _requested_backend() -> str:
-    with _override_lock:
+    if torch.compiler.is_compiling():
+        # torch.compile traces the callers' backend choice (the ops take it as an argument): it reads
+        # the stack here, without the lock it cannot trace, and guards on it (a new override recompiles).
         if _override_stack:
             return _override_stack[-1]
+    else:
+        with _override_lock:
+            if _override_stack:
+                return _override_stack[-1]
     value = os.environ.get(ENV_BACKEND, AUTO).strip().lower() or AUTO
     if value != AUTO and value not in _BACKENDS:
         raise ValueError(f"{ENV_BACKEND}: expected one of {[AUTO, *_BACKENDS]}, got {value!r}")
@@ -276,7 +294,7 @@ def use_backend(name: str) -> Iterator[None]:
             del _override_stack[index]
 
 
-def select_backend(op: str, tensors: Sequence[torch.Tensor], **meta) -> str:
+def select_backend(op: str, tensors: Sequence[torch.Tensor], **meta: Any) -> str:
     """Name of the backend that runs ``op`` on ``tensors`` now.
 
     ``meta`` describes the call for the backends' declarations: ``row_width``, ``head_dim``, ``scale``.

@@ -4,7 +4,6 @@ expected and what was given."""
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -16,7 +15,7 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def check_tensor(name: str, value, *, min_dim: int = 1) -> None:
+def check_tensor(name: str, value: object, *, min_dim: int = 1) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
@@ -27,7 +26,7 @@ def check_tensor(name: str, value, *, min_dim: int = 1) -> None:
         raise ValueError(f"{name}: expected at least {min_dim} dim(s), got shape {_shape(value)}")
 
 
-def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+def check_same_device(**tensors: torch.Tensor | None) -> None:
     items = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = items[0]
     for name, t in items[1:]:
@@ -37,24 +36,24 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
             )
 
 
-def check_reduction(reduction) -> None:
+def check_reduction(reduction: object) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_eps(eps) -> None:
+def check_eps(eps: object) -> None:
     # eps = inf would make every normalized token 0 (loss 0); eps <= 0 divides by zero on constant tokens.
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
 
 
-def check_normalize(normalize) -> None:
+def check_normalize(normalize: object) -> None:
     # A string such as "no" would otherwise count as True.
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__} {normalize!r}")
 
 
-def check_positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
 
@@ -74,7 +73,8 @@ def check_tokens(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: got zero channels (shape {_shape(t)}); need at least one")
 
 
-def check_feature_loss_inputs(student, weight, bias, target, reduction, eps) -> None:
+def check_feature_loss_inputs(student: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               target: torch.Tensor, reduction: object, eps: object) -> None:
     check_tensor("student", student)
     check_tensor("weight", weight, min_dim=2)
     if bias is not None:
@@ -104,7 +104,7 @@ def check_feature_loss_inputs(student, weight, bias, target, reduction, eps) -> 
     check_constant_target(target, "fused_feature_loss")
 
 
-def check_token_mse_inputs(input, target, reduction, eps) -> None:
+def check_token_mse_inputs(input: torch.Tensor, target: torch.Tensor, reduction: object, eps: object) -> None:
     check_tensor("input", input)
     check_tensor("target", target)
     check_reduction(reduction)

@@ -7,22 +7,21 @@ another torch: ABI mismatch) extension is not an import error of leap_kernels: t
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
+from torch import Tensor
 
 #: Must equal ``kExtensionVersion`` in csrc/leap_kernels.h (bumped with the op schemas).
 EXPECTED_VERSION = 1
 REBUILD = "rebuild it: pip install --no-build-isolation -e . (or make test)"
 
 _module = None
-_error: Optional[str] = None
+_error: str | None = None
 
 
 def _load() -> None:
     global _module, _error
     try:
-        from . import _C as module  # registers the C++ ops with the dispatcher
+        from . import _C as module  # type: ignore[attr-defined]  # registers the C++ ops with the dispatcher
     except Exception as exc:  # ImportError (not built), OSError / undefined symbol (ABI mismatch)
         first_line = (str(exc).splitlines() or [""])[0][:300]
         _error = f"leap_kernels._C is not importable ({type(exc).__name__}: {first_line}); {REBUILD}"
@@ -40,7 +39,7 @@ def _load() -> None:
         _register_fakes()
 
 
-def load_error() -> Optional[str]:
+def load_error() -> str | None:
     """Why the extension cannot be used, or None when it can."""
     return _error
 
@@ -58,7 +57,8 @@ def _register_fakes() -> None:
     """Shapes of the C++ ops' outputs for torch.compile / FakeTensor (the kernels live in C++)."""
 
     @torch.library.register_fake("leap_kernels::rows_loss_grad")
-    def _(x, t, normalize, eps, row_scale, want_loss, want_grad_x, want_grad_t):
+    def _(x: Tensor, t: Tensor, normalize: bool, eps: float, row_scale: Tensor | None, want_loss: bool,
+          want_grad_x: bool, want_grad_t: bool) -> tuple[Tensor, Tensor, Tensor]:
         m, d = x.shape
         loss = x.new_empty((m if want_loss else 0,), dtype=torch.float32)
         grad_x = x.new_empty((m, d) if want_grad_x else (0,))
@@ -66,7 +66,8 @@ def _register_fakes() -> None:
         return loss, grad_x, grad_t
 
     @torch.library.register_fake("leap_kernels::feature_loss_chunks")
-    def _(student, weight, bias, target, normalize, eps, want_grads, row_scale, chunk_tokens):
+    def _(student: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, normalize: bool, eps: float,
+          want_grads: bool, row_scale: Tensor | None, chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m, k = student.shape
         n = weight.shape[0]
         row_loss = student.new_empty((m,), dtype=torch.float32)
@@ -76,7 +77,7 @@ def _register_fakes() -> None:
                 row_loss.new_empty((n if bias is not None else 0,)))
 
     @torch.library.register_fake("leap_kernels::teacher_attention_fwd")
-    def _(qkv, num_heads, scale):
+    def _(qkv: Tensor, num_heads: int, scale: float) -> Tensor:
         batch, n, c = qkv.shape
         return qkv.new_empty((batch, n, c // 3))
 

@@ -16,7 +16,7 @@ from leap_kernels._backends import select_backend
 from leap_kernels.ops.naive import fused_feature_loss_reference
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=8 * 257, help="tokens per step (batch x sequence)")
@@ -48,9 +48,12 @@ def main(argv=None) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            assert student.grad is not None and head.weight.grad is not None
+            assert head.bias is not None and head.bias.grad is not None
             print(f"  step {step}: loss {loss.item():.4f}  |grad student| {student.grad.float().norm():.3e}  "
                   f"|grad W| {head.weight.grad.norm():.3e}  |grad b| {head.bias.grad.norm():.3e}")
         with torch.no_grad():
+            assert head.bias is not None
             ref = fused_feature_loss_reference(student_features.double(), head.weight.double(), head.bias.double(),
                                                teacher_features.double(), normalize=normalize)
             ours = head(student_features, teacher_features)

@@ -26,7 +26,8 @@ class FeatureDistillationHead(nn.Module):
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, *, bias: bool = True, normalize: bool = False,
-                 reduction: str = "mean", eps: float = 1e-6, device=None, dtype=None):
+                 reduction: str = "mean", eps: float = 1e-6, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         # Validated here, not at the first forward: a bad config fails where it is written.
         _checks.check_positive_int("student_dim", student_dim)

@@ -9,7 +9,7 @@ random case is replayed by running the same test again; the seed is printed with
 failure. ``LEAP_TEST_SEED=N`` overrides it (to explore other random inputs).
 
 Markers (declared in pyproject.toml): ``slow`` (deselect with ``-m "not slow"``) and
-``gpu`` (skipped unless the run selects them with ``-m gpu``; bench/gpu_check.sh does).
+``gpu`` (skipped unless the run selects them with ``-m gpu``; tools/gpu_check.sh does).
 """
 
 import os
@@ -44,7 +44,7 @@ def _gpu_selected(config) -> bool:
 def pytest_collection_modifyitems(config, items):
     if _gpu_selected(config):
         return
-    skip = pytest.mark.skip(reason="GPU check: run with -m gpu on a CUDA machine (bench/gpu_check.sh)")
+    skip = pytest.mark.skip(reason="GPU check: run with -m gpu on a CUDA machine (tools/gpu_check.sh)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from leap.evaluation import EvaluationError
-from leap.evaluation.cli import main as eval_main
+from leap.cli.evaluate import main as eval_main
 from leap.evaluation.features import FeatureCache, TokenFeatures, load_model, sanitize_model_kwargs
 from leap.evaluation.linear import open_splits, train_linear_probe
 from leap.evaluation.records import read_records, report_lines
@@ -154,7 +154,7 @@ def test_image_folder_splits(tmp_path):
 
 
 def test_checkpoint_recipe_keys_are_restricted(tmp_path):
-    from leap.evaluation._deps import CHECKPOINT_FORMAT
+    from leap.checkpoint import CHECKPOINT_FORMAT
 
     ckpt = {"format": CHECKPOINT_FORMAT, "student": {}, "config": {
         "student": "vit_small_patch14_dinov2", "img_size": 28,
@@ -173,7 +173,8 @@ def test_checkpoint_recipe_keys_are_restricted(tmp_path):
 
 def tiny_run(tmp_path, step: int = 7) -> str:
     """A run directory holding a `leap distill`-format checkpoint of a tiny random student."""
-    from leap.evaluation._deps import CHECKPOINT_FORMAT, build_model
+    from leap.checkpoint import CHECKPOINT_FORMAT
+    from leap.models import build_model
 
     overrides = {"patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2}
     net = build_model("vit_small_patch14_dinov2", img_size=28, **overrides)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from leap.evaluation import EvaluationError
-from leap.evaluation.cli import main as eval_main
+from leap.cli.evaluate import main as eval_main
 from leap.evaluation.records import report_lines
 from leap.evaluation.retrieval import RevisitopImages, find_dataset, retrieval_transform
 from leap.evaluation.run import evaluate_retrieval

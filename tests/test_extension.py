@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 import torch
+from tolerances import assert_close_rel
 
 from leap_kernels import _ext
-from tolerances import assert_close_rel
 
 OPS = torch.ops.leap_kernels
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"leap_kernels._C: {_ext.load_error()}")

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from tolerances import BACKENDS, RELATIVE_TOLERANCE, assert_close_rel
 
 import leap_kernels
 from leap_kernels import fused_feature_loss, use_backend
 from leap_kernels.ops.naive import fused_feature_loss_reference
-from tolerances import BACKENDS, RELATIVE_TOLERANCE, assert_close_rel
 
 # (M tokens as leading dims, D_s, D_t): every M in {1, 7, 197, 514}, D_s in {64, 192, 384},
 # D_t in {100, 256, 1536} appears; 514 = 2 x 257 tokens.
@@ -229,12 +229,12 @@ def test_weight_gradient_split_over_tokens(backend, normalize, reduction, clean_
     # Several token splits per chunk and several chunks: the Triton loop accumulates each split's
     # weight/bias gradient across chunks and backward adds the splits; the other backends hand over
     # their one gradient in the same layout.
-    from leap_kernels.ops import feature_loss as fl
+    from leap_kernels.ops.feature_loss import loops
 
-    clean_backend_env.setattr(fl, "MIN_ROWS_PER_SPLIT", 64)
-    clean_backend_env.setattr(fl, "DEFAULT_TRITON_CHUNK_TOKENS", 200)
-    clean_backend_env.setattr(fl, "INTERPRETED", True)  # splits on CPU for every backend, as on a GPU
-    assert fl.weight_grad_splits(261, torch.device("cpu")) == 4
+    clean_backend_env.setattr(loops, "MIN_ROWS_PER_SPLIT", 64)
+    clean_backend_env.setattr(loops, "DEFAULT_TRITON_CHUNK_TOKENS", 200)
+    clean_backend_env.setattr(loops, "INTERPRETED", True)  # splits on CPU for every backend, as on a GPU
+    assert loops.weight_grad_splits(261, torch.device("cpu")) == 4
     student, weight, bias, target = make_inputs((261,), 64, 100, torch.float32)
     with use_backend(backend):
         check_against_reference(student, weight, bias, target, dtype=torch.float32, normalize=normalize,
@@ -243,10 +243,10 @@ def test_weight_gradient_split_over_tokens(backend, normalize, reduction, clean_
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["mse", "token-mse"])
 def test_split_weight_gradient_is_deterministic(normalize, clean_backend_env):
-    from leap_kernels.ops import feature_loss as fl
+    from leap_kernels.ops.feature_loss import loops
 
-    clean_backend_env.setattr(fl, "MIN_ROWS_PER_SPLIT", 64)
-    clean_backend_env.setattr(fl, "DEFAULT_TRITON_CHUNK_TOKENS", 200)
+    clean_backend_env.setattr(loops, "MIN_ROWS_PER_SPLIT", 64)
+    clean_backend_env.setattr(loops, "DEFAULT_TRITON_CHUNK_TOKENS", 200)
     student, weight, bias, target = make_inputs((261,), 64, 100, torch.float32)
     runs = []
     for _ in range(2):
@@ -258,7 +258,8 @@ def test_split_weight_gradient_is_deterministic(normalize, clean_backend_env):
 
 
 def test_autotune_keys_bucket_the_token_count():
-    from leap_kernels.ops import _triton_common, feature_loss as fl
+    from leap_kernels.ops import _triton_common
+    from leap_kernels.ops import feature_loss as fl
 
     assert [_triton_common.m_bucket(m) for m in (1, 7, 197, 8192, 16384, 10**6)] == [1, 8, 256, 8192, 16384, 65536]
     for kernel in (fl._projection_loss_kernel, fl._grad_weight_kernel):
@@ -283,15 +284,13 @@ def test_opcheck_rescale_and_strided_op(backend):
     ops = torch.ops.leap_kernels
     gs, gw, gb = torch.randn(7, 5).half(), torch.randn(3, 6, 5), torch.randn(3, 6)
     with use_backend(backend):
-        for need in ((True, True, True), (True, False, False), (False, True, False)):
+        for need in ([True, True, True], [True, False, False], [False, True, False]):
             torch.library.opcheck(ops.feature_loss_rescale.default,
-                                  (gs, gw, gb, torch.tensor(0.7), 0.01, torch.float16, torch.float32, torch.bfloat16,
-                                   *need))
+                                  (gs, gw, gb, torch.tensor(0.7), 0.01, torch.float32, torch.bfloat16, need))
         torch.library.opcheck(ops.feature_loss_rescale.default,
-                              (gs, gw, torch.empty(0), None, 2.0, torch.float16, torch.float16, torch.float16,
-                               True, True, True))
+                              (gs, gw, torch.empty(0), None, 2.0, torch.float16, torch.float16, [True, True, True]))
         student = torch.randn(2, 9, 16, requires_grad=True)[:, 2:]  # (2, 7, 16) token slice
         target = torch.randn(2, 9, 24)[:, 2:]
         weight, bias = torch.randn(24, 16, requires_grad=True), torch.randn(24, requires_grad=True)
         torch.library.opcheck(ops.fused_feature_loss.default,
-                              (student, weight, bias, target, True, "mean", 1e-6, True))
+                              (student, weight, bias, target, True, "mean", 1e-6, True, backend))

@@ -2,7 +2,7 @@
 reference (leap_kernels.ops.naive), at the paper's shapes and at odd ones.
 
 Marked ``gpu``: skipped unless selected with ``-m gpu`` and a CUDA device is present
-(``bench/gpu_check.sh`` runs them with ``TRITON_INTERPRET=0``). The backends come from
+(``tools/gpu_check.sh`` runs them with ``TRITON_INTERPRET=0``). The backends come from
 ``leap_kernels.backends("cuda")`` at collection time, so a new backend is tested without editing
 this file; each case forces one with ``leap_kernels.use_backend`` and is skipped, with the
 backend's reasons, when that backend cannot run the inputs (e.g. ``cpp`` on CUDA tensors, a
@@ -63,7 +63,7 @@ def _compiled_kernels_no_tf32():
 
     if INTERPRETED:
         pytest.fail("TRITON_INTERPRET is on: the GPU tests would run the Triton interpreter, not the compiled "
-                    "kernels. Run them with TRITON_INTERPRET=0 (bench/gpu_check.sh does).")
+                    "kernels. Run them with TRITON_INTERPRET=0 (tools/gpu_check.sh does).")
     previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield

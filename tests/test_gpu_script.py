@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh, the one-call GPU run, rehearsed on CPU.
+"""tools/gpu_check.sh, the one-call GPU run, rehearsed on CPU.
 
 The fast tests drive the script with a stand-in interpreter (a shell script that answers the
 script's calls: pip, pytest, the benchmark suite, bench/compare.py, bench/whole_run.py) to check its
@@ -16,10 +16,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
+SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
-# Stand-in interpreter for bench/gpu_check.sh: records each call, answers like the real tools.
+# Stand-in interpreter for tools/gpu_check.sh: records each call, answers like the real tools.
 echo "$*" >> "$FAKE_LOG"
 out_arg() { local prev=""; for a in "$@"; do [[ $prev == --out ]] && echo "$a"; prev=$a; done; }
 case "$1" in
@@ -53,6 +53,12 @@ XML
         echo "1 benchmarks: 0 regressed, 0 faster, 0 missing from the new run, 0 new"
         [[ ${FAKE_COMPARE_RC:-0} == 0 ]] && echo OK || echo FAILED
         exit "${FAKE_COMPARE_RC:-0}" ;;
+    tools/gpu_smoke.py)
+        out=$(out_arg "$@")
+        [[ -n $out ]] && echo '{"rows": []}' > "$out"
+        echo "| fused_feature_loss[mse] | M32768-384x1536 | triton | ok | 1.0e-03 | 0.5 |"
+        echo "smoke: 9 passed, ${FAKE_SMOKE_RC:-0} failed, 3 cannot run (2.0 s, full, torch.bfloat16, cuda)"
+        exit "${FAKE_SMOKE_RC:-0}" ;;
     bench/whole_run.py)
         out=$(out_arg "$@")
         [[ -n $out ]] && echo '{"variants": {}}' > "$out"
@@ -95,28 +101,40 @@ def test_all_sections_in_order_with_results_under_out(fake):
     # install: editable, no deps, no build isolation; then the GPU tests, then each benchmark run to $OUT.
     pip = [c for c in calls if c.startswith("-m pip")]
     assert pip == ["-m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -e ."], calls
-    tests, bench, teacher, step = _pytest_calls(calls)
-    assert "-m gpu tests/test_gpu.py tests/test_leap_fp8.py" in tests and f"--junitxml={out}/junit-gpu.xml" in tests
-    assert bench.startswith("-m pytest bench/test_bench_ops.py ") and f"--benchmark-json={out}/bench-fake-gpu.json" in bench
-    assert teacher.startswith("-m pytest bench/test_bench_teacher.py --teacher-ks=1,10,20,30,40 ")
+    # The headline numbers first, the full GPU test matrix last, one pytest call per test file.
+    bench, teacher, step, tests_gpu, tests_fp8 = _pytest_calls(calls)
+    assert bench.startswith("-m pytest bench/test_bench_ops.py -k not 192x1536 and not vits ")
+    assert f"--benchmark-json={out}/bench-fake-gpu.json" in bench
+    assert teacher.startswith("-m pytest bench/test_bench_teacher.py --teacher-ks=20,40 ")
     assert f"--benchmark-json={out}/teacher-fake-gpu.json" in teacher
-    assert step.startswith("-m pytest bench/test_bench_step.py --step-ks=10,20,40 ")
+    assert step.startswith("-m pytest bench/test_bench_step.py --step-ks=10,40 ")
+    assert tests_gpu.startswith("-m pytest -m gpu tests/test_gpu.py ") and f"--junitxml={out}/junit-gpu-test_gpu.xml" in tests_gpu
+    assert tests_fp8.startswith("-m pytest -m gpu tests/test_leap_fp8.py ")
+    assert f"--junitxml={out}/junit-gpu-test_leap_fp8.xml" in tests_fp8
+    # The build is checked for its CUDA kernels; the smoke runs before any benchmark.
+    assert any("with_cuda()" in c for c in calls if c.startswith("-c"))
+    assert calls.index(f"tools/gpu_smoke.py --out {out}/smoke.json") < calls.index(bench)
     assert f"--benchmark-json={out}/step-fake-gpu.json" in step
     for call in (bench, teacher, step):
         assert "--bench-size" not in call and "-o timeout=0" in call  # full sizes; no per-test timeout
-    scripts = [c for c in calls if c.startswith("bench/") and "--show" not in c]
+    scripts = [c for c in calls if c.startswith(("bench/", "tools/")) and "--show" not in c]
     assert scripts == [
+        f"tools/gpu_smoke.py --out {out}/smoke.json",
         f"bench/compare.py --baseline-dir bench/baselines --threshold 1.25 {out}/bench-fake-gpu.json",
         f"bench/whole_run.py {out}/step-fake-gpu.json --out {out}/whole-run-fake-gpu.json",
-        f"bench/fp8_teacher.py --model vit_giant_patch14_reg4_dinov2 --images 8 --batch 8 --time-batch 32 "
+        f"tools/fp8_teacher.py --model vit_giant_patch14_reg4_dinov2 --images 8 --batch 8 --time-batch 32 "
         f"--out {out}/fp8_teacher-fake-gpu.csv",
     ]
-    for name in ("summary.txt", "env.txt", "junit-gpu.xml", "install.log", "tests.log", "tables.md", "compare.log",
-                 "bench-fake-gpu.json", "teacher-fake-gpu.json", "step-fake-gpu.json", "whole-run-fake-gpu.json"):
+    for name in ("summary.txt", "env.txt", "junit-gpu-test_gpu.xml", "junit-gpu-test_leap_fp8.xml", "install.log",
+                 "tests.log", "tables.md", "compare.log", "smoke.json", "bench-fake-gpu.json",
+                 "teacher-fake-gpu.json", "step-fake-gpu.json", "whole-run-fake-gpu.json"):
         assert (out / name).is_file(), name
     summary = (out / "summary.txt").read_text()
     assert "install: ok" in summary and "env: ok" in summary and "teacher: ok" in summary and "step: ok" in summary
-    assert "tests: 3 passed, 1 failed, 0 errors, 2 skipped" in summary
+    assert "smoke: ok" in summary and "smoke: 9 passed, 0 failed" in summary
+    # The plan with each section's estimate comes first.
+    assert summary.startswith("gpu_check plan (budget 540 s") and "  smoke    ~45 s" in summary
+    assert "tests: 6 passed, 2 failed, 0 errors, 4 skipped" in summary  # two files, one fake XML each
     assert "FAILED test_b[cuda]: relative error 3e-1 > 1e-2" in summary
     assert "bench: 4 passed in 1.00s" in summary and "compare: OK" in summary
     assert "whole run over the trajectory" in summary and "| ours | 2.00x |" in summary
@@ -132,11 +150,19 @@ def test_clean_run_exits_zero(fake):
         "bench-fake-gpu.json", "bench.log", "compare.log", "env.log", "env.txt", "summary.txt", "tables.md"]
 
 
+def test_failed_smoke_fails_the_run_and_the_benchmarks_still_run(fake):
+    proc, out, calls = fake(FAKE_SMOKE_RC="1", SECTIONS="smoke,bench")
+    assert proc.returncode == 1
+    summary = (out / "summary.txt").read_text()
+    assert "smoke: FAILED, exit 1" in summary and "smoke: 9 passed, 1 failed" in summary
+    assert "bench: ok" in summary
+
+
 def test_sections_switch_and_unknown_section(fake):
     proc, out, calls = fake(SECTIONS="teacher")
     assert proc.returncode == 0
     assert [c for c in calls if not c.startswith(("-c", "bench/compare.py --show"))] == [
-        f"-m pytest bench/test_bench_teacher.py --teacher-ks=1,10,20,30,40 -q -rfEs -p no:cacheprovider -o timeout=0 "
+        f"-m pytest bench/test_bench_teacher.py --teacher-ks=20,40 -q -rfEs -p no:cacheprovider -o timeout=0 "
         f"--benchmark-json={out}/teacher-fake-gpu.json --benchmark-columns=median,iqr,rounds"]
     proc, _, _ = fake(SECTIONS="teacher,nonsense")
     assert proc.returncode == 2 and "unknown section 'nonsense'" in proc.stderr
@@ -148,7 +174,7 @@ def test_failed_build_is_recorded_and_the_run_goes_on(fake):
     proc, out, calls = fake(FAKE_PIP_RC="1", SECTIONS="install,bench")
     assert proc.returncode == 1
     summary = (out / "summary.txt").read_text()
-    assert "install: FAILED, exit 1" in summary and "continuing without a fresh leap_kernels._C" in summary
+    assert "install: FAILED, exit 1" in summary and "continuing without a usable leap_kernels._C" in summary
     assert "bench: ok" in summary and any(c.startswith("-m pytest bench/test_bench_ops.py") for c in calls)
 
 
@@ -181,6 +207,7 @@ def test_dry_run_uses_smoke_sizes_and_no_install(fake):
     assert "install: skipped (dry run)" in (out / "summary.txt").read_text()
     benches = [c for c in _pytest_calls(calls) if "bench/" in c]
     assert len(benches) == 3
+    assert f"tools/fp8_teacher.py --images 4 --batch 4 --out {out}/fp8_teacher-fake-gpu.csv" in calls
     for call in benches:
         assert "--bench-size=smoke --bench-compile-backend=eager" in call
         assert "--teacher-ks" not in call and "--step-ks" not in call  # the smoke models' own k
@@ -199,8 +226,10 @@ def test_real_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     assert "tests: 0 passed, 0 failed, 0 errors" in summary  # every GPU test skips without CUDA
-    assert "whole run over the trajectory" in summary
-    for name in ("env.txt", "junit-gpu.xml", "tables.md", "whole-run-cpu.json"):
+    assert "whole run over the trajectory" in summary and "fp8: ok" in summary
+    assert "smoke: ok" in summary and " 0 failed" in summary
+    for name in ("env.txt", "junit-gpu-test_gpu.xml", "junit-gpu-test_leap_fp8.xml", "tables.md",
+                 "whole-run-cpu.json", "smoke.json", "fp8_teacher-cpu.csv"):
         assert (out / name).is_file(), name
     for name, test in (("bench-cpu.json", "test_fused_loss"), ("teacher-cpu.json", "test_teacher_forward"),
                        ("step-cpu.json", "test_leap_step")):

@@ -34,13 +34,13 @@ import weakref
 
 import pytest
 import torch
+from tolerances import RELATIVE_TOLERANCE, assert_close_rel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import leap_kernels
 from leap_kernels import _backends
 from leap_kernels.ops import feature_loss as fl
 from leap_kernels.ops.naive import fused_feature_loss_reference
-from tolerances import RELATIVE_TOLERANCE, assert_close_rel
 
 triton = pytest.importorskip("triton")
 from triton.runtime.autotuner import Autotuner  # noqa: E402
@@ -189,7 +189,7 @@ def triton_launches_recorded(launches: Launches, *, run: bool):
 
 @contextlib.contextmanager
 def triton_backend_on_meta():
-    """Route the ops to the Triton backend although the tensors are on ``meta`` (as bench/compile_check.py does)."""
+    """Route the ops to the Triton backend although the tensors are on ``meta`` (as tools/compile_check.py does)."""
     saved = _backends.select_backend
     _backends.select_backend = lambda op, tensors, **meta: "triton"
     try:
@@ -245,7 +245,7 @@ def test_triton_launches_are_counted_once_per_launch():
         s, w, b, t = paper_inputs(lead=(1, 8192))
         with Recorder(launches):
             _ = torch.ops.leap_kernels.fused_feature_loss(s.detach()[0], w.detach(), b.detach(), t[0], False,
-                                                          "none", 1e-6, False)
+                                                          "none", 1e-6, False, "triton")
     # Forward only, one chunk: the projection (autotuned: once, not once per config) and the loss sum.
     assert launches.triton == ["_projection_loss_kernel"], launches.summary()
     assert launches.aten == ["sum"] and not launches.cublas, launches.summary()

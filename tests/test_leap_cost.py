@@ -1,4 +1,4 @@
-"""Tests for leap.cost (analytic FLOPs vs FlopCounterMode, cost model, savings), leap.timing and
+"""Tests for leap.cost (analytic FLOPs vs FlopCounterMode, cost model, savings), leap.run.timing and
 `leap flops` (leap.cli.flops)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch.utils.flop_counter
 from torch import nn
 
 from leap import cost as C
-from leap import timing
+from leap.run import timing
 from leap.cli import main as leap_main
-from leap.cli.flops import main_flops
+from leap.cli.flops import main as main_flops
 from leap.cka import linear_cka
 from leap.runlog import load_trajectory
 from leap.models import build_model
@@ -382,12 +382,12 @@ def test_cli_measure_tiny(tmp_path, capsys, monkeypatch):
     assert math.isfinite(float(out.split("wall-clock saving")[1].split(":")[1].strip().rstrip("%")))
 
 
-def test_readme_quotes_the_cost_model_numbers():
-    """The README's per-image numbers are the ones `leap flops` prints (one formula, CostModel)."""
+def test_docs_quote_the_cost_model_numbers():
+    """docs/trainer.md's per-image numbers are the ones `leap flops` prints (one formula, CostModel)."""
     import pathlib
     import re
 
-    text = " ".join((pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    text = " ".join((pathlib.Path(__file__).resolve().parents[1] / "docs" / "trainer.md").read_text().split())
     cm = C.CostModel(GIANT, "vit_small_patch14_dinov2", img_size=224)
     tiny = C.CostModel(GIANT, "vit_tiny_patch14_dinov2", img_size=224)
     quoted = {
@@ -398,6 +398,6 @@ def test_readme_quotes_the_cost_model_numbers():
     }
     for label, macs in quoted.items():
         m = re.search(re.escape(label) + r" ([\d.]+) GMACs", text)
-        assert m, f"README quotes no '{label} ... GMACs'"
+        assert m, f"docs/trainer.md quotes no '{label} ... GMACs'"
         decimals = len(m.group(1).partition(".")[2])  # compare at the precision quoted
         assert float(m.group(1)) == round(macs / 1e9, decimals), (label, m.group(1), macs / 1e9)

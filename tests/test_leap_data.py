@@ -1,4 +1,4 @@
-"""Tests for leap/data.py: sources, transforms, mixup, resumable/distributed sampling."""
+"""Tests for leap/data/: sources, transforms, mixup, resumable/distributed sampling."""
 
 import gzip
 import pickle
@@ -49,7 +49,7 @@ def _write_idx(path, arr, magic, gz):
 @pytest.fixture
 def fmnist(tmp_path, monkeypatch):
     """Tiny fake Fashion-MNIST: train gzipped (6 images), t10k raw (4 images)."""
-    monkeypatch.setattr(D, "FASHION_MNIST_DEFAULT_ROOTS", (str(tmp_path / "no-such-dir"),))
+    monkeypatch.setattr(D.datasets, "FASHION_MNIST_DEFAULT_ROOTS", (str(tmp_path / "no-such-dir"),))
     root = tmp_path / "fm"
     root.mkdir()
     rng = np.random.default_rng(0)
@@ -160,7 +160,7 @@ def test_fashion_mnist_torchvision_layout(tmp_path, fmnist):
 
 
 def test_fashion_mnist_missing_files_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "FASHION_MNIST_DEFAULT_ROOTS", (str(tmp_path / "sys"),))
+    monkeypatch.setattr(D.datasets, "FASHION_MNIST_DEFAULT_ROOTS", (str(tmp_path / "sys"),))
     with pytest.raises(FileNotFoundError) as e:
         D.FashionMNIST(tmp_path / "nothing", "train")
     msg = str(e.value)
@@ -170,7 +170,7 @@ def test_fashion_mnist_missing_files_message(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_bad_magic(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "FASHION_MNIST_DEFAULT_ROOTS", ())
+    monkeypatch.setattr(D.datasets, "FASHION_MNIST_DEFAULT_ROOTS", ())
     _write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 28, 28)), 0x801, False)
     _write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(2), 0x801, False)
     with pytest.raises(ValueError, match="magic"):

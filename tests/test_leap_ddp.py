@@ -16,7 +16,7 @@ WORLD = 2
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     set_ddp_env(rank, world, port)
     from leap.config import TrainConfig
-    from leap.train import Trainer
+    from leap.run.loop import Trainer
 
     cfg = TrainConfig(
         teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2",

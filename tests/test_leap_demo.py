@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-from leap.demo import DEFAULT_TEACHER, run_demo
+from leap.apps.demo import DEFAULT_TEACHER, run_demo
 from leap.data import build_dataset, build_loader
-from leap.knn import knn_accuracy
+from leap.evaluation.knn import knn_accuracy
 from leap.models import build_model, load_teacher_weights
-from leap.pretrain import TeacherTrainConfig, evaluate_accuracy, read_teacher_meta, train_teacher
+from leap.apps.pretrain import TeacherTrainConfig, evaluate_accuracy, read_teacher_meta, train_teacher
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "fashion-mnist-sample")
 

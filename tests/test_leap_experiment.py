@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leap import experiment as ex
-from leap.experiment_report import column_label
+from leap.apps import experiment as ex
+from leap.apps.experiment_report import column_label
 from leap.errors import ConfigError, InputNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,12 +153,12 @@ def test_every_number_comes_from_the_runs_records(tiny):
 
 def test_finished_runs_are_reused_without_training(tiny, monkeypatch):
     tmp, cfg, result = tiny
-    import leap.train
+    import leap.run.loop
 
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(leap.train, "train", no_training)
+    monkeypatch.setattr(leap.run.loop, "train", no_training)
     again = ex.run_experiment(cfg, str(tmp / "out2"), progress=False, table_only=True)
     strip = lambda md: re.sub(r"Runs: .*\n", "", md)  # noqa: E731 - the wall time and date differ
     assert _tables(strip(again["results_md"]))[:2] == _tables(strip(result["results_md"]))[:2]

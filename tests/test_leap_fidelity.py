@@ -25,7 +25,7 @@ from leap.models import build_model
 from leap.optim import WarmupCosine
 from leap.precision import resolve_teacher_dtype, teacher_autocast
 from leap.teacher import TruncatedTeacher
-from leap.train import Trainer, train
+from leap.run.loop import Trainer, train
 from leap_kernels import FeatureDistillationHead
 
 # ----------------------------------------------------------------- defect 3: baseline CKA

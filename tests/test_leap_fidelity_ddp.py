@@ -22,7 +22,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, sync: str) -> None:
     set_ddp_env(rank, world, port)
     from leap.config import TrainConfig
     from leap.distributed import ProcessGroup
-    from leap.train import Trainer
+    from leap.run.loop import Trainer
 
     cfg = TrainConfig(
         teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2",

@@ -54,8 +54,16 @@ def timm_target(registers: bool):
 # ----------------------------------------------------------------- Hugging Face transformers
 
 
+#: The interpolation rules of leap.models were read from this release's ``interpolate_pos_encoding``.
+HF_RULES_FROM = (5, 24)
+
+
 def _hf_model(registers: bool):
     transformers = pytest.importorskip("transformers", reason="transformers (test dependency) is not installed")
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    if version < HF_RULES_FROM:
+        pytest.skip(f"transformers {transformers.__version__} is older than "
+                    f"{'.'.join(map(str, HF_RULES_FROM))}, the release whose position-embedding rules leap.models follows")
     kw = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS, mlp_ratio=4,
               image_size=IMG_SRC, patch_size=PATCH, layerscale_value=0.7)
     if registers:

@@ -1,4 +1,4 @@
-"""FP8 teacher linears (leap/fp8.py) and ``--teacher-precision fp8``.
+"""FP8 teacher linears (leap_kernels/ops/fp8_linear.py) and ``--teacher-precision fp8``.
 
 On CPU every layer runs the emulated path; the tests check it against float64 references of the
 same quantization, the quantization itself against an e4m3 rounding written out in float64, and
@@ -23,10 +23,14 @@ from leap.cli import build_parser, main
 from leap.cli.distill import config_from_args
 from leap.config import CHOICES, TrainConfig
 from leap.errors import ConfigError
-from leap.fp8 import (
+from leap.models import build_model
+from leap.precision import TEACHER_PRECISIONS
+from leap.run.loop import Trainer
+from leap.teacher import TruncatedTeacher
+from leap_kernels.ops.fp8_linear import (
     E4M3_MAX,
-    _probe_scaled_mm,
     Fp8Linear,
+    _probe_scaled_mm,
     convert_teacher_linears,
     dequantize_rows,
     describe_paths,
@@ -38,10 +42,6 @@ from leap.fp8 import (
     shape_reasons,
     supported_reasons,
 )
-from leap.models import build_model
-from leap.precision import TEACHER_PRECISIONS
-from leap.teacher import TruncatedTeacher
-from leap.train import Trainer
 
 F8 = torch.float8_e4m3fn
 # Round to nearest on 3 mantissa bits: relative error <= half an ulp = 2^-4 for normal values.
@@ -477,7 +477,7 @@ def test_gpu_scaled_mm_matches_emulated():
     assert relative_error(real_t(images, 2)[0], emu_t(images, 2)[0]) <= 2.0**-5
 
 
-# ---------------------------------------------------------------------- bench/fp8_teacher.py
+# ---------------------------------------------------------------------- tools/fp8_teacher.py
 
 
 def test_fp8_teacher_bench_runs_on_cpu(tmp_path, capsys):
@@ -485,11 +485,8 @@ def test_fp8_teacher_bench_runs_on_cpu(tmp_path, capsys):
     import os
     import sys
 
-    from leap.data import FashionMNIST
-
-    if FashionMNIST.find_files(None, "test") is None:
-        pytest.skip("Fashion-MNIST not installed")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    # The committed Fashion-MNIST sample (tests/data): nothing is read from a system dataset.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     import fp8_teacher
 
     out = tmp_path / "fp8.csv"

@@ -24,8 +24,8 @@ from leap.cli import main
 from leap.config import TrainConfig
 from leap.errors import ConfigError, DataError, InputNotFoundError, NonFiniteLossError, RunInterrupted, \
     RunLogError, TrainingError
-from leap.runguard import LOCK_NAME, RunDirLock, RunGuard, clean_stale_temp_files, kept_checkpoints, truncate_log
-from leap.train import Trainer
+from leap.run.guard import LOCK_NAME, RunDirLock, RunGuard, clean_stale_temp_files, kept_checkpoints, truncate_log
+from leap.run.loop import Trainer
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "fashion-mnist-sample")
 
@@ -71,7 +71,7 @@ def image_folder(root, classes=("a", "b"), per_class=3, bad=False):
 
 def test_wrong_fashion_mnist_path_is_an_error_not_the_system_copy(tmp_path, monkeypatch):
     # The "system" copy exists; a --data that does not hold the files must not fall back to it.
-    monkeypatch.setattr(D, "FASHION_MNIST_DEFAULT_ROOTS", (SAMPLE,))
+    monkeypatch.setattr(D.datasets, "FASHION_MNIST_DEFAULT_ROOTS", (SAMPLE,))
     assert len(D.FashionMNIST(None, "train")) == 384  # no --data: the default location
     for data in (tmp_path / "typo", tmp_path):  # missing, and an existing folder without the files
         with pytest.raises(InputNotFoundError, match="not found in any of"):
@@ -83,7 +83,7 @@ def test_wrong_fashion_mnist_path_is_an_error_not_the_system_copy(tmp_path, monk
 
 
 def test_train_teacher_refuses_a_folder_without_held_out_split(tmp_path):
-    from leap.pretrain import TeacherTrainConfig, train_teacher
+    from leap.apps.pretrain import TeacherTrainConfig, train_teacher
 
     data = image_folder(tmp_path / "data")  # class folders only: no train/ test/
     out = tmp_path / "t.pth"
@@ -94,7 +94,7 @@ def test_train_teacher_refuses_a_folder_without_held_out_split(tmp_path):
 
 
 def test_train_teacher_nonsense_options_and_nan_loss(tmp_path, capsys):
-    from leap.pretrain import TeacherTrainConfig, train_teacher
+    from leap.apps.pretrain import TeacherTrainConfig, train_teacher
 
     out = tmp_path / "t.pth"
     assert main(["train-teacher", "--data", SAMPLE, "--epochs", "0", "--out", str(out)]) == 2
@@ -340,7 +340,7 @@ def test_non_finite_weights_name_the_file(tmp_path):
 
 def test_one_definition_of_savings(tmp_path):
     from leap.cost import CostModel, savings
-    from leap.report import make_report
+    from leap.apps.report import make_report
     from leap.runlog import load_run
 
     run = tmp_path / "run"
@@ -381,7 +381,7 @@ def test_progress_lines_without_a_terminal(tmp_path, caplog):
 
 
 def test_eval_refuses_a_nan_teacher_file(tmp_path, capsys):
-    from leap.pretrain import TEACHER_META_KEY
+    from leap.apps.pretrain import TEACHER_META_KEY
 
     from leap.models import build_model
 

@@ -18,7 +18,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     set_ddp_env(rank, world, port)
     from leap.config import TrainConfig
     from leap.errors import RunInterrupted
-    from leap.train import Trainer
+    from leap.run.loop import Trainer
 
     original = Trainer.train_step
 

@@ -1,4 +1,4 @@
-"""Tests for leap.report on synthetic run logs."""
+"""Tests for leap.apps.report on synthetic run logs."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import math
 
 import pytest
 
-from leap import report as R
+from leap.apps import report as R
 from leap.cli import main as leap_main
-from leap.report import PNG_MAGIC, load_run, main_report, make_report
+from leap.apps.report import PNG_MAGIC, load_run, make_report
+from leap.cli.report import main as main_report
 
 L = 4  # teacher depth of the synthetic runs
 

@@ -7,12 +7,12 @@ import math
 
 import pytest
 
+from leap.curriculum import LevelUp
 from leap.errors import InputNotFoundError, RunLogError
 from leap.runlog import (
     LOG_NAME,
     SUMMARY_NAME,
     JsonlWriter,
-    LevelUp,
     append_jsonl,
     load_run,
     read_json,

@@ -1,6 +1,8 @@
 """Structure of the ``leap`` package: every module imports alone, the import graph has no
-cycle, long modules say why, and the ``leap`` command handles errors and missing optional
-dependencies as documented (leap/cli/__init__.py)."""
+cycle and points downward through the package's rooms, long modules say why (and none exceeds
+the hard limit), every command has the one shape, long parameter lists are documented API, and
+the ``leap`` command handles errors and missing optional dependencies as documented
+(leap/cli/command.py)."""
 
 from __future__ import annotations
 
@@ -102,8 +104,8 @@ def test_import_graph_has_no_cycle():
     mods = leap_modules()
     known = set(mods)
     graph = {n: _imports_of(n, p, known) for n, p in mods.items()}
-    assert "leap.build" in graph["leap.train"] and "leap.distill" in graph["leap.timing"]  # the parser works
-    assert "leap.cli.options" in graph["leap.report"] and "leap.config" in graph["leap.cli.options"]
+    assert "leap.run.build" in graph["leap.run.loop"] and "leap.distill" in graph["leap.run.timing"]  # the parser works
+    assert "leap.cli.options" in graph["leap.cli.report"] and "leap.config" in graph["leap.cli.options"]
 
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
     stack: list[str] = []
@@ -131,7 +133,7 @@ def test_cost_model_runs_no_modules():
     assert graph["leap.errors"] == set()
     assert graph["leap.config"] <= {"leap.errors", "leap.runlog"}
     assert graph["leap.runlog"] <= {"leap.errors"}
-    assert not graph["leap.cost"] & {"leap.train", "leap.timing", "leap.distill", "leap.cli"}
+    assert not graph["leap.cost"] & {"leap.run.loop", "leap.run.timing", "leap.distill", "leap.cli"}
 
 
 def test_long_modules_say_why():
@@ -143,13 +145,77 @@ def test_long_modules_say_why():
     assert not too_long, f"modules over {MAX_LINES} lines without '{LONG_MODULE_NOTE}' in the docstring: {too_long}"
 
 
+HARD_MAX_LINES = 600
+MAX_PARAMETERS = 8
+
+#: The package's rooms, lowest first: a module may import its own room and the rooms below it.
+#: ``base`` is every module directly in leap/ (errors, config, models, teacher, ...) and leap.data.
+LAYERS = ("base", "leap.run", "leap.evaluation", "leap.apps", "leap.cli")
+
+
+def _layer(name: str) -> int:
+    for i, prefix in enumerate(LAYERS[1:], 1):
+        if name == prefix or name.startswith(prefix + "."):
+            return i
+    return 0
+
+
+def test_no_module_over_the_hard_limit():
+    too_long = [f"{n} ({open(p, encoding='utf-8').read().count(chr(10))} lines)" for n, p in leap_modules().items()
+                if open(p, encoding="utf-8").read().count("\n") > HARD_MAX_LINES]
+    assert not too_long, f"modules over {HARD_MAX_LINES} lines: {too_long}"
+
+
+def test_imports_point_downward():
+    mods = leap_modules()
+    known = set(mods)
+    upward = []
+    for name, path in mods.items():
+        if name in ("leap", "leap.__main__") or name.endswith(".__main__"):  # entry points sit on top
+            continue
+        for dep in _imports_of(name, path, known):
+            if dep != "leap" and _layer(dep) > _layer(name):
+                upward.append(f"{name} -> {dep}")
+    assert not upward, f"imports of a higher room ({' < '.join(LAYERS)}): {upward}"
+
+
+def test_every_command_has_the_one_shape():
+    import leap.cli as cli
+
+    files = {n for n in leap_modules() if n.startswith("leap.cli.")} - {"leap.cli.command", "leap.cli.options"}
+    assert files == {c.__name__ for c in cli.COMMANDS}, "every module of leap/cli/ but command/options is a command"
+    for c in cli.COMMANDS:
+        for attr in ("NAME", "HELP", "add_parser", "run", "main"):
+            assert hasattr(c, attr), f"{c.__name__} has no {attr}"
+
+
+def test_long_parameter_lists_are_documented_public_api():
+    offenders = []
+    for name, path in leap_modules().items():
+        tree = ast.parse(open(path, encoding="utf-8").read(), path)
+        classes = {id(f): c for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            params = [x for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+            if len(params) <= MAX_PARAMETERS:
+                continue
+            owner = classes.get(id(node))
+            doc = ast.get_docstring(owner if node.name == "__init__" and owner is not None else node)
+            public = not node.name.startswith("_") or node.name == "__init__"
+            if not (public and doc):
+                offenders.append(f"{name}.{node.name} ({len(params)} parameters)")
+    assert not offenders, f"more than {MAX_PARAMETERS} parameters outside documented public API: {offenders}"
+
+
 # --------------------------------------------------------------------------------------
 # The leap command: errors and optional dependencies
 # --------------------------------------------------------------------------------------
 
 
 def test_defects_propagate_with_their_traceback(monkeypatch, capsys):
-    from leap import train as leap_train
+    from leap.run import loop as leap_train
     from leap.cli import main
     from leap.errors import NonFiniteLossError
 
@@ -172,7 +238,7 @@ def test_defects_propagate_with_their_traceback(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_defect_exits_1_with_a_traceback(tmp_path):
-    code = ("import sys; import leap.train as t\n"
+    code = ("import sys; import leap.run.loop as t\n"
             "def broken(config): raise KeyError('internal')\n"
             "t.train = broken\n"
             "from leap.cli import main\n"
@@ -210,7 +276,7 @@ def test_version_has_one_source(capsys):
 
 
 def test_demo_teacher_is_package_data():
-    from leap.demo import DEFAULT_TEACHER
+    from leap.apps.demo import DEFAULT_TEACHER
 
     assert os.path.dirname(DEFAULT_TEACHER) == os.path.join(PKG, "assets") and os.path.isfile(DEFAULT_TEACHER)
     pyproject = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()

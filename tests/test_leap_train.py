@@ -1,4 +1,4 @@
-"""Tests for the LEAP trainer (leap/train.py), checkpoints (leap/checkpoint.py) and
+"""Tests for the LEAP trainer (leap/run/loop.py), checkpoints (leap/checkpoint.py) and
 optimizers (leap/optim.py), on tiny random ViTs and synthetic data (CPU, fp32)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from leap.config import TrainConfig
 from leap.distill import DistillModule
 from leap.errors import CheckpointError, ConfigError, InputNotFoundError, NonFiniteLossError
 from leap.optim import LARS, WarmupCosine, build_optimizer, param_groups, peak_lr
-from leap.train import Trainer, train
+from leap.run.loop import Trainer, train
 
 TEACHER_DEPTH = 4
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import RELATIVE_TOLERANCE, assert_close_rel, relative_error
 
 import leap_kernels
 from leap_kernels import teacher_attention, use_backend
 from leap_kernels.ops.naive import teacher_attention_reference
 from leap_kernels.ops.teacher_attention import TRITON_HEAD_DIMS, teacher_attention_torch
-from tolerances import RELATIVE_TOLERANCE, assert_close_rel, relative_error
 
 OPS = torch.ops.leap_kernels
 

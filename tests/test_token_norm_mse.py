@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from tolerances import BACKENDS, RELATIVE_TOLERANCE, assert_close_rel
 
 from leap_kernels import token_normalized_mse, use_backend
 from leap_kernels.ops.naive import token_normalized_mse_reference
-from tolerances import BACKENDS, RELATIVE_TOLERANCE, assert_close_rel
+
 SHAPES = [(1, 100), (7, 192), (197, 384), (2, 257, 1536), (261, 100), (3, 5, 64)]
 
 

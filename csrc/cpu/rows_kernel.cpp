@@ -1,11 +1,25 @@
-// CPU row kernel: per-token squared error (plain or token-normalized) and its gradients in
-// one pass per row, fp32 statistics, at::vec inner loops, rows split across threads.
+// CPU row kernel: per-token squared error (plain or token-normalized) and its gradients.
+//
+// One pass over memory per row and call: the first sweep of a row brings it into L1 (a 1536-wide
+// fp32 row pair is 12 KB), the later sweeps of the same row (normalized differences, their sums,
+// the gradient) read it from there, while the next row is prefetched. The sweeps are unrolled over
+// independent accumulators (the fp32 FMA latency, not the load port, bounded the earlier version).
+//
+// Statistics: mean and variance in one sweep from sums of shifted values (shift = the row's first
+// element: no cancellation unless that element sits far from the mean, in which case the variance
+// is recomputed from centered values, from L1). fp32 accumulators, 16 partial sums per quantity.
+//
+// Rows are split into fixed blocks (independent of the thread count) over at::parallel_for; the only
+// cross-row reduction, the column sums of grad_x (the bias gradient of the fused loss), is kept per
+// block and summed in block order: bit-identical results for any thread count, no atomics.
+//
 // setup.py passes LEAP_KERNELS_CPU_AVX2 (with -mavx2 -mfma -mf16c) on x86-64 build machines that
 // have AVX2: at::vec then uses its 256-bit AVX2 implementation here (its own inline namespace, so
 // no clash with the default one the rest of the extension sees).
 #ifdef LEAP_KERNELS_CPU_AVX2
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
+#include <immintrin.h>
 #endif
 
 #include "../leap_kernels.h"
@@ -14,21 +28,70 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 namespace leap_kernels {
 namespace cpu {
+
+// ----------------------------------------------------------------------------- huge pages
+
+namespace {
+bool hugepages_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("LEAP_KERNELS_CPU_THP");
+    return !(v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "off") == 0 || std::strcmp(v, "false") == 0));
+  }();
+  return on;
+}
+}  // namespace
+
+void advise_hugepages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!t.defined() || !t.device().is_cpu() || !hugepages_enabled()) return;
+  const size_t bytes = t.numel() * t.element_size();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
+  // Only the 2 MiB-aligned interior of a fresh output; a hint: errors (no THP) are ignored.
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kV = Vec::size();
+constexpr int64_t kBlockRows = 64;  // rows per parallel block (fixed: the reduction order)
+
+// ----------------------------------------------------------------------------- row conversion
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 // A row as fp32: the row itself when it already is unit-stride fp32, else a converted copy.
 const float* load_row(const char* base, at::ScalarType dtype, int64_t stride, int64_t d, float* scratch) {
@@ -37,11 +100,22 @@ const float* load_row(const char* base, at::ScalarType dtype, int64_t stride, in
     if (stride == 1) return p;
     for (int64_t j = 0; j < d; ++j) scratch[j] = p[j * stride];
   } else if (dtype == at::kBFloat16) {
-    const c10::BFloat16* p = reinterpret_cast<const c10::BFloat16*>(base);
-    for (int64_t j = 0; j < d; ++j) scratch[j] = static_cast<float>(p[j * stride]);
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(base);
+    if (stride == 1) {
+      for (int64_t j = 0; j < d; ++j) scratch[j] = bits_f32(static_cast<uint32_t>(p[j]) << 16);  // vectorized
+    } else {
+      for (int64_t j = 0; j < d; ++j) scratch[j] = bits_f32(static_cast<uint32_t>(p[j * stride]) << 16);
+    }
   } else {
     const c10::Half* p = reinterpret_cast<const c10::Half*>(base);
-    for (int64_t j = 0; j < d; ++j) scratch[j] = static_cast<float>(p[j * stride]);
+    int64_t j = 0;
+#ifdef LEAP_KERNELS_CPU_AVX2
+    if (stride == 1) {
+      for (; j + 8 <= d; j += 8)
+        _mm256_storeu_ps(scratch + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j))));
+    }
+#endif
+    for (; j < d; ++j) scratch[j] = static_cast<float>(p[j * stride]);
   }
   return scratch;
 }
@@ -51,101 +125,371 @@ float* grad_row(char* base, at::ScalarType dtype, float* scratch) {
   return dtype == at::kFloat ? reinterpret_cast<float*>(base) : scratch;
 }
 
+// fp32 -> bf16, round to nearest even, NaN kept a (quiet) NaN; branch-free so that it vectorizes.
+inline uint16_t to_bf16_bits(float f) {
+  const uint32_t u = f32_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
+}
+
 void store_row(const float* src, char* base, at::ScalarType dtype, int64_t d) {
   if (dtype == at::kFloat) return;  // computed in place
   if (dtype == at::kBFloat16) {
-    c10::BFloat16* p = reinterpret_cast<c10::BFloat16*>(base);
-    for (int64_t j = 0; j < d; ++j) p[j] = static_cast<c10::BFloat16>(src[j]);
+    uint16_t* p = reinterpret_cast<uint16_t*>(base);
+    for (int64_t j = 0; j < d; ++j) p[j] = to_bf16_bits(src[j]);
   } else {
     c10::Half* p = reinterpret_cast<c10::Half*>(base);
-    for (int64_t j = 0; j < d; ++j) p[j] = static_cast<c10::Half>(src[j]);
+    int64_t j = 0;
+#ifdef LEAP_KERNELS_CPU_AVX2
+    for (; j + 8 <= d; j += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p + j),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; j < d; ++j) p[j] = static_cast<c10::Half>(src[j]);
   }
 }
+
+// ----------------------------------------------------------------------------- vector helpers
 
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// Calls body(j, r, full) over [0, d) in steps of one vector: full vectors with full = true_type
-// (plain loads and stores), then the tail once with full = false_type and r < kV valid lanes
-// (masked loads that zero the padding, partial stores).
-template <typename Body>
-inline void for_each_vec(int64_t d, Body&& body) {
-  int64_t j = 0;
-  for (; j + kV <= d; j += kV) body(j, kV, std::true_type{});
-  if (j < d) body(j, d - j, std::false_type{});
-}
-
-template <bool Full>
-inline Vec load(const float* p, int64_t r) {
-  if constexpr (Full) {
-    return Vec::loadu(p);
-  } else {
-    return Vec::loadu(p, r);
-  }
-}
-
-template <bool Full>
-inline void store(const Vec& v, float* p, int64_t r) {
-  if constexpr (Full) {
-    v.store(p);
-  } else {
-    v.store(p, r);
-  }
-}
+// r < kV valid lanes, the others 0.
+inline Vec load_tail(const float* p, int64_t r) { return Vec::loadu(p, r); }
 
 // Padding lanes of a tail vector set to 0.
-template <bool Full>
-inline Vec keep(const Vec& v, int64_t r) {
-  if constexpr (Full) {
-    return v;
+inline Vec keep(const Vec& v, int64_t r) { return Vec::set(Vec(0.f), v, r); }
+
+// x (+ bias) at j, a full vector.
+template <bool HasBias>
+inline Vec ldx(const float* x, const float* b, int64_t j) {
+  if constexpr (HasBias) {
+    return Vec::loadu(x + j) + Vec::loadu(b + j);
   } else {
-    return Vec::set(Vec(0.f), v, r);
+    (void)b;
+    return Vec::loadu(x + j);
   }
 }
 
-// Sums of x and t in one sweep.
-inline void sum2(const float* x, const float* t, int64_t d, float& sx, float& st) {
-  Vec ax(0.f), at_(0.f);
-  for_each_vec(d, [&](int64_t j, int64_t r, auto full) {
-    constexpr bool F = decltype(full)::value;
-    ax += load<F>(x + j, r);
-    at_ += load<F>(t + j, r);
-  });
-  sx = hsum(ax);
-  st = hsum(at_);
+template <bool HasBias>
+inline Vec ldx_tail(const float* x, const float* b, int64_t j, int64_t r) {
+  if constexpr (HasBias) {
+    return load_tail(x + j, r) + load_tail(b + j, r);
+  } else {
+    (void)b;
+    return load_tail(x + j, r);
+  }
 }
 
-// Centered sums of squares (two-pass variance: no cancellation for large-mean tokens).
-inline void centered_sq2(const float* x, const float* t, int64_t d, float mx, float mt, float& vx, float& vt) {
-  const Vec vmx(mx), vmt(mt);
-  Vec ax(0.f), at_(0.f);
-  for_each_vec(d, [&](int64_t j, int64_t r, auto full) {
-    constexpr bool F = decltype(full)::value;
-    // Padding lanes load 0 and would add mean^2: masked out.
-    Vec cx = keep<F>(load<F>(x + j, r) - vmx, r), ct = keep<F>(load<F>(t + j, r) - vmt, r);
-    ax = at::vec::fmadd(cx, cx, ax);
-    at_ = at::vec::fmadd(ct, ct, at_);
-  });
-  vx = hsum(ax);
-  vt = hsum(at_);
+inline void prefetch(const void* p) {
+#ifdef LEAP_KERNELS_CPU_AVX2
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
 }
+
+// A gradient store: non-temporal (no read for ownership, no cache pollution) for large outputs
+// that are not read back soon, else a plain store.
+template <bool Stream>
+inline void store_full(const Vec& v, float* p) {
+#ifdef LEAP_KERNELS_CPU_AVX2
+  if constexpr (Stream) {
+    _mm256_stream_ps(p, v);
+    return;
+  }
+#endif
+  v.store(p);
+}
+
+// ----------------------------------------------------------------------------- statistics
+
+struct RowStats {
+  float mean, rstd;
+};
+
+// Centered sums (sum of c, sum of c^2, c = x - m) of one row, from L1: the fallback of row_stats.
+template <bool HasBias>
+inline void centered_sums(const float* x, const float* b, int64_t d, float m, float& s1, float& s2) {
+  const Vec vm(m);
+  Vec a1(0.f), a2(0.f), c1(0.f), c2(0.f);
+  int64_t j = 0;
+  for (; j + 2 * kV <= d; j += 2 * kV) {
+    Vec u = ldx<HasBias>(x, b, j) - vm, w = ldx<HasBias>(x, b, j + kV) - vm;
+    a1 += u;
+    c1 += w;
+    a2 = at::vec::fmadd(u, u, a2);
+    c2 = at::vec::fmadd(w, w, c2);
+  }
+  for (; j < d; j += kV) {
+    const int64_t r = std::min(kV, d - j);
+    Vec u = r == kV ? ldx<HasBias>(x, b, j) - vm : keep(ldx_tail<HasBias>(x, b, j, r) - vm, r);
+    a1 += u;
+    a2 = at::vec::fmadd(u, u, a2);
+  }
+  s1 = hsum(a1 + c1);
+  s2 = hsum(a2 + c2);
+}
+
+// Mean and 1/sqrt(var + eps) from the sums of (v - k), (v - k)^2 with shift k.
+template <bool HasBias>
+inline RowStats finish_stats(const float* x, const float* b, int64_t d, float inv_d, float eps, float k, float s1,
+                             float s2) {
+  float dm = s1 * inv_d;
+  float var = s2 * inv_d - dm * dm;
+  // The shift sat far from the mean (|mean - k| > 2 std): the difference above cancelled. Rare for
+  // real features (the row's first element an outlier); recomputed around the mean, from L1.
+  if (dm * dm > 4.0f * var) {
+    const float m = k + dm;
+    centered_sums<HasBias>(x, b, d, m, s1, s2);
+    dm = s1 * inv_d;
+    var = s2 * inv_d - dm * dm;
+    k = m;
+  }
+  var = std::max(var, 0.0f);  // NaN stays NaN (std::max returns its first argument)
+  return {k + dm, 1.0f / std::sqrt(var + eps)};
+}
+
+// One sweep over x and t (from memory): shifted sums of both rows, 2 vectors per step.
+template <bool HasBias>
+inline void row_stats(const float* x, const float* b, const float* t, int64_t d, float inv_d, float eps,
+                      RowStats& sx, RowStats& st) {
+  const float kx = HasBias ? x[0] + b[0] : x[0], kt = t[0];
+  const Vec vkx(kx), vkt(kt);
+  Vec x1a(0.f), x1b(0.f), x2a(0.f), x2b(0.f), t1a(0.f), t1b(0.f), t2a(0.f), t2b(0.f);
+  int64_t j = 0;
+  for (; j + 2 * kV <= d; j += 2 * kV) {
+    Vec cx0 = ldx<HasBias>(x, b, j) - vkx, cx1 = ldx<HasBias>(x, b, j + kV) - vkx;
+    Vec ct0 = Vec::loadu(t + j) - vkt, ct1 = Vec::loadu(t + j + kV) - vkt;
+    x1a += cx0;
+    x1b += cx1;
+    t1a += ct0;
+    t1b += ct1;
+    x2a = at::vec::fmadd(cx0, cx0, x2a);
+    x2b = at::vec::fmadd(cx1, cx1, x2b);
+    t2a = at::vec::fmadd(ct0, ct0, t2a);
+    t2b = at::vec::fmadd(ct1, ct1, t2b);
+  }
+  for (; j < d; j += kV) {
+    const int64_t r = std::min(kV, d - j);
+    Vec cx, ct;
+    if (r == kV) {
+      cx = ldx<HasBias>(x, b, j) - vkx;
+      ct = Vec::loadu(t + j) - vkt;
+    } else {  // padding lanes would add k^2: masked out
+      cx = keep(ldx_tail<HasBias>(x, b, j, r) - vkx, r);
+      ct = keep(load_tail(t + j, r) - vkt, r);
+    }
+    x1a += cx;
+    t1a += ct;
+    x2a = at::vec::fmadd(cx, cx, x2a);
+    t2a = at::vec::fmadd(ct, ct, t2a);
+  }
+  sx = finish_stats<HasBias>(x, b, d, inv_d, eps, kx, hsum(x1a + x1b), hsum(x2a + x2b));
+  st = finish_stats<false>(t, nullptr, d, inv_d, eps, kt, hsum(t1a + t1b), hsum(t2a + t2b));
+}
+
+// ----------------------------------------------------------------------------- arguments
 
 struct Args {
   const char* x;
   const char* t;
   at::ScalarType x_dtype, t_dtype, gx_dtype, gt_dtype;
   int64_t x_s0, x_s1, t_s0, t_s1, gx_s0, gt_s0;
-  int64_t d;
+  int64_t m, d;
   bool normalize;
   float eps;
   const float* row_scale;
+  const float* bias;  // (d,) added to every row of x, or null
   float* loss;
   char* gx;
   char* gt;
+  bool stream;             // non-temporal stores of fp32 gradients
   float* col_sum_partial;  // this block's (d,) partial column sums of grad_x, or null
 };
 
+// The next row's fp32 unit-stride data, to prefetch while this row is processed from L1.
+inline const float* next_row(const char* base, at::ScalarType dtype, int64_t s0, int64_t s1, int64_t i, int64_t end) {
+  if (dtype != at::kFloat || s1 != 1 || i + 1 >= end) return nullptr;
+  return reinterpret_cast<const float*>(base) + (i + 1) * s0;
+}
+
+// ----------------------------------------------------------------------------- plain MSE row
+
+template <bool HasBias, bool Stream>
+void plain_row(const float* x, const float* b, const float* t, int64_t d, float s, float* loss, float* gx, float* gt,
+               float* cs) {
+  const Vec two_s(2.0f * s);
+  Vec l0(0.f), l1(0.f), l2(0.f), l3(0.f);
+  const bool grads = gx || gt;
+  auto emit = [&](const Vec& e, int64_t j, auto full, int64_t r) {
+    constexpr bool F = decltype(full)::value;
+    Vec g = two_s * e;
+    if (gx) {
+      if constexpr (F) {
+        store_full<Stream>(g, gx + j);
+      } else {
+        g.store(gx + j, r);
+      }
+    }
+    if (gt) {
+      Vec ng = Vec(0.f) - g;
+      if constexpr (F) {
+        store_full<Stream>(ng, gt + j);
+      } else {
+        ng.store(gt + j, r);
+      }
+    }
+    if (cs) {
+      if constexpr (F) {
+        (Vec::loadu(cs + j) + g).store(cs + j);
+      } else {
+        (Vec::loadu(cs + j, r) + g).store(cs + j, r);
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j + 4 * kV <= d; j += 4 * kV) {
+    Vec e0 = ldx<HasBias>(x, b, j) - Vec::loadu(t + j);
+    Vec e1 = ldx<HasBias>(x, b, j + kV) - Vec::loadu(t + j + kV);
+    Vec e2 = ldx<HasBias>(x, b, j + 2 * kV) - Vec::loadu(t + j + 2 * kV);
+    Vec e3 = ldx<HasBias>(x, b, j + 3 * kV) - Vec::loadu(t + j + 3 * kV);
+    l0 = at::vec::fmadd(e0, e0, l0);
+    l1 = at::vec::fmadd(e1, e1, l1);
+    l2 = at::vec::fmadd(e2, e2, l2);
+    l3 = at::vec::fmadd(e3, e3, l3);
+    if (grads || cs) {
+      emit(e0, j, std::true_type{}, kV);
+      emit(e1, j + kV, std::true_type{}, kV);
+      emit(e2, j + 2 * kV, std::true_type{}, kV);
+      emit(e3, j + 3 * kV, std::true_type{}, kV);
+    }
+  }
+  for (; j < d; j += kV) {
+    const int64_t r = std::min(kV, d - j);
+    if (r == kV) {
+      Vec e = ldx<HasBias>(x, b, j) - Vec::loadu(t + j);
+      l0 = at::vec::fmadd(e, e, l0);
+      if (grads || cs) emit(e, j, std::true_type{}, kV);
+    } else {
+      Vec e = ldx_tail<HasBias>(x, b, j, r) - load_tail(t + j, r);  // padding lanes: 0 - 0
+      l0 = at::vec::fmadd(e, e, l0);
+      if (grads || cs) emit(e, j, std::false_type{}, r);
+    }
+  }
+  if (loss) *loss = hsum((l0 + l1) + (l2 + l3));
+}
+
+// ----------------------------------------------------------------------------- token-normalized row
+
+// Sweep 2 (from L1): loss = sum diff^2, sdx = sum diff x_hat, sdt = sum diff t_hat
+// (diff = x_hat - t_hat); prefetches the next row (one line of each input per step).
+template <bool HasBias, bool WantLoss, bool WantSums>
+inline void norm_sums(const float* x, const float* b, const float* t, int64_t d, const RowStats& sx,
+                      const RowStats& st, const float* nx, const float* nt, float& loss, float& sdx, float& sdt) {
+  const Vec vmx(sx.mean), vmt(st.mean), vrx(sx.rstd), vrt(st.rstd);
+  Vec la(0.f), lb(0.f), xa(0.f), xb(0.f), ta(0.f), tb(0.f);
+  int64_t j = 0;
+  for (; j + 2 * kV <= d; j += 2 * kV) {  // 2 vectors = one 64-byte line of each row
+    if (nx) prefetch(nx + j);
+    if (nt) prefetch(nt + j);
+    Vec xh0 = (ldx<HasBias>(x, b, j) - vmx) * vrx, xh1 = (ldx<HasBias>(x, b, j + kV) - vmx) * vrx;
+    Vec th0 = (Vec::loadu(t + j) - vmt) * vrt, th1 = (Vec::loadu(t + j + kV) - vmt) * vrt;
+    Vec d0 = xh0 - th0, d1 = xh1 - th1;
+    if constexpr (WantLoss) {
+      la = at::vec::fmadd(d0, d0, la);
+      lb = at::vec::fmadd(d1, d1, lb);
+    }
+    if constexpr (WantSums) {
+      xa = at::vec::fmadd(d0, xh0, xa);
+      xb = at::vec::fmadd(d1, xh1, xb);
+      ta = at::vec::fmadd(d0, th0, ta);
+      tb = at::vec::fmadd(d1, th1, tb);
+    }
+  }
+  for (; j < d; j += kV) {
+    const int64_t r = std::min(kV, d - j);
+    Vec xh, th;
+    if (r == kV) {
+      xh = (ldx<HasBias>(x, b, j) - vmx) * vrx;
+      th = (Vec::loadu(t + j) - vmt) * vrt;
+    } else {  // padding lanes: x_hat = -mean * rstd, not 0: masked out
+      xh = keep((ldx_tail<HasBias>(x, b, j, r) - vmx) * vrx, r);
+      th = keep((load_tail(t + j, r) - vmt) * vrt, r);
+    }
+    Vec df = xh - th;
+    if constexpr (WantLoss) la = at::vec::fmadd(df, df, la);
+    if constexpr (WantSums) {
+      xa = at::vec::fmadd(df, xh, xa);
+      ta = at::vec::fmadd(df, th, ta);
+    }
+  }
+  if constexpr (WantLoss) loss = hsum(la + lb);
+  if constexpr (WantSums) {
+    sdx = hsum(xa + xb);
+    sdt = hsum(ta + tb);
+  }
+}
+
+// Sweep 3 (from L1): the gradients. With g = 2 s diff (mean(g) = 0: both rows are centered),
+//   dL/dx = rx (g - x_hat mean(g x_hat)),   dL/dt = -rt (g - t_hat mean(g t_hat)).
+template <bool HasBias, bool Stream>
+inline void norm_grads(const float* x, const float* b, const float* t, int64_t d, const RowStats& sx,
+                       const RowStats& st, float s, float sdx, float sdt, float inv_d, float* gx, float* gt,
+                       float* cs) {
+  const Vec vmx(sx.mean), vmt(st.mean), vrx(sx.rstd), vrt(st.rstd);
+  const float two_s = 2.0f * s;
+  // gx = ax diff - bx x_hat; gt = at t_hat - ... : gt = -rt (2s diff - t_hat 2s sdt/d).
+  const Vec ax(sx.rstd * two_s), bx(sx.rstd * two_s * sdx * inv_d);
+  const Vec at_(-st.rstd * two_s), bt(-st.rstd * two_s * sdt * inv_d);
+  auto one = [&](int64_t j, auto full, int64_t r) {
+    constexpr bool F = decltype(full)::value;
+    Vec xv = F ? ldx<HasBias>(x, b, j) : ldx_tail<HasBias>(x, b, j, r);
+    Vec tv = F ? Vec::loadu(t + j) : load_tail(t + j, r);
+    Vec xh = (xv - vmx) * vrx, th = (tv - vmt) * vrt;
+    Vec df = xh - th;
+    if (gx) {
+      Vec out = at::vec::fmsub(ax, df, bx * xh);
+      if constexpr (F) {
+        store_full<Stream>(out, gx + j);
+      } else {
+        out.store(gx + j, r);
+      }
+      if (cs) {
+        if constexpr (F) {
+          (Vec::loadu(cs + j) + out).store(cs + j);
+        } else {
+          (Vec::loadu(cs + j, r) + out).store(cs + j, r);
+        }
+      }
+    }
+    if (gt) {
+      Vec out = at::vec::fmsub(at_, df, bt * th);
+      if constexpr (F) {
+        store_full<Stream>(out, gt + j);
+      } else {
+        out.store(gt + j, r);
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j + 2 * kV <= d; j += 2 * kV) {
+    one(j, std::true_type{}, kV);
+    one(j + kV, std::true_type{}, kV);
+  }
+  for (; j < d; j += kV) {
+    const int64_t r = std::min(kV, d - j);
+    if (r == kV) {
+      one(j, std::true_type{}, kV);
+    } else {
+      one(j, std::false_type{}, r);
+    }
+  }
+}
+
+template <bool HasBias, bool Stream>
 void process_rows(const Args& a, int64_t begin, int64_t end, float* scratch) {
   const int64_t d = a.d;
   float* xs = scratch;
@@ -155,6 +499,7 @@ void process_rows(const Args& a, int64_t begin, int64_t end, float* scratch) {
   const size_t xe = c10::elementSize(a.x_dtype), te = c10::elementSize(a.t_dtype);
   const size_t gxe = c10::elementSize(a.gx_dtype), gte = c10::elementSize(a.gt_dtype);
   const float inv_d = 1.0f / static_cast<float>(d);
+  const float* b = a.bias;
   for (int64_t i = begin; i < end; ++i) {
     // grad_x may alias x: load (or point at) x before anything is written.
     const float* x = load_row(a.x + i * a.x_s0 * xe, a.x_dtype, a.x_s1, d, xs);
@@ -164,65 +509,47 @@ void process_rows(const Args& a, int64_t begin, int64_t end, float* scratch) {
     char* gt_base = a.gt ? a.gt + i * a.gt_s0 * gte : nullptr;
     float* gx = gx_base ? grad_row(gx_base, a.gx_dtype, gxs) : nullptr;
     float* gt = gt_base ? grad_row(gt_base, a.gt_dtype, gts) : nullptr;
-    float* cs = a.col_sum_partial;
+    float* cs = gx ? a.col_sum_partial : nullptr;
+    float* loss = a.loss ? a.loss + i : nullptr;
+    // Non-temporal stores need 32-byte aligned rows (and only fp32 rows are written in place).
+    const bool stream_x = Stream && gx == reinterpret_cast<float*>(gx_base) && (reinterpret_cast<uintptr_t>(gx) & 31) == 0;
+    const bool stream_t = Stream && gt == reinterpret_cast<float*>(gt_base) && (reinterpret_cast<uintptr_t>(gt) & 31) == 0;
+    const bool stream_ok = (!gx || stream_x) && (!gt || stream_t);
     if (!a.normalize) {
-      const Vec two_s(2.0f * s);
-      Vec acc(0.f);
-      for_each_vec(d, [&](int64_t j, int64_t r, auto full) {
-        constexpr bool F = decltype(full)::value;
-        Vec e = load<F>(x + j, r) - load<F>(t + j, r);  // padding lanes: 0 - 0
-        acc = at::vec::fmadd(e, e, acc);
-        if (gx || gt) {
-          Vec g = two_s * e;
-          if (gx) store<F>(g, gx + j, r);
-          if (gt) store<F>(Vec(0.f) - g, gt + j, r);
-          if (cs) store<F>(load<F>(cs + j, r) + g, cs + j, r);
-        }
-      });
-      if (a.loss) a.loss[i] = hsum(acc);
+      if (Stream && stream_ok) {
+        plain_row<HasBias, Stream>(x, b, t, d, s, loss, gx, gt, cs);
+      } else {
+        plain_row<HasBias, false>(x, b, t, d, s, loss, gx, gt, cs);
+      }
     } else {
-      float sx, st, vx, vt;
-      sum2(x, t, d, sx, st);
-      const float mx = sx * inv_d, mt = st * inv_d;
-      centered_sq2(x, t, d, mx, mt, vx, vt);
-      const float rx = 1.0f / std::sqrt(vx * inv_d + a.eps);
-      const float rt = 1.0f / std::sqrt(vt * inv_d + a.eps);
-      const Vec vmx(mx), vmt(mt), vrx(rx), vrt(rt);
-      Vec l(0.f), sd(0.f), sdx(0.f), sdt(0.f);
-      for_each_vec(d, [&](int64_t j, int64_t r, auto full) {
-        constexpr bool F = decltype(full)::value;
-        // Padding lanes: x_hat = -mean * rstd, not 0: masked out.
-        Vec xh = keep<F>((load<F>(x + j, r) - vmx) * vrx, r);
-        Vec th = keep<F>((load<F>(t + j, r) - vmt) * vrt, r);
-        Vec diff = xh - th;
-        l = at::vec::fmadd(diff, diff, l);
-        sd += diff;
-        sdx = at::vec::fmadd(diff, xh, sdx);
-        sdt = at::vec::fmadd(diff, th, sdt);
-      });
-      if (a.loss) a.loss[i] = hsum(l);
-      if (gx || gt) {
-        // g = 2 s diff; mean(g), mean(g x_hat), mean(g t_hat) from the sums above.
-        const float two_s = 2.0f * s;
-        const Vec vts(two_s), gmean(two_s * hsum(sd) * inv_d);
-        const Vec gxp(two_s * hsum(sdx) * inv_d), gtp(two_s * hsum(sdt) * inv_d);
-        for_each_vec(d, [&](int64_t j, int64_t r, auto full) {
-          constexpr bool F = decltype(full)::value;
-          Vec xh = (load<F>(x + j, r) - vmx) * vrx;
-          Vec th = (load<F>(t + j, r) - vmt) * vrt;
-          Vec g = vts * (xh - th) - gmean;
-          if (gx) {
-            Vec out = vrx * (g - xh * gxp);
-            store<F>(out, gx + j, r);
-            if (cs) store<F>(load<F>(cs + j, r) + out, cs + j, r);
-          }
-          if (gt) store<F>(Vec(0.f) - vrt * (g - th * gtp), gt + j, r);
-        });
+      RowStats sx, st;
+      row_stats<HasBias>(x, b, t, d, inv_d, a.eps, sx, st);
+      const float* nx = next_row(a.x, a.x_dtype, a.x_s0, a.x_s1, i, end);
+      const float* nt = next_row(a.t, a.t_dtype, a.t_s0, a.t_s1, i, end);
+      float l = 0.f, sdx = 0.f, sdt = 0.f;
+      const bool grads = gx || gt;
+      if (loss && grads) {
+        norm_sums<HasBias, true, true>(x, b, t, d, sx, st, nx, nt, l, sdx, sdt);
+      } else if (grads) {
+        norm_sums<HasBias, false, true>(x, b, t, d, sx, st, nx, nt, l, sdx, sdt);
+      } else {
+        norm_sums<HasBias, true, false>(x, b, t, d, sx, st, nx, nt, l, sdx, sdt);
+      }
+      if (loss) *loss = l;
+      if (grads) {
+        if (Stream && stream_ok) {
+          norm_grads<HasBias, Stream>(x, b, t, d, sx, st, s, sdx, sdt, inv_d, gx, gt, cs);
+        } else {
+          norm_grads<HasBias, false>(x, b, t, d, sx, st, s, sdx, sdt, inv_d, gx, gt, cs);
+        }
       }
     }
     if (gx_base) store_row(gx, gx_base, a.gx_dtype, d);
     if (gt_base) store_row(gt, gt_base, a.gt_dtype, d);
   }
+#ifdef LEAP_KERNELS_CPU_AVX2
+  if constexpr (Stream) _mm_sfence();  // non-temporal stores visible before the block ends
+#endif
 }
 
 void check_float(const at::Tensor& x, const char* name) {
@@ -239,11 +566,21 @@ void check_grad(const at::Tensor& g, const at::Tensor& like, const char* name) {
   TORCH_CHECK(g.device().is_cpu(), "rows_loss_grad: ", name, " must be a CPU tensor");
 }
 
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined()) return false;
+  const char* a0 = static_cast<const char*>(a.const_data_ptr());
+  const char* b0 = static_cast<const char*>(b.const_data_ptr());
+  const char* a1 = a0 + a.numel() * a.element_size() * 2;  // generous: strided views
+  const char* b1 = b0 + b.numel() * b.element_size() * 2;
+  return a0 < b1 && b0 < a1;
+}
+
 }  // namespace
 
 void rows_loss_grad(const at::Tensor& x, const at::Tensor& t, bool normalize, double eps,
                     const c10::optional<at::Tensor>& row_scale, const at::Tensor& loss,
-                    const at::Tensor& grad_x, const at::Tensor& grad_t, const at::Tensor& col_sum) {
+                    const at::Tensor& grad_x, const at::Tensor& grad_t, const at::Tensor& col_sum,
+                    const at::Tensor& x_bias) {
   TORCH_CHECK(x.dim() == 2 && t.sizes() == x.sizes(), "rows_loss_grad: x and t must be (m, d) of one shape, got ",
               x.sizes(), " and ", t.sizes());
   TORCH_CHECK(x.device().is_cpu() && t.device().is_cpu(), "rows_loss_grad: CPU tensors expected");
@@ -267,6 +604,10 @@ void rows_loss_grad(const at::Tensor& x, const at::Tensor& t, bool normalize, do
     TORCH_CHECK(col_sum.scalar_type() == at::kFloat && col_sum.is_contiguous() && col_sum.numel() == d,
                 "rows_loss_grad: col_sum must be a contiguous (d,) float32 tensor");
   }
+  if (x_bias.defined()) {
+    TORCH_CHECK(x_bias.scalar_type() == at::kFloat && x_bias.is_contiguous() && x_bias.numel() == d,
+                "rows_loss_grad: x_bias must be a contiguous (d,) float32 tensor");
+  }
   if (m == 0 || d == 0) return;
 
   Args a{};
@@ -278,10 +619,12 @@ void rows_loss_grad(const at::Tensor& x, const at::Tensor& t, bool normalize, do
   a.x_s1 = x.stride(1);
   a.t_s0 = t.stride(0);
   a.t_s1 = t.stride(1);
+  a.m = m;
   a.d = d;
   a.normalize = normalize;
   a.eps = static_cast<float>(eps);
   a.row_scale = scale_ptr;
+  a.bias = x_bias.defined() ? x_bias.const_data_ptr<float>() : nullptr;
   a.loss = loss.defined() ? loss.data_ptr<float>() : nullptr;
   a.gx = grad_x.defined() ? static_cast<char*>(grad_x.data_ptr()) : nullptr;
   a.gt = grad_t.defined() ? static_cast<char*>(grad_t.data_ptr()) : nullptr;
@@ -289,23 +632,51 @@ void rows_loss_grad(const at::Tensor& x, const at::Tensor& t, bool normalize, do
   a.gt_dtype = grad_t.defined() ? grad_t.scalar_type() : at::kFloat;
   a.gx_s0 = grad_x.defined() ? grad_x.stride(0) : 0;
   a.gt_s0 = grad_t.defined() ? grad_t.stride(0) : 0;
+  // Non-temporal gradient stores: outputs larger than the last-level cache (not read back soon)
+  // that are no input (the fused loss writes G over its projection, and reads it right after).
+  const int64_t out_bytes = (a.gx ? m * d * static_cast<int64_t>(c10::elementSize(a.gx_dtype)) : 0) +
+                            (a.gt ? m * d * static_cast<int64_t>(c10::elementSize(a.gt_dtype)) : 0);
+  a.stream = out_bytes >= (int64_t(32) << 20) && !overlaps(grad_x, x) && !overlaps(grad_x, t) &&
+             !overlaps(grad_t, x) && !overlaps(grad_t, t);
 
-  // Fixed blocks of rows (one per thread at most), so that the column sums are reduced in a
-  // fixed order: deterministic for a given thread count.
-  const int64_t min_rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (m + min_rows - 1) / min_rows));
-  at::Tensor partial;
-  if (want_col_sum) partial = at::zeros({blocks, d}, x.options().dtype(at::kFloat));
-  float* partial_ptr = want_col_sum ? partial.data_ptr<float>() : nullptr;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scratch(static_cast<size_t>(4 * d));
-    for (int64_t b = b0; b < b1; ++b) {
-      Args ab = a;
-      ab.col_sum_partial = partial_ptr ? partial_ptr + b * d : nullptr;
-      process_rows(ab, b * m / blocks, (b + 1) * m / blocks, scratch.data());
-    }
-  });
-  if (want_col_sum) col_sum.add_(partial.sum(0));
+  // Fixed blocks of kBlockRows rows, whatever the thread count; the column sums of grad_x are
+  // kept per block and summed in block order (deterministic, no atomics).
+  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  std::vector<float> partial;
+  if (want_col_sum) partial.assign(static_cast<size_t>(blocks * d), 0.0f);
+  float* partial_ptr = want_col_sum ? partial.data() : nullptr;
+  // At least ~32K elements of work per task: small inputs stay on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(kBlockRows * d, 1));
+  auto run = [&](auto has_bias, auto stream) {
+    constexpr bool B = decltype(has_bias)::value, S = decltype(stream)::value;
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      std::vector<float> scratch(static_cast<size_t>(4 * d));
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        Args ab = a;
+        ab.col_sum_partial = partial_ptr ? partial_ptr + blk * d : nullptr;
+        process_rows<B, S>(ab, blk * kBlockRows, std::min(m, (blk + 1) * kBlockRows), scratch.data());
+      }
+    });
+  };
+  if (a.bias) {
+    if (a.stream) run(std::true_type{}, std::true_type{});
+    else run(std::true_type{}, std::false_type{});
+  } else {
+    if (a.stream) run(std::false_type{}, std::true_type{});
+    else run(std::false_type{}, std::false_type{});
+  }
+  if (want_col_sum) {
+    // Block partials in block order, per column (vectorized across columns): a fixed order.
+    float* out = col_sum.data_ptr<float>();
+    at::parallel_for(0, d, 512, [&](int64_t c0, int64_t c1) {
+      std::vector<float> acc(partial_ptr + c0, partial_ptr + c1);
+      for (int64_t blk = 1; blk < blocks; ++blk) {
+        const float* p = partial_ptr + blk * d;
+        for (int64_t c = c0; c < c1; ++c) acc[c - c0] += p[c];
+      }
+      for (int64_t c = c0; c < c1; ++c) out[c] += acc[c - c0];
+    });
+  }
 }
 
 }  // namespace cpu

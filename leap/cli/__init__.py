@@ -1,6 +1,11 @@
 """The ``leap`` command (also ``python -m leap``): ``leap distill``, ``leap flops``,
 ``leap report``, ``leap train-teacher``, ``leap eval``, ``leap demo``, ``leap experiment``.
 
+Every command is a module of this package of the one shape :mod:`leap.cli.command` describes
+(``NAME``, ``HELP``, ``add_parser(subparsers)``, ``run(args) -> int``), listed in
+:data:`COMMANDS`; :func:`main` picks the command and runs it through
+:func:`leap.cli.command.execute`, which maps errors to the exit codes of :mod:`leap.errors`.
+
 Exit codes: 0 success; 2 bad input (an error of :mod:`leap.errors` other than a training
 failure: options, config file, data, models, checkpoints, a missing optional dependency),
 printed as one line ``leap: error: ...``; 1 a training failure (NaN/Inf loss, one line) or
@@ -10,49 +15,35 @@ a defect (any other exception: the traceback is printed); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from typing import Sequence
 
-from ..errors import LeapError, MissingDependencyError
+from ..errors import EXIT_USAGE
+from . import demo, distill, evaluate, experiment, flops, report, train_teacher
+from .command import PROG, TRAIN_EXTRA_MODULES, execute, parse_and_run
 from .options import Formatter
 
-__all__ = ["main", "build_parser", "TRAIN_EXTRA_MODULES"]
+__all__ = ["main", "build_parser", "COMMANDS", "TRAIN_EXTRA_MODULES"]
 
-PROG = "leap"
-
-#: Modules of the ``train`` extra (``pip install "leap-kernels[train]"``).
-TRAIN_EXTRA_MODULES = ("timm", "torchvision", "PIL", "safetensors", "yaml", "tqdm", "matplotlib")
-
-# Commands with their own argparse parser: name -> (module, function(argv) -> int, help).
-_DELEGATED = {
-    "flops": ("leap.cli.flops", "main_flops", "per-image FLOPs of teacher/student and the savings of a block trajectory"),
-    "report": ("leap.report", "main_report", "plots and a Markdown summary of a run directory"),
-    "train-teacher": ("leap.pretrain", "main_train_teacher", "train a small ViT teacher classifier (e.g. on Fashion-MNIST)"),
-    "eval": ("leap.evaluation.cli", "main",
-             "evaluate frozen features: linear probe, revisitop retrieval mAP, kNN (`leap eval PROTOCOL --help`)"),
-    "demo": ("leap.demo", "main_demo", "baseline vs LEAP on Fashion-MNIST with the bundled teacher (make demo)"),
-    "experiment": ("leap.experiment", "main_experiment",
-                   "a seeded comparison of methods from a YAML file: train, evaluate, tables (make experiment)"),
-}
+#: The commands, in the order ``leap --help`` lists them.
+COMMANDS = (distill, flops, report, train_teacher, evaluate, demo, experiment)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``leap`` parser with its ``distill`` subcommand (the others parse their own arguments)."""
-    from .distill import DESCRIPTION, add_parser
-
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=Formatter)
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``leap`` parser and, by command name, each command's parser (a subparser of it)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=distill.DESCRIPTION, formatter_class=Formatter)
     # The version is looked up only when asked for: it imports leap_kernels (and torch), which would
     # otherwise delay every option error by seconds.
     parser.add_argument("--version", action=_VersionAction, nargs=0, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_parser(sub)
-    for name, (_, _, help_text) in _DELEGATED.items():
-        # Parsed by the command's own parser (``leap NAME --help``).
-        sub.add_parser(name, help=help_text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
-    return parser
+    return parser, {c.NAME: c.add_parser(sub) for c in COMMANDS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``leap`` parser with every command as a subcommand."""
+    return _parsers()[0]
 
 
 class _VersionAction(argparse.Action):
@@ -82,67 +73,34 @@ class _BarSafeHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def _error(msg: str, code: int) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
-    return code
-
-
-def _missing_dependency(e: ModuleNotFoundError) -> MissingDependencyError | None:
-    """A user-facing error for a missing module of the ``train`` extra, else None."""
-    top = (e.name or "").split(".")[0]
-    if top not in TRAIN_EXTRA_MODULES:
-        return None
-    return MissingDependencyError(
-        f"the trainer needs the package providing {top!r}, which is not installed; install the trainer's "
-        f"dependencies with: pip install \"leap-kernels[train]\"")
-
-
-def _run(argv: list[str]) -> int:
-    if argv and argv[0] in _DELEGATED:
-        module_name, function, _ = _DELEGATED[argv[0]]
-        try:
-            return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
-        except SystemExit as e:  # argparse: --help (0) or a usage error (2, message already printed)
-            return e.code if isinstance(e.code, int) else _error(str(e.code), 2)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+def _run_top_level(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """``leap`` without a command: ``--help``, ``--version``, or a usage error."""
+    args = parser.parse_args(argv)  # exits for --help, --version, an unknown command
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
-    from .distill import main_distill
-
-    return main_distill(args)
+        return EXIT_USAGE
+    return 0  # pragma: no cover - a command is dispatched before parsing reaches here
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (``--help`` returns 0).
 
-    Only :class:`leap.errors.LeapError` (and a missing module of the ``train`` extra) become
-    a one-line message; any other exception propagates with its traceback.
+    A known command word first: that command's own parser reads the rest of ``argv`` and its
+    :func:`run` runs (:func:`leap.cli.command.execute`). Only :class:`leap.errors.LeapError` (and a
+    missing module of the ``train`` extra) become a one-line message; any other exception
+    propagates with its traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     handler = _BarSafeHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[handler])
-    command = argv[0] if argv and not argv[0].startswith("-") else None
-    try:
-        try:
-            return _run(argv)
-        except ModuleNotFoundError as e:
-            missing = _missing_dependency(e)
-            if missing is None:
-                raise
-            raise missing from e
-    except KeyboardInterrupt:
-        hint = "; continue the run with --resume auto" if command == "distill" else ""
-        return _error(f"interrupted{hint}", 130)
-    except LeapError as e:
-        prefix = f"{command}: " if command and command != "distill" else ""
-        return _error(prefix + (str(e) or type(e).__name__), e.exit_code)
+    commands = {c.NAME: c for c in COMMANDS}
+    name = argv[0] if argv and argv[0] in commands else None
+    parser, parsers = _parsers()
+    if name is None:
+        return execute(None, lambda: _run_top_level(parser, argv))
+    return execute(name, lambda: parse_and_run(parsers[name], commands[name].run, argv[1:]))
 
 
 if __name__ == "__main__":  # pragma: no cover

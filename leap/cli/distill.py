@@ -9,9 +9,13 @@ import os
 from typing import Any
 
 from ..config import TrainConfig, config_fields, load_config_file, normalize_mapping
+from .command import run_alone
 from .options import Formatter, config_groups
 
-__all__ = ["DESCRIPTION", "add_parser", "config_from_args", "main_distill"]
+__all__ = ["NAME", "HELP", "DESCRIPTION", "add_parser", "run", "main", "config_from_args"]
+
+NAME = "distill"
+HELP = "distill a teacher ViT into a student ViT (LEAP or baseline)"
 
 DESCRIPTION = """\
 LEAP: distill a large frozen ViT teacher (e.g. DINOv2 ViT-g/14) into a small ViT student
@@ -56,7 +60,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``distill`` to the ``leap`` subcommands. Option defaults are suppressed so explicit
     flags can be told apart from the ``--config`` file's values."""
     p = sub.add_parser(
-        "distill", help="distill a teacher ViT into a student ViT (LEAP or baseline)",
+        NAME, help=HELP,
         description=DESCRIPTION, epilog=_DISTILL_EPILOG, formatter_class=Formatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -107,7 +111,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-def main_distill(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``leap distill`` with parsed ``args``; returns the exit code."""
     config = config_from_args(args)
     if getattr(args, "print_config", False):
@@ -115,9 +119,14 @@ def main_distill(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    from ..train import train
+    from ..run import loop
 
-    summary = train(config)
+    summary = loop.train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
     return 0
+
+
+def main(argv=None) -> int:
+    """``leap distill`` from ``argv`` (the arguments after ``distill``); the exit code."""
+    return run_alone(NAME, add_parser, run, argv)

@@ -1,5 +1,5 @@
 """``leap flops``: per-image costs of a teacher/student pair and the savings of a curriculum
-trajectory (:mod:`leap.cost`), optionally with the measured wall-clock saving (:mod:`leap.timing`).
+trajectory (:mod:`leap.cost`), optionally with the measured wall-clock saving (:mod:`leap.run.timing`).
 """
 
 from __future__ import annotations
@@ -7,18 +7,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any
 
-from ..cost import CostModel, savings
-from ..runlog import load_trajectory
+from .command import run_alone
 from .options import Formatter, add_config_options
 
-__all__ = ["build_parser", "main_flops"]
+__all__ = ["NAME", "HELP", "add_parser", "run", "main"]
+
+NAME = "flops"
+HELP = "per-image FLOPs of teacher/student and the savings of a block trajectory"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="leap flops", formatter_class=Formatter,
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        NAME, help=HELP, formatter_class=Formatter,
         description="Per-image FLOPs of a LEAP teacher/student pair and the savings of a curriculum "
                     "trajectory vs. the full-depth baseline (models are built on the meta device; "
                     "nothing is allocated unless --measure).",
@@ -37,21 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
                              "device": "device for --measure: auto, cpu, cuda, cuda:1 ..."})
     p.add_argument("--repeats", type=int, default=5, help="timed steps per block for --measure (default: 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(parser=p)
     return p
 
 
-def main_flops(argv: Sequence[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     """``leap flops``: print per-image costs and the savings of a trajectory. Returns an exit code.
 
     Raises:
         LeapError: unknown models, mismatched patch grids, an unreadable trajectory.
     """
-    args = build_parser().parse_args(argv)
+    from ..cost import CostModel, savings
+    from ..runlog import load_trajectory
+
     cm = CostModel(args.teacher, args.student, include_cka=not args.no_cka, img_size=args.img_size,
                    teacher_overrides=args.teacher_overrides, student_overrides=args.student_overrides)
     traj = load_trajectory(args.trajectory) if args.trajectory else None
     if args.measure and traj is None:
-        build_parser().error("--measure needs --trajectory")
+        args.parser.error("--measure needs --trajectory")
 
     result: dict[str, Any] = {
         "teacher": args.teacher, "student": args.student, "img_size": args.img_size,
@@ -61,15 +66,11 @@ def main_flops(argv: Sequence[str] | None = None) -> int:
     if traj is not None:
         result["savings"] = savings(traj, cost_model=cm)
     if args.measure:
-        import torch
-
+        from ..distributed import resolve_device
         from ..models import build_model
-        from ..timing import measure_step_times, wall_clock_savings
+        from ..run.timing import measure_step_times, wall_clock_savings
 
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        dev = resolve_device(args.device)
         with dev:  # initialize directly on the device (a ViT-g inits slowly on CPU)
             teacher = build_model(args.teacher, img_size=args.img_size, **args.teacher_overrides)
             student = build_model(args.student, img_size=args.img_size, **args.student_overrides)
@@ -98,7 +99,7 @@ def _unit(largest_macs: float) -> tuple[str, float]:
 
 
 
-def _print_tables(result: dict[str, Any], cm: CostModel) -> None:
+def _print_tables(result: dict[str, Any], cm: Any) -> None:
     out = sys.stdout
     b = result["costs_macs"]
     L = cm.num_blocks
@@ -137,3 +138,7 @@ def _print_tables(result: dict[str, Any], cm: CostModel) -> None:
         wc = result["wall_clock"]
         print(f"  wall-clock saving vs all steps at k = {L}:    {100 * wc['saving']:6.2f}%", file=out)
 
+
+def main(argv=None) -> int:
+    """``leap flops`` from ``argv`` (the arguments after ``flops``); the exit code."""
+    return run_alone(NAME, add_parser, run, argv)

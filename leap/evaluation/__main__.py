@@ -1,7 +1,8 @@
-"""``python -m leap.evaluation linear|retrieval|knn ...`` (the same as ``leap eval ...``)."""
+"""``python -m leap.evaluation linear|retrieval|knn ...`` (the same as ``leap eval ...``): an entry
+point on top of the package, like ``python -m leap``."""
 
 import sys
 
-from .cli import main
+from leap.cli.evaluate import main
 
 sys.exit(main())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._deps import LeapError
+from ..errors import LeapError
 
 __all__ = ["EvaluationError", "LeapError"]
 

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from typing import Any, Callable, Sequence
 
 import torch
@@ -39,16 +38,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from ._deps import (
-    CHECKPOINT_FORMAT,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TEACHER_META_KEY,
-    CheckpointError,
-    build_model,
-    check_finite_weights,
-    load_teacher_weights,
-)
+from .. import vit
+from ..checkpoint import CHECKPOINT_FORMAT, TEACHER_META_KEY, check_finite_weights
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..distributed import resolve_device
+from ..errors import CheckpointError
+from ..models import build_model, load_teacher_weights
+from ..precision import DTYPES, resolve_precision
+from ..runlog import atomic_write
 from .errors import EvaluationError
 
 __all__ = [
@@ -62,7 +59,6 @@ __all__ = [
     "extract_features",
     "file_sha256",
     "default_cache_dir",
-    "resolve_device",
 ]
 
 FEATURE_KINDS = ("cls", "patch")
@@ -121,26 +117,27 @@ class TokenFeatures(nn.Module):
     block K); ``None`` runs the whole model (``forward_features``).
     """
 
-    def __init__(self, vit: nn.Module, block: int | None = None):
+    def __init__(self, model: nn.Module, block: int | None = None):
         super().__init__()
-        if getattr(vit, "cls_token", None) is None:
-            raise EvaluationError(f"{type(vit).__name__} has no CLS token; CLS features need class_token=True")
-        depth = len(vit.blocks)
+        if getattr(model, "cls_token", None) is None:
+            raise EvaluationError(f"{type(model).__name__} has no CLS token; CLS features need class_token=True")
+        self._family = vit.family_of(model, "TokenFeatures")
+        depth = len(self._family.blocks(model))
         if block is not None and not 1 <= block <= depth:
             raise EvaluationError(f"--block: expected 1 <= K <= {depth} (the model's depth), got {block}")
-        self.vit = vit
+        self.vit = model
         self.block = None if block in (None, depth) else int(block)
-        self.prefix = int(vit.num_prefix_tokens)
+        self.prefix = self._family.num_prefix_tokens(model)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.vit
+        m, family = self.vit, self._family
         if self.block is None:
             tokens = m.forward_features(x)
         else:  # timm's forward_features, stopped after block K
-            x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-            for blk in m.blocks[:self.block]:
+            x = family.embed(m, x)
+            for blk in family.blocks(m)[:self.block]:
                 x = blk(x)
-            tokens = m.norm(x)
+            tokens = family.final_norm(m, x)
         return tokens[:, 0], tokens[:, self.prefix:].mean(dim=1)
 
 
@@ -307,7 +304,7 @@ def load_model(model: str | None = None, *, teacher: str | None = None, teacher_
         check_finite_weights(net.state_dict(), path, "model weights")
     except CheckpointError as exc:
         raise EvaluationError(str(exc)) from None
-    depth = len(net.blocks)
+    depth = len(vit.blocks(net))
     extractor = TokenFeatures(net, block)
     if block is not None:
         what += f", block {block} of {depth}"
@@ -363,21 +360,9 @@ def file_sha256(path: str, cache_dir: str | None = None) -> str:
     if memo_path:
         memo = memo if isinstance(memo, dict) else {}
         memo[memo_key] = digest
-        _atomic_write_bytes(memo_path, json.dumps(memo).encode())
+        text = json.dumps(memo)
+        atomic_write(memo_path, lambda f: f.write(text), binary=False)
     return digest
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class FeatureCache:
@@ -416,19 +401,10 @@ class FeatureCache:
     def save(self, key: str, value: dict[str, Any], parts: dict[str, Any]) -> None:
         if self.directory is None:
             return
-        os.makedirs(self.directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(value, f)
-            os.replace(tmp, self._path(key))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(self._path(key), lambda f: torch.save(value, f))
         # A readable note of what the entry holds, for whoever inspects the cache.
-        _atomic_write_bytes(os.path.join(self.directory, f"{key}.json"),
-                            json.dumps(parts, indent=1, sort_keys=True, default=str).encode())
+        note = json.dumps(parts, indent=1, sort_keys=True, default=str)
+        atomic_write(os.path.join(self.directory, f"{key}.json"), lambda f: f.write(note), binary=False)
 
 
 # ----------------------------------------------------------------------------- transforms, extraction
@@ -452,28 +428,10 @@ def eval_transform(img_size: int, *, small_images: bool = False, resize: int | N
         f"resize{resize}-centercrop{img_size}-bicubic-imagenet-norm"
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``auto``/``None`` -> ``cuda`` when available, else ``cpu``; otherwise ``torch.device(device)``."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise EvaluationError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {device}: CUDA is not available here")
-    return dev
-
-
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in _PRECISIONS:
+    if precision != "auto" and precision not in DTYPES:
         raise EvaluationError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
-    return precision
+    return resolve_precision(precision, device)
 
 
 def _default_collate_or_list(batch):
@@ -534,8 +492,8 @@ def extract_features(loaded: LoadedModel, dataset: Dataset, *, split: str, datas
                         pin_memory=dev.type == "cuda", collate_fn=_default_collate_or_list)
     autocast = prec != "fp32" and dev.type == "cuda"
     if prec != "fp32" and dev.type != "cuda":
-        net = net.to(_PRECISIONS[prec])
-    in_dtype = torch.float32 if (autocast or prec == "fp32") else _PRECISIONS[prec]
+        net = net.to(DTYPES[prec])
+    in_dtype = torch.float32 if (autocast or prec == "fp32") else DTYPES[prec]
     cls_out, patch_out, labels_out = [], [], []
     try:
         from tqdm import tqdm
@@ -547,7 +505,7 @@ def extract_features(loaded: LoadedModel, dataset: Dataset, *, split: str, datas
         groups = [images] if torch.is_tensor(images) else _same_size_groups(images)
         for group in groups:
             x = group.to(dev, in_dtype, non_blocking=True)
-            with torch.autocast(dev.type, dtype=_PRECISIONS[prec], enabled=autocast):
+            with torch.autocast(dev.type, dtype=DTYPES[prec], enabled=autocast):
                 cls, patch = net(x)
             cls_out.append(cls.float().cpu())
             patch_out.append(patch.float().cpu())

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ._deps import FashionMNIST, ImageFolderDataset
+from ..data import FashionMNIST, ImageFolderDataset
 from .errors import EvaluationError
 from .features import eval_transform
 
@@ -134,14 +134,13 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
         tqdm = None
     show = progress and tqdm is not None and sys.stderr.isatty()
     epochs_iter = tqdm(range(epochs), desc=desc, leave=False) if show else range(epochs)
-    history: list[float] = []
     threads = torch.get_num_threads()
     if dev.type == "cpu" and batch_size * x.shape[1] * num_classes < 1 << 22:
         # Steps this small are dominated by thread start-up; on a busy CPU several threads
         # make them 10x slower than one.
         torch.set_num_threads(1)
     try:
-        _run_epochs(epochs_iter, x, y, xv, yv, linear, opt, sched, gen, batch_size, history, show)
+        history = _run_epochs(epochs_iter, x, y, xv, yv, _Probe(linear, opt, sched, gen), batch_size, show)
     finally:
         torch.set_num_threads(threads)
     best_epoch = max(range(epochs), key=lambda e: (history[e], -e)) + 1
@@ -150,19 +149,32 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
                        dim=int(x.shape[1]), num_classes=num_classes)
 
 
-def _run_epochs(epochs_iter, x, y, xv, yv, linear, opt, sched, gen, batch_size, history, show) -> None:
+@dataclasses.dataclass
+class _Probe:
+    """The probe being trained: the linear layer, its optimizer and schedule, the shuffling generator."""
+
+    linear: torch.nn.Linear
+    opt: torch.optim.Optimizer
+    sched: Any
+    gen: torch.Generator
+
+
+def _run_epochs(epochs_iter, x, y, xv, yv, probe: _Probe, batch_size: int, show: bool) -> list[float]:
+    """Train over ``epochs_iter``; the validation top-1 after each epoch."""
+    history: list[float] = []
     for _ in epochs_iter:
-        perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+        perm = torch.randperm(x.shape[0], generator=probe.gen).to(x.device)
         for s in range(0, x.shape[0], batch_size):
             idx = perm[s:s + batch_size]
-            loss = F.cross_entropy(linear(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(probe.linear(x[idx]), y[idx])
+            probe.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
-        history.append(_top1(linear, xv, yv))
+            probe.opt.step()
+            probe.sched.step()
+        history.append(_top1(probe.linear, xv, yv))
         if show:
             epochs_iter.set_postfix(val_top1=f"{100 * history[-1]:.2f}%")
+    return history
 
 
 # ----------------------------------------------------------------------------- train/val splits

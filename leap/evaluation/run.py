@@ -16,9 +16,10 @@ from typing import Any, Sequence
 
 import torch
 
+from ..distributed import resolve_device
 from . import records
 from .errors import EvaluationError
-from .features import FeatureCache, LoadedModel, default_cache_dir, extract_features, load_model, resolve_device
+from .features import FeatureCache, LoadedModel, default_cache_dir, extract_features, load_model
 
 __all__ = ["evaluate_linear", "evaluate_retrieval", "evaluate_knn", "feature_kinds"]
 
@@ -105,7 +106,7 @@ def evaluate_knn(model_options: dict[str, Any], data: str | None, *, features: s
                  run_dir: str | None = None, write_record: bool = True, progress: bool = True) -> dict[str, Any]:
     """Weighted cosine kNN top-1 (DINO's: ``k`` neighbours, weights ``exp(sim / T)``) on the same cached
     features as the linear probe; ``numbers`` = ``{kind: top1}``."""
-    from ._deps import knn_accuracy
+    from .knn import knn_accuracy
     from .linear import limit, open_splits
 
     kinds = feature_kinds(features)

@@ -10,7 +10,7 @@ inside the square root, fp32 two-pass statistics), and the gradients of
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
 
 import torch
 
@@ -26,7 +26,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _token_norm_mse_rows_kernel(
+    def _token_norm_mse_rows_kernel(  # type: ignore[no-untyped-def]
         X, T, ROW_SCALE, LOSS, GX, GT,
         M, D,
         stride_xm, stride_xd, stride_tm, stride_td, stride_gxm, stride_gtm,
@@ -86,29 +86,38 @@ def _row_block_config(d: int) -> tuple[int, int, int]:
     return block_m, block_d, num_warps
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowBuffers:
+    """The outputs :func:`token_norm_rows_triton` writes (None: not computed): ``row_loss (M,)``
+    fp32, ``grad_x`` and ``grad_t`` ``(M, D)`` with a unit channel stride."""
+
+    row_loss: torch.Tensor | None = None
+    grad_x: torch.Tensor | None = None
+    grad_t: torch.Tensor | None = None
+
+
 def token_norm_rows_triton(
     x: torch.Tensor,
     t: torch.Tensor,
     eps: float,
+    out: RowBuffers,
     *,
-    row_scale: Optional[torch.Tensor] = None,
-    row_loss: Optional[torch.Tensor] = None,
-    grad_x: Optional[torch.Tensor] = None,
-    grad_t: Optional[torch.Tensor] = None,
+    row_scale: torch.Tensor | None = None,
     loss_scale: float = 1.0,
-    t_rows: Optional[tuple[int, int, int, int]] = None,
+    t_rows: tuple[int, int, int, int] | None = None,
 ) -> None:
-    """Per-token loss and/or gradients for 2-D ``x, t (M, D)``; writes into the given buffers.
+    """Per-token loss and/or gradients for 2-D ``x, t (M, D)``; writes into the buffers of ``out``.
 
-    ``row_loss (M,)`` fp32 gets ``loss_scale * sum_c (x_hat - t_hat)^2``; ``grad_x``/``grad_t``
+    ``out.row_loss (M,)`` fp32 gets ``loss_scale * sum_c (x_hat - t_hat)^2``; ``out.grad_x``/``out.grad_t``
     ``(M, D)`` (unit channel stride) get the gradient of ``sum_rows row_scale * (that sum)``
-    (``row_scale`` = 1 if None, ``loss_scale`` not included). ``grad_x`` may be ``x`` itself.
+    (``row_scale`` = 1 if None, ``loss_scale`` not included). ``out.grad_x`` may be ``x`` itself.
 
     ``t_rows = (row0, tokens, stride_b, stride_n)`` reads row ``i`` of ``t`` from token row ``row0 + i``
     of a ``(B, tokens, D)`` view with those strides instead (``t`` is then that tensor; used by the
     fused feature loss to read a chunk of a strided teacher tensor in place).
     """
     m, d = x.shape
+    row_loss, grad_x, grad_t = out.row_loss, out.grad_x, out.grad_t
     if t_rows is None:
         t_rows = (0, m, 0, t.stride(0))
     row0, tokens, stride_tb, stride_tm = t_rows
@@ -139,7 +148,9 @@ def token_norm_rows_triton(
 # ----------------------------------------------------------------------------- torch backend
 
 
-def token_norm_rows_torch(x: torch.Tensor, t: torch.Tensor, eps: float, acc_dtype: torch.dtype):
+def token_norm_rows_torch(
+    x: torch.Tensor, t: torch.Tensor, eps: float, acc_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalized rows and their per-token statistics in ``acc_dtype``.
 
     Returns ``(x_hat, rstd_x, t_hat, rstd_t)``; x_hat ``(M, D)``, rstd ``(M, 1)``.
@@ -169,7 +180,7 @@ def token_norm_rows_compiled(
     eps: float,
     *,
     normalize: bool = True,
-    row_scale: Optional[torch.Tensor] = None,
+    row_scale: torch.Tensor | None = None,
     want_loss: bool = False,
     want_grad_x: bool = False,
     want_grad_t: bool = False,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .._backends import triton_interpret_enabled
@@ -17,6 +19,36 @@ except Exception:  # pragma: no cover - depends on the install
 
 # Read once: Triton decides at `@triton.jit` time whether a kernel is interpreted.
 INTERPRETED = triton_interpret_enabled()
+
+
+def _squeeze_interpreter_index() -> bool:
+    """Triton < 3.7's interpreter: let a kernel's runtime integers bound a ``range`` loop.
+
+    The interpreter hands every runtime integer to a kernel as a 1-element array and converts it for
+    ``range`` with ``int(array)``, which NumPy >= 2.4 refuses for arrays of ndim > 0 (``only
+    0-dimensional arrays can be converted to Python scalars``). Triton 3.8 squeezes the array first;
+    this does the same for older interpreters, so the kernels keep runtime loop bounds (constexpr
+    bounds would change their GPU code). Returns whether the interpreter was patched.
+    """
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_leap_kernels_squeezed", False):
+        return False
+
+    def patch_tensor_squeezed(tensor: Any, scope: Any) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_tensor_squeezed._leap_kernels_squeezed = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patch_tensor_squeezed
+    return True
+
+
+if HAS_TRITON and INTERPRETED:
+    _squeeze_interpreter_index()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -58,7 +90,7 @@ def m_bucket(rows: int, cap: int = 1 << 16) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _row_offsets(rows, TOKENS, stride_b, stride_n):
+    def _row_offsets(rows, TOKENS, stride_b, stride_n):  # type: ignore[no-untyped-def]
         """Element offsets of token rows ``rows`` in a ``(B, TOKENS, D)`` view: row m sits at
         ``(m // TOKENS) * stride_b + (m % TOKENS) * stride_n``. Lets the kernels read slices such as
         ``x[:, prefix:]`` in place; a 2-D ``(M, D)`` tensor is the case ``TOKENS = M``."""

@@ -7,8 +7,6 @@ benchmarks time them as "eager" and under ``torch.compile``. Shapes: ``M`` token
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +35,7 @@ def token_normalized_mse_reference(
 def fused_feature_loss_reference(
     student: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     target: torch.Tensor,
     *,
     normalize: bool = False,
@@ -57,7 +55,7 @@ def fused_feature_loss_reference(
     return _reduce(diff * diff, reduction)
 
 
-def teacher_attention_reference(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = None) -> torch.Tensor:
+def teacher_attention_reference(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None) -> torch.Tensor:
     """Softmax attention from a packed QKV projection, as timm's ``Attention`` computes it.
 
     qkv ``(B, N, 3*H*d)`` in timm's ``(B, N, 3, H, d)`` layout; returns ``(B, N, H*d)``:

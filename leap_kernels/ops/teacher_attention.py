@@ -23,7 +23,8 @@ to ``-inf`` *before* the row max; each (batch, head) has ``N // BLOCK_M`` full q
 at load and store). At N = 261 with 64 x 64 tiles that is 272 x 272 computed (query, key)
 pairs instead of 320 x 320 (8 % masked instead of 33 %; :func:`computed_pairs`). Full query
 tiles run on wgmma (Hopper), the 16-row tail tiles on mma.sync. Nothing is padded in memory.
-The autotune key is ``N``, ``bh_bucket(B * H)`` and the head dim.
+The autotune key is ``N``, ``bh_bucket(B * H)`` and the head dim. ``N`` stays a runtime argument:
+as a ``tl.constexpr`` it costs the d = 128 tiles registers (a spill under Triton 3.8).
 
 Backends (their limits are declared in :mod:`leap_kernels._backends`): ``triton`` runs
 bfloat16/float16 inputs with head dims 16, 32, 64, 128 and a positive scale (CUDA, or CPU under
@@ -37,7 +38,7 @@ it cannot run raises with the reasons.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    def _attention_configs(interpreted: bool):
+    def _attention_configs(interpreted: bool) -> list[triton.Config]:
         if interpreted:  # the interpreter accepts one config; its cost grows with the program count
             return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
         shapes = [
@@ -101,7 +102,7 @@ if HAS_TRITON:
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes
         ]
 
-    def _prune_configs(configs, named_args, **kwargs):
+    def _prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
         """d = 128 with 128x128 tiles spills registers; drop it. Never prune to nothing."""
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
         kept = [c for c in configs if not (head_dim is not None and head_dim >= 128
@@ -109,7 +110,7 @@ if HAS_TRITON:
         return kept or configs[:1]
 
     @triton.jit
-    def _attention_kv_tile(
+    def _attention_kv_tile(  # type: ignore[no-untyped-def]
         acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale,
         offs_n,
         MASK_KEYS: tl.constexpr,
@@ -147,7 +148,7 @@ if HAS_TRITON:
         return acc, l_i, m_new
 
     @triton.jit
-    def _attention_rows(
+    def _attention_rows(  # type: ignore[no-untyped-def]
         q_base, k_base, v_base, out_base, row0, N,
         stride_qkv_n, stride_qkv_c, stride_out_n,
         qk_scale,
@@ -200,7 +201,7 @@ if HAS_TRITON:
             tl.store(out_ptrs, out.to(out_base.dtype.element_ty))
 
     @triton.jit(do_not_specialize=["bh_bucket"])
-    def _teacher_attention_fwd_kernel(
+    def _teacher_attention_fwd_kernel(  # type: ignore[no-untyped-def]
         QKV, OUT,
         N, H,
         bh_bucket,  # autotune key only (bh_bucket(B * H)); unused by the kernel
@@ -253,7 +254,7 @@ if HAS_TRITON:
 
 
 def teacher_attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, out: torch.Tensor, *,
-                             block_m: Optional[int] = None, block_n: Optional[int] = None,
+                             block_m: int | None = None, block_n: int | None = None,
                              num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
     """Triton backend: writes attention of ``qkv (B, N, 3*H*d)`` into ``out (B, N, H*d)`` (unit channel stride).
 
@@ -330,7 +331,7 @@ def _teacher_attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> to
 
 
 @_teacher_attention_op.register_fake
-def _(qkv, num_heads, scale):
+def _(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     batch, n, c = qkv.shape
     return qkv.new_empty((batch, n, c // 3))
 
@@ -338,7 +339,7 @@ def _(qkv, num_heads, scale):
 # ----------------------------------------------------------------------------- functional API
 
 
-def _check_inputs(qkv, num_heads, scale) -> None:
+def _check_inputs(qkv: torch.Tensor, num_heads: object, scale: object) -> None:
     _checks.check_tensor("qkv", qkv)
     if qkv.dim() != 3:
         raise ValueError(f"qkv: expected 3 dims (B, N, 3*H*d), got shape {tuple(qkv.shape)}")
@@ -364,7 +365,7 @@ def _check_inputs(qkv, num_heads, scale) -> None:
         )
 
 
-def teacher_attention(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = None) -> torch.Tensor:
+def teacher_attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None) -> torch.Tensor:
     """Softmax attention of a ViT block, read from its packed QKV projection (inference only).
 
     ``out = (softmax(q @ k^T * scale) @ v).transpose(1, 2).reshape(B, N, H*d)`` with

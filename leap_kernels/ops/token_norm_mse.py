@@ -16,12 +16,13 @@ and the same with a minus sign on ``g`` for the target.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import torch
 
 from .. import _backends, _checks
 from ._rows import (
+    RowBuffers,
     reduce_rows,
     row_grad_scale,
     token_norm_input_grad,
@@ -51,7 +52,7 @@ def _token_normalized_mse_op(input: torch.Tensor, target: torch.Tensor, reductio
     backend = _rows_backend(input, target)
     if backend == "triton":
         row_loss = torch.empty(m, dtype=torch.float32, device=input.device)
-        token_norm_rows_triton(input, target, eps, row_loss=row_loss)
+        token_norm_rows_triton(input, target, eps, RowBuffers(row_loss=row_loss))
     elif backend in COMPILED:
         row_loss, _, _ = token_norm_rows_compiled(input, target, eps, want_loss=True)
     else:
@@ -61,7 +62,7 @@ def _token_normalized_mse_op(input: torch.Tensor, target: torch.Tensor, reductio
 
 
 @_token_normalized_mse_op.register_fake
-def _(input, target, reduction, eps):
+def _(input: torch.Tensor, target: torch.Tensor, reduction: str, eps: float) -> torch.Tensor:
     acc_dtype = accumulation_dtype(input.dtype, target.dtype)
     shape = (input.shape[0],) if reduction == "none" else ()
     return input.new_empty(shape, dtype=acc_dtype)
@@ -78,13 +79,13 @@ def _token_normalized_mse_backward_op(
         )
         return grad_input, grad_target
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else input.new_empty(0)
-    grad_target = torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else target.new_empty(0)
+    grad_target = (torch.empty_like(target, memory_format=torch.contiguous_format) if need_target
+                   else target.new_empty(0))
     if backend == "triton":
         token_norm_rows_triton(
             input, target, eps,
+            RowBuffers(grad_x=grad_input if need_input else None, grad_t=grad_target if need_target else None),
             row_scale=row_scale.float().contiguous(),
-            grad_x=grad_input if need_input else None,
-            grad_t=grad_target if need_target else None,
         )
         return grad_input, grad_target
     acc_dtype = accumulation_dtype(input.dtype, target.dtype)
@@ -98,20 +99,22 @@ def _token_normalized_mse_backward_op(
 
 
 @_token_normalized_mse_backward_op.register_fake
-def _(row_scale, input, target, eps, need_input, need_target):
+def _(row_scale: torch.Tensor, input: torch.Tensor, target: torch.Tensor, eps: float, need_input: bool,
+      need_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else input.new_empty(0)
-    grad_target = torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else target.new_empty(0)
+    grad_target = (torch.empty_like(target, memory_format=torch.contiguous_format) if need_target
+                   else target.new_empty(0))
     return grad_input, grad_target
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     input, target, reduction, eps = inputs
     ctx.save_for_backward(input, target)
     ctx.reduction = reduction
     ctx.eps = eps
 
 
-def _backward(ctx, grad):
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
     input, target = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_input or need_target):

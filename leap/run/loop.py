@@ -1,0 +1,599 @@
+"""The LEAP training loop (spec sections 2-4): one step function for the baseline and LEAP.
+
+Library use: ``summary = train(TrainConfig(teacher=..., teacher_weights=..., student=..., data=...))``
+(:class:`leap.config.TrainConfig`).
+
+One step (:meth:`Trainer.train_step`), identical for ``curriculum="cka"`` (LEAP) and
+``curriculum="off"`` (baseline, whose controller is simply pinned to the last block):
+
+1. mixup (one lambda per batch); the same mixed images go to teacher and student;
+2. first step only: calibration -- project the random student's patch features, score
+   every teacher block with linear CKA in one ``teacher.scan`` pass, start at the argmax
+   (skipped for the baseline or when ``start_block`` is set);
+3. teacher forward up to ``k = curriculum.block`` only (early exit), no grad;
+4. student forward (autocast), loss = fused projection+MSE on the patch tokens
+   ``+ cls_weight *`` the same on the CLS token, through one shared head
+   (:class:`leap.distill.DistillModule`);
+5. backward, grad-norm clipping, optimizer + lr-schedule step;
+6. every ``cka_every`` steps (LEAP: every step; the baselines: only when ``--cka-every`` is
+   given): CKA (or ``--curriculum-metric cosine``) of the detached projected student vs the
+   target, ``curriculum.observe`` (may level up for the next step; ``--snap-to-last`` and
+   ``--reset-head-on-level-up`` act through :class:`leap.curriculum.LevelUpEffects`).
+
+Run directory (rank 0 writes it, through :mod:`leap.runlog`): ``log.jsonl``,
+``checkpoint.pt`` (layout in :mod:`leap.checkpoint`), ``summary.json``.
+
+DDP (:mod:`leap.distributed`): launched by ``torchrun``, NCCL on CUDA and gloo on CPU. The
+student and head live in one :class:`~leap.distill.DistillModule` wrapped in DDP; every
+rank calls the curriculum at the same points (it all-reduces the CKA), so all ranks always
+target the same block (``--curriculum-sync per-rank``: each rank decides on its own batch, as
+the reference does; :class:`leap.curriculum.RankSync`). :func:`train` owns the process group for the whole run; a
+:class:`Trainer` built without one joins it itself and leaves it in :meth:`Trainer.close`
+(which :meth:`Trainer.fit` calls: a trainer runs once).
+
+Why this module is long: :class:`Trainer` is the loop and the state it owns (resume, the
+step, epoch ends, checkpoint saves, the summary); its parts are built in :mod:`leap.run.build`,
+checkpoints laid out in :mod:`leap.checkpoint`, statistics typed in :mod:`leap.run.stats`, the
+progress display in :mod:`leap.run.progress`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import (
+    all_finite,
+    atomic_save,
+    build_checkpoint,
+    capture_rng_state,
+    check_resume_compatible,
+    load_checkpoint,
+    restore_modules,
+    restore_rng_state,
+)
+from ..cka import similarity_fn
+from ..config import TrainConfig
+from ..curriculum import Curriculum, LevelUp, LevelUpEffects, RankSync
+from ..data import mixup, set_loader_epoch
+from ..distill import teacher_targets
+from ..distributed import ProcessGroup, all_reduce_sum, reduce_step_values, resolve_device
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..precision import amp_dtype, configure_matmul_precision, resolve_precision, teacher_autocast
+from ..runlog import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME, JsonlWriter, run_file, sanitize, write_json
+from .build import build_data, build_models, build_optimization
+from .guard import RunGuard, config_warnings, truncate_log
+from .progress import Progress
+from .stats import EpochStats, RunStats, StepResult
+
+__all__ = ["Trainer", "train"]
+
+# The logger keeps the trainer's historical name (users filter on it).
+log = logging.getLogger("leap.train")
+
+
+def _resolve_precision(pref: str, device: torch.device) -> str:
+    precision = resolve_precision(pref, device)
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("--precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return precision
+
+
+# --------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs :meth:`fit` (once).
+
+    Attributes of interest after construction: ``module`` (the :class:`DistillModule`,
+    unwrapped), ``teacher``, ``curriculum``, ``optimizer``, ``scheduler``, ``loader``,
+    ``step`` (steps done), ``epoch`` (epoch in progress), ``stats`` (:class:`RunStats`),
+    ``block_history`` (target block of every step run by this process), ``run_dir``.
+    """
+
+    def __init__(self, config: TrainConfig | dict[str, Any], group: ProcessGroup | None = None):
+        if isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        self.cfg = config.validate()
+        # Without a group, the trainer joins (or creates) one itself and leaves it in close().
+        self.group = ProcessGroup(self.cfg.device) if group is None else group
+        self._owns_group = group is None
+        self._closed = False
+        self._log_file = JsonlWriter(None)
+        self._progress: Progress | None = None
+        # Run-directory lock, stop signals, kept checkpoints, divergence stops (leap.run.guard).
+        self._guard = RunGuard(self.cfg.out, is_main=self.group.is_main, keep_checkpoints=self.cfg.keep_checkpoints,
+                               divergence_factor=self.cfg.divergence_factor, on_error=self._log)
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        cfg, group = self.cfg, self.group
+        self.device = resolve_device(cfg.device, group)
+        self.precision = _resolve_precision(cfg.precision, self.device)
+        self.amp_dtype = amp_dtype(self.precision)
+        self.tf32 = configure_matmul_precision(self.precision, self.device)
+        self.run_dir = cfg.out
+        self.ckpt_path = run_file(cfg.out, CHECKPOINT_NAME)
+        self._guard.start(group, self.device)
+        for warning in config_warnings(cfg):
+            self._info(warning, level=logging.WARNING)
+
+        # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+
+        # Cheap checks first, so bad input fails before a large teacher is built.
+        resume = self._read_resume_checkpoint()
+        self.dataset, self.loader = build_data(cfg, group, self.device)
+        self.steps_per_epoch = len(self.loader)
+        self.global_batch = cfg.batch_size * group.world_size
+        models = build_models(cfg, self.device, self.precision, info=self._info)
+        self.teacher, self.module, self.flops = models.teacher, models.module, models.flops
+        self.num_blocks = self.teacher.num_blocks
+        self._progress = Progress(cfg.progress and group.is_main, cfg.epochs, self.steps_per_epoch,
+                                  self.num_blocks, cfg.log_every, log)
+        self.module.train()
+        if group.enabled:
+            ddp_kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.model: nn.Module = nn.parallel.DistributedDataParallel(self.module, **ddp_kw)
+        else:
+            self.model = self.module
+        self.dims = {**models.dims, "world_size": group.world_size}
+        opt = build_optimization(cfg, self.module, self.steps_per_epoch, self.global_batch, self.device,
+                                 self.precision)
+        self.optimizer, self.scheduler, self.scaler = opt.optimizer, opt.scheduler, opt.scaler
+        self.peak_lr, self.total_steps, self.warmup_steps = opt.peak_lr, opt.total_steps, opt.warmup_steps
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+
+        # ---- curriculum (baseline = disabled controller: pinned to the last block)
+        self.curriculum = Curriculum(
+            self.num_blocks, tau=cfg.resolved_threshold, alpha=cfg.alpha,
+            max_epochs_per_block=cfg.max_epochs_per_block or None,
+            start_block=cfg.start_block, snap_to_last=cfg.snap_to_last,
+            enabled=cfg.curriculum == "cka", sync=cfg.curriculum_sync,
+        )
+        # Similarity of the curriculum (--curriculum-metric) and its cadence (None: never measured).
+        self.score_fn, self.cka_every = similarity_fn(cfg.curriculum_metric), cfg.resolved_cka_every
+        self.effects = LevelUpEffects(module=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
+                                      reset_head=cfg.reset_head_on_level_up,
+                                      restart_on_snap=cfg.snap_to_last is not None, seed=cfg.seed)
+        self.rank_sync = RankSync(cfg.curriculum_sync, group.rank, group.world_size)
+        self._step_extra: dict[str, Any] = {}
+        self._effect_records: list[dict[str, Any]] = []
+        # Mixup draws from its own CPU generator (no device sync), different per rank.
+        self.mixup_gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + group.rank * 7919 + 17) % 2**63)
+
+        # ---- run state
+        self.epoch = 0
+        self.step = 0
+        self.step_in_epoch = 0
+        self.stats = RunStats()
+        self.block_history: list[int] = []
+        self.last_good: str | None = None
+        self._last_saved_step = -1
+        self._decode_seen = 0
+        self.resolved = {
+            "device": str(self.device), "precision": self.precision, "world_size": group.world_size,
+            "global_batch": self.global_batch, "lr": cfg.resolved_lr, "peak_lr": self.peak_lr,
+            "weight_decay": cfg.resolved_weight_decay, "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+            "teacher_dtype": str(self.teacher.dtype).replace("torch.", ""), "tf32": self.tf32,
+            "cka_every": self.cka_every, "teacher_precision": self.teacher.precision,
+        }
+        if self.teacher.precision == "fp8":
+            from leap_kernels.ops.fp8_linear import describe_paths
+
+            # How many block linears run on torch._scaled_mm and how many are emulated (and why).
+            self.resolved["fp8_paths"], self.resolved["fp8_emulated_reasons"] = describe_paths(self.teacher.model,
+                                                                                            self.device)
+
+        if resume is not None:
+            self._resume(*resume)
+        if group.is_main:
+            if resume is not None:  # the steps after the checkpoint are run again: log them once
+                truncate_log(run_file(cfg.out, LOG_NAME), self.step)
+            self._log_file = JsonlWriter(run_file(cfg.out, LOG_NAME), truncate=resume is None)
+        if resume is None:
+            self._log({"type": "config", "config": cfg.to_dict(), "resolved": self.resolved, "dims": self.dims})
+        else:
+            self._log({"type": "resume", "checkpoint": resume[0], "step": self.step, "epoch": self.epoch,
+                       "step_in_epoch": self.step_in_epoch})
+        self._guard.set_reference(self.params)
+
+    def _read_resume_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
+        """Load ``--resume`` (if any) as ``(path, checkpoint)``; refuse to silently overwrite a run."""
+        cfg = self.cfg
+        path = cfg.resume_path
+        if path is None:
+            if os.path.exists(self.ckpt_path):
+                raise ConfigError(
+                    f"{cfg.out} already holds a checkpoint ({self.ckpt_path}); pass --resume auto to continue "
+                    "that run, or choose another --out"
+                )
+            return None
+        if cfg.resume == "auto" and not os.path.exists(path):
+            self._info(f"--resume auto: no checkpoint at {path} yet, starting a new run")
+            return None
+        return path, load_checkpoint(path)
+
+    def _resume(self, path: str, ckpt: dict[str, Any]) -> None:
+        """Continue from the checkpoint ``ckpt`` read from ``path``."""
+        cfg = self.cfg
+        extra = check_resume_compatible(path, ckpt["config"], cfg.to_dict(), ckpt["dims"], self.dims)
+        if extra:
+            changes = ", ".join(f"{k}: {ckpt['config'].get(k)!r} -> {getattr(cfg, k, None)!r}" for k in extra)
+            self._info(f"resuming with changed settings ({changes}); the run will not match an "
+                       "uninterrupted one", level=logging.WARNING)
+        restore_modules(path, ckpt, module=self.module, optimizer=self.optimizer, scaler=self.scaler,
+                        curriculum=self.curriculum)
+        # optimizer.load_state_dict restored the saved hyperparameters; the current config's win
+        # (identical values on a plain resume, so this only matters when they were changed).
+        for group in self.optimizer.param_groups:
+            group["peak_lr"] = self.peak_lr
+            if group.get("name") == "decay":
+                group["weight_decay"] = cfg.resolved_weight_decay
+            if cfg.optimizer == "lars":
+                group["momentum"] = cfg.momentum
+                group["trust_coefficient"] = cfg.trust_coefficient
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch = int(ckpt["epoch"])
+        self.step = int(ckpt["step"])
+        self.step_in_epoch = int(ckpt["step_in_epoch"])
+        self.stats.load_state_dict(ckpt)
+        if "flops" in ckpt:
+            self.flops.load_state_dict(ckpt["flops"])
+        if self.step_in_epoch > self.steps_per_epoch:
+            raise CheckpointError(
+                f"cannot resume from {path}: it is {self.step_in_epoch} batches into epoch {self.epoch}, "
+                f"but an epoch now has only {self.steps_per_epoch} (did the dataset change?)"
+            )
+        rng = ckpt.get("rng")
+        if rng:
+            mine = rng[self.group.rank] if len(rng) == self.group.world_size else rng[0]
+            restore_rng_state(mine, {"mixup": self.mixup_gen})
+            if cfg.curriculum_sync == "per-rank" and len(rng) == self.group.world_size and "curriculum" in mine:
+                self.curriculum.load_state_dict(mine["curriculum"])  # this rank's own block, not rank 0's
+        self.last_good = path
+        self._last_saved_step = self.step
+        self._info(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.step_in_epoch}), "
+                   f"target block {self.curriculum.block}/{self.num_blocks}")
+
+    # ------------------------------------------------------------------ small utilities
+
+    def _info(self, msg: str, level: int = logging.INFO) -> None:
+        if self.group.is_main:
+            log.log(level, msg)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self._log_file.write(record)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _last_good_text(self) -> str:
+        return self.last_good if self.last_good else "none (no checkpoint was written yet)"
+
+    def _stop(self, msg: str, step: int) -> NonFiniteLossError:
+        self._log({"type": "error", "step": step, "epoch": self.epoch, "message": msg})
+        return NonFiniteLossError(msg)
+
+    def close(self) -> None:
+        """Close the log and progress bar; leave the process group if this trainer created it."""
+        if self._progress is not None:
+            self._progress.close()
+        self._guard.close(failed_early=self._log_file.path is None)
+        self._log_file.close()
+        if self._owns_group:
+            self.group.close()
+        self._closed = True
+
+    # ------------------------------------------------------------------ the step
+
+    def _calibrate(self, images: torch.Tensor) -> None:
+        """First step: pick the start block from the CKA of every teacher block (no grad)."""
+        cur = self.curriculum
+        scores = None
+        scan_blocks = 0
+        if cur.enabled and cur.start_block is None:
+            with torch.no_grad(), self._autocast():
+                s_patch, _ = self.module.features(images)
+                s_proj = self.module.head.project(s_patch)
+            before = self.teacher.blocks_run
+            with teacher_autocast(self.device, self.amp_dtype, self.teacher.dtype):
+                scores = self.teacher.scan(images, lambda k, patch, cls: self.score_fn(s_proj, patch))
+            scan_blocks = self.teacher.blocks_run - before
+        start = cur.calibrate(scores, step=self.step + 1, epoch=self.epoch)
+        for record in self.effects.apply(cur.level_ups):  # a snap at calibration restarts the lr
+            self._log(record)
+        self.stats.add_calibration(start, scan_blocks)
+        if scan_blocks:
+            self.flops.add_teacher_blocks(scan_blocks, images.shape[0] * self.group.world_size)
+        self._log({"type": "calibration", "step": self.step + 1, "epoch": self.epoch,
+                   "scores": cur.calibration_scores, "start_block": start, "teacher_blocks_run": scan_blocks})
+        self._info(f"calibration: start at teacher block {start}/{self.num_blocks}")
+
+    def train_step(self, images: torch.Tensor) -> StepResult:
+        """One optimizer step on a batch ``images (B, 3, H, W)``.
+
+        Shared by baseline and LEAP: only the curriculum's ``block`` differs.
+
+        Raises:
+            NonFiniteLossError: non-finite loss (or gradient norm outside fp16 loss scaling),
+                checked on the rank-averaged value *before* the optimizer step, so the weights
+                stay finite.
+        """
+        cfg, cur = self.cfg, self.curriculum
+        step = self.step + 1  # 1-based number of this step
+        images = images.to(self.device, non_blocking=True)
+        images, lam = mixup(images, generator=self.mixup_gen, enabled=cfg.mixup)
+        if not cur.calibrated:
+            self._calibrate(images)
+
+        k = cur.block
+        before = self.teacher.blocks_run
+        with teacher_autocast(self.device, self.amp_dtype, self.teacher.dtype):
+            t_patch, t_cls = teacher_targets(self.teacher, self.module, images, k)  # blocks 1..k only, no grad
+        blocks_run = self.teacher.blocks_run - before
+        self.flops.add_step(blocks_run, images.shape[0] * self.group.world_size)
+
+        with self._autocast():
+            loss, patch_loss, cls_loss, s_patch = self.model(images, t_patch, t_cls)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+
+        cka_t = None
+        if self.cka_every and step % self.cka_every == 0:
+            # Detached projected student (head before this step's update) vs the current target.
+            with torch.no_grad():
+                cka_t = self.score_fn(self.module.head.project(s_patch), self.module.final_target(t_patch))
+
+        grad_norm_t = None
+        if cfg.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm_t = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
+        stats = [loss.detach(), patch_loss.detach(), cls_loss.detach()]
+        if grad_norm_t is not None:
+            stats.append(grad_norm_t.detach().to(torch.float32))
+        if cka_t is not None:
+            stats.append(cka_t.detach().reshape(()).to(torch.float32))
+        # One small all-reduce + one host read per step, CKA included: the logged loss is the
+        # global mean, a NaN on any rank is seen by all ranks, which then stop together, and
+        # every rank hands the curriculum the same rank-mean CKA.
+        values, gathered = reduce_step_values(stats, self.rank_sync.inputs(cka_t, k, self.device))
+        loss_v, patch_v, cls_v = values[:3]
+        grad_norm = values[3] if grad_norm_t is not None else None
+        cka_v = values[-1] if cka_t is not None else None
+        bad_grad = grad_norm is not None and not math.isfinite(grad_norm) and not self.scaler.is_enabled()
+        if not math.isfinite(loss_v) or bad_grad:
+            what = f"loss is {loss_v}" if not math.isfinite(loss_v) else f"gradient norm is {grad_norm}"
+            raise self._stop(
+                f"{what} at step {step} (epoch {self.epoch + 1}); training stopped before applying it. "
+                f"Last good checkpoint: {self._last_good_text()}. Try a lower --lr, --precision fp32, "
+                f"or --clip-grad, then --resume from that checkpoint.", step)
+
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+        result = StepResult(step=step, epoch=self.epoch, loss=loss_v, patch_loss=patch_v, cls_loss=cls_v, block=k,
+                            lr=lr, teacher_blocks_run=blocks_run, mixup_lambda=lam, grad_norm=grad_norm)
+        cka_v, self._step_extra = self.rank_sync.outputs(cka_v, gathered)  # per-rank: this rank's own
+        if cka_t is not None:
+            n_before = len(cur.level_ups)
+            cur.observe(cka_v, step=step, epoch=self.epoch, already_reduced=True)
+            result.cka = cur.last_cka
+            result.level_ups = cur.level_ups[n_before:]
+            self._effect_records = self.effects.apply(cur.level_ups[n_before:])
+        return result
+
+    # ------------------------------------------------------------------ loop
+
+    def _log_level_ups(self, level_ups: list[LevelUp], cka: float | None) -> None:
+        for u in level_ups:
+            self._log(u.record(cka))
+            self._info(f"step {u.step}: target block {u.from_block} -> {u.to_block} ({u.reason})")
+
+    def _max_steps_reached(self) -> bool:
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+    def _run_epoch(self) -> bool:
+        """Train the rest of ``self.epoch``. False if stopped early by ``max_steps``."""
+        cfg = self.cfg
+        set_loader_epoch(self.loader, self.epoch, start_batch=self.step_in_epoch)
+        self._decode_seen = self.dataset.decode_failures
+        self._progress.start_epoch(self.epoch, self.step_in_epoch)
+        t_last = time.perf_counter()
+        try:
+            for images, _labels in self.loader:
+                result = self.train_step(images)
+                self._guard.check_step(result.loss, result.step, self._guard.last_good_text(self.last_good),
+                                       block=result.block)
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                self.step += 1
+                self.step_in_epoch += 1
+                result.images_per_s = self.global_batch / dt if dt > 0 else None
+                self._log({**result.record(), **self._step_extra})
+                self._log_level_ups(result.level_ups, result.cka)
+                for record in self._effect_records:  # lr restart / head reset of this step's level-ups
+                    self._log(record)
+                self._effect_records = []
+                self.stats.add_step(result, self.global_batch, dt)
+                self.block_history.append(result.block)
+                self._progress.step(result, self.step, self.step_in_epoch)
+
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    continue  # the epoch end (below) checkpoints
+                self._stop_if_signalled()
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                    self.save_checkpoint()
+                if self._max_steps_reached():
+                    return False
+        finally:
+            self._progress.close()
+        self._end_epoch()
+        return True
+
+    def _end_epoch(self) -> None:
+        cur, ep, tot = self.curriculum, self.stats.epoch, self.stats.total
+        n_before = len(cur.level_ups)
+        cur.epoch_end(epoch=self.epoch, step=self.step)
+        self._log_level_ups(cur.level_ups[n_before:], None)
+        for record in self.effects.apply(cur.level_ups[n_before:]):
+            self._log(record)
+
+        # Each rank's dataset counts the bad files of its own shard: sum over ranks.
+        new_failures = self.dataset.decode_failures - self._decode_seen
+        if self.group.enabled:
+            # NCCL reduces device tensors only.
+            t = torch.tensor([new_failures], dtype=torch.float32, device=self.device)
+            new_failures = int(all_reduce_sum(t).item())
+        tot.decode_failures += new_failures
+        mean_loss = ep.mean(ep.loss_sum)
+        record = ep.record(self.epoch, self.step, self.optimizer.param_groups[0]["lr"], cur, self.num_blocks,
+                           (new_failures, tot.decode_failures))
+        record.update({k: v for k, v in self.flops.epoch_summary().items() if k not in ("steps", "images")})
+        self._log(record)
+        if new_failures:
+            self._info(f"epoch {self.epoch + 1}: {new_failures} image(s) could not be decoded and were skipped",
+                       level=logging.WARNING)
+        tot.last_epoch_mean_loss = mean_loss
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.stats.epoch = EpochStats()
+        self.save_checkpoint()
+
+    def fit(self) -> dict[str, Any]:
+        """Train until ``epochs`` (or ``max_steps``); return the summary (also in summary.json).
+
+        Closes the trainer (log, process group) when done or on error: a trainer runs once.
+        """
+        if self._closed:
+            raise RuntimeError("this Trainer has already run (or was closed); build a new one to train again")
+        try:
+            status = "completed"
+            self._guard.catch_signals()
+            while self.epoch < self.cfg.epochs:
+                if self._max_steps_reached() or not self._run_epoch():
+                    status = "stopped_at_max_steps"
+                    break
+                self._stop_if_signalled()
+            if self._last_saved_step != self.step:
+                self.save_checkpoint()
+            summary = self.summary(status)
+            if self.group.is_main:
+                write_json(run_file(self.run_dir, SUMMARY_NAME), summary)
+            self._log({"type": "summary", **{k: v for k, v in summary.items() if k != "config"}})
+            return summary
+        finally:
+            self.close()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> str:
+        """Write ``RUN_DIR/checkpoint.pt`` atomically (rank 0), after checking the weights are finite.
+
+        Every rank must call it (the RNG states of all ranks are gathered into the file).
+
+        Raises:
+            NonFiniteLossError: the weights hold NaN/Inf; nothing is written, the last good
+                checkpoint stays on disk.
+        """
+        if not all_finite(self.params):
+            raise self._stop(
+                f"student/head weights became non-finite by step {self.step} (epoch {self.epoch + 1}); "
+                f"the checkpoint was NOT overwritten. Last good checkpoint: {self._last_good_text()}.", self.step)
+        self._guard.check_weights(self.params, self.step, self._guard.last_good_text(self.last_good))
+        # Every rank's controller travels with its RNG state: under --curriculum-sync per-rank they differ.
+        rng_all = self.group.all_gather_object({**capture_rng_state({"mixup": self.mixup_gen}),
+                                                "curriculum": self.curriculum.state_dict()})
+        if self.group.is_main:
+            ckpt = build_checkpoint(
+                module=self.module, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                curriculum=self.curriculum, rng=rng_all, epoch=self.epoch, step=self.step,
+                step_in_epoch=self.step_in_epoch, stats=self.stats.state_dict(), flops=self.flops.state_dict(),
+                config=self.cfg.to_dict(), resolved=self.resolved, dims=self.dims)
+            self._guard.keep_previous(self.ckpt_path, self._last_saved_step)
+            atomic_save(ckpt, self.ckpt_path)
+            self._log({"type": "checkpoint", "step": self.step, "epoch": self.epoch,
+                       "step_in_epoch": self.step_in_epoch, "path": self.ckpt_path})
+        self.last_good = self.ckpt_path
+        self._last_saved_step = self.step
+        return self.ckpt_path
+
+    # ------------------------------------------------------------------ signals (leap.run.guard)
+
+    def _stop_if_signalled(self) -> None:
+        """After SIGTERM/SIGINT (agreed by every rank): checkpoint, log, raise RunInterrupted."""
+        signum = self._guard.stop_requested(self.group, self.device)
+        if not signum:
+            return
+        if self._last_saved_step != self.step:
+            self.save_checkpoint()
+        self._log({"type": "interrupted", "signal": int(signum), "step": self.step, "epoch": self.epoch,
+                   "checkpoint": self.ckpt_path})
+        raise self._guard.interrupted(signum, self.step, self.ckpt_path)
+
+    # ------------------------------------------------------------------ summary
+
+    def summary(self, status: str) -> dict[str, Any]:
+        tot, cur = self.stats.total, self.curriculum
+        steps = self.step
+        return sanitize({
+            "status": status,
+            "mode": "leap" if cur.enabled else ("one-to-one" if self.cfg.curriculum == "one-to-one" else "baseline"),
+            # Whether the per-step CKA (or cosine) was computed: the baselines skip it unless --cka-every.
+            "cka_computed": self.cka_every is not None, "curriculum_sync": self.cfg.curriculum_sync,
+            "blocks_per_rank": self._step_extra.get("blocks_per_rank"),
+            "run_dir": self.run_dir,
+            "checkpoint": self.last_good,
+            "steps": steps,
+            "epochs": self.cfg.epochs,
+            "epochs_completed": self.epoch,
+            "num_blocks": self.num_blocks,
+            "start_block": tot.start_block,
+            "final_block": cur.block,
+            "mean_block": tot.block_sum / steps if steps else None,
+            "level_ups": [{k: v for k, v in u.record().items() if k != "type"} for u in cur.level_ups],
+            "calibration_scores": cur.calibration_scores,
+            **tot.summary(steps, self.num_blocks),
+            "flops": {k: v for k, v in self.flops.totals().items() if k not in ("steps", "images")},
+            "resolved": self.resolved,
+            "config": self.cfg.to_dict(),
+        })
+
+
+def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    """Run one distillation from a :class:`TrainConfig` (or a dict of its fields).
+
+    Returns the summary dict (also written to ``RUN_DIR/summary.json`` by rank 0).
+    Under ``torchrun`` every process calls this; the process group is created from the
+    environment and destroyed at the end.
+    """
+    cfg = TrainConfig.from_dict(config) if isinstance(config, dict) else config
+    group = ProcessGroup(cfg.device)
+    try:
+        return Trainer(cfg, group).fit()
+    finally:
+        group.close()

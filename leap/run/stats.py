@@ -1,0 +1,165 @@
+"""Typed results of a training run: :class:`StepResult` (one optimizer step, turned into the
+``step`` record of ``log.jsonl``) and :class:`RunStats` (the epoch's and the run's running
+counters, saved in checkpoints as ``epoch_stats`` / ``totals``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..curriculum import LevelUp
+
+__all__ = ["StepResult", "EpochStats", "RunTotals", "RunStats"]
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced (rank-averaged values, read back once per step)."""
+
+    step: int                      # 1-based number of this step
+    epoch: int                     # 0-based epoch
+    loss: float
+    patch_loss: float
+    cls_loss: float
+    block: int                     # teacher target block of this step
+    lr: float                      # lr the step was taken with
+    teacher_blocks_run: int        # teacher blocks run by this step (calibration excluded)
+    mixup_lambda: float
+    grad_norm: float | None = None  # before clipping; None when clipping is off
+    cka: float | None = None        # None on steps without a CKA check
+    level_ups: list[LevelUp] = field(default_factory=list)  # moves decided by this step's CKA
+    images_per_s: float | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The ``step`` record of ``log.jsonl``."""
+        rec: dict[str, Any] = {
+            "type": "step", "step": self.step, "epoch": self.epoch, "loss": self.loss,
+            "patch_loss": self.patch_loss, "cls_loss": self.cls_loss, "block": self.block, "lr": self.lr,
+            "teacher_blocks_run": self.teacher_blocks_run, "mixup_lambda": self.mixup_lambda,
+        }
+        if self.grad_norm is not None:
+            rec["grad_norm"] = self.grad_norm
+        if self.cka is not None:
+            rec["cka"] = self.cka
+        rec["images_per_s"] = self.images_per_s
+        return rec
+
+
+@dataclass
+class EpochStats:
+    """Counters of the epoch in progress (saved in checkpoints, so a resumed epoch adds up)."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    patch_loss_sum: float = 0.0
+    cls_loss_sum: float = 0.0
+    block_sum: int = 0
+    teacher_blocks_run: int = 0
+    images: int = 0
+    time_s: float = 0.0
+    cka_sum: float = 0.0
+    cka_count: int = 0
+
+    def mean(self, total: float) -> float | None:
+        return total / self.steps if self.steps else None
+
+    def record(self, epoch: int, step: int, lr: float, curriculum: Any, num_blocks: int,
+               decode_failures: tuple[int, int]) -> dict[str, Any]:
+        """The ``epoch`` record of ``log.jsonl`` (without the FLOP counters, which the trainer adds).
+
+        ``curriculum``: the controller (its block and epochs on it); ``decode_failures``: the
+        undecodable images of this epoch and of the run.
+        """
+        return {
+            "type": "epoch", "epoch": epoch, "steps": self.steps, "mean_loss": self.mean(self.loss_sum),
+            "mean_patch_loss": self.mean(self.patch_loss_sum),
+            "mean_cls_loss": self.mean(self.cls_loss_sum),
+            "mean_cka": self.cka_sum / self.cka_count if self.cka_count else None,
+            "block": curriculum.block, "mean_block": self.mean(self.block_sum),
+            "epochs_on_block": curriculum.epochs_on_block,
+            "decode_failures": decode_failures[0], "decode_failures_total": decode_failures[1],
+            "teacher_blocks_run_total": self.teacher_blocks_run,
+            "teacher_block_savings": 1.0 - self.teacher_blocks_run / (max(1, self.steps) * num_blocks),
+            "time_s": self.time_s, "images_per_s": self.images / self.time_s if self.time_s > 0 else None,
+            "lr": lr, "step": step,
+        }
+
+
+@dataclass
+class RunTotals:
+    """Counters of the whole run, for the summary."""
+
+    teacher_blocks_run: int = 0     # training steps only (the calibration scan is counted apart)
+    calibration_blocks: int = 0     # teacher blocks run by the one-off calibration scan
+    block_sum: int = 0
+    images: int = 0
+    time_s: float = 0.0
+    decode_failures: int = 0
+    start_block: int | None = None
+    last_loss: float | None = None
+    last_epoch_mean_loss: float | None = None
+
+    def summary(self, steps: int, num_blocks: int) -> dict[str, Any]:
+        """The totals' part of ``summary.json`` after ``steps`` steps with an ``num_blocks``-block teacher."""
+        full = steps * num_blocks
+        return {
+            "teacher_blocks_run": self.teacher_blocks_run,
+            "calibration_blocks": self.calibration_blocks,  # apart from the savings (add_calibration)
+            "teacher_blocks_full": full,
+            "teacher_block_savings": 1.0 - self.teacher_blocks_run / full if full else None,
+            "final_loss": self.last_loss,
+            "last_epoch_mean_loss": self.last_epoch_mean_loss,
+            "images_seen": self.images,
+            "train_time_s": self.time_s,
+            "images_per_s": self.images / self.time_s if self.time_s > 0 else None,
+            "decode_failures": self.decode_failures,
+            "mean_step_time_s": self.time_s / steps if steps else None,
+        }
+
+
+@dataclass
+class RunStats:
+    """Running statistics of a run: this epoch's and the whole run's."""
+
+    epoch: EpochStats = field(default_factory=EpochStats)
+    total: RunTotals = field(default_factory=RunTotals)
+
+    def add_step(self, result: StepResult, images: int, dt: float) -> None:
+        """Account one step on ``images`` images (global batch) that took ``dt`` seconds."""
+        ep, tot = self.epoch, self.total
+        ep.steps += 1
+        ep.loss_sum += result.loss
+        ep.patch_loss_sum += result.patch_loss
+        ep.cls_loss_sum += result.cls_loss
+        ep.block_sum += result.block
+        ep.teacher_blocks_run += result.teacher_blocks_run
+        ep.images += images
+        ep.time_s += dt
+        if result.cka is not None and math.isfinite(result.cka):
+            ep.cka_sum += result.cka
+            ep.cka_count += 1
+        tot.teacher_blocks_run += result.teacher_blocks_run
+        tot.block_sum += result.block
+        tot.images += images
+        tot.time_s += dt
+        tot.last_loss = result.loss
+
+    def add_calibration(self, start_block: int, scan_blocks: int) -> None:
+        """The calibration scan: its blocks are counted apart from the training steps', so every
+        "saved" number of a run (summary, epoch records, report, ``leap flops``) has one meaning:
+        training steps vs. the same steps at full depth (see :mod:`leap.cost`)."""
+        self.total.start_block = start_block
+        self.total.calibration_blocks += scan_blocks
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """The ``epoch_stats`` and ``totals`` entries of a checkpoint."""
+        return {"epoch_stats": dataclasses.asdict(self.epoch), "totals": dataclasses.asdict(self.total)}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        names = {f.name for f in dataclasses.fields(EpochStats)}
+        self.epoch = EpochStats(**{k: v for k, v in ckpt.get("epoch_stats", {}).items() if k in names})
+        names = {f.name for f in dataclasses.fields(RunTotals)}
+        self.total = RunTotals(**{k: v for k, v in ckpt.get("totals", {}).items() if k in names})

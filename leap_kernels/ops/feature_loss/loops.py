@@ -1,0 +1,543 @@
+"""Host side of the fused feature loss: the chunk loop of each backend, and the backward rescale.
+
+- :func:`forward_triton`: the Triton loop (``_projection_loss_kernel`` -> cuBLAS ``dS = G W`` ->
+  ``_grad_weight_kernel`` per chunk; kernels in :mod:`.triton`);
+- :func:`chunks_torch`: the same chunk loop in plain PyTorch (the readable reference and fallback);
+- :func:`chunks_compiled`: one call of the C++ loop ``leap_kernels::feature_loss_chunks``
+  (csrc/ops.cpp) for the ``cpp`` and ``cuda`` backends;
+- :func:`run`: the loop of a given backend, returning the kept gradients in the op's layout;
+- :func:`rescale_triton` / :func:`rescale_aten`: the backward of ``reduction="mean"|"sum"``.
+
+A call is described by two small frozen dataclasses: :class:`Operands` (the tensors) and
+:class:`LossOptions` (what to compute). The backend is chosen once by the caller (see
+:mod:`leap_kernels.ops.feature_loss`) and handed in by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+
+import torch
+
+from .._rows import RowBuffers, reduce_rows, token_norm_input_grad, token_norm_rows_torch, token_norm_rows_triton
+from .._triton_common import HAS_TRITON, INTERPRETED, accumulation_dtype, dot_precision, m_bucket, upcast_dot
+
+if HAS_TRITON:
+    import triton
+
+    from .triton import PARTIAL_BLOCK_N, _grad_weight_kernel, _projection_loss_kernel, _rescale_kernel
+
+ENV_CHUNK_TOKENS = "LEAP_KERNELS_CHUNK_TOKENS"
+# The torch backend and the C++ CUDA loop (whose fp32 projection buffer makes larger chunks costly).
+DEFAULT_CHUNK_TOKENS = 8192
+# The Triton loop. Peak extra memory at the paper's shape (M = 32768, 384 -> 1536, bf16, chunk C,
+# S = 8 weight-gradient splits, 24 loss slots of 64 channels) is in the forward, in MiB:
+#   G buffer C * 1536 * 2 + kept dS 32768 * 384 * 2 + dW workspace S * 1536 * 384 * 4
+#   + loss partials 24 * 32768 * 4 (plain; token-normalized: per-token losses 32768 * 4)
+#   = 48.0 + 24.0 + 18.0 + 3.0 = 93.0 MiB at C = 16384 (90.1 MiB token-normalized);
+# backward: kept dS + workspace + the new student/weight/bias gradients = 24.0 + 18.0 + 25.1 = 67.2 MiB.
+# C = 32768 would need 141 MiB, over the 130 MB target; C = 8192 doubles the launches.
+# tests/test_launch_count.py measures the peak from the allocations and frees of a meta-tensor run.
+DEFAULT_TRITON_CHUNK_TOKENS = 16384
+# The C++ CPU loop, measured at M = 8192, 384 -> 1536 on 2 cores: smaller chunks run the GEMMs slower
+# (1024 tokens: 1.5x the time of 8192), and 8192 raises the peak from 43 MB to 62 MB (eager: 192 MB).
+DEFAULT_CPU_CHUNK_TOKENS = 4096
+
+# Weight-gradient splits over tokens: enough CTAs for a whole H100/H200 (72 column tiles x 8 = 576 for
+# 1536 x 384), at least this many tokens per split so that the fp32 tile write stays small next to the
+# reads, and a (splits, D_t, D_s) fp32 workspace of at most 8 weight gradients.
+MIN_ROWS_PER_SPLIT = 2048
+MAX_WEIGHT_GRAD_SPLITS = 8
+
+ELEMENTWISE_BLOCK = 65536 if INTERPRETED else 4096  # the interpreter runs programs one after another
+
+#: ``(loss, grad_student, grad_weight, grad_bias)`` of a chunk loop (None where not computed).
+LoopResult = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def chunk_tokens(m: int, default: int = DEFAULT_CHUNK_TOKENS) -> int:
+    """Tokens per chunk: bounds the ``(chunk, D_t)`` scratch buffers (``LEAP_KERNELS_CHUNK_TOKENS``
+    when set, else ``default``)."""
+    value = os.environ.get(ENV_CHUNK_TOKENS)
+    if value:
+        try:
+            chunk = int(value)
+        except ValueError:
+            chunk = 0
+        if chunk <= 0:
+            raise ValueError(f"{ENV_CHUNK_TOKENS}: expected a positive integer, got {value!r}")
+    else:
+        chunk = default
+    return min(m, chunk)
+
+
+def weight_grad_splits(m: int, device: torch.device) -> int:
+    """Number of token slices whose weight/bias gradients the Triton loop keeps apart until backward.
+
+    A function of the shape and device only. CPU tensors without the Triton interpreter never reach
+    the Triton kernels: one (the C++ loop's layout).
+    """
+    if device.type == "cpu" and not INTERPRETED:
+        return 1
+    return max(1, min(MAX_WEIGHT_GRAD_SPLITS, m // MIN_ROWS_PER_SPLIT))
+
+
+def kept_splits(backend: str, m: int, device: torch.device) -> int:
+    """Token splits of the kept weight/bias gradients of ``backend``: the Triton loop's
+    :func:`weight_grad_splits`; the other backends hand over their one gradient as a single split
+    (no padding slices to add). A function of the backend's name and the shape: the fake
+    implementations use it without choosing a backend."""
+    return weight_grad_splits(m, device) if backend == "triton" else 1
+
+
+def kept_grad_scale(student_dtype: torch.dtype, n: int) -> float:
+    """Factor on the gradients kept from forward to backward (``reduction="mean"|"sum"``):
+    ``2^-ceil(log2(D_t) / 2)`` for fp16 (1/64 for D_t = 1536), else 1.
+
+    The kept student gradient ``G W`` sums ``D_t`` products ``2 (P - T) W``: unscaled, it overflows
+    fp16 from |P - T| ~ 1e3 when the products add up coherently. A factor of about ``1/sqrt(D_t)``
+    moves that to where ``G = 2 (P - T)`` itself overflows (|P - T| ~ 3e4) for weights of the usual
+    ``1/sqrt(D_s)`` scale, and keeps a random-sign sum (which grows like ``sqrt(D_t)``) in fp16's normal
+    range down to |P - T| ~ 1e-3 (a ``1/D_t`` factor would push residuals ~1e-2 into subnormals).
+    bf16 and fp32 have the range and keep factor 1.
+    """
+    if student_dtype != torch.float16:
+        return 1.0
+    return 2.0 ** -math.ceil(math.log2(max(n, 1)) / 2)
+
+
+def loss_scale(reduction: str, m: int, n: int) -> float:
+    """Factor from ``sum_c err^2`` per token to the op's loss: the mean's ``1/(M D_t)``, ``1`` for the
+    sum, ``1/D_t`` per token for ``"none"``."""
+    if reduction == "mean":
+        return 1.0 / (m * n)
+    if reduction == "sum":
+        return 1.0
+    return 1.0 / n
+
+
+def rows_2d(x: torch.Tensor) -> torch.Tensor:
+    """``(M, D)`` rows of ``x``: a view of a 2-D tensor, a reshape (copy if needed) of ``(B, N, D)``."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _can_flatten(x: torch.Tensor, dims: int) -> bool:
+    """True when the first ``dims`` dims of ``x`` merge into one without a copy."""
+    for i in range(dims - 1):
+        if x.shape[i + 1] != 1 and x.shape[i] != 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
+            return False
+    return True
+
+
+def token_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(..., D)`` -> ``(M, D)`` when that is a view, else ``(B, N, D)`` when that is a view (a slice
+    ``x[:, prefix:]`` of contiguous tokens), else a copy ``(M, D)``."""
+    if x.dim() <= 2:
+        return x.reshape(-1, x.shape[-1]) if x.dim() == 1 else x
+    if _can_flatten(x, x.dim() - 1):
+        return x.reshape(-1, x.shape[-1])
+    if _can_flatten(x, x.dim() - 2):
+        return x.reshape(-1, x.shape[-2], x.shape[-1])
+    return x.reshape(-1, x.shape[-1])
+
+
+# ----------------------------------------------------------------------------- what a call computes
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Operands:
+    """The tensors of one call: student ``(M, D_s)`` or ``(B, N, D_s)`` (any strides), weight
+    ``(D_t, D_s)``, bias ``(D_t,)`` or None, target ``(M, D_t)`` or ``(B, N, D_t)``."""
+
+    student: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    target: torch.Tensor
+
+    @property
+    def m(self) -> int:
+        """Tokens."""
+        return self.student.numel() // self.student.shape[-1]
+
+    @property
+    def k(self) -> int:
+        """Student channels ``D_s``."""
+        return int(self.student.shape[-1])
+
+    @property
+    def n(self) -> int:
+        """Teacher channels ``D_t``."""
+        return int(self.weight.shape[0])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.student, self.weight, self.bias, self.target) if t is not None]
+
+    def acc_dtype(self) -> torch.dtype:
+        return accumulation_dtype(self.student.dtype, self.weight.dtype, self.target.dtype)
+
+    def as_rows(self) -> Operands:
+        """The same operands with ``(M, D)`` student and target (a strided ``(B, N, D)`` view is copied)."""
+        return dataclasses.replace(self, student=rows_2d(self.student), target=rows_2d(self.target))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LossOptions:
+    """What a chunk loop computes.
+
+    ``reduction``: ``"mean"``, ``"sum"`` or ``"none"`` for the loss, None for no loss (the recomputing
+    backward); with ``want_grads`` the gradients of ``kept_scale * sum_m row_scale[m] row_loss[m]``
+    (``row_scale``: an ``(M,)`` fp32 per-token weight, None for ones).
+    """
+
+    normalize: bool
+    eps: float
+    reduction: str | None = None
+    want_grads: bool = True
+    row_scale: torch.Tensor | None = None
+    kept_scale: float = 1.0
+
+
+# ----------------------------------------------------------------------------- Triton loop
+
+
+def _token_layout(student: torch.Tensor, target: torch.Tensor) -> int:
+    """Tokens per sample of the ``(B, N, D)`` inputs (``M`` when both are 2-D ``(M, D)``)."""
+    for x in (student, target):
+        if x.dim() == 3:
+            return int(x.shape[1])
+    return int(student.shape[0])
+
+
+def _row_strides(x: torch.Tensor, tokens: int) -> tuple[int, int]:
+    """(stride_b, stride_m) of ``x``'s token rows in a ``(B, tokens, D)`` view."""
+    if x.dim() == 3:
+        return x.stride(0), x.stride(1)
+    return tokens * x.stride(0), x.stride(0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _TritonCall:
+    """What every launch of one call of the Triton loop shares: the operands (weight in the compute
+    dtype), the token-row addressing of student and target, the dot settings and the loss scale."""
+
+    student: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    target: torch.Tensor
+    tokens: int
+    s_strides: tuple[int, int]  # (stride_b, stride_m)
+    t_strides: tuple[int, int]
+    upcast: bool
+    precision: str
+    loss_scale: float
+    dummy: torch.Tensor  # any tensor, for pointer arguments a launch does not use
+
+
+def _launch_projection(call: _TritonCall, start: int, rows: int, out: torch.Tensor | None,
+                       row_scale: torch.Tensor | None, partial: torch.Tensor | None, *, mode: int,
+                       write_grad: bool = False) -> None:
+    s, w, t, dummy = call.student, call.weight, call.target, call.dummy
+    k, n = s.shape[-1], w.shape[0]
+    _projection_loss_kernel[
+        lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    ](
+        s, w,
+        call.bias if call.bias is not None else dummy,
+        t,
+        out if out is not None else dummy,
+        row_scale if row_scale is not None else dummy,
+        partial if partial is not None else dummy,
+        rows, n, k,
+        call.s_strides[1], s.stride(-1), w.stride(0), w.stride(1), call.t_strides[1], t.stride(-1),
+        out.stride(0) if out is not None else 0,
+        partial.stride(0) if partial is not None else 0,
+        start, call.tokens, call.s_strides[0], call.t_strides[0], m_bucket(rows), call.loss_scale,
+        MODE=mode,
+        HAS_BIAS=call.bias is not None,
+        WRITE_LOSS=partial is not None,
+        WRITE_GRAD=write_grad,
+        HAS_ROW_SCALE=row_scale is not None,
+        UPCAST=call.upcast,
+        INPUT_PRECISION=call.precision,
+        PARTIAL_BLOCK_N=PARTIAL_BLOCK_N,
+    )
+
+
+def _launch_grad_weight(call: _TritonCall, g: torch.Tensor, grads: tuple[torch.Tensor, torch.Tensor | None],
+                        start: int, splits: int, kept_scale: float) -> None:
+    """``grads = (grad_weight (splits, D_t, D_s), grad_bias (splits, D_t) or None)`` get this chunk's
+    ``G^T S`` and ``sum G`` (added to the previous chunks' for ``start > 0``)."""
+    grad_weight, grad_bias = grads
+    s = call.student
+    rows, n = g.shape
+    k = s.shape[-1]
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), 128) * 128
+    _grad_weight_kernel[
+        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]) * splits,)
+    ](
+        g, s, grad_weight, grad_bias if grad_bias is not None else grad_weight,
+        rows, n, k,
+        g.stride(0), g.stride(1), call.s_strides[1], s.stride(-1),
+        start, call.tokens, call.s_strides[0], m_bucket(rows_per_split), kept_scale,
+        ROWS_PER_SPLIT=rows_per_split,
+        HAS_BIAS_GRAD=grad_bias is not None,
+        ACCUMULATE=start > 0,
+        UPCAST=call.upcast,
+        INPUT_PRECISION=call.precision,
+    )
+
+
+def _loss_slots(n: int) -> int:
+    return triton.cdiv(n, PARTIAL_BLOCK_N)
+
+
+def forward_triton(ops: Operands, opts: LossOptions, splits: int) -> LoopResult:
+    """The Triton chunk loop on ``ops`` (strided ``(B, N, D)`` views read in place).
+
+    Returns ``(loss, grad_student, grad_weight_parts, grad_bias_parts)``: loss as :func:`reduce_rows`
+    gives it (None without ``opts.reduction``); with ``opts.want_grads`` the gradients of
+    :class:`LossOptions`: student (student's shape and dtype), weight ``(splits, D_t, D_s)`` and bias
+    ``(splits, D_t)`` fp32 per token split (bias None without bias).
+    """
+    student, target = ops.student, ops.target
+    k, n, m = ops.k, ops.n, ops.m
+    device = student.device
+    compute_dtype = student.dtype
+    weight_c = ops.weight.to(compute_dtype)  # no copy in the common case of matching dtypes
+    bias = ops.bias.contiguous() if ops.bias is not None else None  # the kernel reads it in its own dtype
+    reduction, normalize, want_grads, row_scale = opts.reduction, opts.normalize, opts.want_grads, opts.row_scale
+    chunk = chunk_tokens(m, DEFAULT_TRITON_CHUNK_TOKENS)
+
+    # Every buffer once per call, sized by the shapes only.
+    g_buf = None
+    if want_grads or normalize:  # G, and for the token-normalized loss first P, in the compute dtype
+        g_buf = torch.empty(chunk, n, dtype=compute_dtype, device=device)
+    row_loss = partial = None
+    if reduction is not None:
+        if normalize:
+            row_loss = torch.empty(m, dtype=torch.float32, device=device)
+        else:
+            partial = torch.empty(_loss_slots(n), m, dtype=torch.float32, device=device)
+    grad_student = grad_weight = grad_bias = None
+    if want_grads:
+        grad_student = torch.empty(student.shape, dtype=compute_dtype, device=device)
+        grad_weight = torch.empty(splits, n, k, dtype=torch.float32, device=device)
+        if bias is not None:
+            grad_bias = torch.empty(splits, n, dtype=torch.float32, device=device)
+    tokens = _token_layout(student, target)
+    call = _TritonCall(
+        student, weight_c, bias, target, tokens, _row_strides(student, tokens), _row_strides(target, tokens),
+        upcast_dot(compute_dtype), dot_precision(compute_dtype),
+        loss_scale(reduction, m, n) if reduction is not None else 1.0,
+        g_buf if g_buf is not None else (partial if partial is not None else weight_c),
+    )
+
+    for start in range(0, m, chunk):
+        stop = min(m, start + chunk)
+        rows = stop - start
+        g = g_buf[:rows] if g_buf is not None else None
+        scale_chunk = row_scale[start:stop] if row_scale is not None else None
+        if normalize:
+            assert g is not None  # allocated for the token-normalized loss
+            _launch_projection(call, start, rows, g, None, None, mode=0)
+            token_norm_rows_triton(
+                g, target, opts.eps, row_scale=scale_chunk, loss_scale=call.loss_scale,
+                out=RowBuffers(row_loss=row_loss[start:stop] if row_loss is not None else None,
+                               grad_x=g if want_grads else None),
+                t_rows=(start, tokens, *call.t_strides),
+            )
+        else:
+            _launch_projection(call, start, rows, g, scale_chunk,
+                               partial[:, start:stop] if partial is not None else None, mode=1,
+                               write_grad=want_grads)
+        if want_grads:
+            assert g is not None and grad_student is not None and grad_weight is not None
+            gs = grad_student.view(m, k)[start:stop]
+            if opts.kept_scale != 1.0:  # alpha on the fp32 accumulator, before the 16-bit store
+                torch.addmm(gs, g, weight_c, beta=0, alpha=opts.kept_scale, out=gs)
+            else:
+                torch.mm(g, weight_c, out=gs)
+            _launch_grad_weight(call, g, (grad_weight, grad_bias), start, splits, opts.kept_scale)
+
+    loss = None
+    if reduction is not None:  # the kernels applied the reduction's scale
+        if row_loss is not None:
+            loss = row_loss if reduction == "none" else row_loss.sum()
+        elif partial is not None:
+            loss = partial.sum(dim=0) if reduction == "none" else partial.sum()
+    return loss, grad_student, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------- torch backend
+
+
+def chunks_torch(ops: Operands, opts: LossOptions) -> LoopResult:
+    """Per-token losses and (optionally) gradients, chunk by chunk, in plain PyTorch.
+
+    ``ops`` as ``(M, D)`` rows (:meth:`Operands.as_rows`). Returns ``row_loss (M,)`` =
+    ``sum_c err^2`` per token (acc dtype; ``opts.reduction`` is not applied), and with
+    ``opts.want_grads`` the gradients of :class:`LossOptions`: student ``(M, D_s)`` in student dtype,
+    weight ``(D_t, D_s)`` and bias ``(D_t,)`` in the accumulation dtype (fp32, fp64 for fp64 inputs).
+    """
+    student, target = ops.student, ops.target
+    m, k, n = ops.m, ops.k, ops.n
+    acc = ops.acc_dtype()
+    # The projection runs in the student's dtype (as autocast would) and accumulates in `acc`.
+    weight_acc = ops.weight.to(student.dtype).to(acc)
+    bias_acc = ops.bias.to(acc) if ops.bias is not None else None
+    row_loss = torch.empty(m, dtype=acc, device=student.device)
+    grad_student = grad_weight = grad_bias = None
+    if opts.want_grads:
+        grad_student = torch.empty(m, k, dtype=student.dtype, device=student.device)
+        grad_weight = torch.zeros(n, k, dtype=acc, device=student.device)
+        grad_bias = torch.zeros(n, dtype=acc, device=student.device) if bias_acc is not None else None
+
+    chunk = chunk_tokens(m)
+    for start in range(0, m, chunk):
+        stop = min(m, start + chunk)
+        s_chunk = student[start:stop].to(acc)
+        projection = s_chunk @ weight_acc.T
+        if bias_acc is not None:
+            projection += bias_acc
+        if opts.normalize:
+            p_hat, rstd_p, t_hat, _ = token_norm_rows_torch(projection, target[start:stop], opts.eps, acc)
+            diff = p_hat - t_hat
+        else:
+            diff = projection - target[start:stop].to(acc)
+        row_loss[start:stop] = diff.square().sum(dim=-1)
+        if grad_student is None or grad_weight is None:
+            continue
+        grad = (2.0 * opts.kept_scale) * diff
+        if opts.row_scale is not None:
+            grad *= opts.row_scale[start:stop].to(acc)[:, None]
+        if opts.normalize:
+            grad = token_norm_input_grad(grad, p_hat, rstd_p)
+        grad_student[start:stop] = grad @ weight_acc
+        grad_weight += grad.T @ s_chunk
+        if grad_bias is not None:
+            grad_bias += grad.sum(dim=0)
+    return row_loss, grad_student, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------- compiled backends (cpp, cuda)
+
+
+def chunks_compiled(ops: Operands, opts: LossOptions) -> LoopResult:
+    """The whole chunk loop in one call of the C++ op ``leap_kernels::feature_loss_chunks`` (csrc/ops.cpp).
+
+    Same contract as :func:`chunks_torch` (fp32 and 16-bit inputs only). ``opts.kept_scale`` reaches
+    the C++ loop as a per-token scale, so it applies before the 16-bit store of the student gradient.
+    """
+    student = ops.student
+    row_scale = opts.row_scale
+    if opts.want_grads and opts.kept_scale != 1.0:
+        row_scale = (row_scale * opts.kept_scale if row_scale is not None
+                     else torch.full((student.shape[0],), opts.kept_scale, dtype=torch.float32, device=student.device))
+    default = DEFAULT_CPU_CHUNK_TOKENS if student.device.type == "cpu" else DEFAULT_CHUNK_TOKENS
+    row_loss, grad_student, grad_weight, grad_bias = torch.ops.leap_kernels.feature_loss_chunks(
+        student, ops.weight, ops.bias, ops.target, opts.normalize, opts.eps, opts.want_grads, row_scale,
+        chunk_tokens(student.shape[0], default),
+    )
+    if not opts.want_grads:
+        return row_loss, None, None, None
+    return row_loss, grad_student, grad_weight, grad_bias if ops.bias is not None else None
+
+
+_CHUNK_LOOPS: dict[str, Callable[[Operands, LossOptions], LoopResult]] = {
+    "torch": chunks_torch, "cpp": chunks_compiled, "cuda": chunks_compiled,
+}
+
+
+def run(backend: str, ops: Operands, opts: LossOptions) -> LoopResult:
+    """Loss (None without ``opts.reduction``) and the kept gradients of ``backend``'s loop, in the op's
+    layout: ``(loss, grad_student (student's shape), grad_weight (splits, D_t, D_s), grad_bias
+    (splits, D_t) or None)`` with :func:`kept_splits` splits."""
+    if backend == "triton":
+        return forward_triton(ops, opts, kept_splits(backend, ops.m, ops.student.device))
+    # The other backends take (M, D) rows: a strided (B, N, D) view is copied here.
+    row_loss, grad_student, grad_weight, grad_bias = _CHUNK_LOOPS[backend](ops.as_rows(), opts)
+    acc = ops.acc_dtype()
+    assert row_loss is not None
+    loss = reduce_rows(row_loss.to(acc), opts.reduction, ops.n) if opts.reduction is not None else None
+    if grad_student is None or grad_weight is None:
+        return loss, None, None, None
+    kept_bias = grad_bias.to(acc).unsqueeze(0) if grad_bias is not None else None
+    return loss, grad_student.view(ops.student.shape), grad_weight.to(acc).unsqueeze(0), kept_bias
+
+
+# ----------------------------------------------------------------------------- backward rescale
+
+
+@dataclasses.dataclass(frozen=True)
+class RescaleRequest:
+    """The outputs of the backward rescale: ``scale`` and the dtypes of the weight and bias
+    gradients (the student gradient keeps the kept gradient's dtype, the student's), and which of
+    the three gradients are wanted."""
+
+    scale: float
+    weight_dtype: torch.dtype
+    bias_dtype: torch.dtype
+    need_student: bool
+    need_weight: bool
+    need_bias: bool
+
+
+#: dtypes the rescale kernel loads and stores.
+RESCALE_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rescale_fits_triton(grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_output: torch.Tensor | None,
+                        request: RescaleRequest) -> bool:
+    """True when the Triton rescale kernel takes these dtypes (fp32 math; 16/32-bit in and out)."""
+    dtypes = (grad_student.dtype, request.weight_dtype, request.bias_dtype)
+    return (HAS_TRITON and accumulation_dtype(grad_weight.dtype, grad_student.dtype) == torch.float32
+            and all(d in RESCALE_TRITON_DTYPES for d in dtypes)
+            and (grad_output is None or grad_output.dtype in RESCALE_TRITON_DTYPES))
+
+
+def rescale_triton(grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor,
+                   grad_output: torch.Tensor | None,
+                   request: RescaleRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward rescale in one launch of ``_rescale_kernel`` (see ``feature_loss_rescale``)."""
+    device = grad_weight.device
+    splits, n, k = grad_weight.shape
+    grad_student = grad_student.contiguous()  # the kept gradient is: no copy
+    out_student = torch.empty(grad_student.shape if request.need_student else (0,), dtype=grad_student.dtype,
+                              device=device)
+    out_weight = torch.empty((n, k) if request.need_weight else (0,), dtype=request.weight_dtype, device=device)
+    out_bias = torch.empty((n,) if request.need_bias else (0,), dtype=request.bias_dtype, device=device)
+    n_s, n_w, n_b = out_student.numel(), out_weight.numel(), out_bias.numel()
+    block = ELEMENTWISE_BLOCK
+    programs = triton.cdiv(n_s, block) + triton.cdiv(n_w, block) + triton.cdiv(n_b, block)
+    if programs:
+        _rescale_kernel[(programs,)](
+            grad_student, grad_weight, grad_bias if grad_bias.numel() else grad_weight,
+            grad_output if grad_output is not None else grad_weight,
+            out_student, out_weight, out_bias,
+            n_s, n_w, n_b, request.scale,
+            SPLITS=splits,
+            HAS_GRAD_OUT=grad_output is not None,
+            BLOCK=block,
+        )
+    return out_student, out_weight, out_bias
+
+
+def rescale_aten(grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor,
+                 grad_output: torch.Tensor | None,
+                 request: RescaleRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward rescale with ATen ops, the factor kept in fp32 (fp64 for fp64 inputs)."""
+    acc = accumulation_dtype(grad_weight.dtype, grad_student.dtype)
+    factor = grad_output.to(acc) * request.scale if grad_output is not None else request.scale
+
+    def empty(dtype: torch.dtype) -> torch.Tensor:  # one each: outputs must not alias
+        return grad_weight.new_empty(0, dtype=dtype)
+
+    student_dtype = grad_student.dtype
+    out_student = (grad_student.to(acc) * factor).to(student_dtype) if request.need_student else empty(student_dtype)
+    out_weight = ((grad_weight.sum(0) * factor).to(request.weight_dtype) if request.need_weight
+                  else empty(request.weight_dtype))
+    out_bias = (grad_bias.sum(0) * factor).to(request.bias_dtype) if request.need_bias else empty(request.bias_dtype)
+    return out_student, out_weight, out_bias
