@@ -7,8 +7,7 @@
 # make demo-ops - a short example of the fused-loss ops
 # make bench-smoke - the benchmark harness at tiny sizes (CPU ok)
 # make bench  - full-size benchmarks (needs a CUDA GPU)
-# make lint   - ruff (lint + format check), mypy on leap_kernels/ and the docs check (not clean yet:
-#               make test runs the docs check only, until the tree is formatted and typed)
+# make lint   - ruff (lint + format check), mypy on leap_kernels/ and the docs check (make test runs it first)
 # make gpu-check - the one-call GPU run (tools/gpu_check.sh; OUT=dir for the results; CUDA machine)
 
 PYTHON ?= python3
@@ -40,7 +39,7 @@ $(PKG_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 # LEAP_KERNELS_REQUIRE_EXT: a missing or unusable leap_kernels._C fails the run instead of skipping the cpp tests.
 # tools/compile_check.sh: every Triton kernel compiled for sm_90 with Triton 3.8 and 3.6 (no GPU needed).
 test: $(PKG_STAMP)
-	$(VPY) tools/check_docs.py
+	$(MAKE) --no-print-directory lint
 	VENV=$(VENV) bash tools/compile_check.sh
 	LEAP_KERNELS_REQUIRE_EXT=1 $(VPY) -m pytest -q tests
 

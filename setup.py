@@ -35,8 +35,11 @@ def log(message: str) -> None:
 
 
 def _is_toolkit(path: str | None) -> bool:
-    return bool(path) and os.path.exists(os.path.join(path, "bin", "nvcc")) and \
-        os.path.exists(os.path.join(path, "include", "cuda_runtime.h"))
+    return (
+        bool(path)
+        and os.path.exists(os.path.join(path, "bin", "nvcc"))
+        and os.path.exists(os.path.join(path, "include", "cuda_runtime.h"))
+    )
 
 
 def find_cuda_home() -> str | None:
@@ -113,8 +116,10 @@ def wheel_cuda_include_dirs(torch) -> list[str]:
     roots.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__))), "nvidia"))
     dirs: list[str] = []
     for root in roots:
-        for d in [os.path.join(root, f"cu{major}", "include"),
-                  *(os.path.join(root, lib, "include") for lib in CUDA_LIBRARY_WHEELS)]:
+        for d in [
+            os.path.join(root, f"cu{major}", "include"),
+            *(os.path.join(root, lib, "include") for lib in CUDA_LIBRARY_WHEELS),
+        ]:
             d = os.path.realpath(d)
             if os.path.isdir(d) and d not in dirs:
                 dirs.append(d)
@@ -126,7 +131,10 @@ def toolkit_include_dirs(cuda_home: str) -> list[str]:
     network-installer layouts keep the library headers)."""
     machine = platform.machine().lower()
     arch = {"amd64": "x86_64", "arm64": "sbsa", "aarch64": "sbsa"}.get(machine, machine)
-    dirs = [os.path.join(cuda_home, "include"), *sorted(glob.glob(os.path.join(cuda_home, "targets", f"{arch}*", "include")))]
+    dirs = [
+        os.path.join(cuda_home, "include"),
+        *sorted(glob.glob(os.path.join(cuda_home, "targets", f"{arch}*", "include"))),
+    ]
     return list(dict.fromkeys(os.path.realpath(d) for d in dirs if os.path.isdir(d)))
 
 
@@ -160,9 +168,11 @@ def extensions():
     try:
         import torch
     except Exception as exc:  # build isolation: torch is not installed in the build environment
-        log(f"torch is not importable at build time ({type(exc).__name__}: {exc}); building a PURE-PYTHON "
+        log(
+            f"torch is not importable at build time ({type(exc).__name__}: {exc}); building a PURE-PYTHON "
             "package without leap_kernels._C (the cpp/cuda backends will be unavailable). Install torch first "
-            "and use 'pip install --no-build-isolation .' to build the extension.")
+            "and use 'pip install --no-build-isolation .' to build the extension."
+        )
         return [], {}
     cuda, why = want_cuda(torch)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -179,8 +189,9 @@ def extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
-        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))
-                              + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        cuda_sources = sorted(
+            glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
+        )
         include_dirs = [os.path.join(HERE, "csrc"), *wheel_cuda_include_dirs(torch)]
         toolkit_dirs = toolkit_include_dirs(os.environ["CUDA_HOME"])
         include_dirs += [d for d in toolkit_dirs[1:] if d not in include_dirs]  # include/ is nvcc's own
@@ -189,15 +200,19 @@ def extensions():
             # An explicit request fails here, with the places searched; otherwise the build falls
             # back to the CPU kernels and says so (backends() then names the reason too).
             where = ", ".join(include_dirs[1:] + toolkit_dirs) or "none"
-            reason = (f"the CUDA headers {', '.join(missing)} were found in none of: {where} "
-                      "(install the CUDA wheels torch names, e.g. nvidia-cusparse, or a full toolkit)")
+            reason = (
+                f"the CUDA headers {', '.join(missing)} were found in none of: {where} "
+                "(install the CUDA wheels torch names, e.g. nvidia-cusparse, or a full toolkit)"
+            )
             if os.environ.get(ENV_BUILD_CUDA, "").strip().lower() in ("1", "true", "yes", "on"):
                 raise RuntimeError(f"{ENV_BUILD_CUDA}=1 but {reason}")
             log(f"NOT building the CUDA kernels: {reason}")
             cuda = False
     if cuda:
-        log(f"building leap_kernels._C with CUDA kernels ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}; "
-            f"extra include dirs {include_dirs[1:]}")
+        log(
+            f"building leap_kernels._C with CUDA kernels ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}; "
+            f"extra include dirs {include_dirs[1:]}"
+        )
         ext = CUDAExtension(
             "leap_kernels._C",
             sources + cuda_sources,
@@ -207,8 +222,9 @@ def extensions():
         )
     else:
         log(f"building leap_kernels._C with the C++ CPU kernels only ({why})")
-        ext = CppExtension("leap_kernels._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-                           extra_compile_args={"cxx": cxx})
+        ext = CppExtension(
+            "leap_kernels._C", sources, include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args={"cxx": cxx}
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -35,7 +35,7 @@ import math
 import os
 import statistics
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -55,9 +55,19 @@ SMOKE_CASES = [("smoke: B=2 H=2 N=37 d=64", 2, 2, 37, 64)]
 TEACHER_MODEL = "vit_giant_patch14_reg4_dinov2"
 TEACHER_KS = (10, 20, 40)
 
-ALL_VARIANTS = ("ours", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-default",
-                "sdpa-cudnn-prepermuted", "sdpa-flash-prepermuted", "sdpa-efficient-prepermuted", "xformers",
-                "eager", "compile")
+ALL_VARIANTS = (
+    "ours",
+    "sdpa-cudnn",
+    "sdpa-flash",
+    "sdpa-efficient",
+    "sdpa-default",
+    "sdpa-cudnn-prepermuted",
+    "sdpa-flash-prepermuted",
+    "sdpa-efficient-prepermuted",
+    "xformers",
+    "eager",
+    "compile",
+)
 TEACHER_VARIANTS = ("timm", "timm-cudnn", "ours")
 
 
@@ -69,12 +79,13 @@ class Row:
     p20_ms: float
     p80_ms: float
     tflops: float
-    rel_err: Optional[float] = None
+    rel_err: float | None = None
     error: str = ""
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, iters: int, warmup: int,
-            rep_ms: int = 100) -> tuple[float, float, float]:
+def time_fn(
+    fn: Callable[[], object], device: torch.device, iters: int, warmup: int, rep_ms: int = 100
+) -> tuple[float, float, float]:
     """(median, p20, p80) in ms: do_bench on CUDA (L2 flushed between runs), host clock on CPU."""
     if device.type == "cuda":
         return harness.do_bench_ms(fn, rep_ms=rep_ms)
@@ -101,7 +112,7 @@ def run_kernel_cases(case_list, wanted, device, dtype, iters, warmup) -> list[Ro
         with torch.no_grad():
             # fp32 SDPA of the same (rounded) inputs: each variant's relative error
             with _sdpa_context("efficient" if device.type == "cuda" else None):
-                reference = teacher_attention_torch(qkv.float(), heads, d ** -0.5)
+                reference = teacher_attention_torch(qkv.float(), heads, d**-0.5)
         flops = attention_flops(batch, heads, n, d)
         factories = kernel_variants(qkv, heads)
         for variant in (v for v in ALL_VARIANTS if v in wanted):
@@ -114,8 +125,18 @@ def run_kernel_cases(case_list, wanted, device, dtype, iters, warmup) -> list[Ro
                     median, p20, p80 = time_fn(fn, device, iters, warmup)
                 rows.append(Row(name, variant, median, p20, p80, flops / (median * 1e-3) / 1e12, err))
             except Exception as exc:  # report and go on: one broken variant must not hide the others
-                rows.append(Row(name, variant, math.nan, math.nan, math.nan, math.nan, None,
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"))
+                rows.append(
+                    Row(
+                        name,
+                        variant,
+                        math.nan,
+                        math.nan,
+                        math.nan,
+                        math.nan,
+                        None,
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                    )
+                )
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -148,11 +169,21 @@ def run_teacher_cases(model_name, img_size, batch, ks, overrides, wanted, device
                         out = teacher(x, k)[0].float()
                         ref = references[k]
                         err = ((out - ref).norm() / ref.norm()).item()
-                        median, p20, p80 = time_fn(lambda: teacher(x, k), device, iters, warmup, rep_ms=1500)
+                        median, p20, p80 = time_fn(lambda k=k: teacher(x, k), device, iters, warmup, rep_ms=1500)
                     rows.append(Row(name, variant, median, p20, p80, flops / (median * 1e-3) / 1e12, err))
                 except Exception as exc:
-                    rows.append(Row(name, variant, math.nan, math.nan, math.nan, math.nan, None,
-                                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"))
+                    rows.append(
+                        Row(
+                            name,
+                            variant,
+                            math.nan,
+                            math.nan,
+                            math.nan,
+                            math.nan,
+                            None,
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                        )
+                    )
     teacher.attention_kernel = None
     return rows
 
@@ -173,19 +204,40 @@ def _speedups(rows: list[Row], baseline: str) -> dict[tuple[str, str], str]:
 def write_csv(path: str, rows: list[Row], env: dict, baseline: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     speedup = _speedups(rows, baseline)
-    fields = ["date", "device", "torch", "triton", "git_sha", "case", "variant", "median_ms", "p20_ms", "p80_ms",
-              "tflops", "rel_err", f"speedup_vs_{baseline}", "error"]
+    fields = [
+        "date",
+        "device",
+        "torch",
+        "triton",
+        "git_sha",
+        "case",
+        "variant",
+        "median_ms",
+        "p20_ms",
+        "p80_ms",
+        "tflops",
+        "rel_err",
+        f"speedup_vs_{baseline}",
+        "error",
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
-            writer.writerow({
-                **env,
-                "case": r.case, "variant": r.variant,
-                "median_ms": f"{r.median_ms:.4f}", "p20_ms": f"{r.p20_ms:.4f}", "p80_ms": f"{r.p80_ms:.4f}",
-                "tflops": f"{r.tflops:.4g}", "rel_err": "" if r.rel_err is None else f"{r.rel_err:.2e}",
-                f"speedup_vs_{baseline}": speedup[(r.case, r.variant)], "error": r.error,
-            })
+            writer.writerow(
+                {
+                    **env,
+                    "case": r.case,
+                    "variant": r.variant,
+                    "median_ms": f"{r.median_ms:.4f}",
+                    "p20_ms": f"{r.p20_ms:.4f}",
+                    "p80_ms": f"{r.p80_ms:.4f}",
+                    "tflops": f"{r.tflops:.4g}",
+                    "rel_err": "" if r.rel_err is None else f"{r.rel_err:.2e}",
+                    f"speedup_vs_{baseline}": speedup[(r.case, r.variant)],
+                    "error": r.error,
+                }
+            )
 
 
 def markdown_table(rows: list[Row], env: dict, baseline: str) -> str:
@@ -202,8 +254,9 @@ def markdown_table(rows: list[Row], env: dict, baseline: str) -> str:
             continue
         err = "" if r.rel_err is None else f"{r.rel_err:.1e}"
         ratio = speedup[(r.case, r.variant)]
-        lines.append(f"| {r.case} | {r.variant} | {r.median_ms:.3f} | {r.tflops:.3g} | {err} | "
-                     f"{ratio + 'x' if ratio else ''} |")
+        lines.append(
+            f"| {r.case} | {r.variant} | {r.median_ms:.3f} | {r.tflops:.3g} | {err} | {ratio + 'x' if ratio else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -214,9 +267,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--iters", type=int, default=None, help="CPU only: timed runs (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="CPU only: untimed runs first (default 2)")
-    parser.add_argument("--variants", default=None,
-                        help="comma-separated subset (kernel mode default: all but eager on CUDA, eager,ours on "
-                             f"CPU; teacher mode: {','.join(TEACHER_VARIANTS)} on CUDA, timm,ours on CPU)")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset (kernel mode default: all but eager on CUDA, eager,ours on "
+        f"CPU; teacher mode: {','.join(TEACHER_VARIANTS)} on CUDA, timm,ours on CPU)",
+    )
     parser.add_argument("--batch", type=int, default=128, help="teacher mode: batch size")
     parser.add_argument("--ks", default=",".join(map(str, TEACHER_KS)), help="teacher mode: blocks to run")
     parser.add_argument("--out", default=None, help="CSV path (default bench/results/attention[-teacher]-<device>.csv)")
@@ -233,21 +289,35 @@ def main(argv=None) -> int:
         default = ",".join(TEACHER_VARIANTS) if device.type == "cuda" else "timm,ours"
         wanted = set((args.variants or default).split(","))
         if args.smoke:
-            rows = run_teacher_cases("vit_small_patch14_dinov2", 56, 2, (1, 2),
-                                     dict(depth=2, embed_dim=128, num_heads=2), wanted, device, iters, warmup)
+            rows = run_teacher_cases(
+                "vit_small_patch14_dinov2",
+                56,
+                2,
+                (1, 2),
+                dict(depth=2, embed_dim=128, num_heads=2),
+                wanted,
+                device,
+                iters,
+                warmup,
+            )
         else:
             ks = tuple(int(k) for k in args.ks.split(","))
             rows = run_teacher_cases(TEACHER_MODEL, 224, args.batch, ks, {}, wanted, device, iters, warmup)
         baseline, stem = "timm", "attention-teacher"
     else:
-        default = "eager,ours" if device.type != "cuda" else ",".join(v for v in ALL_VARIANTS if v not in ("eager", "compile"))
+        default = (
+            "eager,ours"
+            if device.type != "cuda"
+            else ",".join(v for v in ALL_VARIANTS if v not in ("eager", "compile"))
+        )
         wanted = set((args.variants or default).split(","))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         rows = run_kernel_cases(SMOKE_CASES if args.smoke else FULL_CASES, wanted, device, dtype, iters, warmup)
         baseline = "sdpa-cudnn" if device.type == "cuda" else "eager"
         stem = "attention"
-    out = args.out or os.path.join(harness.RESULTS_DIR, f"{stem}-{harness.device_slug(env['device'])}"
-                                   f"{'-smoke' if args.smoke else ''}.csv")
+    out = args.out or os.path.join(
+        harness.RESULTS_DIR, f"{stem}-{harness.device_slug(env['device'])}{'-smoke' if args.smoke else ''}.csv"
+    )
     write_csv(out, rows, env, baseline)
     print(markdown_table(rows, env, baseline))
     print(f"\nwrote {out}")

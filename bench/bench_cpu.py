@@ -60,10 +60,12 @@ def moved_bytes(op: str, m: int, d_s: int, d_t: int, dtype: torch.dtype) -> int:
 
 def memory_floor(nbytes: int, dtype: torch.dtype):
     """Factory: a clone of nbytes / 2 bytes (it reads and writes them: nbytes of traffic)."""
+
     def build():
         e = torch.empty((), dtype=dtype).element_size()
         src = torch.randn(max(1, nbytes // (2 * e))).to(dtype)
         return lambda: src.clone()
+
     return build
 
 
@@ -72,8 +74,10 @@ def ratio_table(rows, floors) -> str:
     by_case = {}
     for r in rows:
         by_case.setdefault(r.case, {})[r.variant] = r.median_ms
-    lines = ["| case | cpp ms | compile ms | eager ms | floor ms (kind) | cpp / compile | cpp / eager | cpp / floor |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | cpp ms | compile ms | eager ms | floor ms (kind) | cpp / compile | cpp / eager | cpp / floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for case, v in by_case.items():
         ours = v.get("cpp", float("nan"))
         kind = floors.get(case, "")
@@ -84,9 +88,12 @@ def ratio_table(rows, floors) -> str:
 
         def q(a, b):
             return f"{a / b:.3f}" if a == a and b == b and b > 0 else "-"
-        lines.append(f"| {case} | {f(ours)} | {f(v.get('compile', float('nan')))} | {f(v.get('eager', float('nan')))} "
-                     f"| {f(fl)} ({kind}) | {q(ours, v.get('compile', float('nan')))} "
-                     f"| {q(ours, v.get('eager', float('nan')))} | {q(ours, fl)} |")
+
+        lines.append(
+            f"| {case} | {f(ours)} | {f(v.get('compile', float('nan')))} | {f(v.get('eager', float('nan')))} "
+            f"| {f(fl)} ({kind}) | {q(ours, v.get('compile', float('nan')))} "
+            f"| {q(ours, v.get('eager', float('nan')))} | {q(ours, fl)} |"
+        )
     return "\n".join(lines)
 
 
@@ -106,8 +113,11 @@ def write_ratios(path: str, rows, floors) -> None:
         v = by_case.get(row["case"], {})
         mine = float(row["median_ms"])
         row["floor_variant"] = floors.get(row["case"], "")
-        for col, base in (("ratio_vs_compile", v.get("compile")), ("ratio_vs_eager", v.get("eager")),
-                          ("ratio_vs_floor", v.get(floors.get(row["case"], ""), None))):
+        for col, base in (
+            ("ratio_vs_compile", v.get("compile")),
+            ("ratio_vs_eager", v.get("eager")),
+            ("ratio_vs_floor", v.get(floors.get(row["case"], ""), None)),
+        ):
             ok = base is not None and base == base and base > 0 and mine == mine
             row[col] = f"{mine / base:.3f}" if ok else ""
     with open(path, "w", newline="") as f:
@@ -137,20 +147,27 @@ def main(argv=None) -> int:
     rows, floors = [], {}
     for dt_name in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         dtype = DTYPES[dt_name]
-        for template, op, m, d_s, d_t in (SMOKE_CASES if args.smoke else FULL_CASES):
+        for template, op, m, d_s, d_t in SMOKE_CASES if args.smoke else FULL_CASES:
             name = template.format(dt=dt_name)
             base = cases.feature_loss_variants(op, m, d_s, d_t, dtype, device, args.compile_backend)
-            variants = {"eager": base["eager"], "compile": base["compile"], "cpp": forced(base["ours"], "cpp"),
-                        "torch-backend": forced(base["ours"], "torch")}
+            variants = {
+                "eager": base["eager"],
+                "compile": base["compile"],
+                "cpp": forced(base["ours"], "cpp"),
+                "torch-backend": forced(base["ours"], "torch"),
+            }
             if "gemm-floor" in base:
                 variants["gemm-floor"] = base["gemm-floor"]
             variants["memory-floor"] = memory_floor(moved_bytes(op, m, d_s, d_t, dtype), dtype)
             floors[name] = "memory-floor" if op == "token-norm-only" else "gemm-floor"
             variants = {k: v for k, v in variants.items() if k in wanted}
-            rows += harness.run_variants(name, variants, iters=args.iters, warmup=args.warmup, device=device,
-                                         interleave=True)
-    out = args.out or os.path.join(harness.RESULTS_DIR, f"cpu-{torch.get_num_threads()}core-"
-                                   f"{harness.device_slug(cpu_name())}{'-smoke' if args.smoke else ''}.csv")
+            rows += harness.run_variants(
+                name, variants, iters=args.iters, warmup=args.warmup, device=device, interleave=True
+            )
+    out = args.out or os.path.join(
+        harness.RESULTS_DIR,
+        f"cpu-{torch.get_num_threads()}core-{harness.device_slug(cpu_name())}{'-smoke' if args.smoke else ''}.csv",
+    )
     code = harness.finish(out, rows, env)
     write_ratios(out, rows, floors)
     print()

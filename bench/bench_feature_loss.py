@@ -71,12 +71,13 @@ def main(argv=None) -> int:
 
     env = harness.environment()
     rows = []
-    for name, op, m, d_s, d_t, dtype_name in (SMOKE_CASES if args.smoke else FULL_CASES):
+    for name, op, m, d_s, d_t, dtype_name in SMOKE_CASES if args.smoke else FULL_CASES:
         variants = make_case(op, m, d_s, d_t, DTYPES[dtype_name], device, args.compile_backend)
         variants = {k: v for k, v in variants.items() if k in wanted}
         rows += harness.run_variants(name, variants, iters=iters, warmup=warmup, device=device)
-    out = args.out or os.path.join(harness.RESULTS_DIR, f"feature_loss-{harness.device_slug(env['device'])}"
-                                   f"{'-smoke' if args.smoke else ''}.csv")
+    out = args.out or os.path.join(
+        harness.RESULTS_DIR, f"feature_loss-{harness.device_slug(env['device'])}{'-smoke' if args.smoke else ''}.csv"
+    )
     return harness.finish(out, rows, env)
 
 

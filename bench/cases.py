@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import leap_kernels
-from leap_kernels.ops.naive import (fused_feature_loss_reference, teacher_attention_reference,
-                                    token_normalized_mse_reference)
+from leap_kernels.ops.naive import (
+    fused_feature_loss_reference,
+    teacher_attention_reference,
+    token_normalized_mse_reference,
+)
 from leap_kernels.ops.teacher_attention import split_qkv, teacher_attention_torch
 
 Factory = Callable[[], Callable[[], object]]
@@ -50,8 +53,10 @@ class LossCase:
 
 
 def _loss_cases(m: int, d_s: int, d_t: int, dtype: torch.dtype, tag: str, with_192: bool = False) -> list[LossCase]:
-    cases = [LossCase(f"mse-{tag}-M{m}-{d_s}x{d_t}", "mse", m, d_s, d_t, dtype),
-             LossCase(f"token-mse-{tag}-M{m}-{d_s}x{d_t}", "token-mse", m, d_s, d_t, dtype)]
+    cases = [
+        LossCase(f"mse-{tag}-M{m}-{d_s}x{d_t}", "mse", m, d_s, d_t, dtype),
+        LossCase(f"token-mse-{tag}-M{m}-{d_s}x{d_t}", "token-mse", m, d_s, d_t, dtype),
+    ]
     if with_192:
         cases.append(LossCase(f"mse-{tag}-M{m}-192x{d_t}", "mse", m, 192, d_t, dtype))
     cases.append(LossCase(f"token-norm-only-{tag}-M{m}-D{d_t}", "token-norm-only", m, 0, d_t, dtype))
@@ -69,18 +74,22 @@ LOSS_CASES = {
 def forced(factory: Factory, backend: str) -> Factory:
     """``factory`` with every call of its closure run under ``leap_kernels.use_backend(backend)``
     (backward included: the override is process-wide)."""
+
     def build():
         run = factory()
 
         def wrapped():
             with leap_kernels.use_backend(backend):
                 return run()
+
         return wrapped
+
     return build
 
 
-def feature_loss_variants(op: str, m: int, d_s: int, d_t: int, dtype: torch.dtype, device: torch.device,
-                          compile_backend: str = "inductor") -> dict[str, Factory]:
+def feature_loss_variants(
+    op: str, m: int, d_s: int, d_t: int, dtype: torch.dtype, device: torch.device, compile_backend: str = "inductor"
+) -> dict[str, Factory]:
     """Variants of one fwd+bwd of a loss on random inputs (fixed seed).
 
     ``eager``: the plain PyTorch reference (leap_kernels.ops.naive) with autograd; ``compile``:
@@ -111,7 +120,7 @@ def feature_loss_variants(op: str, m: int, d_s: int, d_t: int, dtype: torch.dtyp
     elif op in ("mse", "token-mse"):
         normalize = op == "token-mse"
         student = rand(m, d_s).requires_grad_()
-        weight = rand(d_t, d_s, scale=d_s ** -0.5).requires_grad_()
+        weight = rand(d_t, d_s, scale=d_s**-0.5).requires_grad_()
         bias = rand(d_t, scale=0.1).requires_grad_()
 
         def reference(s, w, b, t):
@@ -129,6 +138,7 @@ def feature_loss_variants(op: str, m: int, d_s: int, d_t: int, dtype: torch.dtyp
         def run():
             loss = loss_fn(*inputs)
             torch.autograd.grad(loss, leaves)
+
         return run
 
     variants = {
@@ -144,6 +154,7 @@ def feature_loss_variants(op: str, m: int, d_s: int, d_t: int, dtype: torch.dtyp
                 p = s @ w.T
                 p @ w
                 p.T @ s
+
             return run
 
         variants["gemm-floor"] = gemm_floor
@@ -189,7 +200,7 @@ def _sdpa_backends():
     }
 
 
-def sdpa_context(name: Optional[str]):
+def sdpa_context(name: str | None):
     """``sdpa_kernel`` forcing one SDPA backend ("cudnn", "flash", "efficient", "math"); None: no-op."""
     import contextlib
 
@@ -215,7 +226,7 @@ def attention_variants(qkv: torch.Tensor, heads: int, compile_backend: str = "in
 
     batch, n, c = qkv.shape
     d = c // (3 * heads)
-    scale = d ** -0.5
+    scale = d**-0.5
     none = contextlib.nullcontext
 
     def packed(backend):
@@ -225,6 +236,7 @@ def attention_variants(qkv: torch.Tensor, heads: int, compile_backend: str = "in
         def make():
             q, k, v = (t.contiguous() for t in split_qkv(qkv, heads))
             return (lambda: F.scaled_dot_product_attention(q, k, v)), sdpa_context(backend)
+
         return make
 
     def xformers_variant():
@@ -274,14 +286,22 @@ class ModelSize:
 MODEL_SIZES = {
     "full": ModelSize(TEACHER_MODEL, STUDENT_MODEL, 224, 128, {}, {}, (40,), (10, 20, 40)),
     "small": ModelSize(TEACHER_MODEL, STUDENT_MODEL, 224, 128, {}, {}, (40,), (10, 20, 40)),  # GPU only
-    "smoke": ModelSize("vit_small_patch14_dinov2", "vit_small_patch14_dinov2", 56, 2,
-                       dict(depth=4, embed_dim=128, num_heads=2), dict(depth=2, embed_dim=64, num_heads=1),
-                       (1, 4), (1, 2, 4)),
+    "smoke": ModelSize(
+        "vit_small_patch14_dinov2",
+        "vit_small_patch14_dinov2",
+        56,
+        2,
+        dict(depth=4, embed_dim=128, num_heads=2),
+        dict(depth=2, embed_dim=64, num_heads=1),
+        (1, 4),
+        (1, 2, 4),
+    ),
 }
 
 
-def build_teacher(model_name: str, img_size: int, device: torch.device, overrides: dict, *,
-                  attention_kernel: Optional[bool] = None):
+def build_teacher(
+    model_name: str, img_size: int, device: torch.device, overrides: dict, *, attention_kernel: bool | None = None
+):
     """A :class:`leap.teacher.TruncatedTeacher` around a randomly initialised timm model (bf16 on
     CUDA, fp32 on CPU)."""
     from leap.models import build_model
@@ -293,7 +313,7 @@ def build_teacher(model_name: str, img_size: int, device: torch.device, override
     return TruncatedTeacher(model, dtype=dtype, attention_kernel=attention_kernel)
 
 
-def teacher_view(teacher, attention_kernel: Optional[bool]):
+def teacher_view(teacher, attention_kernel: bool | None):
     """A second :class:`~leap.teacher.TruncatedTeacher` over the same model (no copy), with its own
     ``attention_kernel`` setting: variants that differ only there share one set of weights, and a
     compiled variant never sees the setting change under it."""
@@ -358,11 +378,7 @@ def teacher_variants(teacher, x: torch.Tensor, k: int, compile_backend: str = "i
         fn = regional_compiled_teacher(stock, compile_backend)
         return lambda: fn(x, k)
 
-    return {
-        "timm": lambda: (lambda: stock(x, k)),
-        "timm-compile": compiled,
-        "ours": lambda: (lambda: kernel(x, k)),
-    }
+    return {"timm": lambda: lambda: stock(x, k), "timm-compile": compiled, "ours": lambda: lambda: kernel(x, k)}
 
 
 # ----------------------------------------------------------------------------- one LEAP step
@@ -385,8 +401,16 @@ class LeapStep:
 
     VARIANTS = ("ours", "stock-eager", "stock-compile")
 
-    def __init__(self, variant: str, teacher, student_template: torch.nn.Module, batch: int,
-                 device: torch.device, compile_backend: str = "inductor", cls_weight: float = 0.05):
+    def __init__(
+        self,
+        variant: str,
+        teacher,
+        student_template: torch.nn.Module,
+        batch: int,
+        device: torch.device,
+        compile_backend: str = "inductor",
+        cls_weight: float = 0.05,
+    ):
         from leap.cka import linear_cka
         from leap.cost import pair
         from leap.distill import DistillModule
@@ -448,8 +472,7 @@ class LeapStep:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 with torch.no_grad():
-                    linear_cka(F.linear(s_patch, head.weight.to(s_patch.dtype), head.bias.to(s_patch.dtype)),
-                               t_patch)
+                    linear_cka(F.linear(s_patch, head.weight.to(s_patch.dtype), head.bias.to(s_patch.dtype)), t_patch)
                 opt.step()
 
         self.step = step

@@ -34,7 +34,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 #: Per case, the variant ratios are taken against: the first of these present in the case.
 REFERENCES = ("eager", "timm", "stock-eager")
@@ -47,11 +46,11 @@ class InputError(Exception):
 @dataclass
 class Entry:
     name: str
-    case: Optional[str]
-    variant: Optional[str]
-    median_ms: Optional[float]
-    ratio: Optional[float] = None  # median / the case reference's median, same run
-    reference: Optional[str] = None
+    case: str | None
+    variant: str | None
+    median_ms: float | None
+    ratio: float | None = None  # median / the case reference's median, same run
+    reference: str | None = None
 
     @property
     def ours(self) -> bool:
@@ -61,13 +60,13 @@ class Entry:
 @dataclass
 class Run:
     path: str
-    device_class: Optional[str]
-    size: Optional[str]
-    device: Optional[str]
+    device_class: str | None
+    size: str | None
+    device: str | None
     entries: dict[str, Entry]
 
 
-def _number(value) -> Optional[float]:
+def _number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         return None
     return float(value)
@@ -83,8 +82,10 @@ def load(path: str) -> Run:
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable JSON file ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
-        raise InputError(f"{path}: not a pytest-benchmark JSON (expected an object with a 'benchmarks' list, "
-                         f"got {type(data).__name__}{' without benchmarks' if isinstance(data, dict) else ''})")
+        raise InputError(
+            f"{path}: not a pytest-benchmark JSON (expected an object with a 'benchmarks' list, "
+            f"got {type(data).__name__}{' without benchmarks' if isinstance(data, dict) else ''})"
+        )
     info = (data.get("machine_info") or {}).get("leap_bench") or {}
     entries: dict[str, Entry] = {}
     for bench in data["benchmarks"]:
@@ -118,10 +119,10 @@ def load(path: str) -> Run:
 class Row:
     name: str
     status: str
-    base: Optional[Entry]
-    new: Optional[Entry]
-    time_change: Optional[float] = None
-    ratio_change: Optional[float] = None
+    base: Entry | None
+    new: Entry | None
+    time_change: float | None = None
+    ratio_change: float | None = None
 
 
 def compare(baseline: Run, new: Run, *, threshold: float, check: str) -> list[Row]:
@@ -148,45 +149,58 @@ def compare(baseline: Run, new: Run, *, threshold: float, check: str) -> list[Ro
         reasons = []
         if check in ("both", "absolute") and row.time_change is not None and row.time_change > threshold:
             reasons.append("time")
-        if (check in ("both", "ratio") and n.ours and row.ratio_change is not None
-                and row.ratio_change > threshold):
+        if check in ("both", "ratio") and n.ours and row.ratio_change is not None and row.ratio_change > threshold:
             reasons.append(f"vs {n.reference}")
         if reasons:
             row.status = f"REGRESSION ({', '.join(reasons)})"
         else:
-            checked = [c for c in (row.time_change if check != "ratio" else None,
-                                   row.ratio_change if check != "absolute" and n.ours else None) if c is not None]
+            checked = [
+                c
+                for c in (
+                    row.time_change if check != "ratio" else None,
+                    row.ratio_change if check != "absolute" and n.ours else None,
+                )
+                if c is not None
+            ]
             if checked and max(checked) < 1.0 / threshold:
                 row.status = "faster"
         rows.append(row)
     return rows
 
 
-def _ms(e: Optional[Entry]) -> str:
+def _ms(e: Entry | None) -> str:
     return f"{e.median_ms:.3f}" if e is not None and e.median_ms else ""
 
 
-def _x(v: Optional[float]) -> str:
+def _x(v: float | None) -> str:
     return f"{v:.2f}x" if v is not None else ""
 
 
-def _ratio(e: Optional[Entry]) -> str:
+def _ratio(e: Entry | None) -> str:
     return f"{e.ratio:.3f}" if e is not None and e.ratio is not None else ""
 
 
 def comparison_table(rows: list[Row]) -> str:
-    lines = ["| benchmark | base ms | new ms | time new/base | base vs ref | new vs ref | ratio new/base | status |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| benchmark | base ms | new ms | time new/base | base vs ref | new vs ref | ratio new/base | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.name} | {_ms(r.base)} | {_ms(r.new)} | {_x(r.time_change)} | {_ratio(r.base)} "
-                     f"| {_ratio(r.new)} | {_x(r.ratio_change)} | {r.status} |")
+        lines.append(
+            f"| {r.name} | {_ms(r.base)} | {_ms(r.new)} | {_x(r.time_change)} | {_ratio(r.base)} "
+            f"| {_ratio(r.new)} | {_x(r.ratio_change)} | {r.status} |"
+        )
     return "\n".join(lines)
 
 
 def run_table(run: Run) -> str:
     """One run: each benchmark's median and its ratio to the case's reference variant."""
-    lines = [f"{run.path}: device {run.device} (class {run.device_class}), size {run.size}", "",
-             "| benchmark | median ms | vs reference |", "|---|---|---|"]
+    lines = [
+        f"{run.path}: device {run.device} (class {run.device_class}), size {run.size}",
+        "",
+        "| benchmark | median ms | vs reference |",
+        "|---|---|---|",
+    ]
     for name in sorted(run.entries):
         e = run.entries[name]
         ratio = f"{e.ratio:.3f} x {e.reference}" if e.ratio is not None else ""
@@ -197,14 +211,21 @@ def run_table(run: Run) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", help="BASELINE NEW, or NEW with --baseline-dir / --show")
-    parser.add_argument("--threshold", type=float, default=1.25,
-                        help="slowdown factor counted as a regression (default 1.25)")
-    parser.add_argument("--check", choices=("both", "ratio", "absolute"), default="both",
-                        help="which figure to check: the time, the ratio to the reference variant, or both (default)")
-    parser.add_argument("--baseline-dir", default=None,
-                        help="take the baseline <dir>/<device class of NEW>.json")
-    parser.add_argument("--require-baseline", action="store_true",
-                        help="with --baseline-dir: no baseline for NEW's device class and size is a failure")
+    parser.add_argument(
+        "--threshold", type=float, default=1.25, help="slowdown factor counted as a regression (default 1.25)"
+    )
+    parser.add_argument(
+        "--check",
+        choices=("both", "ratio", "absolute"),
+        default="both",
+        help="which figure to check: the time, the ratio to the reference variant, or both (default)",
+    )
+    parser.add_argument("--baseline-dir", default=None, help="take the baseline <dir>/<device class of NEW>.json")
+    parser.add_argument(
+        "--require-baseline",
+        action="store_true",
+        help="with --baseline-dir: no baseline for NEW's device class and size is a failure",
+    )
     parser.add_argument("--allow-missing", action="store_true", help="benchmarks missing from NEW do not fail")
     parser.add_argument("--show", action="store_true", help="print NEW's table only")
     args = parser.parse_args(argv)
@@ -223,8 +244,10 @@ def main(argv=None) -> int:
                 raise InputError(f"{new.path}: no machine_info.leap_bench.device_class (not written by pytest bench/)")
             path = os.path.join(args.baseline_dir, f"{new.device_class}.json")
             if not os.path.isfile(path):
-                print(f"no baseline for device class {new.device_class} ({path} does not exist); to make one, "
-                      f"commit this run's JSON there")
+                print(
+                    f"no baseline for device class {new.device_class} ({path} does not exist); to make one, "
+                    f"commit this run's JSON there"
+                )
                 return 1 if args.require_baseline else 0
             baseline = load(path)
             if baseline.size != new.size:
@@ -236,18 +259,25 @@ def main(argv=None) -> int:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
     if args.check != "ratio" and baseline.device_class != new.device_class:
-        print(f"compare: absolute times compare only within one device class: the baseline is "
-              f"{baseline.device_class}, the new run {new.device_class}; use --check ratio", file=sys.stderr)
+        print(
+            f"compare: absolute times compare only within one device class: the baseline is "
+            f"{baseline.device_class}, the new run {new.device_class}; use --check ratio",
+            file=sys.stderr,
+        )
         return 2
     rows = compare(baseline, new, threshold=args.threshold, check=args.check)
-    print(f"baseline {baseline.path} ({baseline.device_class}, size {baseline.size}) vs new {new.path} "
-          f"({new.device_class}, size {new.size}); threshold {args.threshold}x, check {args.check}\n")
+    print(
+        f"baseline {baseline.path} ({baseline.device_class}, size {baseline.size}) vs new {new.path} "
+        f"({new.device_class}, size {new.size}); threshold {args.threshold}x, check {args.check}\n"
+    )
     print(comparison_table(rows))
     regressions = [r for r in rows if r.status.startswith("REGRESSION")]
     missing = [r for r in rows if r.status == "missing"]
     new_names = [r for r in rows if r.status == "new"]
-    print(f"\n{len(rows)} benchmarks: {len(regressions)} regressed, {sum(r.status == 'faster' for r in rows)} faster, "
-          f"{len(missing)} missing from the new run, {len(new_names)} new")
+    print(
+        f"\n{len(rows)} benchmarks: {len(regressions)} regressed, {sum(r.status == 'faster' for r in rows)} faster, "
+        f"{len(missing)} missing from the new run, {len(new_names)} new"
+    )
     for r in missing:
         print(f"missing: {r.name}")
     for r in new_names:

@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
 import benchmark_fallback
 import cases
 import harness
+import pytest
+import torch
 from suite import Runner, bench_device, bench_size, ours_backends
 
 # Set in pytest_addoption: pytest-benchmark is not loaded (not installed, or -p no:benchmark) and the
@@ -55,17 +54,30 @@ def pytest_addoption(parser, pluginmanager):
         fallback.addoption("--benchmark-json", default=None, help="write the results as JSON here")
         fallback.addoption("--benchmark-columns", default=None, help="accepted and ignored")
     group = parser.getgroup("leap benchmarks")
-    group.addoption("--bench-size", choices=("auto", *cases.SIZES), default="auto",
-                    help="full (paper sizes), small (CPU sizes), smoke (tiny); auto: full on CUDA, small on CPU")
+    group.addoption(
+        "--bench-size",
+        choices=("auto", *cases.SIZES),
+        default="auto",
+        help="full (paper sizes), small (CPU sizes), smoke (tiny); auto: full on CUDA, small on CPU",
+    )
     group.addoption("--bench-device", default=None, help="device to benchmark (default: cuda if available, else cpu)")
     group.addoption("--bench-rounds", type=int, default=None, help="timed rounds per benchmark (default per device)")
     group.addoption("--bench-warmup", type=int, default=None, help="untimed calls before timing (default per device)")
-    group.addoption("--bench-compile-backend", default="inductor",
-                    help="torch.compile backend of the compile variants (e.g. 'eager' for a quick rehearsal)")
-    group.addoption("--teacher-ks", default=None,
-                    help="comma-separated teacher blocks k of the truncated-teacher benchmark (default: 40; smoke: 1,4)")
-    group.addoption("--step-ks", default=None,
-                    help="comma-separated target blocks k of the LEAP-step benchmark (default: 10,20,40; smoke: 1,2,4)")
+    group.addoption(
+        "--bench-compile-backend",
+        default="inductor",
+        help="torch.compile backend of the compile variants (e.g. 'eager' for a quick rehearsal)",
+    )
+    group.addoption(
+        "--teacher-ks",
+        default=None,
+        help="comma-separated teacher blocks k of the truncated-teacher benchmark (default: 40; smoke: 1,4)",
+    )
+    group.addoption(
+        "--step-ks",
+        default=None,
+        help="comma-separated target blocks k of the LEAP-step benchmark (default: 10,20,40; smoke: 1,2,4)",
+    )
 
 
 def pytest_configure(config):
@@ -77,8 +89,10 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     device = bench_device(config)
-    return (f"leap benchmarks: device {harness.device_class(device)}, size {bench_size(config)}, "
-            f"ours backends {','.join(ours_backends(device))}")
+    return (
+        f"leap benchmarks: device {harness.device_class(device)}, size {bench_size(config)}, "
+        f"ours backends {','.join(ours_backends(device))}"
+    )
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-benchmark hook: unknown to pytest without it

@@ -31,7 +31,7 @@ import os
 import statistics
 import subprocess
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ class Measurement:
     median_ms: float
     p20_ms: float
     p80_ms: float
-    peak_extra_mb: Optional[float]
+    peak_extra_mb: float | None
     iters: int
     error: str = ""
 
@@ -59,10 +59,19 @@ def environment() -> dict:
         triton_version = "none"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
         sha += "-dirty" if dirty else ""
     except Exception:
         sha = "unknown"
@@ -80,8 +89,12 @@ def versions() -> dict:
     import importlib
     import platform
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
-           "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none"}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+    }
     for name in ("triton", "timm", "numpy"):
         try:
             out[name] = importlib.import_module(name).__version__
@@ -144,7 +157,7 @@ def peak_extra_mb(fn: Callable[[], None], device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def finish(out: str, rows: list["Measurement"], env: dict) -> int:
+def finish(out: str, rows: list[Measurement], env: dict) -> int:
     """Write the CSV, print the markdown table and where the CSV went; the script's exit code."""
     write_csv(out, rows, env)
     print(markdown_table(rows, env))
@@ -196,7 +209,9 @@ def do_bench_ms(fn: Callable[[], object], rep_ms: int = 100) -> tuple[float, flo
     return median, p20, p80
 
 
-def measure(fn: Callable[[], None], *, iters: int, warmup: int, device: torch.device) -> tuple[list[float], Optional[float]]:
+def measure(
+    fn: Callable[[], None], *, iters: int, warmup: int, device: torch.device
+) -> tuple[list[float], float | None]:
     """Times ``fn`` (one fwd+bwd) ``iters`` times; returns (times in ms, peak extra MB).
 
     Times are CUDA-event times on GPU (:class:`RoundTimer`), host-clock times on CPU."""
@@ -213,8 +228,15 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run_variants(case: str, variants: dict[str, Callable[[], Callable[[], None]]], *, iters: int, warmup: int,
-                 device: torch.device, interleave: bool = False) -> list[Measurement]:
+def run_variants(
+    case: str,
+    variants: dict[str, Callable[[], Callable[[], None]]],
+    *,
+    iters: int,
+    warmup: int,
+    device: torch.device,
+    interleave: bool = False,
+) -> list[Measurement]:
     """``variants`` maps a name to a factory returning the fwd+bwd closure (built lazily, so a
     variant that fails to build, e.g. torch.compile on an unsupported setup, is reported, not fatal).
 
@@ -226,11 +248,24 @@ def run_variants(case: str, variants: dict[str, Callable[[], Callable[[], None]]
         try:
             fn = factory()
             times, peak = measure(fn, iters=iters, warmup=warmup, device=device)
-            rows.append(Measurement(case, name, statistics.median(times), _quantile(times, 0.2),
-                                    _quantile(times, 0.8), peak, iters))
+            rows.append(
+                Measurement(
+                    case, name, statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), peak, iters
+                )
+            )
         except Exception as exc:  # report and go on: one broken variant must not hide the others
-            rows.append(Measurement(case, name, float("nan"), float("nan"), float("nan"), None, 0,
-                                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+            rows.append(
+                Measurement(
+                    case,
+                    name,
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    None,
+                    0,
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                )
+            )
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -238,8 +273,16 @@ def run_variants(case: str, variants: dict[str, Callable[[], Callable[[], None]]
 
 
 def _failed(case: str, name: str, exc: Exception) -> Measurement:
-    return Measurement(case, name, float("nan"), float("nan"), float("nan"), None, 0,
-                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    return Measurement(
+        case,
+        name,
+        float("nan"),
+        float("nan"),
+        float("nan"),
+        None,
+        0,
+        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+    )
 
 
 def _run_interleaved(case, variants, *, iters, warmup, device) -> list[Measurement]:
@@ -277,8 +320,22 @@ def write_csv(path: str, rows: list[Measurement], env: dict, baselines=("eager",
     by_case: dict[str, dict[str, Measurement]] = {}
     for r in rows:
         by_case.setdefault(r.case, {})[r.variant] = r
-    fields = ["date", "device", "torch", "triton", "git_sha", "case", "variant", "median_ms", "p20_ms", "p80_ms",
-              "peak_extra_mb", "iters", *[f"speedup_vs_{b}" for b in baselines], "error"]
+    fields = [
+        "date",
+        "device",
+        "torch",
+        "triton",
+        "git_sha",
+        "case",
+        "variant",
+        "median_ms",
+        "p20_ms",
+        "p80_ms",
+        "peak_extra_mb",
+        "iters",
+        *[f"speedup_vs_{b}" for b in baselines],
+        "error",
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -295,6 +352,19 @@ def write_csv(path: str, rows: list[Measurement], env: dict, baselines=("eager",
             writer.writerow(row)
 
 
+def _speedup(base: Measurement | None, r: Measurement) -> str:
+    """``base``'s median over ``r``'s (``""`` without a base or with a failed run: NaN medians)."""
+    if base is None or not (base.median_ms == base.median_ms) or not (r.median_ms == r.median_ms):
+        return ""
+    return f"{base.median_ms / r.median_ms:.2f}x"
+
+
+def _peak_ratio(base: Measurement | None, r: Measurement) -> str:
+    if base is None or base.peak_extra_mb in (None, 0) or r.peak_extra_mb is None:
+        return ""
+    return f"{r.peak_extra_mb / base.peak_extra_mb:.2f}"
+
+
 def markdown_table(rows: list[Measurement], env: dict) -> str:
     lines = [
         f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | git {env['git_sha']}",
@@ -307,19 +377,10 @@ def markdown_table(rows: list[Measurement], env: dict) -> str:
         by_case.setdefault(r.case, {})[r.variant] = r
     for r in rows:
         eager, compiled = by_case[r.case].get("eager"), by_case[r.case].get("compile")
-
-        def ratio(base):
-            if base is None or not (base.median_ms == base.median_ms) or not (r.median_ms == r.median_ms):
-                return ""
-            return f"{base.median_ms / r.median_ms:.2f}x"
-
-        def peak_ratio(base):
-            if base is None or base.peak_extra_mb in (None, 0) or r.peak_extra_mb is None:
-                return ""
-            return f"{r.peak_extra_mb / base.peak_extra_mb:.2f}"
-
         peak = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.1f}"
         median = f"{r.median_ms:.3f}" if r.median_ms == r.median_ms else f"failed: {r.error}"
-        lines.append(f"| {r.case} | {r.variant} | {median} | {peak} | {ratio(eager)} | {ratio(compiled)} "
-                     f"| {peak_ratio(eager)} |")
+        lines.append(
+            f"| {r.case} | {r.variant} | {median} | {peak} | {_speedup(eager, r)} | {_speedup(compiled, r)} "
+            f"| {_peak_ratio(eager, r)} |"
+        )
     return "\n".join(lines)

@@ -3,13 +3,11 @@ run benchmarks, which backends of ours it times, and :class:`Runner`, which time
 
 from __future__ import annotations
 
-import os
 import statistics
 
+import harness
 import pytest
 import torch
-
-import harness
 
 import leap_kernels
 
@@ -91,8 +89,17 @@ class Runner:
             raise pytest.UsageError(f"--bench-rounds must be >= 1 and --bench-warmup >= 0, got {rounds}, {warmup}")
         return rounds, warmup
 
-    def __call__(self, case: str, variant: str, factory, *, kind: str = "op", flops: float | None = None,
-                 memory: bool = True, **extra) -> None:
+    def __call__(
+        self,
+        case: str,
+        variant: str,
+        factory,
+        *,
+        kind: str = "op",
+        flops: float | None = None,
+        memory: bool = True,
+        **extra,
+    ) -> None:
         """Build ``factory()``, warm up, time ``rounds`` rounds, fill ``benchmark.extra_info``.
 
         A forced backend that cannot run the case skips the test (with its reasons); any other
@@ -126,5 +133,3 @@ class Runner:
             bench.extra_info["peak_extra_mb"] = harness.peak_extra_mb(fn, self.device)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-

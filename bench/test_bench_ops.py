@@ -3,11 +3,10 @@ forward+backward, on every device; teacher attention (inference) on GPU. See ben
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import cases
 import harness
+import pytest
+import torch
 from suite import bench_device, bench_size, gpu_only, ours_backends
 
 
@@ -19,7 +18,8 @@ def _loss_variants(device, op: str) -> list[str]:
 def _attention_variants(device) -> list[str]:
     # On CUDA, each of SDPA's fast backends forced (cuDNN, flash, memory-efficient), as the anchors report.
     refs = ["eager", "compile", "sdpa-default"] + (
-        ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient"] if device.type == "cuda" else [])
+        ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient"] if device.type == "cuda" else []
+    )
     return refs + [f"ours-{b}" for b in ours_backends(device) if b != "cpp"]  # no CPU attention kernel
 
 
@@ -28,7 +28,9 @@ def pytest_generate_tests(metafunc):
         return
     device, size = bench_device(metafunc.config), bench_size(metafunc.config)
     if "loss_case" in metafunc.fixturenames:
-        wanted = ("token-norm-only",) if metafunc.function.__name__ == "test_token_normalized_mse" else ("mse", "token-mse")
+        wanted = (
+            ("token-norm-only",) if metafunc.function.__name__ == "test_token_normalized_mse" else ("mse", "token-mse")
+        )
         params = [(c, v) for c in cases.LOSS_CASES[size] if c.op in wanted for v in _loss_variants(device, c.op)]
         metafunc.parametrize("loss_case,variant", params, ids=[f"{c.name}-{v}" for c, v in params])
     else:
@@ -39,7 +41,7 @@ def pytest_generate_tests(metafunc):
 def _loss_factory(case: cases.LossCase, variant: str, device: torch.device, compile_backend: str):
     variants = cases.feature_loss_variants(case.op, case.m, case.d_s, case.d_t, case.dtype, device, compile_backend)
     if variant.startswith("ours-"):
-        return cases.forced(variants["ours"], variant[len("ours-"):])
+        return cases.forced(variants["ours"], variant[len("ours-") :])
     return variants[variant]
 
 
@@ -56,15 +58,30 @@ def test_fused_loss(run_bench, loss_case, variant):
     """fused_feature_loss (student (M, D_s), W (D_t, D_s), b (D_t,), target (M, D_t)) forward + backward
     to student, W and b."""
     runner = run_bench
-    runner(loss_case.name, variant, _loss_factory(loss_case, variant, runner.device, runner.compile_backend),
-           op=loss_case.op, tokens=loss_case.m, d_s=loss_case.d_s, d_t=loss_case.d_t, dtype=str(loss_case.dtype))
+    runner(
+        loss_case.name,
+        variant,
+        _loss_factory(loss_case, variant, runner.device, runner.compile_backend),
+        op=loss_case.op,
+        tokens=loss_case.m,
+        d_s=loss_case.d_s,
+        d_t=loss_case.d_t,
+        dtype=str(loss_case.dtype),
+    )
 
 
 def test_token_normalized_mse(run_bench, loss_case, variant):
     """token_normalized_mse (input, target (M, D)) forward + backward to input."""
     runner = run_bench
-    runner(loss_case.name, variant, _loss_factory(loss_case, variant, runner.device, runner.compile_backend),
-           op=loss_case.op, tokens=loss_case.m, d_t=loss_case.d_t, dtype=str(loss_case.dtype))
+    runner(
+        loss_case.name,
+        variant,
+        _loss_factory(loss_case, variant, runner.device, runner.compile_backend),
+        op=loss_case.op,
+        tokens=loss_case.m,
+        d_t=loss_case.d_t,
+        dtype=str(loss_case.dtype),
+    )
 
 
 def test_teacher_attention(run_bench, attention_case, variant, request):
@@ -85,10 +102,11 @@ def test_teacher_attention(run_bench, attention_case, variant, request):
         def run():
             with torch.no_grad(), context:
                 return fn()
+
         return run
 
     if variant.startswith("ours-"):
-        factory = cases.forced(factory, variant[len("ours-"):])
+        factory = cases.forced(factory, variant[len("ours-") :])
     flops = cases.attention_flops(c.batch, c.heads, c.n, c.head_dim)
     runner(c.name, variant, factory, flops=flops, batch=c.batch, heads=c.heads, tokens=c.n, head_dim=c.head_dim)
     if runner.device.type == "cuda":

@@ -5,10 +5,9 @@ bench/whole_run.py turns the JSON into the whole-run saving over the paper's tra
 
 from __future__ import annotations
 
+import cases
 import pytest
 import torch
-
-import cases
 from suite import bench_device, bench_size, gpu_only, ks_option
 
 
@@ -39,8 +38,7 @@ def step_models(request):
         return steps[variant]
 
     yield spec, teacher, get
-    steps.clear()
-    del teacher, student
+    steps.clear()  # the steps hold the models; dropping them frees the GPU memory below
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -50,5 +48,13 @@ def test_leap_step(run_bench, step_models, k, variant):
     spec, teacher, get = step_models
     if k > teacher.num_blocks:
         pytest.skip(f"k={k} > the teacher's {teacher.num_blocks} blocks")
-    run_bench(f"leap-step-k{k}", variant, lambda: get(variant).at(k), kind="model", k=k, batch=spec.batch,
-              teacher=spec.teacher, student=spec.student)
+    run_bench(
+        f"leap-step-k{k}",
+        variant,
+        lambda: get(variant).at(k),
+        kind="model",
+        k=k,
+        batch=spec.batch,
+        teacher=spec.teacher,
+        student=spec.student,
+    )

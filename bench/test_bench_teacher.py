@@ -4,10 +4,9 @@ kernel per backend. See bench/conftest.py."""
 
 from __future__ import annotations
 
+import cases
 import pytest
 import torch
-
-import cases
 from suite import bench_device, bench_size, gpu_only, ks_option, ours_backends
 
 VARIANTS = ("timm", "timm-compile")
@@ -45,9 +44,17 @@ def test_teacher_forward(run_bench, teacher_and_images, k, variant):
     runner = run_bench
     factories = cases.teacher_variants(teacher, x, k, runner.compile_backend)
     if variant.startswith("ours-"):
-        factory = cases.forced(factories["ours"], variant[len("ours-"):])
+        factory = cases.forced(factories["ours"], variant[len("ours-") :])
     else:
         factory = factories[variant]
     name = f"teacher-{spec.teacher}-B{spec.batch}-k{k}"
-    runner(name, variant, factory, kind="model", flops=cases.teacher_flops(teacher, spec.batch, k),
-           k=k, batch=spec.batch, model=spec.teacher)
+    runner(
+        name,
+        variant,
+        factory,
+        kind="model",
+        flops=cases.teacher_flops(teacher, spec.batch, k),
+        k=k,
+        batch=spec.batch,
+        model=spec.teacher,
+    )

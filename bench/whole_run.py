@@ -61,7 +61,7 @@ def step_times(path: str) -> dict[str, dict[int, float]]:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"whole_run: {path}: cannot read it as JSON ({exc})")
+        raise SystemExit(f"whole_run: {path}: cannot read it as JSON ({exc})") from exc
     out: dict[str, dict[int, float]] = {}
     for bench in data.get("benchmarks", []) if isinstance(data, dict) else []:
         extra = bench.get("extra_info") or {}
@@ -72,8 +72,10 @@ def step_times(path: str) -> dict[str, dict[int, float]]:
             continue
         out.setdefault(str(extra["variant"]), {})[int(extra["k"])] = median / 1e3
     if not out:
-        raise SystemExit(f"whole_run: {path}: no LEAP-step benchmarks with times (run pytest bench/test_bench_step.py "
-                         "--benchmark-json=...)")
+        raise SystemExit(
+            f"whole_run: {path}: no LEAP-step benchmarks with times (run pytest bench/test_bench_step.py "
+            "--benchmark-json=...)"
+        )
     return out
 
 
@@ -90,10 +92,14 @@ def whole_run(times: dict[str, dict[int, float]], trajectory, num_blocks: int) -
         except ValueError as exc:  # e.g. one k measured: nothing to interpolate from
             results[variant] = {"step_s": steps, "error": str(exc)}
             continue
-        results[variant] = {"step_s": steps, "mean_step_s": s["mean_step_time_s"],
-                            "full_depth_step_s": s["baseline_step_time_s"],
-                            "saving_vs_own_full_depth": s["saving"], "mean_block": s["mean_block"],
-                            "interpolated_blocks": len(s["interpolated"])}
+        results[variant] = {
+            "step_s": steps,
+            "mean_step_s": s["mean_step_time_s"],
+            "full_depth_step_s": s["baseline_step_time_s"],
+            "saving_vs_own_full_depth": s["saving"],
+            "mean_block": s["mean_block"],
+            "interpolated_blocks": len(s["interpolated"]),
+        }
     # Stock eager at full depth: measured at L, else from the fitted line.
     base = times.get(BASELINE_VARIANT, {}).get(num_blocks) or results.get(BASELINE_VARIANT, {}).get("full_depth_step_s")
     for r in results.values():
@@ -104,28 +110,37 @@ def whole_run(times: dict[str, dict[int, float]], trajectory, num_blocks: int) -
 
 def table(results: dict, num_blocks: int, mean_block: float) -> str:
     ks = sorted({int(k) for r in results.values() for k in r.get("step_s", {})})
-    lines = [f"whole run over the trajectory (mean block {mean_block:.2f} of {num_blocks}); step times in ms", "",
-             "| variant | " + " | ".join(f"k={k}" for k in ks) + " | run mean | saving vs own full depth "
-             f"| speedup vs {BASELINE_VARIANT} full depth (target >= {TARGET_SPEEDUP:g}x for ours) |",
-             "|---|" + "---|" * len(ks) + "---|---|---|"]
+    lines = [
+        f"whole run over the trajectory (mean block {mean_block:.2f} of {num_blocks}); step times in ms",
+        "",
+        "| variant | " + " | ".join(f"k={k}" for k in ks) + " | run mean | saving vs own full depth "
+        f"| speedup vs {BASELINE_VARIANT} full depth (target >= {TARGET_SPEEDUP:g}x for ours) |",
+        "|---|" + "---|" * len(ks) + "---|---|---|",
+    ]
     for variant, r in results.items():
         cells = [f"{r['step_s'][str(k)] * 1e3:.1f}" if str(k) in r["step_s"] else "" for k in ks]
         if "error" in r:
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | n/a ({r['error']}) | | |")
             continue
         speedup = r.get("speedup_vs_stock_eager_full_depth")
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {r['mean_step_s'] * 1e3:.1f} "
-                     f"| {r['saving_vs_own_full_depth'] * 100:.1f}% | {f'{speedup:.2f}x' if speedup else 'n/a'} |")
+        lines.append(
+            f"| {variant} | " + " | ".join(cells) + f" | {r['mean_step_s'] * 1e3:.1f} "
+            f"| {r['saving_vs_own_full_depth'] * 100:.1f}% | {f'{speedup:.2f}x' if speedup else 'n/a'} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step_json", help="pytest-benchmark JSON of bench/test_bench_step.py")
-    parser.add_argument("--trajectory", default=None,
-                        help="target block per epoch (as leap flops --trajectory); default: the paper's shape")
-    parser.add_argument("--num-blocks", type=int, default=None,
-                        help="teacher depth L (default: the largest measured k)")
+    parser.add_argument(
+        "--trajectory",
+        default=None,
+        help="target block per epoch (as leap flops --trajectory); default: the paper's shape",
+    )
+    parser.add_argument(
+        "--num-blocks", type=int, default=None, help="teacher depth L (default: the largest measured k)"
+    )
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -138,9 +153,16 @@ def main(argv=None) -> int:
     print(table(results, num_blocks, trajectory.mean()))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"num_blocks": num_blocks, "mean_block": trajectory.mean(),
-                       "trajectory": "paper" if not args.trajectory else args.trajectory,
-                       "variants": results}, f, indent=1)
+            json.dump(
+                {
+                    "num_blocks": num_blocks,
+                    "mean_block": trajectory.mean(),
+                    "trajectory": "paper" if not args.trajectory else args.trajectory,
+                    "variants": results,
+                },
+                f,
+                indent=1,
+            )
         print(f"\nwrote {args.out}")
     return 0
 

@@ -65,18 +65,47 @@ CHECKPOINT_VERSION = 1
 #: The key of a ``leap train-teacher`` checkpoint holding its recipe (model, overrides, img size).
 TEACHER_META_KEY = "leap_teacher"
 
-_REQUIRED_KEYS = ("student", "head", "optimizer", "scheduler", "curriculum", "epoch", "step",
-                  "step_in_epoch", "config", "dims")
+_REQUIRED_KEYS = (
+    "student",
+    "head",
+    "optimizer",
+    "scheduler",
+    "curriculum",
+    "epoch",
+    "step",
+    "step_in_epoch",
+    "config",
+    "dims",
+)
 
 #: Config keys that must match to resume: they change the models, the loss, the optimizer
 #: state layout or the meaning of "batches done in this epoch".
-STRICT_RESUME_KEYS = ("teacher", "student", "teacher_overrides", "student_overrides", "img_size",
-                      "loss", "curriculum", "optimizer", "batch_size")
+STRICT_RESUME_KEYS = (
+    "teacher",
+    "student",
+    "teacher_overrides",
+    "student_overrides",
+    "img_size",
+    "loss",
+    "curriculum",
+    "optimizer",
+    "batch_size",
+)
 
 #: Config keys that may differ on resume without comment (they do not affect the result,
 #: or are expected to change: --resume itself, --max-steps, ...).
-_SILENT_KEYS = ("resume", "max_steps", "progress", "workers", "out", "device", "ckpt_every", "keep_checkpoints",
-                "divergence_factor", "log_every")
+_SILENT_KEYS = (
+    "resume",
+    "max_steps",
+    "progress",
+    "workers",
+    "out",
+    "device",
+    "ckpt_every",
+    "keep_checkpoints",
+    "divergence_factor",
+    "log_every",
+)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -106,12 +135,13 @@ def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         # line of the verdict is shown, never torch's multi-line advice to disable weights_only.
         found = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
         if found:  # a valid pickle, but of arbitrary Python objects
-            why = (f"refused: it holds Python objects (e.g. {found.group(1)}), not only tensors and plain values; "
-                   "it was not written by leap and may be malicious: do not load it elsewhere unless you trust "
-                   "its source")
+            why = (
+                f"refused: it holds Python objects (e.g. {found.group(1)}), not only tensors and plain values; "
+                "it was not written by leap and may be malicious: do not load it elsewhere unless you trust "
+                "its source"
+            )
         else:
-            why = ("the file is corrupt, truncated or not a PyTorch checkpoint (write it again, or check the "
-                   "path)")
+            why = "the file is corrupt, truncated or not a PyTorch checkpoint (write it again, or check the path)"
         raise CheckpointError(f"could not read {what} {path}: {why} ({type(e).__name__})") from None
 
 
@@ -121,12 +151,16 @@ def check_finite_weights(state: dict[str, Any], path: str | os.PathLike, what: s
     Raises:
         CheckpointError: names the file, how many tensors are affected and one of them.
     """
-    bad = [k for k, v in state.items()
-           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
     if bad:
         raise CheckpointError(
             f"{what} {os.fspath(path)}: {len(bad)} of {len(state)} tensors hold NaN/Inf (e.g. {bad[0]!r}); the file "
-            "comes from a diverged run: retrain it (e.g. with a lower --lr)")
+            "comes from a diverged run: retrain it (e.g. with a lower --lr)"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -148,19 +182,32 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         )
     version = ckpt.get("version")
     if version != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {version!r} is not supported "
-                              f"(this leap reads version {CHECKPOINT_VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint version {version!r} is not supported (this leap reads version {CHECKPOINT_VERSION})"
+        )
     missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
     return ckpt
 
 
-def build_checkpoint(*, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     scaler: torch.amp.GradScaler, curriculum: Any, rng: list[dict[str, Any]],
-                     epoch: int, step: int, step_in_epoch: int, stats: dict[str, dict[str, Any]],
-                     flops: dict[str, Any], config: dict[str, Any], resolved: dict[str, Any],
-                     dims: dict[str, Any]) -> dict[str, Any]:
+def build_checkpoint(
+    *,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    curriculum: Any,
+    rng: list[dict[str, Any]],
+    epoch: int,
+    step: int,
+    step_in_epoch: int,
+    stats: dict[str, dict[str, Any]],
+    flops: dict[str, Any],
+    config: dict[str, Any],
+    resolved: dict[str, Any],
+    dims: dict[str, Any],
+) -> dict[str, Any]:
     """The checkpoint dict of the layout above, from the trainer's parts.
 
     ``module`` is the :class:`leap.distill.DistillModule` (``.student``, ``.head``);
@@ -189,8 +236,15 @@ def build_checkpoint(*, module: torch.nn.Module, optimizer: torch.optim.Optimize
     }
 
 
-def restore_modules(path: str, ckpt: dict[str, Any], *, module: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, curriculum: Any) -> None:
+def restore_modules(
+    path: str,
+    ckpt: dict[str, Any],
+    *,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    curriculum: Any,
+) -> None:
     """Load the student, head, optimizer, grad scaler and curriculum states of ``ckpt``.
 
     Raises:
@@ -230,8 +284,13 @@ def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> d
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
@@ -244,16 +303,20 @@ def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generat
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         else:
-            warnings.warn(f"checkpoint holds CUDA RNG states for {len(cuda)} device(s) but "
-                          f"{torch.cuda.device_count()} are visible; CUDA RNG not restored")
+            warnings.warn(
+                f"checkpoint holds CUDA RNG states for {len(cuda)} device(s) but "
+                f"{torch.cuda.device_count()} are visible; CUDA RNG not restored",
+                stacklevel=2,
+            )
     saved = state.get("generators", {})
     for name, g in (generators or {}).items():
         if name in saved:
@@ -266,11 +329,7 @@ def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generat
 
 
 def check_resume_compatible(
-    path: str,
-    saved_config: dict[str, Any],
-    config: dict[str, Any],
-    saved_dims: dict[str, Any],
-    dims: dict[str, Any],
+    path: str, saved_config: dict[str, Any], config: dict[str, Any], saved_dims: dict[str, Any], dims: dict[str, Any]
 ) -> list[str]:
     """Compare a checkpoint's config/dims with the current run.
 
@@ -298,6 +357,7 @@ def check_resume_compatible(
             + "\nResume with the same settings, or start a new run in another --out directory."
         )
     return [
-        k for k in sorted(set(saved_config) | set(config))
+        k
+        for k in sorted(set(saved_config) | set(config))
         if k not in STRICT_RESUME_KEYS and k not in _SILENT_KEYS and saved_config.get(k) != config.get(k)
     ]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -131,12 +132,7 @@ def _center_unit_rms(t: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Ten
 
 
 def linear_cka(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float = 1e-12,
-    allow_tf32: bool = True,
-    form: str = "auto",
+    x: torch.Tensor, y: torch.Tensor, *, eps: float = 1e-12, allow_tf32: bool = True, form: str = "auto"
 ) -> torch.Tensor:
     """Feature-space linear CKA between two sets of row-aligned features.
 
@@ -244,8 +240,10 @@ def mean_token_cosine(x: torch.Tensor, y: torch.Tensor, *, eps: float = 1e-8) ->
     """
     x2, y2 = _as_2d(x, "x"), _as_2d(y, "y")
     if x2.shape != y2.shape:
-        raise ValueError(f"mean_token_cosine: x and y must have the same shape after flattening, got "
-                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"mean_token_cosine: x and y must have the same shape after flattening, got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
     acc = torch.float64 if torch.float64 in (x2.dtype, y2.dtype) else torch.float32
     cos = torch.nn.functional.cosine_similarity(x2.to(acc), y2.to(acc), dim=-1, eps=eps)
     return cos.mean().to(torch.float32)

@@ -1,5 +1,6 @@
-"""Training configuration: the :class:`TrainConfig` dataclass, config files, validation, and
-:class:`TeacherTrainConfig` (the recipe of ``leap train-teacher``).
+"""Training configuration: the :class:`TrainConfig` dataclass, its validation, and
+:class:`TeacherTrainConfig` (the recipe of ``leap train-teacher``). Fields become options and config
+file keys through :mod:`leap.config_schema`.
 
 Every field of :class:`TrainConfig` carries its documentation in its metadata (``help``,
 ``group``, ``metavar``, ``choices``, ``min``), which is the single source of the
@@ -16,17 +17,16 @@ text; the field declarations are most of the module.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import math
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from .errors import ConfigError, InputNotFoundError
+from .config_schema import FieldSpec, dataclass_fields
+from .config_schema import coerce as _coerce_to_spec
+from .config_schema import field_specs as _specs_of
+from .config_schema import normalize_mapping as _normalize_with_specs
+from .errors import ConfigError
 from .runlog import CHECKPOINT_NAME, run_file
 
 __all__ = [
@@ -36,15 +36,11 @@ __all__ = [
     "DATA_SOURCES",
     "DEFAULT_LR",
     "DEFAULT_WEIGHT_DECAY",
-    "FieldSpec",
     "config_fields",
     "field_spec",
     "field_specs",
     "coerce",
-    "load_config_file",
-    "normalize_key",
     "normalize_mapping",
-    "parse_json_object",
 ]
 
 #: How ``--data`` is read (:func:`leap.data.build_dataset`).
@@ -70,8 +66,16 @@ DEFAULT_LR = {"lars": 6.0, "adamw": 5e-4}
 DEFAULT_WEIGHT_DECAY = {"lars": 1e-6, "adamw": 0.05}
 
 
-def _opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str, metavar: str | None = None,
-         min: float | None = None, default_factory: Any = dataclasses.MISSING, show_default: bool = True) -> Any:
+def _opt(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    group: str,
+    metavar: str | None = None,
+    min: float | None = None,
+    default_factory: Any = dataclasses.MISSING,
+    show_default: bool = True,
+) -> Any:
     """A dataclass field with its option metadata (``choices`` come from :data:`CHOICES`)."""
     meta = {"help": help, "group": group, "metavar": metavar, "min": min, "show_default": show_default}
     if default_factory is not dataclasses.MISSING:
@@ -87,129 +91,249 @@ class TrainConfig:
     """
 
     # models
-    teacher: str = _opt("", "teacher model name (timm ViT, e.g. vit_giant_patch14_reg4_dinov2); required",
-                        group="models", metavar="NAME")
+    teacher: str = _opt(
+        "",
+        "teacher model name (timm ViT, e.g. vit_giant_patch14_reg4_dinov2); required",
+        group="models",
+        metavar="NAME",
+    )
     teacher_weights: str | None = _opt(
-        None, "local teacher checkpoint (.pth/.pt/.bin/.safetensors; official DINOv2, Hugging Face or timm "
-        "layout). Without it the teacher is random (smoke tests only)", group="models", metavar="FILE")
-    student: str = _opt("", "student model name (e.g. vit_small_patch14_dinov2, vit_tiny_patch14_dinov2); "
-                        "random init; required", group="models", metavar="NAME")
+        None,
+        "local teacher checkpoint (.pth/.pt/.bin/.safetensors; official DINOv2, Hugging Face or timm "
+        "layout). Without it the teacher is random (smoke tests only)",
+        group="models",
+        metavar="FILE",
+    )
+    student: str = _opt(
+        "",
+        "student model name (e.g. vit_small_patch14_dinov2, vit_tiny_patch14_dinov2); random init; required",
+        group="models",
+        metavar="NAME",
+    )
     teacher_overrides: dict[str, Any] = _opt(
-        help="JSON object of extra model arguments for the teacher, e.g. '{\"depth\": 4, \"embed_dim\": 48}'",
-        group="models", metavar="JSON", default_factory=dict)
+        help='JSON object of extra model arguments for the teacher, e.g. \'{"depth": 4, "embed_dim": 48}\'',
+        group="models",
+        metavar="JSON",
+        default_factory=dict,
+    )
     student_overrides: dict[str, Any] = _opt(
-        help="JSON object of extra model arguments for the student", group="models", metavar="JSON",
-        default_factory=dict)
-    img_size: int = _opt(224, "input resolution; teacher and student must give the same patch grid",
-                         group="models", metavar="PX", min=1)
+        help="JSON object of extra model arguments for the student",
+        group="models",
+        metavar="JSON",
+        default_factory=dict,
+    )
+    img_size: int = _opt(
+        224, "input resolution; teacher and student must give the same patch grid", group="models", metavar="PX", min=1
+    )
     teacher_pos_embed: str = _opt(
-        "auto", "how a teacher position embedding stored for another grid is resampled: auto = the "
+        "auto",
+        "how a teacher position embedding stored for another grid is resampled: auto = the "
         "source model's own rule (official DINOv2: bicubic-offset without registers, bicubic-antialias "
         "with; Hugging Face Dinov2: bicubic, with registers bicubic-antialias; timm: bicubic-antialias)",
-        group="models")
+        group="models",
+    )
     # data
-    data: str | None = _opt(None, "dataset path: a folder of class folders (optionally under train/), or a "
-                            "folder with Fashion-MNIST idx files", group="data", metavar="PATH")
-    data_source: str = _opt("auto", "how to read --data; auto picks fashion-mnist for idx files, else folder",
-                            group="data")
-    synthetic_size: int = _opt(1024, "number of images for --data-source synthetic", group="data", metavar="N",
-                               min=1)
-    limit_images: int | None = _opt(None, "train on the first N images of the source only (quick runs)",
-                                    group="data", metavar="N", min=1)
-    augment: bool = _opt(True, "DINO-style augmentation (random resized crop, flip, color jitter, grayscale)",
-                         group="data")
-    mixup: bool = _opt(True, "batch mixup, one lambda per batch, same images to teacher and student",
-                       group="data")
-    workers: int | None = _opt(None, "DataLoader worker processes per GPU/process (default: from the CPU count)",
-                               group="data", metavar="N", min=0)
+    data: str | None = _opt(
+        None,
+        "dataset path: a folder of class folders (optionally under train/), or a folder with Fashion-MNIST idx files",
+        group="data",
+        metavar="PATH",
+    )
+    data_source: str = _opt(
+        "auto", "how to read --data; auto picks fashion-mnist for idx files, else folder", group="data"
+    )
+    synthetic_size: int = _opt(1024, "number of images for --data-source synthetic", group="data", metavar="N", min=1)
+    limit_images: int | None = _opt(
+        None, "train on the first N images of the source only (quick runs)", group="data", metavar="N", min=1
+    )
+    augment: bool = _opt(
+        True, "DINO-style augmentation (random resized crop, flip, color jitter, grayscale)", group="data"
+    )
+    mixup: bool = _opt(True, "batch mixup, one lambda per batch, same images to teacher and student", group="data")
+    workers: int | None = _opt(
+        None,
+        "DataLoader worker processes per GPU/process (default: from the CPU count)",
+        group="data",
+        metavar="N",
+        min=0,
+    )
     # schedule
     epochs: int = _opt(100, "number of epochs", group="schedule", metavar="N", min=1)
-    batch_size: int = _opt(64, "batch size per process (global batch = this x number of processes)",
-                           group="schedule", metavar="N", min=1)
-    max_steps: int | None = _opt(None, "stop after N optimizer steps in total (the lr schedule still follows "
-                                 "--epochs, so the run can be resumed exactly)", group="schedule", metavar="N",
-                                 min=1)
+    batch_size: int = _opt(
+        64, "batch size per process (global batch = this x number of processes)", group="schedule", metavar="N", min=1
+    )
+    max_steps: int | None = _opt(
+        None,
+        "stop after N optimizer steps in total (the lr schedule still follows "
+        "--epochs, so the run can be resumed exactly)",
+        group="schedule",
+        metavar="N",
+        min=1,
+    )
     # optimization
     optimizer: str = _opt("lars", "LARS (paper) or AdamW", group="optimization")
-    lr: float | None = _opt(None, "base learning rate; LARS: peak = lr * sqrt(global_batch/1536), default 6.0; "
-                            "AdamW: peak = lr, default 5e-4", group="optimization", metavar="LR")
+    lr: float | None = _opt(
+        None,
+        "base learning rate; LARS: peak = lr * sqrt(global_batch/1536), default 6.0; AdamW: peak = lr, default 5e-4",
+        group="optimization",
+        metavar="LR",
+    )
     weight_decay: float | None = _opt(
-        None, "weight decay (default: 1e-6 for LARS, 0.05 for AdamW); never applied to biases, norms, "
-        "cls/register tokens, position embeddings or LayerScale", group="optimization", metavar="WD")
+        None,
+        "weight decay (default: 1e-6 for LARS, 0.05 for AdamW); never applied to biases, norms, "
+        "cls/register tokens, position embeddings or LayerScale",
+        group="optimization",
+        metavar="WD",
+    )
     momentum: float = _opt(0.9, "LARS momentum", group="optimization", metavar="BETA")
     trust_coefficient: float = _opt(0.001, "LARS trust coefficient (eta)", group="optimization", metavar="ETA")
-    warmup_epochs: float = _opt(10.0, "linear warmup length in epochs (fractions allowed)", group="optimization",
-                                metavar="EPOCHS")
-    min_lr_ratio: float = _opt(0.001, "final lr of the cosine decay, as a fraction of the peak",
-                               group="optimization", metavar="RATIO")
-    clip_grad: float = _opt(1.0, "clip the global gradient norm to this value (0 = off)", group="optimization",
-                            metavar="NORM")
-    precision: str = _opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU; fp16 = the reference's precision: "
-                          "fp16 autocast with a GradScaler, TF32 matmuls, teacher weights fp32 (CUDA only)",
-                          group="optimization")
-    teacher_dtype: str = _opt("auto", "teacher weight dtype: auto = fp32 for --precision fp32 and fp16 (run under "
-                              "the step's autocast, as the reference does), bf16 for --precision bf16",
-                              group="optimization")
+    warmup_epochs: float = _opt(
+        10.0, "linear warmup length in epochs (fractions allowed)", group="optimization", metavar="EPOCHS"
+    )
+    min_lr_ratio: float = _opt(
+        0.001, "final lr of the cosine decay, as a fraction of the peak", group="optimization", metavar="RATIO"
+    )
+    clip_grad: float = _opt(
+        1.0, "clip the global gradient norm to this value (0 = off)", group="optimization", metavar="NORM"
+    )
+    precision: str = _opt(
+        "auto",
+        "auto = bf16 autocast on CUDA, fp32 on CPU; fp16 = the reference's precision: "
+        "fp16 autocast with a GradScaler, TF32 matmuls, teacher weights fp32 (CUDA only)",
+        group="optimization",
+    )
+    teacher_dtype: str = _opt(
+        "auto",
+        "teacher weight dtype: auto = fp32 for --precision fp32 and fp16 (run under "
+        "the step's autocast, as the reference does), bf16 for --precision bf16",
+        group="optimization",
+    )
     teacher_precision: str = _opt(
-        "auto", "teacher block linears (qkv, proj, fc1, fc2): auto = in the teacher dtype; fp8 = FP8 e4m3 weights "
+        "auto",
+        "teacher block linears (qkv, proj, fc1, fc2): auto = in the teacher dtype; fp8 = FP8 e4m3 weights "
         "and inputs with per-row scales (FP8 tensor cores on NVIDIA GPUs of compute capability 8.9+; elsewhere, "
         "e.g. on a CPU, an emulated path with the same numerics that is slower than auto, with a warning)",
-        group="optimization")
+        group="optimization",
+    )
     # loss
-    loss: str = _opt("mse", "mse = the paper's MSE on projected features; token-mse = MSE of per-token "
-                     "normalized features (no loss jump when the target block changes)", group="loss")
-    cls_weight: float = _opt(0.05, "weight of the CLS-token loss (same head as the patch tokens)", group="loss",
-                             metavar="W")
+    loss: str = _opt(
+        "mse",
+        "mse = the paper's MSE on projected features; token-mse = MSE of per-token "
+        "normalized features (no loss jump when the target block changes)",
+        group="loss",
+    )
+    cls_weight: float = _opt(
+        0.05, "weight of the CLS-token loss (same head as the patch tokens)", group="loss", metavar="W"
+    )
     # curriculum
-    curriculum: str = _opt("cka", "cka = LEAP adaptive target block; off = baseline, always the last teacher "
-                           "block; one-to-one = ablation baseline: student block i (0-indexed) aligned to teacher "
-                           "block round((i+1)*L_t/L_s), each through its own projector", group="curriculum")
-    curriculum_metric: str = _opt("cka", "similarity that drives calibration and level-ups: cka = linear CKA "
-                                  "(--tau), cosine = mean per-token cosine (--cosine-tau)", group="curriculum")
-    curriculum_sync: str = _opt("mean", "DDP: mean = every rank uses the rank-mean score and all target the same "
-                                "block; per-rank = the reference's behaviour: each rank calibrates, measures and "
-                                "levels up on its own batch", group="curriculum")
-    tau: float = _opt(0.85, "CKA threshold for moving to the next teacher block (paper: 0.85 ImageNet-100, "
-                      "0.80 ImageNet-1K)", group="curriculum", metavar="TAU")
-    alpha: float = _opt(1.0, "EMA weight of each new CKA value (1 = no smoothing)", group="curriculum",
-                        metavar="A")
-    max_epochs_per_block: int = _opt(5, "move on after this many epochs on one block (0 = never)",
-                                     group="curriculum", metavar="M", min=0)
+    curriculum: str = _opt(
+        "cka",
+        "cka = LEAP adaptive target block; off = baseline, always the last teacher "
+        "block; one-to-one = ablation baseline: student block i (0-indexed) aligned to teacher "
+        "block round((i+1)*L_t/L_s), each through its own projector",
+        group="curriculum",
+    )
+    curriculum_metric: str = _opt(
+        "cka",
+        "similarity that drives calibration and level-ups: cka = linear CKA "
+        "(--tau), cosine = mean per-token cosine (--cosine-tau)",
+        group="curriculum",
+    )
+    curriculum_sync: str = _opt(
+        "mean",
+        "DDP: mean = every rank uses the rank-mean score and all target the same "
+        "block; per-rank = the reference's behaviour: each rank calibrates, measures and "
+        "levels up on its own batch",
+        group="curriculum",
+    )
+    tau: float = _opt(
+        0.85,
+        "CKA threshold for moving to the next teacher block (paper: 0.85 ImageNet-100, 0.80 ImageNet-1K)",
+        group="curriculum",
+        metavar="TAU",
+    )
+    alpha: float = _opt(1.0, "EMA weight of each new CKA value (1 = no smoothing)", group="curriculum", metavar="A")
+    max_epochs_per_block: int = _opt(
+        5, "move on after this many epochs on one block (0 = never)", group="curriculum", metavar="M", min=0
+    )
     cosine_tau: float = _opt(0.6, "threshold of --curriculum-metric cosine", group="curriculum", metavar="TAU")
-    cka_every: int | None = _opt(None, "measure CKA (and maybe level up) every N steps; default 1 for LEAP, "
-                                 "never for the baselines (set it to log CKA there)", group="curriculum",
-                                 metavar="N", min=1, show_default=False)
-    start_block: int | None = _opt(None, "start at this teacher block (1-indexed) instead of the CKA "
-                                   "calibration", group="curriculum", metavar="K", min=1)
-    snap_to_last: int | None = _opt(None, "once the target reaches block S, jump to the last block and restart "
-                                    "the lr schedule as a cosine without warmup over the remaining steps",
-                                    group="curriculum", metavar="S", min=1)
-    reset_head_on_level_up: bool = _opt(False, "re-initialise the projection head (and clear its optimizer "
-                                        "state) whenever the target block changes (paper ablation)",
-                                        group="curriculum")
+    cka_every: int | None = _opt(
+        None,
+        "measure CKA (and maybe level up) every N steps; default 1 for LEAP, "
+        "never for the baselines (set it to log CKA there)",
+        group="curriculum",
+        metavar="N",
+        min=1,
+        show_default=False,
+    )
+    start_block: int | None = _opt(
+        None,
+        "start at this teacher block (1-indexed) instead of the CKA calibration",
+        group="curriculum",
+        metavar="K",
+        min=1,
+    )
+    snap_to_last: int | None = _opt(
+        None,
+        "once the target reaches block S, jump to the last block and restart "
+        "the lr schedule as a cosine without warmup over the remaining steps",
+        group="curriculum",
+        metavar="S",
+        min=1,
+    )
+    reset_head_on_level_up: bool = _opt(
+        False,
+        "re-initialise the projection head (and clear its optimizer "
+        "state) whenever the target block changes (paper ablation)",
+        group="curriculum",
+    )
     # run
-    out: str = _opt("runs/leap", "run directory (log.jsonl, checkpoint.pt, summary.json)", group="run",
-                    metavar="RUN_DIR")
-    ckpt_every: int = _opt(1000, "also checkpoint every N steps (0 = only at epoch ends)", group="run",
-                           metavar="N", min=0)
-    keep_checkpoints: int = _opt(2, "checkpoints kept: checkpoint.pt plus the N-1 before it "
-                                 "(checkpoint-stepS.pt), so --resume can go back", group="run", metavar="N", min=1)
-    divergence_factor: float = _opt(100.0, "stop (without checkpointing) when the loss exceeds this many times the "
-                                    "median of the recent steps, or the weight norm this many times its start "
-                                    "value (0 = off; NaN/Inf always stop)", group="run", metavar="X", min=0)
-    log_every: int = _opt(100, "without a terminal (nohup, SLURM, a log file): print a progress line every N "
-                          "steps and at each epoch end (0 = epoch ends only)", group="run", metavar="N", min=0)
-    resume: str | None = _opt(None, "continue a run from a checkpoint file, or 'auto' = RUN_DIR/checkpoint.pt "
-                              "if it exists", group="run", metavar="PATH|auto")
+    out: str = _opt(
+        "runs/leap", "run directory (log.jsonl, checkpoint.pt, summary.json)", group="run", metavar="RUN_DIR"
+    )
+    ckpt_every: int = _opt(
+        1000, "also checkpoint every N steps (0 = only at epoch ends)", group="run", metavar="N", min=0
+    )
+    keep_checkpoints: int = _opt(
+        2,
+        "checkpoints kept: checkpoint.pt plus the N-1 before it (checkpoint-stepS.pt), so --resume can go back",
+        group="run",
+        metavar="N",
+        min=1,
+    )
+    divergence_factor: float = _opt(
+        100.0,
+        "stop (without checkpointing) when the loss exceeds this many times the "
+        "median of the recent steps, or the weight norm this many times its start "
+        "value (0 = off; NaN/Inf always stop)",
+        group="run",
+        metavar="X",
+        min=0,
+    )
+    log_every: int = _opt(
+        100,
+        "without a terminal (nohup, SLURM, a log file): print a progress line every N "
+        "steps and at each epoch end (0 = epoch ends only)",
+        group="run",
+        metavar="N",
+        min=0,
+    )
+    resume: str | None = _opt(
+        None,
+        "continue a run from a checkpoint file, or 'auto' = RUN_DIR/checkpoint.pt if it exists",
+        group="run",
+        metavar="PATH|auto",
+    )
     seed: int = _opt(0, "random seed (model init, data order, augmentation, mixup)", group="run", metavar="N")
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)", group="run",
-                       metavar="DEVICE")
+    device: str = _opt(
+        "auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)", group="run", metavar="DEVICE"
+    )
     progress: bool = _opt(True, "tqdm progress bar per epoch (only on a terminal)", group="run")
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a mapping (keys snake_ or kebab-case), coercing simple types, then validate.
 
         Raises:
@@ -225,8 +349,9 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check every value; raise :class:`ConfigError` naming the option. Returns self."""
+
         def bad(name: str, msg: str) -> ConfigError:
             return ConfigError(f"--{name.replace('_', '-')}: {msg}")
 
@@ -273,8 +398,11 @@ class TrainConfig:
             # Both would change the shared weights or lr on one rank only: the replicas would diverge.
             for name in ("snap_to_last", "reset_head_on_level_up"):
                 if getattr(self, name):
-                    raise bad(name, "cannot be combined with --curriculum-sync per-rank (ranks level up at "
-                              "different steps, so the lr/head would differ between DDP replicas)")
+                    raise bad(
+                        name,
+                        "cannot be combined with --curriculum-sync per-rank (ranks level up at "
+                        "different steps, so the lr/head would differ between DDP replicas)",
+                    )
         if not 0 < self.alpha <= 1:
             raise bad("alpha", f"must be in (0, 1], got {self.alpha}")
         if not self.out:
@@ -315,91 +443,18 @@ class TrainConfig:
         return self.resume
 
 
-def normalize_mapping(values: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
-    """Check the keys of a config mapping and coerce its values; no cross-field validation.
-
-    Keys may be snake_case or kebab-case. Raises :class:`ConfigError` naming *all*
-    unknown keys (with a close match when there is one) or the first bad value.
-    """
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(values).__name__}")
-    known = config_fields()
-    clean: dict[str, Any] = {}
-    unknown = []
-    for key, value in values.items():
-        name = normalize_key(str(key))
-        if name not in known and name.startswith("no_") and name[3:] in known and field_spec(name[3:]).kind is bool:
-            # `no_mixup: true` mirrors the --no-mixup flag
-            clean[name[3:]] = not coerce(name[3:], value, source)
-            continue
-        if name not in known:
-            unknown.append(str(key))
-            continue
-        clean[name] = coerce(name, value, source)
-    if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(normalize_key(k), list(known), n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(known)}")
-    return clean
+# ---------------------------------------------------------------------- the option schema of TrainConfig
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
     """Fields of :class:`TrainConfig` by name, in declaration order."""
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """What an option is, read from a :class:`TrainConfig` field and its metadata.
-
-    ``kind`` is the value type (``bool``, ``int``, ``float``, ``str`` or ``dict``), from the
-    field's annotation; ``optional`` is True when ``None`` is allowed.
-    """
-
-    name: str
-    kind: type
-    optional: bool
-    default: Any
-    help: str
-    group: str
-    metavar: str | None
-    choices: tuple[str, ...] | None
-    min: float | None
-    show_default: bool
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-def _kind(annotation: Any) -> tuple[type, bool]:
-    """``(value type, optional)`` of an annotation such as ``int | None`` or ``dict[str, Any]``."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) != 1:
-            raise TypeError(f"unsupported option annotation {annotation!r}")
-        return _kind(inner[0])[0], type(None) in args
-    origin = typing.get_origin(annotation) or annotation
-    if origin not in (bool, int, float, str, dict):
-        raise TypeError(f"unsupported option annotation {annotation!r}")
-    return origin, False
+    return dataclass_fields(TrainConfig)
 
 
 @cache
 def field_specs() -> dict[str, FieldSpec]:
     """:class:`FieldSpec` of every :class:`TrainConfig` field, in declaration order."""
-    hints = typing.get_type_hints(TrainConfig)
-    specs = {}
-    for f in dataclasses.fields(TrainConfig):
-        kind, optional = _kind(hints[f.name])
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        m = f.metadata
-        specs[f.name] = FieldSpec(f.name, kind, optional, default, m["help"], m["group"], m["metavar"],
-                                  CHOICES.get(f.name), m["min"], m["show_default"])
-    return specs
+    return _specs_of(TrainConfig, CHOICES)
 
 
 def field_spec(name: str) -> FieldSpec:
@@ -407,92 +462,14 @@ def field_spec(name: str) -> FieldSpec:
     return field_specs()[name]
 
 
-def normalize_key(key: str) -> str:
-    """``"max-epochs-per-block"`` / ``"--tau"`` -> snake_case field name."""
-    return key.strip().lstrip("-").replace("-", "_")
-
-
-def parse_json_object(text: str, where: str) -> dict[str, Any]:
-    """A JSON object from ``text`` (e.g. ``--student-overrides``); an empty string is ``{}``.
-
-    Raises:
-        ConfigError: invalid JSON, or JSON that is not an object (``where`` names the option).
-    """
-    if not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: invalid JSON ({e.msg} at position {e.pos}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a JSON object such as '{{\"depth\": 2}}', got {text!r}")
-    return value
-
-
 def coerce(name: str, value: Any, source: str) -> Any:
-    """Convert a file/CLI value to the type of the field ``name`` (YAML reads ``1e-3`` as a string, etc.).
-
-    Raises:
-        ConfigError: the value does not convert (names ``source`` and the field).
-    """
-    spec = field_spec(name)
-    kind = spec.kind
-    where = f"{source}: {name}"
-    if value is None:
-        if spec.optional:
-            return None
-        raise ConfigError(f"{where}: null is not allowed")
-    if kind is dict:
-        if isinstance(value, str):
-            value = parse_json_object(value, where)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a JSON object / mapping, got {value!r}")
-        return dict(value)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-        raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}, "
-                          f"got {value!r}") from None
+    """A file/CLI value converted to the type of :class:`TrainConfig` field ``name``."""
+    return _coerce_to_spec(field_spec(name), value, source)
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file into a dict.
-
-    Other extensions are parsed as YAML (a superset of JSON). The file must hold one
-    mapping. Keys are not checked here (:meth:`TrainConfig.from_dict` does that).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 - yaml/json raise several types
-        raise ConfigError(f"could not parse config file {path}: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of options at the top level, "
-                          f"got {type(data).__name__}")
-    return data
+def normalize_mapping(values: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """Check the keys of a :class:`TrainConfig` mapping and coerce its values (no cross-field checks)."""
+    return _normalize_with_specs(field_specs(), values, source=source)
 
 
 @dataclasses.dataclass
@@ -502,7 +479,8 @@ class TeacherTrainConfig:
 
     model: str = "vit_small_patch14_dinov2"
     model_overrides: dict = dataclasses.field(
-        default_factory=lambda: {"patch_size": 7, "depth": 8, "embed_dim": 128, "num_heads": 2})
+        default_factory=lambda: {"patch_size": 7, "depth": 8, "embed_dim": 128, "num_heads": 2}
+    )
     img_size: int = 28
     data: str | None = None
     data_source: str = "fashion-mnist"

@@ -48,7 +48,8 @@ the full-depth baseline (every step at ``k = L``, same cost model) are:
 * ``total_saving = 1 - C(mean k) / C(L)`` -- including the student step, head and CKA
   (about 23.4% for the paper's ViT-S run).
 
-Measured wall-clock savings (:mod:`leap.run.timing`) are lower still: data loading, the optimizer and kernel overheads do not shrink with ``k``.
+Measured wall-clock savings (:mod:`leap.run.timing`) are lower still: data loading, the optimizer
+and kernel overheads do not shrink with ``k``.
 
 Why this module is long: about a fifth of it is this description of the cost model, which
 the README and the tests refer to; the code is the ViT cost reader, ``CostModel``,
@@ -58,8 +59,9 @@ the README and the tests refer to; the code is the ViT cost reader, ``CostModel`
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,16 +70,7 @@ from .errors import ModelError, RunLogError
 from .runlog import Trajectory
 from .vit import unwrap_vit
 
-__all__ = [
-    "ViTCost",
-    "vit_cost",
-    "pair",
-    "head_macs",
-    "cka_macs",
-    "CostModel",
-    "savings",
-    "TeacherFlopsTracker",
-]
+__all__ = ["ViTCost", "vit_cost", "pair", "head_macs", "cka_macs", "CostModel", "savings", "TeacherFlopsTracker"]
 
 # --------------------------------------------------------------------------------------
 # Analytic per-image costs of a timm ViT
@@ -163,8 +156,10 @@ def _block_breakdown(block: nn.Module, tokens: int) -> dict[str, int]:
         elif isinstance(mod, nn.modules.conv._ConvNd):
             raise TypeError(f"unsupported convolution {name!r} inside a ViT block")
         # Self-attention: Q K^T and A V, N^2 * (heads * head_dim) MACs each.
-        if hasattr(mod, "num_heads") and hasattr(mod, "head_dim") and (
-            hasattr(mod, "qkv") or hasattr(mod, "q_proj") or hasattr(mod, "q")
+        if (
+            hasattr(mod, "num_heads")
+            and hasattr(mod, "head_dim")
+            and (hasattr(mod, "qkv") or hasattr(mod, "q_proj") or hasattr(mod, "q"))
         ):
             inner = int(mod.num_heads) * int(mod.head_dim)
             parts["attn_scores"] += tokens * tokens * inner
@@ -226,12 +221,9 @@ def vit_cost(model: Any) -> ViTCost:
     )
 
 
-
 def head_macs(d_s: int, d_t: int, tokens: int) -> int:
     """MACs of the ``Linear(d_s -> d_t)`` projection head on ``tokens`` tokens."""
     return int(tokens) * int(d_s) * int(d_t)
-
-
 
 
 def cka_macs(n_tokens: int, d: int, d_y: int | None = None) -> int:
@@ -245,8 +237,6 @@ def cka_macs(n_tokens: int, d: int, d_y: int | None = None) -> int:
     dy = dx if d_y is None else int(d_y)
     grams = dx * dy + dx * dx + dy * dy
     return n * grams + n * (dx + dy) + grams
-
-
 
 
 # --------------------------------------------------------------------------------------
@@ -308,7 +298,8 @@ class CostModel:
         if self.tokens_per_image is None and t.grid != s.grid:
             raise ModelError(
                 f"teacher patch grid {t.grid[0]}x{t.grid[1]} != student patch grid {s.grid[0]}x{s.grid[1]} "
-                f"(patch sizes {t.patch_size[0]} and {s.patch_size[0]} at {self.img_size} px): give both models the same "
+                f"(patch sizes {t.patch_size[0]} and {s.patch_size[0]} at {self.img_size} px): "
+                "give both models the same "
                 "patch size, e.g. with --teacher-overrides / --student-overrides '{\"patch_size\": 14}'"
             )
         self.d_t = int(self.d_t if self.d_t is not None else t.embed_dim)
@@ -378,7 +369,12 @@ class CostModel:
         return self.step_flops(self.num_blocks)
 
     def _check_k(self, k: float) -> float:
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or not 0 <= k <= self.num_blocks:
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, (int, float))
+            or not math.isfinite(k)
+            or not 0 <= k <= self.num_blocks
+        ):
             raise ValueError(f"target block k={k!r} out of range: expected 0 <= k <= {self.num_blocks}")
         return k
 
@@ -391,8 +387,12 @@ class CostModel:
         teacher = 2 * (steps * self.embed_macs + teacher_blocks_run * self.block_macs)
         baseline = 2 * steps * self.teacher_macs(self.num_blocks)
         rest = 2 * steps * (self.student_step_macs + self.cka_macs)
-        return {"teacher": teacher, "baseline_teacher": baseline, "step": teacher + rest,
-                "baseline_step": baseline + rest}
+        return {
+            "teacher": teacher,
+            "baseline_teacher": baseline,
+            "step": teacher + rest,
+            "baseline_step": baseline + rest,
+        }
 
     def breakdown(self) -> dict[str, float]:
         """Per-image component costs in MACs (keys end in ``_macs``), for tables and JSON."""
@@ -409,11 +409,15 @@ class CostModel:
         }
 
 
-
-
-def savings(trajectory: Any, teacher: Any = None, student: Any = None, *,
-            cost_model: CostModel | None = None, weights: Sequence[float] | None = None,
-            include_cka: bool = True) -> dict[str, Any]:
+def savings(
+    trajectory: Any,
+    teacher: Any = None,
+    student: Any = None,
+    *,
+    cost_model: CostModel | None = None,
+    weights: Sequence[float] | None = None,
+    include_cka: bool = True,
+) -> dict[str, Any]:
     """FLOPs of a LEAP trajectory vs. the full-depth baseline (every step at ``k = L``).
 
     Args:
@@ -479,8 +483,15 @@ class TeacherFlopsTracker:
     steps at ``k = L``.
     """
 
-    _KEYS = ("teacher_flops", "baseline_teacher_flops", "step_flops", "baseline_step_flops", "calibration_flops",
-             "images", "steps")
+    _KEYS = (
+        "teacher_flops",
+        "baseline_teacher_flops",
+        "step_flops",
+        "baseline_step_flops",
+        "calibration_flops",
+        "images",
+        "steps",
+    )
 
     def __init__(self, cost_model: CostModel):
         self.cost_model = cost_model
@@ -540,5 +551,3 @@ class TeacherFlopsTracker:
             d = dict.fromkeys(self._KEYS, 0.0)
             d.update({k: float(v) for k, v in state.get(name, {}).items() if k in d})
             setattr(self, f"_{name}", d)
-
-

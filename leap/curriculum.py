@@ -54,8 +54,14 @@ class LevelUp(NamedTuple):
 
     def record(self, cka: float | None = None) -> dict[str, Any]:
         """The ``level_up`` log record (``cka`` only for a level-up by CKA)."""
-        rec: dict[str, Any] = {"type": "level_up", "step": self.step, "epoch": self.epoch,
-                               "from_block": self.from_block, "to_block": self.to_block, "reason": self.reason}
+        rec: dict[str, Any] = {
+            "type": "level_up",
+            "step": self.step,
+            "epoch": self.epoch,
+            "from_block": self.from_block,
+            "to_block": self.to_block,
+            "reason": self.reason,
+        }
         if cka is not None and self.reason == "cka":
             rec["cka"] = cka
         return rec
@@ -182,9 +188,7 @@ class Curriculum:
             if not isinstance(scores, torch.Tensor):
                 raise TypeError("calibrate: scores must be a tensor of shape (num_blocks,) when start_block is None")
             if scores.dim() != 1 or scores.shape[0] != self.num_blocks:
-                raise ValueError(
-                    f"calibrate: scores must have shape ({self.num_blocks},), got {tuple(scores.shape)}"
-                )
+                raise ValueError(f"calibrate: scores must have shape ({self.num_blocks},), got {tuple(scores.shape)}")
             s = scores.detach().to(torch.float32)
             if self._reduce():
                 s = all_reduce_mean(s, self.process_group)
@@ -196,8 +200,9 @@ class Curriculum:
         self._maybe_snap(step=step, epoch=epoch)
         return self.block
 
-    def observe(self, cka: torch.Tensor | float, *, step: int, epoch: int,
-                already_reduced: bool = False) -> list[tuple[int, int]]:
+    def observe(
+        self, cka: torch.Tensor | float, *, step: int, epoch: int, already_reduced: bool = False
+    ) -> list[tuple[int, int]]:
         """Feed one CKA measurement (after a training step) and maybe level up.
 
         Args:
@@ -341,7 +346,9 @@ class Curriculum:
         saved_cfg = state.get("config")
         if isinstance(saved_cfg, dict) and saved_cfg != self._config():
             diff = {k: (saved_cfg.get(k), v) for k, v in self._config().items() if saved_cfg.get(k) != v}
-            warnings.warn(f"Curriculum.load_state_dict: config differs from checkpoint (saved, current): {diff}")
+            warnings.warn(
+                f"Curriculum.load_state_dict: config differs from checkpoint (saved, current): {diff}", stacklevel=2
+            )
 
         self.block = block
         self.ema = float(state["ema"])
@@ -377,8 +384,9 @@ class LevelUpEffects:
     Call :meth:`apply` with the controller's ``level_ups`` entries added by the last call.
     """
 
-    def __init__(self, *, module: Any, optimizer: Any, scheduler: Any, reset_head: bool,
-                 restart_on_snap: bool, seed: int = 0):
+    def __init__(
+        self, *, module: Any, optimizer: Any, scheduler: Any, reset_head: bool, restart_on_snap: bool, seed: int = 0
+    ):
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
         self.reset_head = bool(reset_head)
         self.restart_on_snap = bool(restart_on_snap)
@@ -394,8 +402,9 @@ class LevelUpEffects:
         step, epoch = last.step, last.epoch
         if self.restart_on_snap and any(u.reason == "snap" for u in level_ups):
             self.scheduler.restart()
-            records.append({"type": "lr_restart", "step": step, "epoch": epoch,
-                            "from_step": self.scheduler.restart_step})
+            records.append(
+                {"type": "lr_restart", "step": step, "epoch": epoch, "from_step": self.scheduler.restart_step}
+            )
         if self.reset_head:
             gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + 1) % 2**63)
             params = self.module.reset_heads(gen)

@@ -38,8 +38,13 @@ class DistillModule(nn.Module):
             the fused loss, as autocast would do for a Linear (LayerNorm outputs fp32).
     """
 
-    def __init__(self, student: nn.Module, head: FeatureDistillationHead, cls_weight: float,
-                 compute_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        head: FeatureDistillationHead,
+        cls_weight: float,
+        compute_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.student = student
         self.head = head
@@ -52,7 +57,7 @@ class DistillModule(nn.Module):
         x = self.student.forward_features(images)
         if self.compute_dtype is not None and torch.is_autocast_enabled(x.device.type):
             x = x.to(self.compute_dtype)
-        return x[:, self.num_prefix_tokens:], x[:, 0]
+        return x[:, self.num_prefix_tokens :], x[:, 0]
 
     def forward(self, images: torch.Tensor, target_patch: torch.Tensor, target_cls: torch.Tensor):
         s_patch, s_cls = self.features(images)
@@ -111,14 +116,21 @@ class OneToOneDistillModule(DistillModule):
     patch (B, N, D_s) detached)``, the two partial losses also averaged over the blocks.
     """
 
-    def __init__(self, student: nn.Module, head: FeatureDistillationHead, cls_weight: float,
-                 compute_dtype: torch.dtype | None = None, teacher_blocks: int = 1):
+    def __init__(
+        self,
+        student: nn.Module,
+        head: FeatureDistillationHead,
+        cls_weight: float,
+        compute_dtype: torch.dtype | None = None,
+        teacher_blocks: int = 1,
+    ):
         super().__init__(student, head, cls_weight, compute_dtype)
         self.pairs = one_to_one_pairs(len(student.blocks), teacher_blocks)
         normalize = getattr(head, "normalize", False)
         self.block_heads = nn.ModuleList(
             FeatureDistillationHead(head.weight.shape[1], head.weight.shape[0], normalize=normalize)
-            for _ in self.pairs[:-1])
+            for _ in self.pairs[:-1]
+        )
 
     @property
     def teacher_blocks(self) -> list[int]:
@@ -145,20 +157,21 @@ class OneToOneDistillModule(DistillModule):
         feats = self.block_features(images)
         patch_losses, cls_losses = [], []
         for p, (x, head) in enumerate(zip(feats, self.heads())):
-            patch_losses.append(head(x[:, self.num_prefix_tokens:], target_patch[p]))
+            patch_losses.append(head(x[:, self.num_prefix_tokens :], target_patch[p]))
             cls_losses.append(head(x[:, 0], target_cls[p]))
         patch_loss = torch.stack(patch_losses).mean()
         cls_loss = torch.stack(cls_losses).mean()
         loss = patch_loss + self.cls_weight * cls_loss
-        return loss, patch_loss, cls_loss, feats[-1][:, self.num_prefix_tokens:].detach()
+        return loss, patch_loss, cls_loss, feats[-1][:, self.num_prefix_tokens :].detach()
 
     @staticmethod
     def final_target(target: torch.Tensor) -> torch.Tensor:
         return target[-1]
 
 
-def teacher_targets(teacher: "TruncatedTeacher", module: DistillModule, images: torch.Tensor,
-                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_targets(
+    teacher: TruncatedTeacher, module: DistillModule, images: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's teacher targets: block ``k`` for LEAP/the baseline, every paired block (in one
     pass, up to the last) for :class:`OneToOneDistillModule`."""
     if isinstance(module, OneToOneDistillModule):

@@ -99,8 +99,9 @@ def all_reduce_mean(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     return _all_reduce(t, dist.ReduceOp.SUM, group) / dist.get_world_size(group)
 
 
-def reduce_step_values(means: list[torch.Tensor], per_rank: list[torch.Tensor] | None = None
-                       ) -> tuple[list[float], list[list[float]]]:
+def reduce_step_values(
+    means: list[torch.Tensor], per_rank: list[torch.Tensor] | None = None
+) -> tuple[list[float], list[list[float]]]:
     """One all-reduce and one host read for a step's statistics.
 
     Args:
@@ -128,7 +129,7 @@ def reduce_step_values(means: list[torch.Tensor], per_rank: list[torch.Tensor] |
         t = _all_reduce(t, dist.ReduceOp.SUM, None)
         t = torch.cat([t[:n] / world, t[n:]])  # fp32 division, as all_reduce_mean
     host = t.tolist()  # the one host read
-    ranks = [host[n + i * world: n + (i + 1) * world] for i in range(len(per_rank))]
+    ranks = [host[n + i * world : n + (i + 1) * world] for i in range(len(per_rank))]
     return host[:n], ranks
 
 

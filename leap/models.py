@@ -40,8 +40,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import timm
+import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -89,12 +89,7 @@ def available_models() -> list[str]:
     return sorted(set(timm.list_models(module="vision_transformer")) | set(_EXTRA_MODELS))
 
 
-def build_model(
-    name: str,
-    img_size: int = 224,
-    pretrained: bool = False,
-    **overrides: Any,
-) -> VisionTransformer:
+def build_model(name: str, img_size: int = 224, pretrained: bool = False, **overrides: Any) -> VisionTransformer:
     """Build a timm ViT without a classifier head, running at ``img_size``.
 
     Args:
@@ -123,8 +118,13 @@ def build_model(
         raise ModelError(
             f"{name!r}: override {dropped[0]}=None would be ignored (timm drops None arguments and keeps the "
             f"model's default); give a value instead"
-            + (" (no LayerScale: use vit_tiny_patch14_dinov2, a plain timm ViT, with depth/embed_dim/num_heads "
-               "overrides)" if dropped[0] == "init_values" else ""))
+            + (
+                " (no LayerScale: use vit_tiny_patch14_dinov2, a plain timm ViT, with depth/embed_dim/num_heads "
+                "overrides)"
+                if dropped[0] == "init_values"
+                else ""
+            )
+        )
     base_name, _, tag = name.partition(".")
     kwargs: dict[str, Any] = {}
     if base_name in _EXTRA_MODELS:
@@ -227,8 +227,9 @@ def _read_file(path: str | os.PathLike) -> Any:
     try:
         return load_file(path, device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises several types on bad files
-        raise CheckpointError(f"could not read teacher checkpoint {path}: not a valid .safetensors file "
-                              f"({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"could not read teacher checkpoint {path}: not a valid .safetensors file ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _unwrap_container(obj: Any) -> dict[str, torch.Tensor]:
@@ -274,7 +275,7 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
             prefix = teacher[0]
         else:
             prefix = prefixes.pop()
-        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, prefix
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, prefix
     return sd, ""
 
 
@@ -413,22 +414,23 @@ def resample_patch_pos_embed(patch_pos: torch.Tensor, new_grid: tuple[int, int],
     Computed in fp32 (as every source does) and returned in the input dtype.
     """
     n, d = patch_pos.shape[1], patch_pos.shape[2]
-    m = int(round(n ** 0.5))
+    m = int(round(n**0.5))
     gh, gw = int(new_grid[0]), int(new_grid[1])
     grid = patch_pos.float().reshape(1, m, m, d).permute(0, 3, 1, 2)
     if rule == "bicubic-offset":
         # Scale factors, not an output size: the kernel then uses (n + 0.1) / M for the
         # coordinate mapping, which is what makes this rule differ from "bicubic".
-        out = F.interpolate(grid, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic",
-                            antialias=False)
+        out = F.interpolate(grid, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic", antialias=False)
     elif rule in ("bicubic", "bicubic-antialias"):
-        out = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False,
-                            antialias=rule == "bicubic-antialias")
+        out = F.interpolate(
+            grid, size=(gh, gw), mode="bicubic", align_corners=False, antialias=rule == "bicubic-antialias"
+        )
     else:
         raise ValueError(f"unknown position-embedding rule {rule!r} (expected one of {POS_EMBED_RULES[1:]})")
     if tuple(out.shape[-2:]) != (gh, gw):
-        raise CheckpointError(f"position-embedding rule {rule!r} gave a {tuple(out.shape[-2:])} grid, "
-                              f"expected {(gh, gw)}")
+        raise CheckpointError(
+            f"position-embedding rule {rule!r} gave a {tuple(out.shape[-2:])} grid, expected {(gh, gw)}"
+        )
     return out.permute(0, 2, 3, 1).reshape(1, gh * gw, d).to(patch_pos.dtype)
 
 
@@ -443,7 +445,7 @@ def _resample_pos_embed(sd: dict[str, torch.Tensor], model: VisionTransformer, r
     n_prefix = _prefix_pos_slots(model)
     new_grid = patch_grid(model)
     n_old = pos.shape[1] - n_prefix
-    side = int(round(n_old ** 0.5)) if n_old > 0 else 0
+    side = int(round(n_old**0.5)) if n_old > 0 else 0
     if side * side != n_old:
         if pos.shape == model.pos_embed.shape:
             return False
@@ -480,7 +482,7 @@ def _adapt_to_model(sd: dict[str, torch.Tensor], model_keys: set[str]) -> None:
 
 
 def convert_state_dict(
-    checkpoint: Mapping[str, Any], model: VisionTransformer, pos_embed_interpolation: str = "auto",
+    checkpoint: Mapping[str, Any], model: VisionTransformer, pos_embed_interpolation: str = "auto"
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Convert a loaded checkpoint to ``model``'s timm state-dict layout.
 
@@ -509,8 +511,13 @@ def convert_state_dict(
     else:
         sd = dict(sd)
     if _resample_pos_embed(sd, model, rule):
-        log.info("position embedding resampled to the %dx%d patch grid with rule %r (%s checkpoint%s)",
-                 *patch_grid(model), rule, fmt, " with registers" if has_registers else "")
+        log.info(
+            "position embedding resampled to the %dx%d patch grid with rule %r (%s checkpoint%s)",
+            *patch_grid(model),
+            rule,
+            fmt,
+            " with registers" if has_registers else "",
+        )
     _adapt_to_model(sd, set(model.state_dict().keys()))
     return sd, fmt
 

@@ -38,6 +38,7 @@ LARS_REFERENCE_BATCH = 1536
 #: (in addition to every parameter with ndim <= 1: biases, norm weights, LayerScale).
 NO_DECAY_NAME_PARTS = ("cls_token", "reg_token", "pos_embed", "gamma")
 
+
 def peak_lr(optimizer: str, lr: float, global_batch: int) -> float:
     """Peak learning rate (reached at the end of warmup) for ``--lr`` at ``global_batch``.
 
@@ -111,8 +112,9 @@ class LARS(torch.optim.Optimizer):
             raise ValueError(f"LARS: weight_decay must be >= 0, got {weight_decay}")
         if trust_coefficient <= 0:
             raise ValueError(f"LARS: trust_coefficient must be > 0, got {trust_coefficient}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, eps=eps, lars=True)
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, lars=True
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -168,8 +170,7 @@ def build_optimizer(
     if not groups:
         raise ValueError("build_optimizer: no trainable parameters")
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                    trust_coefficient=trust_coefficient)
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose 'lars' or 'adamw'")
@@ -192,8 +193,9 @@ class WarmupCosine:
     warmup: ``i >= R: r + (1 - r) * 0.5 * (1 + cos(pi * min(1, (i - R) / max(1, T - R))))``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
-                 min_lr_ratio: float = 0.001):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.001
+    ):
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         if not 0 <= warmup_steps:
@@ -239,9 +241,13 @@ class WarmupCosine:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "min_lr_ratio": self.min_lr_ratio,
-                "restart_step": self.restart_step}
+        return {
+            "last_step": self.last_step,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "min_lr_ratio": self.min_lr_ratio,
+            "restart_step": self.restart_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Only the position is restored: warmup/total/min ratio come from the current config,

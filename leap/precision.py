@@ -18,8 +18,16 @@ import contextlib
 
 import torch
 
-__all__ = ["DTYPES", "TEACHER_PRECISIONS", "auto_precision", "resolve_precision", "amp_dtype",
-           "resolve_teacher_dtype", "teacher_autocast", "configure_matmul_precision"]
+__all__ = [
+    "DTYPES",
+    "TEACHER_PRECISIONS",
+    "auto_precision",
+    "resolve_precision",
+    "amp_dtype",
+    "resolve_teacher_dtype",
+    "teacher_autocast",
+    "configure_matmul_precision",
+]
 
 #: The dtype of each precision name (``--precision``, ``--teacher-dtype``, ``leap eval --precision``).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -45,8 +45,9 @@ import os
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any
 
 from .errors import InputNotFoundError, RunLogError
 
@@ -166,10 +167,12 @@ def open_run_file(path: str | os.PathLike, mode: str = "a") -> IO[str]:
     flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags, 0o644)
-    except OSError as e:
+    except OSError:
         if os.path.islink(path):
-            raise RunLogError(f"{path} is a symbolic link; a run writes its files only inside its run directory: "
-                              f"remove the link (or choose another --out)") from None
+            raise RunLogError(
+                f"{path} is a symbolic link; a run writes its files only inside its run directory: "
+                f"remove the link (or choose another --out)"
+            ) from None
         raise
     return os.fdopen(fd, mode, encoding="utf-8")
 
@@ -208,7 +211,7 @@ class JsonlWriter:
             self._f.close()
             self._f = None
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -289,8 +292,11 @@ class RunLog:
         """Teacher depth L: from dims / summary / a ``depth`` teacher override, else the largest
         block seen in the log (exact once the run reached the last block)."""
         overrides = self.config.get("teacher_overrides")
-        candidates = (self.dims.get("teacher_blocks"), self.summary.get("num_blocks"),
-                      overrides.get("depth") if isinstance(overrides, dict) else None)
+        candidates = (
+            self.dims.get("teacher_blocks"),
+            self.summary.get("num_blocks"),
+            overrides.get("depth") if isinstance(overrides, dict) else None,
+        )
         for v in candidates:
             if number(v):
                 return int(v)
@@ -320,7 +326,8 @@ class RunLog:
         """Global batch size, if logged (``resolved.global_batch`` or ``batch_size * world_size``)."""
         resolved = self.summary.get("resolved")
         gb = number(self.resolved.get("global_batch")) or number(
-            resolved.get("global_batch") if isinstance(resolved, dict) else None)
+            resolved.get("global_batch") if isinstance(resolved, dict) else None
+        )
         if gb:
             return int(gb)
         bs = number(self.config.get("batch_size"))
@@ -328,17 +335,22 @@ class RunLog:
             return int(bs * (number(self.dims.get("world_size")) or 1))
         return None
 
-    def trajectory(self) -> "Trajectory":
+    def trajectory(self) -> Trajectory:
         """Target block per epoch (``mean_block``, weighted by the epoch's steps when logged), or
         per step when the log has no epoch records."""
-        epochs = [r for r in self.epochs if number(r.get("epoch")) is not None
-                  and (number(r.get("mean_block")) is not None or number(r.get("block")) is not None)]
+        epochs = [
+            r
+            for r in self.epochs
+            if number(r.get("epoch")) is not None
+            and (number(r.get("mean_block")) is not None or number(r.get("block")) is not None)
+        ]
         if epochs:
             steps = [r.get("steps") for r in epochs]
-            weights = ([float(s) for s in steps] if all(number(s) is not None and s > 0 for s in steps)
-                       else None)
-            blocks = [number(r.get("mean_block")) if number(r.get("mean_block")) is not None
-                      else number(r.get("block")) for r in epochs]
+            weights = [float(s) for s in steps] if all(number(s) is not None and s > 0 for s in steps) else None
+            blocks = [
+                number(r.get("mean_block")) if number(r.get("mean_block")) is not None else number(r.get("block"))
+                for r in epochs
+            ]
             return Trajectory(blocks, weights, self.log_path)
         blocks = self.step_blocks()
         if blocks:
@@ -407,7 +419,7 @@ def load_run(run_dir: str | os.PathLike, *, require_records: bool = True) -> Run
         if key not in seen:
             seen.add(key)
             ups.append(u)
-    run.level_ups = sorted(ups, key=lambda u: (number(u.get("step")) or 0))
+    run.level_ups = sorted(ups, key=lambda u: number(u.get("step")) or 0)
 
     summary_path = run_file(path, SUMMARY_NAME)
     if os.path.isfile(summary_path):
@@ -450,7 +462,7 @@ class Trajectory:
         return math.fsum(b * w for b, w in zip(self.blocks, self.weights)) / total
 
     @classmethod
-    def of(cls, trajectory: Any, weights: Sequence[float] | None = None) -> "Trajectory":
+    def of(cls, trajectory: Any, weights: Sequence[float] | None = None) -> Trajectory:
         """A :class:`Trajectory` from a trajectory, a path (:func:`load_trajectory`) or numbers."""
         if isinstance(trajectory, (str, bytes, os.PathLike)):
             trajectory = load_trajectory(trajectory)
@@ -504,9 +516,7 @@ def load_trajectory(path: str | os.PathLike) -> Trajectory:
             if key is None:
                 raise RunLogError(f"trajectory file {path}: JSON object has no 'blocks' key (keys: {sorted(obj)})")
             obj = obj[key]
-        if not isinstance(obj, list) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in obj
-        ):
+        if not isinstance(obj, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in obj):
             raise RunLogError(f"trajectory file {path}: expected a JSON list of numbers")
         if not obj:
             raise RunLogError(f"trajectory file {path}: the list is empty")

@@ -17,7 +17,7 @@ keeps the teacher dtype.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -59,8 +59,13 @@ class TruncatedTeacher(nn.Module):
         ``forward(x, k)`` -> ``(patch_tokens (B, N, D), cls (B, D))`` in the teacher dtype.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None,
-                 attention_kernel: bool | None = None, precision: str = "auto"):
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype | None = None,
+        attention_kernel: bool | None = None,
+        precision: str = "auto",
+    ):
         super().__init__()
         family = vit.family_of(model, "TruncatedTeacher")
         if getattr(model, "cls_token", None) is None:
@@ -118,7 +123,7 @@ class TruncatedTeacher(nn.Module):
         """Patch grid ``(rows, cols)``; N = rows * cols patch tokens."""
         return self._family.patch_grid(self.model)
 
-    def train(self, mode: bool = True) -> "TruncatedTeacher":
+    def train(self, mode: bool = True) -> TruncatedTeacher:
         """The teacher always stays in eval mode (no dropout / drop-path), whatever ``mode``."""
         super().train(mode)
         self.model.eval()
@@ -169,7 +174,7 @@ class TruncatedTeacher(nn.Module):
     def _normed_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final teacher norm on ``(B, P + N, D)``; return ``(patch (B, N, D), cls (B, D))``."""
         x = self._family.final_norm(self.model, x)
-        return x[:, self.num_prefix_tokens:], x[:, 0]
+        return x[:, self.num_prefix_tokens :], x[:, 0]
 
     # ------------------------------------------------------------------ public API
 

@@ -22,8 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["VitFamily", "VIT", "FAMILIES", "family_of", "unwrap", "unwrap_vit", "embed", "blocks", "final_norm",
-           "num_prefix_tokens", "patch_grid"]
+__all__ = [
+    "VitFamily",
+    "VIT",
+    "FAMILIES",
+    "family_of",
+    "unwrap",
+    "unwrap_vit",
+    "embed",
+    "blocks",
+    "final_norm",
+    "num_prefix_tokens",
+    "patch_grid",
+]
 
 
 class VitFamily:
@@ -91,9 +102,7 @@ def unwrap_vit(model: Any) -> nn.Module:
     """
     vit = unwrap(model)
     if not isinstance(vit, nn.Module) or not hasattr(vit, "patch_embed") or not hasattr(vit, "blocks"):
-        raise TypeError(
-            f"expected a timm VisionTransformer (or a wrapper with .model), got {type(model).__name__}"
-        )
+        raise TypeError(f"expected a timm VisionTransformer (or a wrapper with .model), got {type(model).__name__}")
     return vit
 
 
@@ -106,8 +115,9 @@ def family_of(model: Any, who: str = "leap") -> VitFamily:
     for fam in FAMILIES:
         if fam.matches(model):
             return fam
-    raise TypeError(f"{who} needs a timm VisionTransformer; {type(model).__name__} has no "
-                    f"{FAMILIES[0].missing(model)!r}")
+    raise TypeError(
+        f"{who} needs a timm VisionTransformer; {type(model).__name__} has no {FAMILIES[0].missing(model)!r}"
+    )
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

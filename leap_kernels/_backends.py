@@ -92,9 +92,17 @@ class Backend:
         """Why it cannot run tensors of this device type now (beyond the per-op device list)."""
         return []
 
-    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor], *, auto: bool = False,
-                              row_width: int | None = None, head_dim: int | None = None,
-                              scale: float | None = None, **_meta: Any) -> list[str]:
+    def not_supported_reasons(
+        self,
+        op: str,
+        tensors: Sequence[torch.Tensor],
+        *,
+        auto: bool = False,
+        row_width: int | None = None,
+        head_dim: int | None = None,
+        scale: float | None = None,
+        **_meta: Any,
+    ) -> list[str]:
         reasons = self.availability_reasons()
         support = self.ops.get(op)
         if support is None:
@@ -102,8 +110,10 @@ class Backend:
             return reasons
         for device_type in sorted({t.device.type for t in tensors}):
             if device_type not in support.devices:
-                reasons.append(f"{op}: {device_type} tensors given; the {self.name} kernels run on "
-                               f"{' or '.join(support.devices)} tensors")
+                reasons.append(
+                    f"{op}: {device_type} tensors given; the {self.name} kernels run on "
+                    f"{' or '.join(support.devices)} tensors"
+                )
             else:
                 reasons.extend(self.device_reasons(device_type))
         unsupported = sorted(str(d) for d in {t.dtype for t in tensors} if d not in support.dtypes)
@@ -111,18 +121,24 @@ class Backend:
             names = ", ".join(str(d).replace("torch.", "") for d in support.dtypes)
             reasons.append(f"dtype {', '.join(unsupported)} not supported by the {self.name} {op} kernels ({names})")
         if support.max_row_width is not None and row_width is not None and row_width > support.max_row_width:
-            reasons.append(f"{op}: row width {row_width} exceeds the {support.max_row_width} channels one "
-                           f"{self.name} program holds in registers")
+            reasons.append(
+                f"{op}: row width {row_width} exceeds the {support.max_row_width} channels one "
+                f"{self.name} program holds in registers"
+            )
         if support.head_dims is not None and head_dim is not None and head_dim not in support.head_dims:
-            reasons.append(f"{op}: head dim {head_dim} not supported by the {self.name} kernel "
-                           f"(supported head dims: {', '.join(map(str, support.head_dims))})")
+            reasons.append(
+                f"{op}: head dim {head_dim} not supported by the {self.name} kernel "
+                f"(supported head dims: {', '.join(map(str, support.head_dims))})"
+            )
         if support.positive_scale and scale is not None and not scale > 0:
             reasons.append(f"{op}: the {self.name} kernel needs scale > 0, got {scale}")
         if support.max_sample_span is not None:
             for t in tensors:
                 if t.dim() >= 2 and _sample_span(t) >= support.max_sample_span:
-                    reasons.append(f"{op}: one sample spans {_sample_span(t)} elements; the {self.name} kernel "
-                                   "indexes within a sample with 32-bit offsets")
+                    reasons.append(
+                        f"{op}: one sample spans {_sample_span(t)} elements; the {self.name} kernel "
+                        "indexes within a sample with 32-bit offsets"
+                    )
         if auto and not support.verified:
             reasons.append(f"{op}: the {self.name} kernels are " + NOT_VERIFIED.format(env=ENV_BACKEND, name=self.name))
         return reasons
@@ -161,8 +177,9 @@ class TritonBackend(Backend):
         "fused_feature_loss": OpSupport(("cuda", "cpu"), max_row_width=MAX_TRITON_ROW_WIDTH),
         "token_normalized_mse": OpSupport(("cuda", "cpu"), max_row_width=MAX_TRITON_ROW_WIDTH),
         "feature_loss_rescale": OpSupport(("cuda", "cpu")),
-        "teacher_attention": OpSupport(("cuda", "cpu"), dtypes=HALF_DTYPES, head_dims=TRITON_HEAD_DIMS,
-                                       positive_scale=True, max_sample_span=2**31),
+        "teacher_attention": OpSupport(
+            ("cuda", "cpu"), dtypes=HALF_DTYPES, head_dims=TRITON_HEAD_DIMS, positive_scale=True, max_sample_span=2**31
+        ),
     }
 
     def availability_reasons(self) -> list[str]:
@@ -173,8 +190,10 @@ class TritonBackend(Backend):
         if device_type == "cuda" and not torch.cuda.is_available():
             return ["CUDA tensors given but torch.cuda is not available"]
         if device_type == "cpu" and not triton_interpret_enabled():
-            return ["CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing "
-                    "leap_kernels (slow; meant for tests)"]
+            return [
+                "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+                "leap_kernels (slow; meant for tests)"
+            ]
         return []
 
 
@@ -202,8 +221,9 @@ class CudaBackend(Backend):
         "fused_feature_loss": OpSupport(("cuda",), verified=False),
         "token_normalized_mse": OpSupport(("cuda",), verified=False),
         "feature_loss_rescale": OpSupport(("cuda",), verified=False),
-        "teacher_attention": OpSupport(("cuda",), dtypes=HALF_DTYPES, head_dims=CUDA_HEAD_DIMS, positive_scale=True,
-                                       verified=False),
+        "teacher_attention": OpSupport(
+            ("cuda",), dtypes=HALF_DTYPES, head_dims=CUDA_HEAD_DIMS, positive_scale=True, verified=False
+        ),
     }
 
     def availability_reasons(self) -> list[str]:
@@ -211,8 +231,10 @@ class CudaBackend(Backend):
         if error:
             return [error]
         if not _ext.with_cuda():
-            return ["leap_kernels._C was built without CUDA kernels (no GPU or toolkit at build time; rebuild "
-                    "with LEAP_KERNELS_BUILD_CUDA=1)"]
+            return [
+                "leap_kernels._C was built without CUDA kernels (no GPU or toolkit at build time; rebuild "
+                "with LEAP_KERNELS_BUILD_CUDA=1)"
+            ]
         return []
 
     def device_reasons(self, device_type: str) -> list[str]:

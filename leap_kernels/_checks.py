@@ -19,9 +19,7 @@ def check_tensor(name: str, value: object, *, min_dim: int = 1) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name}: expected a floating dtype (float32, bfloat16, float16 or float64), got {value.dtype}"
-        )
+        raise TypeError(f"{name}: expected a floating dtype (float32, bfloat16, float16 or float64), got {value.dtype}")
     if value.dim() < min_dim:
         raise ValueError(f"{name}: expected at least {min_dim} dim(s), got shape {_shape(value)}")
 
@@ -73,8 +71,14 @@ def check_tokens(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: got zero channels (shape {_shape(t)}); need at least one")
 
 
-def check_feature_loss_inputs(student: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                               target: torch.Tensor, reduction: object, eps: object) -> None:
+def check_feature_loss_inputs(
+    student: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    reduction: object,
+    eps: object,
+) -> None:
     check_tensor("student", student)
     check_tensor("weight", weight, min_dim=2)
     if bias is not None:
@@ -111,7 +115,5 @@ def check_token_mse_inputs(input: torch.Tensor, target: torch.Tensor, reduction:
     check_eps(eps)
     check_same_device(input=input, target=target)
     if tuple(input.shape) != tuple(target.shape):
-        raise ValueError(
-            f"target: expected the shape of input {_shape(input)}, got {_shape(target)}"
-        )
+        raise ValueError(f"target: expected the shape of input {_shape(input)}, got {_shape(target)}")
     check_tokens("input", input)

@@ -29,11 +29,15 @@ def _load() -> None:
     version = getattr(module, "EXTENSION_VERSION", None)
     built_for = getattr(module, "TORCH_VERSION", "unknown")
     if version != EXPECTED_VERSION:
-        _error = (f"leap_kernels._C is stale (extension version {version}, the Python code expects "
-                  f"{EXPECTED_VERSION}); {REBUILD}")
+        _error = (
+            f"leap_kernels._C is stale (extension version {version}, the Python code expects "
+            f"{EXPECTED_VERSION}); {REBUILD}"
+        )
     elif built_for != torch.__version__:
-        _error = (f"leap_kernels._C was built against torch {built_for} but torch {torch.__version__} is "
-                  f"running (ABI mismatch); {REBUILD}")
+        _error = (
+            f"leap_kernels._C was built against torch {built_for} but torch {torch.__version__} is "
+            f"running (ABI mismatch); {REBUILD}"
+        )
     else:
         _module = module
         _register_fakes()
@@ -57,8 +61,16 @@ def _register_fakes() -> None:
     """Shapes of the C++ ops' outputs for torch.compile / FakeTensor (the kernels live in C++)."""
 
     @torch.library.register_fake("leap_kernels::rows_loss_grad")
-    def _(x: Tensor, t: Tensor, normalize: bool, eps: float, row_scale: Tensor | None, want_loss: bool,
-          want_grad_x: bool, want_grad_t: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _(
+        x: Tensor,
+        t: Tensor,
+        normalize: bool,
+        eps: float,
+        row_scale: Tensor | None,
+        want_loss: bool,
+        want_grad_x: bool,
+        want_grad_t: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         m, d = x.shape
         loss = x.new_empty((m if want_loss else 0,), dtype=torch.float32)
         grad_x = x.new_empty((m, d) if want_grad_x else (0,))
@@ -66,15 +78,28 @@ def _register_fakes() -> None:
         return loss, grad_x, grad_t
 
     @torch.library.register_fake("leap_kernels::feature_loss_chunks")
-    def _(student: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, normalize: bool, eps: float,
-          want_grads: bool, row_scale: Tensor | None, chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _(
+        student: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target: Tensor,
+        normalize: bool,
+        eps: float,
+        want_grads: bool,
+        row_scale: Tensor | None,
+        chunk_tokens: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m, k = student.shape
         n = weight.shape[0]
         row_loss = student.new_empty((m,), dtype=torch.float32)
         if not want_grads:
             return row_loss, student.new_empty((0,)), row_loss.new_empty((0,)), row_loss.new_empty((0,))
-        return (row_loss, student.new_empty((m, k)), row_loss.new_empty((n, k)),
-                row_loss.new_empty((n if bias is not None else 0,)))
+        return (
+            row_loss,
+            student.new_empty((m, k)),
+            row_loss.new_empty((n, k)),
+            row_loss.new_empty((n if bias is not None else 0,)),
+        )
 
     @torch.library.register_fake("leap_kernels::teacher_attention_fwd")
     def _(qkv: Tensor, num_heads: int, scale: float) -> Tensor:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     for status in leap_kernels.backends(device).values():
         print(f"  {status}")
     student_features = torch.randn(args.tokens, args.student_dim, device=device, dtype=dtype)
-    mixing = torch.randn(args.student_dim, args.teacher_dim, device=device) / args.student_dim ** 0.5
+    mixing = torch.randn(args.student_dim, args.teacher_dim, device=device) / args.student_dim**0.5
     teacher_features = (student_features.float() @ mixing + 3.0).to(dtype)  # a learnable target
     print(f"backend used: {select_backend('fused_feature_loss', [student_features])} on {device}, {dtype}")
     print(f"tokens {args.tokens}, projection {args.student_dim} -> {args.teacher_dim}")
@@ -50,12 +50,19 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.step()
             assert student.grad is not None and head.weight.grad is not None
             assert head.bias is not None and head.bias.grad is not None
-            print(f"  step {step}: loss {loss.item():.4f}  |grad student| {student.grad.float().norm():.3e}  "
-                  f"|grad W| {head.weight.grad.norm():.3e}  |grad b| {head.bias.grad.norm():.3e}")
+            print(
+                f"  step {step}: loss {loss.item():.4f}  |grad student| {student.grad.float().norm():.3e}  "
+                f"|grad W| {head.weight.grad.norm():.3e}  |grad b| {head.bias.grad.norm():.3e}"
+            )
         with torch.no_grad():
             assert head.bias is not None
-            ref = fused_feature_loss_reference(student_features.double(), head.weight.double(), head.bias.double(),
-                                               teacher_features.double(), normalize=normalize)
+            ref = fused_feature_loss_reference(
+                student_features.double(),
+                head.weight.double(),
+                head.bias.double(),
+                teacher_features.double(),
+                normalize=normalize,
+            )
             ours = head(student_features, teacher_features)
         print(f"  check vs float64 reference: {ours.item():.6f} vs {ref.item():.6f}")
 

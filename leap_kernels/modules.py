@@ -25,9 +25,18 @@ class FeatureDistillationHead(nn.Module):
     trunc-normal (std 0.02) and the bias at zero, as in LEAP.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, *, bias: bool = True, normalize: bool = False,
-                 reduction: str = "mean", eps: float = 1e-6, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        *,
+        bias: bool = True,
+        normalize: bool = False,
+        reduction: str = "mean",
+        eps: float = 1e-6,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         # Validated here, not at the first forward: a bad config fails where it is written.
         _checks.check_positive_int("student_dim", student_dim)
@@ -47,12 +56,14 @@ class FeatureDistillationHead(nn.Module):
 
     def project(self, student: torch.Tensor) -> torch.Tensor:
         """The plain projection ``(..., D_s) -> (..., D_t)`` (for metrics such as CKA)."""
-        return nn.functional.linear(student, self.weight.to(student.dtype),
-                                    self.bias.to(student.dtype) if self.bias is not None else None)
+        return nn.functional.linear(
+            student, self.weight.to(student.dtype), self.bias.to(student.dtype) if self.bias is not None else None
+        )
 
     def forward(self, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return fused_feature_loss(student, self.weight, self.bias, target, normalize=self.normalize,
-                                  reduction=self.reduction, eps=self.eps)
+        return fused_feature_loss(
+            student, self.weight, self.bias, target, normalize=self.normalize, reduction=self.reduction, eps=self.eps
+        )
 
     def extra_repr(self) -> str:
         d_t, d_s = self.weight.shape

@@ -56,11 +56,13 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.failed and report.when == "call":
         seed = test_seed(item.nodeid)
-        report.sections.append((
-            "random seed",
-            f"torch seed {seed} (zlib.crc32 of the test id). Replay: pytest '{item.nodeid}' "
-            f"(same seed), or LEAP_TEST_SEED=<n> pytest '{item.nodeid}' for other inputs.",
-        ))
+        report.sections.append(
+            (
+                "random seed",
+                f"torch seed {seed} (zlib.crc32 of the test id). Replay: pytest '{item.nodeid}' "
+                f"(same seed), or LEAP_TEST_SEED=<n> pytest '{item.nodeid}' for other inputs.",
+            )
+        )
 
 
 @pytest.fixture

@@ -32,5 +32,11 @@ def set_ddp_env(rank: int, world: int, port: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # several processes on a 2-core machine
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LEAP_KERNELS_BACKEND="torch")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LEAP_KERNELS_BACKEND="torch",
+    )

@@ -7,39 +7,97 @@ from leap_kernels import fused_feature_loss, token_normalized_mse
 
 
 def good(m=(2, 5), d_s=8, d_t=12):
-    return (torch.randn(*m, d_s, requires_grad=True), torch.randn(d_t, d_s, requires_grad=True),
-            torch.randn(d_t, requires_grad=True), torch.randn(*m, d_t))
+    return (
+        torch.randn(*m, d_s, requires_grad=True),
+        torch.randn(d_t, d_s, requires_grad=True),
+        torch.randn(d_t, requires_grad=True),
+        torch.randn(*m, d_t),
+    )
 
 
 @pytest.mark.parametrize(
     "mutate, exc, pattern",
     [
-        (lambda a: a.update(target=torch.randn(2, 6, 12)), ValueError, r"target: expected shape \(2, 5, 12\).*got \(2, 6, 12\)"),
-        (lambda a: a.update(weight=torch.randn(12, 9)), ValueError, r"weight: expected shape \(D_t, D_s\) with D_s = 8.*got \(12, 9\)"),
+        (
+            lambda a: a.update(target=torch.randn(2, 6, 12)),
+            ValueError,
+            r"target: expected shape \(2, 5, 12\).*got \(2, 6, 12\)",
+        ),
+        (
+            lambda a: a.update(weight=torch.randn(12, 9)),
+            ValueError,
+            r"weight: expected shape \(D_t, D_s\) with D_s = 8.*got \(12, 9\)",
+        ),
         (lambda a: a.update(weight=torch.randn(12)), ValueError, r"weight: expected at least 2 dim"),
         (lambda a: a.update(bias=torch.randn(13)), ValueError, r"bias: expected shape \(12,\).*got \(13,\)"),
-        (lambda a: a.update(student=torch.randint(0, 3, (2, 5, 8))), TypeError, r"student: expected a floating dtype.*torch.int64"),
-        (lambda a: a.update(target=torch.randint(0, 3, (2, 5, 12))), TypeError, r"target: expected a floating dtype.*int64"),
-        (lambda a: a.update(student=torch.randn(0, 8), target=torch.randn(0, 12)), ValueError, r"student: got zero tokens"),
-        (lambda a: a.update(reduction="avg"), ValueError, r"reduction: expected one of \('mean', 'sum', 'none'\), got 'avg'"),
+        (
+            lambda a: a.update(student=torch.randint(0, 3, (2, 5, 8))),
+            TypeError,
+            r"student: expected a floating dtype.*torch.int64",
+        ),
+        (
+            lambda a: a.update(target=torch.randint(0, 3, (2, 5, 12))),
+            TypeError,
+            r"target: expected a floating dtype.*int64",
+        ),
+        (
+            lambda a: a.update(student=torch.randn(0, 8), target=torch.randn(0, 12)),
+            ValueError,
+            r"student: got zero tokens",
+        ),
+        (
+            lambda a: a.update(reduction="avg"),
+            ValueError,
+            r"reduction: expected one of \('mean', 'sum', 'none'\), got 'avg'",
+        ),
         (lambda a: a.update(eps=-1.0), ValueError, r"eps: expected a finite float > 0, got -1.0"),
         (lambda a: a.update(eps=float("inf")), ValueError, r"eps: expected a finite float > 0, got inf"),
         (lambda a: a.update(eps=0.0), ValueError, r"eps: expected a finite float > 0, got 0.0"),
         (lambda a: a.update(normalize="no"), TypeError, r"normalize: expected a bool, got str 'no'"),
-        (lambda a: a.update(target=torch.randn(2, 5, 12, requires_grad=True)), ValueError, r"target:.*requires grad.*detach"),
+        (
+            lambda a: a.update(target=torch.randn(2, 5, 12, requires_grad=True)),
+            ValueError,
+            r"target:.*requires grad.*detach",
+        ),
         (lambda a: a.update(student=[1.0]), TypeError, r"student: expected a torch.Tensor, got list"),
-        (lambda a: a.update(bias=torch.randn(12, device="meta")), ValueError, r"bias: expected a tensor on cpu.*got meta"),
+        (
+            lambda a: a.update(bias=torch.randn(12, device="meta")),
+            ValueError,
+            r"bias: expected a tensor on cpu.*got meta",
+        ),
     ],
-    ids=["target-shape", "weight-shape", "weight-dim", "bias-shape", "int-student", "int-target", "zero-tokens",
-         "reduction", "eps", "eps-inf", "eps-zero", "normalize-str", "target-grad", "not-tensor", "device"],
+    ids=[
+        "target-shape",
+        "weight-shape",
+        "weight-dim",
+        "bias-shape",
+        "int-student",
+        "int-target",
+        "zero-tokens",
+        "reduction",
+        "eps",
+        "eps-inf",
+        "eps-zero",
+        "normalize-str",
+        "target-grad",
+        "not-tensor",
+        "device",
+    ],
 )
 def test_fused_feature_loss_errors(mutate, exc, pattern):
     s, w, b, t = good()
     args = dict(student=s, weight=w, bias=b, target=t, reduction="mean", eps=1e-6, normalize=False)
     mutate(args)
     with pytest.raises(exc, match=pattern):
-        fused_feature_loss(args["student"], args["weight"], args["bias"], args["target"],
-                           reduction=args["reduction"], eps=args["eps"], normalize=args["normalize"])
+        fused_feature_loss(
+            args["student"],
+            args["weight"],
+            args["bias"],
+            args["target"],
+            reduction=args["reduction"],
+            eps=args["eps"],
+            normalize=args["normalize"],
+        )
 
 
 def test_target_requiring_grad_is_fine_under_no_grad():

@@ -14,9 +14,26 @@ import cases  # noqa: E402
 def test_feature_loss_bench_smoke(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "fl.csv"
-    assert bench_feature_loss.main(["--smoke", "--device", "cpu", "--iters", "2", "--warmup", "1",
-                                    "--variants", "eager,compile,ours", "--compile-backend", "eager",
-                                    "--out", str(out)]) == 0
+    assert (
+        bench_feature_loss.main(
+            [
+                "--smoke",
+                "--device",
+                "cpu",
+                "--iters",
+                "2",
+                "--warmup",
+                "1",
+                "--variants",
+                "eager,compile,ours",
+                "--compile-backend",
+                "eager",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(out.open()))
     assert {r["variant"] for r in rows} == {"eager", "compile", "ours"}
     assert all(r["device"] == "cpu" and r["git_sha"] and r["torch"] for r in rows)

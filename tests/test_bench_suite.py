@@ -30,16 +30,31 @@ def bench_json(path, medians: dict, *, device_class=CLASS, size="small", stats_o
         extra = {"case": case, "variant": variant}
         if name not in stats_only:
             extra["median_ms"] = ms
-        benchmarks.append({"name": name, "fullname": f"bench/test_bench_ops.py::{name}", "group": case,
-                           "stats": {"median": ms / 1e3}, "extra_info": extra})
-    data = {"machine_info": {"leap_bench": {"device_class": device_class, "size": size, "device": "cpu"}},
-            "commit_info": {"id": "abc"}, "benchmarks": benchmarks}
+        benchmarks.append(
+            {
+                "name": name,
+                "fullname": f"bench/test_bench_ops.py::{name}",
+                "group": case,
+                "stats": {"median": ms / 1e3},
+                "extra_info": extra,
+            }
+        )
+    data = {
+        "machine_info": {"leap_bench": {"device_class": device_class, "size": size, "device": "cpu"}},
+        "commit_info": {"id": "abc"},
+        "benchmarks": benchmarks,
+    }
     path.write_text(json.dumps(data))
     return str(path)
 
 
-BASE = {("mse", "eager"): 100.0, ("mse", "compile"): 80.0, ("mse", "ours-cpp"): 50.0, ("tn", "eager"): 10.0,
-        ("tn", "ours-cpp"): 4.0}
+BASE = {
+    ("mse", "eager"): 100.0,
+    ("mse", "compile"): 80.0,
+    ("mse", "ours-cpp"): 50.0,
+    ("tn", "eager"): 10.0,
+    ("tn", "ours-cpp"): 4.0,
+}
 
 
 def run_compare(capsys, *args):
@@ -176,9 +191,14 @@ def test_paper_trajectory_shape():
 
 
 def step_json(path, times_ms: dict):
-    benchmarks = [{"name": f"test_leap_step[k{k}-{v}]", "fullname": f"x::test_leap_step[k{k}-{v}]",
-                   "extra_info": {"case": f"leap-step-k{k}", "variant": v, "k": k, "median_ms": ms}}
-                  for (k, v), ms in times_ms.items()]
+    benchmarks = [
+        {
+            "name": f"test_leap_step[k{k}-{v}]",
+            "fullname": f"x::test_leap_step[k{k}-{v}]",
+            "extra_info": {"case": f"leap-step-k{k}", "variant": v, "k": k, "median_ms": ms},
+        }
+        for (k, v), ms in times_ms.items()
+    ]
     benchmarks.append({"name": "test_other", "extra_info": {"case": "mse", "variant": "eager", "median_ms": 1.0}})
     path.write_text(json.dumps({"benchmarks": benchmarks}))
     return str(path)
@@ -237,13 +257,18 @@ def test_gpu_workflow_parses_and_runs_the_steps():
     assert "-m pytest -m gpu tests/test_gpu.py" in steps["GPU tests"]["run"]
     suite = steps["Benchmark suite"]["run"]
     assert "-m pytest bench/ " in suite and "--benchmark-json=" in suite
-    assert "bench/compare.py --baseline-dir bench/baselines --threshold 1.25" in steps["Compare with the committed baseline"]["run"]
+    assert (
+        "bench/compare.py --baseline-dir bench/baselines --threshold 1.25"
+        in steps["Compare with the committed baseline"]["run"]
+    )
     assert "bench/whole_run.py" in steps["Whole-run time over the paper's trajectory"]["run"]
     upload = steps["Upload the results"]
     assert upload["uses"].startswith("actions/upload-artifact@") and upload["if"] == "always()"
     assert upload["with"]["path"].rstrip("/") == job["env"]["RESULTS"]
     order = list(steps)
-    assert order.index("GPU tests") < order.index("Benchmark suite") < order.index("Compare with the committed baseline")
+    assert (
+        order.index("GPU tests") < order.index("Benchmark suite") < order.index("Compare with the committed baseline")
+    )
 
 
 # ----------------------------------------------------------------------------- pytest bench/ itself
@@ -258,10 +283,28 @@ def test_suite_runs_at_smoke_size_and_writes_the_json(tmp_path, plugin):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     without = ["-p", "no:benchmark"] if plugin == "fallback" else []
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench/test_bench_ops.py", "-k", "test_fused_loss and not token",
-         "--bench-size=smoke", "--bench-compile-backend=eager", "--bench-rounds=2", "-q", "-p", "no:cacheprovider",
-         *without, f"--benchmark-json={out}"],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "bench/test_bench_ops.py",
+            "-k",
+            "test_fused_loss and not token",
+            "--bench-size=smoke",
+            "--bench-compile-backend=eager",
+            "--bench-rounds=2",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *without,
+            f"--benchmark-json={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert ("leap fallback timer" in proc.stdout) == (plugin == "fallback")
     data = json.loads(out.read_text())

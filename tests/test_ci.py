@@ -35,8 +35,7 @@ def test_ci_hides_the_system_datasets_and_the_hub_caches(tmp_path):
     (fake_root / ".ci" / "run").write_text(script.replace("\nmake test\n", f"\n{probe}\n"))
     env = {**os.environ, "LEAP_CI_DATASETS_DIR": str(datasets)}
     env.pop("LEAP_CI_HERMETIC", None)
-    proc = subprocess.run(["bash", str(fake_root / ".ci" / "run")], capture_output=True, text=True, env=env,
-                          timeout=60)
+    proc = subprocess.run(["bash", str(fake_root / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "datasets=[]" in proc.stdout and "offline=1" in proc.stdout, proc.stdout
     hf_home = proc.stdout.split("hf=")[1].split()[0]

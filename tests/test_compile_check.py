@@ -24,8 +24,9 @@ import triton
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-needs_ptxas = pytest.mark.skipif(not (os.path.exists(PTXAS) or shutil.which("ptxas")),
-                                 reason="no ptxas in this Triton install")
+needs_ptxas = pytest.mark.skipif(
+    not (os.path.exists(PTXAS) or shutil.which("ptxas")), reason="no ptxas in this Triton install"
+)
 
 
 def _env():
@@ -107,11 +108,12 @@ PROBE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def facts():
-    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=_env(), cwd=ROOT,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("FACTS ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("FACTS "):])
+    return json.loads(lines[-1][len("FACTS ") :])
 
 
 def _launches(facts, case, kernel):
@@ -187,8 +189,14 @@ def test_occupancy_and_ptx_scan(facts):
 def test_every_kernel_config_compiles_for_sm90_without_new_spills():
     """The whole check for bf16 (what training runs) under this process's Triton (cached by Triton
     after the first run: seconds; the first run compiles ~40 kernels, minutes)."""
-    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "compile_check.py"), "--dtypes", "bf16"],
-                          capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "compile_check.py"), "--dtypes", "bf16"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert f"all kernels compiled for sm_90 (Triton {triton.__version__})" in out

@@ -129,7 +129,7 @@ def ldmatrix_x4(smem: np.ndarray, addrs: list[int], trans: bool) -> np.ndarray:
     """(32 lanes, 4 registers, 2 halves): lanes 8i..8i+7 give the row addresses of matrix i; each
     row is 8 consecutive elements. Without .trans lane l gets row l/4, columns 2(l%4), +1 of each
     matrix; with .trans it gets column l/4, rows 2(l%4), +1."""
-    mats = [np.stack([smem[a:a + 8] for a in addrs[8 * i:8 * i + 8]]) for i in range(4)]
+    mats = [np.stack([smem[a : a + 8] for a in addrs[8 * i : 8 * i + 8]]) for i in range(4)]
     out = np.empty((32, 4, 2), dtype=smem.dtype)
     for lane in range(32):
         r, c = divmod(lane, 4)
@@ -157,7 +157,7 @@ def to_smem(tile: np.ndarray, layout, d: int) -> np.ndarray:
     for r in range(tile.shape[0]):
         for c in range(d // 8):
             off = layout["smem"][(d, r, c)]
-            smem[off:off + 8] = tile[r, 8 * c:8 * c + 8]
+            smem[off : off + 8] = tile[r, 8 * c : 8 * c + 8]
     return smem
 
 
@@ -195,8 +195,17 @@ def test_key_tiles_cover_every_key_once(layout, n):
 
 def test_tail_tile_sizes(layout):
     # (N, tiles, chunks of the last tile, real keys of the last tile)
-    expected = {1: (1, 1, 1), 5: (1, 1, 5), 64: (1, 4, 64), 65: (2, 1, 1), 197: (4, 1, 5),
-                257: (5, 1, 1), 261: (5, 1, 5), 1025: (17, 1, 1), 96: (2, 2, 32)}
+    expected = {
+        1: (1, 1, 1),
+        5: (1, 1, 5),
+        64: (1, 4, 64),
+        65: (2, 1, 1),
+        197: (4, 1, 5),
+        257: (5, 1, 1),
+        261: (5, 1, 5),
+        1025: (17, 1, 1),
+        96: (2, 2, 32),
+    }
     for n, (count, chunks, keys) in expected.items():
         assert layout["ktiles"][n] == count
         last = layout["tiles"][(n, count - 1)]
@@ -253,7 +262,7 @@ def test_ldmatrix_phases_conflict_free(layout, d):
             checks.append([smem[(d, lm[(lane, kc)]["v_row"], lm[(lane, dp)]["v_chunk"])] for lane in range(32)])
     for addrs in checks:
         for i in range(4):  # one 8x8 matrix per phase
-            assert len(set(_banks(addrs[8 * i:8 * i + 8]))) == 32
+            assert len(set(_banks(addrs[8 * i : 8 * i + 8]))) == 32
 
 
 # ----------------------------------------------------------------------------- fragments
@@ -267,20 +276,32 @@ def test_accumulator_layout_matches_ptx(layout):
 
 def _q_fragments(layout, smem_q, d, w):
     lm = layout["lanemap"]
-    return [ldmatrix_x4(smem_q, [layout["smem"][(d, layout["qrow"][(w, lane)], lm[(lane, kk)]["q_chunk"])]
-                                 for lane in range(32)], trans=False) for kk in range(d // 16)]
+    return [
+        ldmatrix_x4(
+            smem_q,
+            [layout["smem"][(d, layout["qrow"][(w, lane)], lm[(lane, kk)]["q_chunk"])] for lane in range(32)],
+            trans=False,
+        )
+        for kk in range(d // 16)
+    ]
 
 
 def _k_fragments(layout, smem_k, d, kc, kk):
     lm = layout["lanemap"]
-    return ldmatrix_x4(smem_k, [layout["smem"][(d, lm[(lane, kc)]["k_row"], lm[(lane, kk)]["k_chunk"])]
-                                for lane in range(32)], trans=False)
+    return ldmatrix_x4(
+        smem_k,
+        [layout["smem"][(d, lm[(lane, kc)]["k_row"], lm[(lane, kk)]["k_chunk"])] for lane in range(32)],
+        trans=False,
+    )
 
 
 def _v_fragments(layout, smem_v, d, kc, dp):
     lm = layout["lanemap"]
-    return ldmatrix_x4(smem_v, [layout["smem"][(d, lm[(lane, kc)]["v_row"], lm[(lane, dp)]["v_chunk"])]
-                                for lane in range(32)], trans=True)
+    return ldmatrix_x4(
+        smem_v,
+        [layout["smem"][(d, lm[(lane, kc)]["v_row"], lm[(lane, dp)]["v_chunk"])] for lane in range(32)],
+        trans=True,
+    )
 
 
 def _pack_p(s_tiles, kc):
@@ -312,7 +333,7 @@ def test_fragments_compute_qk_and_pv(layout, d):
             b = _k_fragments(layout, smem_k, d, kc, kk)
             s_tiles[2 * kc] += mma(qf[kk], b[:, 0:2])
             s_tiles[2 * kc + 1] += mma(qf[kk], b[:, 2:4])
-    s_ref = q[16 * w:16 * w + 16] @ k.T
+    s_ref = q[16 * w : 16 * w + 16] @ k.T
     for nt in range(8):
         for lane in range(32):
             for e in range(4):
@@ -320,8 +341,10 @@ def test_fragments_compute_qk_and_pv(layout, d):
                 assert s_tiles[nt][lane, e] == s_ref[row, 8 * nt + col]
 
     p = rng.integers(-4, 4, size=(16, 64)).astype(float)  # any P, laid out as the S accumulators
-    p_tiles = [np.array([[p[ptx_c(lane, e)[0], 8 * nt + ptx_c(lane, e)[1]] for e in range(4)] for lane in range(32)])
-               for nt in range(8)]
+    p_tiles = [
+        np.array([[p[ptx_c(lane, e)[0], 8 * nt + ptx_c(lane, e)[1]] for e in range(4)] for lane in range(32)])
+        for nt in range(8)
+    ]
     o_tiles = [np.zeros((32, 4)) for _ in range(d // 8)]
     for kc in range(4):
         pa = _pack_p(p_tiles, kc)
@@ -371,7 +394,7 @@ def test_tile_loop_matches_softmax_attention(layout, n):
     rng = np.random.default_rng(n)
     d = 16
     q, k, v = (3.0 * rng.standard_normal((n, d)) for _ in range(3))  # peaked rows: the max must rescale
-    scale = d ** -0.5
+    scale = d**-0.5
     logits = q @ k.T * scale
     weights = np.exp(logits - logits.max(axis=1, keepdims=True))
     ref = weights / weights.sum(axis=1, keepdims=True) @ v

@@ -17,10 +17,18 @@ def _gnd_content():
         "imlist": ["all_souls_000013", "all_souls_000026", "oxford_003410", "radcliffe_camera_000519"],
         "qimlist": ["all_souls_000013", "radcliffe_camera_000519"],
         "gnd": [
-            {"bbx": [136.5, 34.1, 648.5, 955.7], "easy": np.array([0, 1]), "hard": np.array([], dtype=np.int64),
-             "junk": np.array([2])},
-            {"bbx": np.array([1.0, 2.0, 30.0, 40.0]), "easy": [3], "hard": np.array([2, 1], dtype=np.int32),
-             "junk": []},
+            {
+                "bbx": [136.5, 34.1, 648.5, 955.7],
+                "easy": np.array([0, 1]),
+                "hard": np.array([], dtype=np.int64),
+                "junk": np.array([2]),
+            },
+            {
+                "bbx": np.array([1.0, 2.0, 30.0, 40.0]),
+                "easy": [3],
+                "hard": np.array([2, 1], dtype=np.int32),
+                "junk": [],
+            },
         ],
     }
 
@@ -47,9 +55,9 @@ def test_restricted_unpickler_refuses_os(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("evil", [
-    ("builtins", "eval"), ("subprocess", "Popen"), ("numpy", "load"), ("builtins", "getattr"),
-])
+@pytest.mark.parametrize(
+    "evil", [("builtins", "eval"), ("subprocess", "Popen"), ("numpy", "load"), ("builtins", "getattr")]
+)
 def test_restricted_unpickler_refuses_other_globals(tmp_path, evil):
     module, name = evil
     # Protocol 2: GLOBAL opcode naming module.name, then an empty tuple and REDUCE.
@@ -75,9 +83,18 @@ def test_pickle_and_json_give_the_same_ground_truth(tmp_path, protocol):
     assert from_json == gt
     # A JSON file written by hand, in the documented form, reads the same.
     hand = tmp_path / "hand.json"
-    hand.write_text(json.dumps({"imlist": gt.imlist, "qimlist": gt.qimlist, "gnd": [
-        {"bbx": [136.5, 34.1, 648.5, 955.7], "easy": [0, 1], "hard": [], "junk": [2]},
-        {"bbx": [1, 2, 30, 40], "easy": [3], "hard": [2, 1], "junk": []}]}))
+    hand.write_text(
+        json.dumps(
+            {
+                "imlist": gt.imlist,
+                "qimlist": gt.qimlist,
+                "gnd": [
+                    {"bbx": [136.5, 34.1, 648.5, 955.7], "easy": [0, 1], "hard": [], "junk": [2]},
+                    {"bbx": [1, 2, 30, 40], "easy": [3], "hard": [2, 1], "junk": []},
+                ],
+            }
+        )
+    )
     assert load_ground_truth(hand) == gt
 
 

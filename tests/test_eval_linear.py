@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from leap.evaluation import EvaluationError
 from leap.cli.evaluate import main as eval_main
-from leap.evaluation.features import FeatureCache, TokenFeatures, load_model, sanitize_model_kwargs
+from leap.evaluation import EvaluationError
+from leap.evaluation.cache import FeatureCache
+from leap.evaluation.features import TokenFeatures, load_model, sanitize_model_kwargs
 from leap.evaluation.linear import open_splits, train_linear_probe
 from leap.evaluation.records import read_records, report_lines
 from leap.evaluation.run import evaluate_linear
@@ -43,8 +44,9 @@ def cache_dir(tmp_path_factory):
 
 
 def test_probe_raw_pixels(cache_dir):
-    rec = evaluate_linear({"pixels": True}, SAMPLE, features="cls", cache_dir=cache_dir, workers=0,
-                          write_record=False, progress=False)
+    rec = evaluate_linear(
+        {"pixels": True}, SAMPLE, features="cls", cache_dir=cache_dir, workers=0, write_record=False, progress=False
+    )
     r = rec["numbers"]["cls"]
     assert rec["data"]["train_images"] == 384 and rec["data"]["val_images"] == 128
     assert r["best_top1"] >= 0.74
@@ -55,16 +57,30 @@ def test_probe_raw_pixels(cache_dir):
 
 def test_probe_demo_teacher_and_cache_hit(cache_dir, tmp_path):
     teacher = _demo_teacher()
-    first = evaluate_linear({"model": teacher}, SAMPLE, features="both", cache_dir=cache_dir, workers=0,
-                            run_dir=str(tmp_path), progress=False)
+    first = evaluate_linear(
+        {"model": teacher},
+        SAMPLE,
+        features="both",
+        cache_dir=cache_dir,
+        workers=0,
+        run_dir=str(tmp_path),
+        progress=False,
+    )
     cls, patch = first["numbers"]["cls"], first["numbers"]["patch"]
     assert cls["best_top1"] >= 0.81 and cls["last_top1"] >= 0.80
     assert patch["best_top1"] >= 0.68 and patch["last_top1"] >= 0.66
     assert cls["best_top1"] >= cls["last_top1"] and patch["best_top1"] >= patch["last_top1"]
     assert first["feature_cache_hits"] == 0
     # Second call: both splits come from the cache, same numbers.
-    second = evaluate_linear({"model": teacher}, SAMPLE, features="both", cache_dir=cache_dir, workers=0,
-                             run_dir=str(tmp_path), progress=False)
+    second = evaluate_linear(
+        {"model": teacher},
+        SAMPLE,
+        features="both",
+        cache_dir=cache_dir,
+        workers=0,
+        run_dir=str(tmp_path),
+        progress=False,
+    )
     assert second["feature_cache_hits"] == 2
     assert second["numbers"] == first["numbers"]
     # Records: one per evaluation, with the hash, protocol and labelled numbers.
@@ -86,8 +102,15 @@ def test_feature_cache_key_depends_on_block(cache_dir):
     feats = {}
     for block in (None, 3):
         loaded = load_model(teacher, block=block)
-        feats[block] = extract_features(loaded, ds, split="test", dataset_id=splits.identity,
-                                        transform_id=splits.transform_id, cache=cache, progress=False)
+        feats[block] = extract_features(
+            loaded,
+            ds,
+            split="test",
+            dataset_id=splits.identity,
+            transform_id=splits.transform_id,
+            cache=cache,
+            progress=False,
+        )
     assert cache.hits == 0 and cache.misses == 2
     assert not torch.equal(feats[None]["cls"], feats[3]["cls"])
     assert feats[None]["cls"].shape == (16, 128) and feats[None]["labels"].tolist() == splits.val.labels[:16].tolist()
@@ -156,9 +179,15 @@ def test_image_folder_splits(tmp_path):
 def test_checkpoint_recipe_keys_are_restricted(tmp_path):
     from leap.checkpoint import CHECKPOINT_FORMAT
 
-    ckpt = {"format": CHECKPOINT_FORMAT, "student": {}, "config": {
-        "student": "vit_small_patch14_dinov2", "img_size": 28,
-        "student_overrides": {"depth": 1, "pretrained_cfg_overlay": {"file": "/etc/passwd"}}}}
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "student": {},
+        "config": {
+            "student": "vit_small_patch14_dinov2",
+            "img_size": 28,
+            "student_overrides": {"depth": 1, "pretrained_cfg_overlay": {"file": "/etc/passwd"}},
+        },
+    }
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     with pytest.raises(EvaluationError, match="'pretrained_cfg_overlay' .* is not allowed"):
         load_model(str(tmp_path))
@@ -184,9 +213,16 @@ def tiny_run(tmp_path, step: int = 7) -> str:
             blk.ls2.gamma.fill_(1.0)
     run = tmp_path / "run"
     run.mkdir()
-    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "student": net.state_dict(),
-                "config": {"student": "vit_small_patch14_dinov2", "student_overrides": overrides, "img_size": 28}},
-               run / "checkpoint.pt")
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": 1,
+            "step": step,
+            "student": net.state_dict(),
+            "config": {"student": "vit_small_patch14_dinov2", "student_overrides": overrides, "img_size": 28},
+        },
+        run / "checkpoint.pt",
+    )
     return str(run)
 
 
@@ -223,9 +259,28 @@ def test_teacher_at_block_from_weights(tmp_path):
 
 def test_cli_linear_on_a_run_dir(tmp_path, capsys, cache_dir):
     run = tiny_run(tmp_path)
-    code = eval_main(["linear", "--model", run, "--data", SAMPLE, "--epochs", "3", "--features", "patch",
-                      "--workers", "0", "--cache-dir", cache_dir, "--no-progress", "--limit-train", "64",
-                      "--limit-val", "32"])
+    code = eval_main(
+        [
+            "linear",
+            "--model",
+            run,
+            "--data",
+            SAMPLE,
+            "--epochs",
+            "3",
+            "--features",
+            "patch",
+            "--workers",
+            "0",
+            "--cache-dir",
+            cache_dir,
+            "--no-progress",
+            "--limit-train",
+            "64",
+            "--limit-val",
+            "32",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "best top-1" in out and "last-epoch top-1" in out and "paper protocol" in out

@@ -8,42 +8,42 @@ import torch
 from leap.evaluation import EvaluationError
 from leap.evaluation.retrieval import GroundTruth, compute_map, rank_database, revisitop_scores, setting_lists
 
-
 # ---------------------------------------------------------------- revisitop, transcribed
 # From revisitop's python/evaluate.py (compute_ap, compute_map) and example_evaluate.py (the
 # three settings). Only change: np.in1d -> np.isin (same semantics; in1d is gone from numpy 2).
 
+
 def ref_compute_ap(ranks, nres):
     nimgranks = len(ranks)
     ap = 0
-    recall_step = 1. / nres
+    recall_step = 1.0 / nres
     for j in np.arange(nimgranks):
         rank = ranks[j]
         if rank == 0:
-            precision_0 = 1.
+            precision_0 = 1.0
         else:
             precision_0 = float(j) / rank
         precision_1 = float(j + 1) / (rank + 1)
-        ap += (precision_0 + precision_1) * recall_step / 2.
+        ap += (precision_0 + precision_1) * recall_step / 2.0
     return ap
 
 
-def ref_compute_map(ranks, gnd, kappas=[]):
-    map = 0.
+def ref_compute_map(ranks, gnd, kappas=()):
+    map = 0.0
     nq = len(gnd)
     aps = np.zeros(nq)
     pr = np.zeros(len(kappas))
     prs = np.zeros((nq, len(kappas)))
     nempty = 0
     for i in np.arange(nq):
-        qgnd = np.array(gnd[i]['ok'])
+        qgnd = np.array(gnd[i]["ok"])
         if qgnd.shape[0] == 0:
-            aps[i] = float('nan')
-            prs[i, :] = float('nan')
+            aps[i] = float("nan")
+            prs[i, :] = float("nan")
             nempty += 1
             continue
         try:
-            qgndj = np.array(gnd[i]['junk'])
+            qgndj = np.array(gnd[i]["junk"])
         except KeyError:
             qgndj = np.empty(0)
         pos = np.arange(ranks.shape[0])[np.isin(ranks[:, i], qgnd)]
@@ -74,10 +74,18 @@ def ref_compute_map(ranks, gnd, kappas=[]):
 def ref_settings(gnd):
     """example_evaluate.py: easy / medium / hard ground truth."""
     out = {}
-    for name, ok, junk in (("easy", ("easy",), ("junk", "hard")), ("medium", ("easy", "hard"), ("junk",)),
-                           ("hard", ("hard",), ("junk", "easy"))):
-        out[name] = [{"ok": np.concatenate([np.asarray(g[k], dtype=np.int64) for k in ok]),
-                      "junk": np.concatenate([np.asarray(g[k], dtype=np.int64) for k in junk])} for g in gnd]
+    for name, ok, junk in (
+        ("easy", ("easy",), ("junk", "hard")),
+        ("medium", ("easy", "hard"), ("junk",)),
+        ("hard", ("hard",), ("junk", "easy")),
+    ):
+        out[name] = [
+            {
+                "ok": np.concatenate([np.asarray(g[k], dtype=np.int64) for k in ok]),
+                "junk": np.concatenate([np.asarray(g[k], dtype=np.int64) for k in junk]),
+            }
+            for g in gnd
+        ]
     return out
 
 
@@ -86,12 +94,15 @@ def ref_settings(gnd):
 
 def _hand_case():
     # 6 database images, 2 queries; ranks[q] = database indices, best first.
-    ranks = np.array([[3, 0, 5, 1, 4, 2],
-                      [2, 4, 0, 1, 3, 5]])
-    gt = GroundTruth(imlist=[f"db{i}" for i in range(6)], qimlist=["q0", "q1"], gnd=[
-        {"bbx": None, "easy": [0, 2], "hard": [1], "junk": [5]},
-        {"bbx": None, "easy": [4], "hard": [], "junk": [2]},   # no hard positives: skipped in Hard
-    ])
+    ranks = np.array([[3, 0, 5, 1, 4, 2], [2, 4, 0, 1, 3, 5]])
+    gt = GroundTruth(
+        imlist=[f"db{i}" for i in range(6)],
+        qimlist=["q0", "q1"],
+        gnd=[
+            {"bbx": None, "easy": [0, 2], "hard": [1], "junk": [5]},
+            {"bbx": None, "easy": [4], "hard": [], "junk": [2]},  # no hard positives: skipped in Hard
+        ],
+    )
     return ranks, gt
 
 
@@ -138,7 +149,7 @@ def _random_gt(rng, nq, ndb, overlap=False):
             n_h = 0  # some queries without hard positives
         if q % 7 == 3:
             n_e = 0
-        easy, hard, junk = perm[:n_e], perm[n_e:n_e + n_h], perm[n_e + n_h:n_e + n_h + n_j]
+        easy, hard, junk = perm[:n_e], perm[n_e : n_e + n_h], perm[n_e + n_h : n_e + n_h + n_j]
         if overlap and len(easy) and len(junk):
             junk = np.concatenate([junk, easy[:1]])  # an image both positive and junk
         gnd.append({"bbx": None, "easy": easy.tolist(), "hard": hard.tolist(), "junk": junk.tolist()})

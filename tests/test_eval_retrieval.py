@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_eval_linear import tiny_run
 
-from leap.evaluation import EvaluationError
 from leap.cli.evaluate import main as eval_main
+from leap.evaluation import EvaluationError
 from leap.evaluation.records import report_lines
 from leap.evaluation.retrieval import RevisitopImages, find_dataset, retrieval_transform
 from leap.evaluation.run import evaluate_retrieval
-from test_eval_linear import tiny_run
 
 
 def _dataset(tmp_path):
@@ -29,10 +29,14 @@ def _dataset(tmp_path):
     names = [f"img_{i}" for i in range(6)]
     for name, a in zip(names, arrays):
         Image.fromarray(a).save(root / "jpg" / f"{name}.jpg", format="PNG")  # lossless content, .jpg name
-    gnd = {"imlist": names, "qimlist": ["img_2", "img_1"], "gnd": [
-        {"bbx": [8.0, 4.0, 48.0, 34.0], "easy": np.array([5]), "hard": np.array([2]), "junk": np.array([], int)},
-        {"bbx": [0.0, 0.0, 50.0, 36.0], "easy": np.array([1]), "hard": np.array([], int), "junk": np.array([3])},
-    ]}
+    gnd = {
+        "imlist": names,
+        "qimlist": ["img_2", "img_1"],
+        "gnd": [
+            {"bbx": [8.0, 4.0, 48.0, 34.0], "easy": np.array([5]), "hard": np.array([2]), "junk": np.array([], int)},
+            {"bbx": [0.0, 0.0, 50.0, 36.0], "easy": np.array([1]), "hard": np.array([], int), "junk": np.array([3])},
+        ],
+    }
     (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(gnd, protocol=2))
     return str(tmp_path / "datasets")
 
@@ -41,8 +45,9 @@ def test_retrieval_end_to_end(tmp_path, capsys):
     run = tiny_run(tmp_path, step=1)
     data = _dataset(tmp_path)
     cache = str(tmp_path / "cache")
-    rec = evaluate_retrieval({"model": run}, data, "roxford5k", cache_dir=cache, workers=0, batch_size=4,
-                             progress=False)
+    rec = evaluate_retrieval(
+        {"model": run}, data, "roxford5k", cache_dir=cache, workers=0, batch_size=4, progress=False
+    )
     n = rec["numbers"]
     # Query 0 (crop of db 2) finds db 5 (its exact pixels) first: Easy AP = 1 (hard db 2 ignored).
     # Query 1 (all of db 1) finds db 1 first: AP = 1 in Easy and Medium; no hard positive -> skipped in Hard.
@@ -53,8 +58,25 @@ def test_retrieval_end_to_end(tmp_path, capsys):
     recs = [json.loads(line) for line in open(f"{run}/eval.jsonl")]
     assert recs[-1]["protocol"] == "retrieval" and recs[-1]["numbers"]["easy"]["mAP"] == pytest.approx(1.0)
     # The command prints the three settings; the second run reads cached features.
-    assert eval_main(["retrieval", "--model", run, "--data", data, "--dataset", "roxford5k", "--workers", "0",
-                      "--cache-dir", cache, "--no-progress"]) == 0
+    assert (
+        eval_main(
+            [
+                "retrieval",
+                "--model",
+                run,
+                "--data",
+                data,
+                "--dataset",
+                "roxford5k",
+                "--workers",
+                "0",
+                "--cache-dir",
+                cache,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mAP  E: 100.00%" in out and "left out" in out
     assert len(open(f"{run}/eval.jsonl").readlines()) == 2

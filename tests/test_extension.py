@@ -66,8 +66,9 @@ def _run_without_real_extension(fake_module_source: str | None) -> str:
     """)
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     env.pop("LEAP_KERNELS_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", hook + body], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", hook + body], capture_output=True, text=True, env=env, cwd=ROOT, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -81,7 +82,9 @@ def test_import_works_without_the_extension():
 
 
 def test_stale_extension_is_refused():
-    out = _run_without_real_extension("EXTENSION_VERSION = 0\nWITH_CUDA = 0\nimport torch\nTORCH_VERSION = torch.__version__")
+    out = _run_without_real_extension(
+        "EXTENSION_VERSION = 0\nWITH_CUDA = 0\nimport torch\nTORCH_VERSION = torch.__version__"
+    )
     assert "CPP False leap_kernels._C is stale (extension version 0" in out, out
     assert "rebuild it" in out
 
@@ -111,8 +114,9 @@ def test_opcheck_feature_loss_chunks(normalize, want_grads, bias):
     s, w, t = torch.randn(13, 16), torch.randn(24, 16), torch.randn(13, 24)
     b = torch.randn(24) if bias else None
     torch.library.opcheck(OPS.feature_loss_chunks.default, (s, w, b, t, normalize, 1e-6, want_grads, None, 5))
-    torch.library.opcheck(OPS.feature_loss_chunks.default,
-                          (s.bfloat16(), w, b, t.half(), normalize, 1e-6, want_grads, torch.rand(13), 64))
+    torch.library.opcheck(
+        OPS.feature_loss_chunks.default, (s.bfloat16(), w, b, t.half(), normalize, 1e-6, want_grads, torch.rand(13), 64)
+    )
 
 
 def _rows_reference(x, t, normalize, eps, row_scale):
@@ -131,12 +135,15 @@ def _rows_reference(x, t, normalize, eps, row_scale):
 @needs_ext
 @pytest.mark.parametrize("normalize", [False, True], ids=["mse", "token-mse"])
 @pytest.mark.parametrize("d", [1, 7, 16, 100, 1536])
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                    (torch.float16, torch.bfloat16)], ids=["fp32", "bf16-fp32", "fp16-bf16"])
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)],
+    ids=["fp32", "bf16-fp32", "fp16-bf16"],
+)
 def test_rows_kernel_widths_dtypes_and_strides(normalize, d, dtypes):
     # Widths around the vector length (tails), mixed dtypes, strided rows and channels.
     m = 37
-    x = (3 * torch.randn(2 * m, d + 3) + 1)[::2, 1:d + 1].to(dtypes[0])  # row stride 2*(d+3), offset
+    x = (3 * torch.randn(2 * m, d + 3) + 1)[::2, 1 : d + 1].to(dtypes[0])  # row stride 2*(d+3), offset
     t = torch.randn(d, m).T.to(dtypes[1])  # channel stride m
     row_scale = torch.rand(m)
     loss, gx, gt = OPS.rows_loss_grad(x, t, normalize, 1e-6, row_scale, True, True, True)
@@ -181,8 +188,24 @@ def test_bench_cpu_smoke(tmp_path, capsys, monkeypatch):
     import bench_cpu
 
     out = tmp_path / "cpu.csv"
-    assert bench_cpu.main(["--smoke", "--iters", "2", "--warmup", "1", "--variants", "eager,cpp",
-                           "--compile-backend", "eager", "--out", str(out)]) == 0
+    assert (
+        bench_cpu.main(
+            [
+                "--smoke",
+                "--iters",
+                "2",
+                "--warmup",
+                "1",
+                "--variants",
+                "eager,cpp",
+                "--compile-backend",
+                "eager",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(out.open()))
     assert {r["variant"] for r in rows} == {"eager", "cpp"}
     assert all(r["error"] == "" and float(r["median_ms"]) > 0 and float(r["peak_extra_mb"]) > 0 for r in rows), rows

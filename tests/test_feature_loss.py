@@ -67,8 +67,9 @@ def test_fp32_matches_reference(backend, shape, normalize, reduction):
     lead, d_s, d_t = shape
     student, weight, bias, target = make_inputs(lead, d_s, d_t, torch.float32)
     with use_backend(backend):
-        check_against_reference(student, weight, bias, target, dtype=torch.float32,
-                                normalize=normalize, reduction=reduction)
+        check_against_reference(
+            student, weight, bias, target, dtype=torch.float32, normalize=normalize, reduction=reduction
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,8 +83,7 @@ def test_half_precision_matches_reference(backend, dtype, shape, normalize, redu
     lead, d_s, d_t = shape
     student, weight, bias, target = make_inputs(lead, d_s, d_t, dtype)
     with use_backend(backend):
-        check_against_reference(student, weight, bias, target, dtype=dtype, normalize=normalize,
-                                reduction=reduction)
+        check_against_reference(student, weight, bias, target, dtype=dtype, normalize=normalize, reduction=reduction)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -103,8 +103,9 @@ def test_many_chunks_and_no_bias(backend, normalize, reduction, clean_backend_en
     clean_backend_env.setenv("LEAP_KERNELS_CHUNK_TOKENS", "64")
     student, weight, bias, target = make_inputs((261,), 64, 100, torch.float32, bias=False)
     with use_backend(backend):
-        check_against_reference(student, weight, None, target, dtype=torch.float32,
-                                normalize=normalize, reduction=reduction)
+        check_against_reference(
+            student, weight, None, target, dtype=torch.float32, normalize=normalize, reduction=reduction
+        )
 
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["mse", "token-mse"])
@@ -127,13 +128,14 @@ def test_non_contiguous_inputs(backend, normalize):
     weight_t = (torch.randn(d_s, d_t) / 8).requires_grad_()
     weight = weight_t.T  # (100, 64), transposed view
     bias = (0.1 * torch.randn(2 * d_t))[::2].detach().requires_grad_()
-    target = torch.randn(2, 197, d_t + 28)[..., 3:d_t + 3]  # sliced channels
+    target = torch.randn(2, 197, d_t + 28)[..., 3 : d_t + 3]  # sliced channels
     assert not (student.is_contiguous() or weight.is_contiguous() or target.is_contiguous())
     with use_backend(backend):
         loss = fused_feature_loss(student, weight, bias, target, normalize=normalize)
         grads = torch.autograd.grad(loss, (student, weight_t, bias))
-    ref = fused_feature_loss_reference(student.double(), weight.double(), bias.double(), target.double(),
-                                       normalize=normalize)
+    ref = fused_feature_loss_reference(
+        student.double(), weight.double(), bias.double(), target.double(), normalize=normalize
+    )
     ref_grads = torch.autograd.grad(ref, (student, weight_t, bias))
     assert_close_rel(loss, ref, 1e-5, "loss")
     for g, r in zip(grads, ref_grads):
@@ -237,8 +239,9 @@ def test_weight_gradient_split_over_tokens(backend, normalize, reduction, clean_
     assert loops.weight_grad_splits(261, torch.device("cpu")) == 4
     student, weight, bias, target = make_inputs((261,), 64, 100, torch.float32)
     with use_backend(backend):
-        check_against_reference(student, weight, bias, target, dtype=torch.float32, normalize=normalize,
-                                reduction=reduction)
+        check_against_reference(
+            student, weight, bias, target, dtype=torch.float32, normalize=normalize, reduction=reduction
+        )
 
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["mse", "token-mse"])
@@ -285,12 +288,17 @@ def test_opcheck_rescale_and_strided_op(backend):
     gs, gw, gb = torch.randn(7, 5).half(), torch.randn(3, 6, 5), torch.randn(3, 6)
     with use_backend(backend):
         for need in ([True, True, True], [True, False, False], [False, True, False]):
-            torch.library.opcheck(ops.feature_loss_rescale.default,
-                                  (gs, gw, gb, torch.tensor(0.7), 0.01, torch.float32, torch.bfloat16, need))
-        torch.library.opcheck(ops.feature_loss_rescale.default,
-                              (gs, gw, torch.empty(0), None, 2.0, torch.float16, torch.float16, [True, True, True]))
+            torch.library.opcheck(
+                ops.feature_loss_rescale.default,
+                (gs, gw, gb, torch.tensor(0.7), 0.01, torch.float32, torch.bfloat16, need),
+            )
+        torch.library.opcheck(
+            ops.feature_loss_rescale.default,
+            (gs, gw, torch.empty(0), None, 2.0, torch.float16, torch.float16, [True, True, True]),
+        )
         student = torch.randn(2, 9, 16, requires_grad=True)[:, 2:]  # (2, 7, 16) token slice
         target = torch.randn(2, 9, 24)[:, 2:]
         weight, bias = torch.randn(24, 16, requires_grad=True), torch.randn(24, requires_grad=True)
-        torch.library.opcheck(ops.fused_feature_loss.default,
-                              (student, weight, bias, target, True, "mean", 1e-6, True, backend))
+        torch.library.opcheck(
+            ops.fused_feature_loss.default, (student, weight, bias, target, True, "mean", 1e-6, True, backend)
+        )

@@ -22,6 +22,7 @@ import textwrap
 
 import pytest
 import torch
+from tolerances import RELATIVE_TOLERANCE, assert_close_rel, relative_error
 
 import leap_kernels
 from leap_kernels import fused_feature_loss, teacher_attention, token_normalized_mse, use_backend
@@ -30,7 +31,6 @@ from leap_kernels.ops.naive import (
     teacher_attention_reference,
     token_normalized_mse_reference,
 )
-from tolerances import RELATIVE_TOLERANCE, assert_close_rel, relative_error
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
@@ -51,8 +51,7 @@ FORCED_BUT_CANNOT = "was forced but cannot run"
 PAPER = ((128, 256), 384, 1536)
 # Odd shapes: one token with odd widths, three ViT-B/16 images, a chunk boundary (8192 + 1 tokens) with
 # D_s = 100; bf16 on all of them, fp32 on the first.
-ODD = [((1,), 64, 100, "bf16"), ((1,), 64, 100, "fp32"), ((3, 197), 192, 1536, "bf16"),
-       ((8193,), 100, 1536, "bf16")]
+ODD = [((1,), 64, 100, "bf16"), ((1,), 64, 100, "fp32"), ((3, 197), 192, 1536, "bf16"), ((8193,), 100, 1536, "bf16")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,8 +61,10 @@ def _compiled_kernels_no_tf32():
     from leap_kernels.ops._triton_common import INTERPRETED
 
     if INTERPRETED:
-        pytest.fail("TRITON_INTERPRET is on: the GPU tests would run the Triton interpreter, not the compiled "
-                    "kernels. Run them with TRITON_INTERPRET=0 (tools/gpu_check.sh does).")
+        pytest.fail(
+            "TRITON_INTERPRET is on: the GPU tests would run the Triton interpreter, not the compiled "
+            "kernels. Run them with TRITON_INTERPRET=0 (tools/gpu_check.sh does)."
+        )
     previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
@@ -117,8 +118,9 @@ def feature_inputs(lead, d_s, d_t, dtype, *, param_dtype=None):
 
 def check_feature_loss(backend, lead, d_s, d_t, dtype, normalize, reduction, *, param_dtype=None):
     student, weight, bias, target = feature_inputs(lead, d_s, d_t, dtype, param_dtype=param_dtype)
-    loss = run_forced(backend, fused_feature_loss, student, weight, bias, target,
-                      normalize=normalize, reduction=reduction)
+    loss = run_forced(
+        backend, fused_feature_loss, student, weight, bias, target, normalize=normalize, reduction=reduction
+    )
     assert loss.dtype == torch.float32 and loss.device.type == "cuda"
     grad_out = torch.randn_like(loss) if loss.dim() else torch.rand((), device="cuda") + 0.5
     inputs = (student, weight, bias)
@@ -153,7 +155,7 @@ def make_qkv(b, n, h, d, dtype, layout="packed", spread=1.0):
     elif layout == "batch-slice":  # a storage offset and the batch stride of the full tensor
         qkv = torch.randn(b + 1, n, c, device="cuda")[1:]
     elif layout == "padded-rows":  # token stride c + 40, channel stride 1
-        qkv = torch.randn(b, n, c + 40, device="cuda")[..., 8:8 + c]
+        qkv = torch.randn(b, n, c + 40, device="cuda")[..., 8 : 8 + c]
     else:
         raise ValueError(layout)
     return (spread * qkv).to(dtype)
@@ -171,15 +173,24 @@ def check_attention(backend, qkv, h, dtype, scale=None):
 # machine), so the odd shapes mix head dims and dtypes instead of crossing them.
 ATTENTION_CASES = [
     # (B, H, N, d, dtype, layout): ViT-g/14 reg4 at 224 px (N = 261) and 448 px (N = 1025), d = 128
-    (128, 24, 261, 64, "bf16", "packed"), (32, 24, 1025, 64, "bf16", "packed"), (64, 12, 261, 128, "bf16", "packed"),
+    (128, 24, 261, 64, "bf16", "packed"),
+    (32, 24, 1025, 64, "bf16", "packed"),
+    (64, 12, 261, 128, "bf16", "packed"),
     # odd token counts: one key, one partial key tile, ViT-B/16 and ViT-S/14 token counts, long sequences
-    (2, 3, 1, 64, "bf16", "packed"), (2, 3, 5, 128, "fp16", "packed"), (2, 3, 197, 64, "fp16", "packed"),
-    (2, 3, 257, 128, "bf16", "packed"), (2, 3, 577, 128, "bf16", "packed"), (2, 3, 1370, 64, "bf16", "packed"),
+    (2, 3, 1, 64, "bf16", "packed"),
+    (2, 3, 5, 128, "fp16", "packed"),
+    (2, 3, 197, 64, "fp16", "packed"),
+    (2, 3, 257, 128, "bf16", "packed"),
+    (2, 3, 577, 128, "bf16", "packed"),
+    (2, 3, 1370, 64, "bf16", "packed"),
     # strided views of qkv, the small head dims
-    (3, 6, 261, 64, "bf16", "batch-slice"), (3, 6, 261, 64, "fp16", "padded-rows"),
-    (4, 16, 261, 32, "fp16", "packed"), (2, 4, 100, 16, "bf16", "packed"),
+    (3, 6, 261, 64, "bf16", "batch-slice"),
+    (3, 6, 261, 64, "fp16", "padded-rows"),
+    (4, 16, 261, 32, "fp16", "packed"),
+    (2, 4, 100, 16, "bf16", "packed"),
     # inputs only the torch backend takes (fp32; head dim 48): the others skip, auto falls back
-    (2, 3, 261, 64, "fp32", "packed"), (2, 3, 261, 48, "bf16", "packed"),
+    (2, 3, 261, 64, "fp32", "packed"),
+    (2, 3, 261, 48, "bf16", "packed"),
 ]
 
 
@@ -236,8 +247,7 @@ def test_truncated_teacher_attention_kernel_vs_timm(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("m,d", [(128 * 256, 1536), (1, 100), (257, 1536), (2 * 261, 384)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("m,d", [(128 * 256, 1536), (1, 100), (257, 1536), (2 * 261, 384)], ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_token_normalized_mse(backend, m, d, dtype, reduction):
@@ -329,17 +339,23 @@ def test_cuda_graph_capture_fused_loss(backend, normalize):
     after warm-up, replayed on new inputs copied into the captured buffers, equals an eager step. In a
     subprocess: a failed capture can leave the CUDA context unusable."""
     env = {**os.environ, "TRITON_INTERPRET": "0", leap_kernels.ENV_BACKEND: backend}
-    proc = subprocess.run([sys.executable, "-c", GRAPH_SCRIPT, backend, "1" if normalize else "0"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", GRAPH_SCRIPT, backend, "1" if normalize else "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"{backend}: capture failed\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     if result["status"] == "cannot":
         pytest.skip(f"{backend}: {result['message']}")
     if result["status"] == "sync":
         assert backend not in MUST_CAPTURE, f"{backend}: the fused loss synchronizes with the host: {result['message']}"
-        pytest.skip(f"{backend} synchronizes with the host in the fused loss, so it cannot be captured: "
-                    f"{result['message']}")
+        pytest.skip(
+            f"{backend} synchronizes with the host in the fused loss, so it cannot be captured: {result['message']}"
+        )
     # Same kernels, same inputs: a replay differs from eager only by run-to-run reduction order.
     for name, err in result["errors"].items():
         assert err <= 1e-3, f"{backend}: graph replay vs eager, {name}: relative error {err:.2e}"
@@ -428,8 +444,9 @@ def test_feature_loss_non_contiguous(backend):
     student_t = student.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (4, 261) strided
     target_s = torch.randn(4, 261, 2 * 1536, device="cuda").to(torch.bfloat16)[..., ::2]  # channel stride 2
     loss = run_forced(backend, fused_feature_loss, student_t, weight, bias, target_s, normalize=True)
-    ref = fused_feature_loss_reference(student_t.double(), weight.double(), bias.double(), target_s.double(),
-                                       normalize=True)
+    ref = fused_feature_loss_reference(
+        student_t.double(), weight.double(), bias.double(), target_s.double(), normalize=True
+    )
     assert_close_rel(loss, ref, RELATIVE_TOLERANCE[torch.bfloat16][0], f"{backend} strided")
 
 

@@ -108,7 +108,10 @@ def test_all_sections_in_order_with_results_under_out(fake):
     assert teacher.startswith("-m pytest bench/test_bench_teacher.py --teacher-ks=20,40 ")
     assert f"--benchmark-json={out}/teacher-fake-gpu.json" in teacher
     assert step.startswith("-m pytest bench/test_bench_step.py --step-ks=10,40 ")
-    assert tests_gpu.startswith("-m pytest -m gpu tests/test_gpu.py ") and f"--junitxml={out}/junit-gpu-test_gpu.xml" in tests_gpu
+    assert (
+        tests_gpu.startswith("-m pytest -m gpu tests/test_gpu.py ")
+        and f"--junitxml={out}/junit-gpu-test_gpu.xml" in tests_gpu
+    )
     assert tests_fp8.startswith("-m pytest -m gpu tests/test_leap_fp8.py ")
     assert f"--junitxml={out}/junit-gpu-test_leap_fp8.xml" in tests_fp8
     # The build is checked for its CUDA kernels; the smoke runs before any benchmark.
@@ -125,9 +128,21 @@ def test_all_sections_in_order_with_results_under_out(fake):
         f"tools/fp8_teacher.py --model vit_giant_patch14_reg4_dinov2 --images 8 --batch 8 --time-batch 32 "
         f"--out {out}/fp8_teacher-fake-gpu.csv",
     ]
-    for name in ("summary.txt", "env.txt", "junit-gpu-test_gpu.xml", "junit-gpu-test_leap_fp8.xml", "install.log",
-                 "tests.log", "tables.md", "compare.log", "smoke.json", "bench-fake-gpu.json",
-                 "teacher-fake-gpu.json", "step-fake-gpu.json", "whole-run-fake-gpu.json"):
+    for name in (
+        "summary.txt",
+        "env.txt",
+        "junit-gpu-test_gpu.xml",
+        "junit-gpu-test_leap_fp8.xml",
+        "install.log",
+        "tests.log",
+        "tables.md",
+        "compare.log",
+        "smoke.json",
+        "bench-fake-gpu.json",
+        "teacher-fake-gpu.json",
+        "step-fake-gpu.json",
+        "whole-run-fake-gpu.json",
+    ):
         assert (out / name).is_file(), name
     summary = (out / "summary.txt").read_text()
     assert "install: ok" in summary and "env: ok" in summary and "teacher: ok" in summary and "step: ok" in summary
@@ -147,7 +162,14 @@ def test_clean_run_exits_zero(fake):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no section failed" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "bench-fake-gpu.json", "bench.log", "compare.log", "env.log", "env.txt", "summary.txt", "tables.md"]
+        "bench-fake-gpu.json",
+        "bench.log",
+        "compare.log",
+        "env.log",
+        "env.txt",
+        "summary.txt",
+        "tables.md",
+    ]
 
 
 def test_failed_smoke_fails_the_run_and_the_benchmarks_still_run(fake):
@@ -163,7 +185,8 @@ def test_sections_switch_and_unknown_section(fake):
     assert proc.returncode == 0
     assert [c for c in calls if not c.startswith(("-c", "bench/compare.py --show"))] == [
         f"-m pytest bench/test_bench_teacher.py --teacher-ks=20,40 -q -rfEs -p no:cacheprovider -o timeout=0 "
-        f"--benchmark-json={out}/teacher-fake-gpu.json --benchmark-columns=median,iqr,rounds"]
+        f"--benchmark-json={out}/teacher-fake-gpu.json --benchmark-columns=median,iqr,rounds"
+    ]
     proc, _, _ = fake(SECTIONS="teacher,nonsense")
     assert proc.returncode == 2 and "unknown section 'nonsense'" in proc.stderr
     proc, _, calls = fake(SECTIONS="step", GPU_CHECK_STEP_KS="20,40", GPU_CHECK_BENCH_ARGS="-k ours")
@@ -228,11 +251,21 @@ def test_real_dry_run_on_cpu(tmp_path):
     assert "tests: 0 passed, 0 failed, 0 errors" in summary  # every GPU test skips without CUDA
     assert "whole run over the trajectory" in summary and "fp8: ok" in summary
     assert "smoke: ok" in summary and " 0 failed" in summary
-    for name in ("env.txt", "junit-gpu-test_gpu.xml", "junit-gpu-test_leap_fp8.xml", "tables.md",
-                 "whole-run-cpu.json", "smoke.json", "fp8_teacher-cpu.csv"):
+    for name in (
+        "env.txt",
+        "junit-gpu-test_gpu.xml",
+        "junit-gpu-test_leap_fp8.xml",
+        "tables.md",
+        "whole-run-cpu.json",
+        "smoke.json",
+        "fp8_teacher-cpu.csv",
+    ):
         assert (out / name).is_file(), name
-    for name, test in (("bench-cpu.json", "test_fused_loss"), ("teacher-cpu.json", "test_teacher_forward"),
-                       ("step-cpu.json", "test_leap_step")):
+    for name, test in (
+        ("bench-cpu.json", "test_fused_loss"),
+        ("teacher-cpu.json", "test_teacher_forward"),
+        ("step-cpu.json", "test_leap_step"),
+    ):
         data = json.loads((out / name).read_text())
         assert data["machine_info"]["leap_bench"]["size"] == "smoke", name
         names = [b["name"] for b in data["benchmarks"]]

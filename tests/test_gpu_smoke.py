@@ -22,8 +22,12 @@ import gpu_smoke  # noqa: E402
 def test_every_op_and_backend_passes_against_float64():
     rows = gpu_smoke.run_checks("smoke", torch.device("cpu"), torch.float32)
     ops = {r["op"] for r in rows}
-    assert ops == {"fused_feature_loss[mse]", "fused_feature_loss[token-normalized]", "token_normalized_mse",
-                   "teacher_attention"}
+    assert ops == {
+        "fused_feature_loss[mse]",
+        "fused_feature_loss[token-normalized]",
+        "token_normalized_mse",
+        "teacher_attention",
+    }
     ran = [r for r in rows if r["ok"] is not None]
     assert ran and all(r["ok"] for r in ran), [r for r in ran if not r["ok"]]
     by_backend = {(r["op"], r["backend"]): r for r in rows}
@@ -34,8 +38,10 @@ def test_every_op_and_backend_passes_against_float64():
         assert by_backend["fused_feature_loss[mse]", "triton"]["ok"] is True
     for r in ran:
         if r["op"] != "teacher_attention":
-            assert set(r["errors"]) == {"loss", "grad_input", "grad_weight", "grad_bias"} or \
-                set(r["errors"]) == {"loss", "grad_input"}
+            assert set(r["errors"]) == {"loss", "grad_input", "grad_weight", "grad_bias"} or set(r["errors"]) == {
+                "loss",
+                "grad_input",
+            }
         assert all(0 <= v < 1e-3 for v in r["errors"].values()), r
 
 
@@ -46,8 +52,11 @@ def test_a_wrong_gradient_is_a_miss(monkeypatch):
         return real(x.flip(-1), t, **kw)
 
     monkeypatch.setattr(leap_kernels, "token_normalized_mse", channels_reversed)
-    rows = [r for r in gpu_smoke.run_checks("smoke", torch.device("cpu"), torch.float32)
-            if r["op"] == "token_normalized_mse" and r["ok"] is not None]
+    rows = [
+        r
+        for r in gpu_smoke.run_checks("smoke", torch.device("cpu"), torch.float32)
+        if r["op"] == "token_normalized_mse" and r["ok"] is not None
+    ]
     assert rows and all(r["ok"] is False for r in rows)
     assert all(r["errors"]["grad_input"] > 1e-2 for r in rows)
 

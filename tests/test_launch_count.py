@@ -57,17 +57,43 @@ MAX_PLAIN_LAUNCHES = 14
 MAX_TOKEN_NORM_LAUNCHES = 16
 
 NO_KERNEL = {
-    aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default, aten.new_empty_strided.default,
-    aten.empty_like.default, aten._unsafe_view.default, aten.lift_fresh.default, aten.sym_size.int,
-    aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default, aten.is_same_size.default,
+    aten.empty.memory_format,
+    aten.empty_strided.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+    aten.empty_like.default,
+    aten._unsafe_view.default,
+    aten.lift_fresh.default,
+    aten.sym_size.int,
+    aten.sym_stride.int,
+    aten.sym_numel.default,
+    aten.sym_storage_offset.default,
+    aten.is_same_size.default,
     aten.set_.source_Storage_storage_offset,  # the Triton interpreter's argument wrapping (CPU runs only)
 }
-CUBLAS = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm.out, aten.bmm.default, aten.bmm.out,
-          aten.baddbmm.default, aten.addmm_.default}
+CUBLAS = {
+    aten.mm.default,
+    aten.mm.out,
+    aten.addmm.default,
+    aten.addmm.out,
+    aten.bmm.default,
+    aten.bmm.out,
+    aten.baddbmm.default,
+    aten.addmm_.default,
+}
 # Ops that wait for the device (a value read back to the host, or an output shape that depends on data).
-SYNC_OPS = {aten._local_scalar_dense.default, aten.item.default, aten.nonzero.default, aten.is_nonzero.default,
-            aten.equal.default, aten.allclose.default, aten.masked_select.default, aten.unique_dim.default,
-            aten._unique2.default, aten.unique_consecutive.default}
+SYNC_OPS = {
+    aten._local_scalar_dense.default,
+    aten.item.default,
+    aten.nonzero.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.allclose.default,
+    aten.masked_select.default,
+    aten.unique_dim.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+}
 
 
 def _is_view(func) -> bool:
@@ -100,8 +126,10 @@ class Launches:
         return len(self.triton) + len(self.cublas) + len(self.aten)
 
     def summary(self) -> str:
-        return (f"{self.total} launches: {len(self.triton)} Triton {self.triton}, {len(self.cublas)} cuBLAS "
-                f"{self.cublas}, {len(self.aten)} ATen {self.aten}")
+        return (
+            f"{self.total} launches: {len(self.triton)} Triton {self.triton}, {len(self.cublas)} cuBLAS "
+            f"{self.cublas}, {len(self.aten)} ATen {self.aten}"
+        )
 
 
 class Recorder(TorchDispatchMode):
@@ -216,8 +244,9 @@ def count_fwd_bwd(normalize: bool, *, dtype=torch.bfloat16, reduction="mean", pr
     launches = Launches()
     with triton_backend_on_meta(), triton_launches_recorded(launches, run=False):
         with Recorder(launches):
-            loss = leap_kernels.fused_feature_loss(student, weight, bias, target, normalize=normalize,
-                                                   reduction=reduction)
+            loss = leap_kernels.fused_feature_loss(
+                student, weight, bias, target, normalize=normalize, reduction=reduction
+            )
         grad_out = torch.ones(loss.shape, dtype=loss.dtype, device="meta")
         with Recorder(launches):
             torch.autograd.grad(loss, (student, weight, bias), grad_out)
@@ -244,8 +273,9 @@ def test_triton_launches_are_counted_once_per_launch():
     with triton_backend_on_meta(), triton_launches_recorded(launches, run=False):
         s, w, b, t = paper_inputs(lead=(1, 8192))
         with Recorder(launches):
-            _ = torch.ops.leap_kernels.fused_feature_loss(s.detach()[0], w.detach(), b.detach(), t[0], False,
-                                                          "none", 1e-6, False, "triton")
+            _ = torch.ops.leap_kernels.fused_feature_loss(
+                s.detach()[0], w.detach(), b.detach(), t[0], False, "none", 1e-6, False, "triton"
+            )
     # Forward only, one chunk: the projection (autotuned: once, not once per config) and the loss sum.
     assert launches.triton == ["_projection_loss_kernel"], launches.summary()
     assert launches.aten == ["sum"] and not launches.cublas, launches.summary()
@@ -257,8 +287,9 @@ def test_plain_launch_count_at_paper_shape(prefix):
     print(launches.summary())
     assert launches.total <= MAX_PLAIN_LAUNCHES, launches.summary()
     # Two chunks of 16384 tokens, three launches each, the loss sum, one backward launch.
-    assert sorted(launches.triton) == sorted(["_projection_loss_kernel", "_grad_weight_kernel"] * 2
-                                             + ["_rescale_kernel"]), launches.summary()
+    assert sorted(launches.triton) == sorted(
+        ["_projection_loss_kernel", "_grad_weight_kernel"] * 2 + ["_rescale_kernel"]
+    ), launches.summary()
     assert launches.cublas == ["mm", "mm"] and launches.aten == ["sum"], launches.summary()
     assert not launches.syncs
 
@@ -333,8 +364,9 @@ def test_no_host_sync_and_fixed_allocations(normalize, reduction):
         launches = Launches()
         with leap_kernels.use_backend("triton"), triton_launches_recorded(launches, run=True):
             with Recorder(launches, run_custom_ops=False):
-                loss = leap_kernels.fused_feature_loss(full, weight, bias, target, normalize=normalize,
-                                                       reduction=reduction)
+                loss = leap_kernels.fused_feature_loss(
+                    full, weight, bias, target, normalize=normalize, reduction=reduction
+                )
                 torch.autograd.grad(loss, (full, weight, bias), torch.ones_like(loss))
         assert not launches.syncs, launches.syncs
         assert launches.triton, "the Triton kernels did not run"
@@ -362,13 +394,17 @@ def test_sliced_tokens_are_read_in_place(normalize):
             loss = leap_kernels.fused_feature_loss(student, weight, bias, target, normalize=normalize)
             grads = torch.autograd.grad(loss, (full, weight, bias))
     storages = {full.untyped_storage().data_ptr(), target_full.untyped_storage().data_ptr()}
-    copies = [str(func) for func, addresses in launches.ops
-              if func.overloadpacket.__name__ in ("clone", "_to_copy", "copy_", "contiguous", "_unsafe_view")
-              and storages & set(addresses)]
+    copies = [
+        str(func)
+        for func, addresses in launches.ops
+        if func.overloadpacket.__name__ in ("clone", "_to_copy", "copy_", "contiguous", "_unsafe_view")
+        and storages & set(addresses)
+    ]
     assert not copies, copies
     ref_leaves = [x.detach().double().requires_grad_() for x in (full, weight, bias)]
-    ref = fused_feature_loss_reference(ref_leaves[0][:, prefix:], ref_leaves[1], ref_leaves[2],
-                                       target.double(), normalize=normalize)
+    ref = fused_feature_loss_reference(
+        ref_leaves[0][:, prefix:], ref_leaves[1], ref_leaves[2], target.double(), normalize=normalize
+    )
     ref_grads = torch.autograd.grad(ref, ref_leaves)
     loss_tol, grad_tol = RELATIVE_TOLERANCE[torch.float32]
     assert_close_rel(loss, ref, loss_tol, "loss")

@@ -14,11 +14,21 @@ from leap.cli import build_parser, main
 from leap.cli.distill import config_from_args
 
 TINY = [
-    "--teacher", "vit_small_patch14_dinov2",
-    "--teacher-overrides", '{"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7}',
-    "--student", "vit_small_patch14_dinov2",
-    "--student-overrides", '{"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7}',
-    "--img-size", "28", "--batch-size", "4", "--workers", "0", "--no-progress",
+    "--teacher",
+    "vit_small_patch14_dinov2",
+    "--teacher-overrides",
+    '{"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7}',
+    "--student",
+    "vit_small_patch14_dinov2",
+    "--student-overrides",
+    '{"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7}',
+    "--img-size",
+    "28",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--no-progress",
 ]
 
 
@@ -37,9 +47,24 @@ def run_cli(argv, capsys):
 def test_help_lists_the_distill_options(capsys):
     code, out, _ = run_cli(["distill", "--help"], capsys)
     assert code == 0
-    for opt in ("--teacher", "--teacher-weights", "--student", "--data", "--data-source", "--curriculum",
-                "--tau", "--loss", "--optimizer", "--resume", "--config", "--max-steps", "--precision",
-                "--no-mixup", "--no-augment", "--student-overrides"):
+    for opt in (
+        "--teacher",
+        "--teacher-weights",
+        "--student",
+        "--data",
+        "--data-source",
+        "--curriculum",
+        "--tau",
+        "--loss",
+        "--optimizer",
+        "--resume",
+        "--config",
+        "--max-steps",
+        "--precision",
+        "--no-mixup",
+        "--no-augment",
+        "--student-overrides",
+    ):
         assert opt in out, opt
     assert "examples:" in out and "(default: 0.85)" in out and "sqrt(global_batch" in out
 
@@ -51,9 +76,25 @@ def test_help_lists_the_distill_options(capsys):
 
 def test_two_step_run_writes_log_and_summary(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    code, out, err = run_cli(["distill", *TINY, "--data-source", "synthetic", "--synthetic-size", "16",
-                              "--max-steps", "2", "--start-block", "1", "--tau", "0", "--out", str(out_dir)],
-                             capsys)
+    code, out, err = run_cli(
+        [
+            "distill",
+            *TINY,
+            "--data-source",
+            "synthetic",
+            "--synthetic-size",
+            "16",
+            "--max-steps",
+            "2",
+            "--start-block",
+            "1",
+            "--tau",
+            "0",
+            "--out",
+            str(out_dir),
+        ],
+        capsys,
+    )
     assert code == 0, err
     log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if r["type"] == "step"]
@@ -65,26 +106,57 @@ def test_two_step_run_writes_log_and_summary(tmp_path, capsys):
     assert "2 steps" in out and "teacher blocks run" in out  # printed summary
 
     # Continue the same run from the CLI.
-    code, out, err = run_cli(["distill", *TINY, "--data-source", "synthetic", "--synthetic-size", "16",
-                              "--max-steps", "3", "--start-block", "1", "--tau", "0", "--out", str(out_dir),
-                              "--resume", "auto"], capsys)
+    code, out, err = run_cli(
+        [
+            "distill",
+            *TINY,
+            "--data-source",
+            "synthetic",
+            "--synthetic-size",
+            "16",
+            "--max-steps",
+            "3",
+            "--start-block",
+            "1",
+            "--tau",
+            "0",
+            "--out",
+            str(out_dir),
+            "--resume",
+            "auto",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads((out_dir / "summary.json").read_text())["steps"] == 3
 
 
 def test_config_file_and_cli_override(tmp_path, capsys):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(yaml.safe_dump({
-        "teacher": "vit_small_patch14_dinov2", "student": "vit_small_patch14_dinov2",
-        "teacher_overrides": {"depth": 2, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
-        "student-overrides": {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        "img_size": 28, "data_source": "synthetic", "synthetic_size": 8, "batch_size": 8,
-        "workers": 0, "progress": False, "max_steps": 1, "loss": "token-mse", "tau": 0.5,
-        "min_lr_ratio": "1e-3",
-    }))
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "teacher": "vit_small_patch14_dinov2",
+                "student": "vit_small_patch14_dinov2",
+                "teacher_overrides": {"depth": 2, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
+                "student-overrides": {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
+                "img_size": 28,
+                "data_source": "synthetic",
+                "synthetic_size": 8,
+                "batch_size": 8,
+                "workers": 0,
+                "progress": False,
+                "max_steps": 1,
+                "loss": "token-mse",
+                "tau": 0.5,
+                "min_lr_ratio": "1e-3",
+            }
+        )
+    )
     out_dir = tmp_path / "run"
-    code, _, err = run_cli(["distill", "--config", str(cfg_file), "--batch-size", "4", "--tau", "0.7",
-                            "--out", str(out_dir)], capsys)
+    code, _, err = run_cli(
+        ["distill", "--config", str(cfg_file), "--batch-size", "4", "--tau", "0.7", "--out", str(out_dir)], capsys
+    )
     assert code == 0, err
     cfg = json.loads((out_dir / "summary.json").read_text())["config"]
     assert cfg["batch_size"] == 4 and cfg["tau"] == 0.7  # CLI wins
@@ -115,8 +187,9 @@ def test_parser_merge_order():
     assert (cfg.mixup, cfg.augment, cfg.lr, cfg.tau) == (False, True, 0.1, 0.85)
 
 
-@pytest.mark.parametrize("case", ["missing-data", "empty-data", "grid-mismatch", "unknown-model",
-                                  "corrupt-checkpoint", "missing-required"])
+@pytest.mark.parametrize(
+    "case", ["missing-data", "empty-data", "grid-mismatch", "unknown-model", "corrupt-checkpoint", "missing-required"]
+)
 def test_bad_input_is_a_clean_error(tmp_path, capsys, case):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -149,8 +222,14 @@ def test_bad_input_is_a_clean_error(tmp_path, capsys, case):
 @pytest.mark.slow
 def test_python_dash_m_leap(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "leap", "distill", "--help"], capture_output=True, text=True,
-                          env=env, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "leap", "distill", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: leap distill")
 

@@ -13,12 +13,12 @@ import torch.utils.flop_counter
 from torch import nn
 
 from leap import cost as C
-from leap.run import timing
+from leap.cka import linear_cka
 from leap.cli import main as leap_main
 from leap.cli.flops import main as main_flops
-from leap.cka import linear_cka
-from leap.runlog import load_trajectory
 from leap.models import build_model
+from leap.run import timing
+from leap.runlog import load_trajectory
 
 GIANT = "vit_giant_patch14_reg4_dinov2"
 SMALL = "vit_small_patch14_dinov2"
@@ -30,14 +30,17 @@ TINY_MODELS = {
     # the giant's layout: 4 registers, packed SwiGLU (GluMlp, fc1 = D -> 2H), LayerScale
     "dinov2-reg4-swiglu-packed": (GIANT, dict(depth=2, embed_dim=48, num_heads=3)),
     # timm's unpacked SwiGLU (fc1_g, fc1_x)
-    "swiglu-unpacked": (SMALL, dict(depth=2, embed_dim=48, num_heads=3, mlp_layer=timm.layers.SwiGLU,
-                                    act_layer=nn.SiLU)),
+    "swiglu-unpacked": (
+        SMALL,
+        dict(depth=2, embed_dim=48, num_heads=3, mlp_layer=timm.layers.SwiGLU, act_layer=nn.SiLU),
+    ),
     "vit-tiny-dinov2": (TINY, dict(depth=3)),
 }
 
 
-def counted_flops(model: nn.Module, x: torch.Tensor | None = None, *, backward: bool = False,
-                  blocks: int | None = None) -> int:
+def counted_flops(
+    model: nn.Module, x: torch.Tensor | None = None, *, backward: bool = False, blocks: int | None = None
+) -> int:
     """FLOPs of a real forward (and backward) as counted by ``FlopCounterMode``, per batch.
 
     Runs ``patch_embed -> _pos_embed -> blocks[:blocks] -> norm`` (``forward_features`` when
@@ -62,7 +65,7 @@ def counted_flops(model: nn.Module, x: torch.Tensor | None = None, *, backward: 
                 out = vit.forward_features(x)
             else:
                 h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
-                for blk in list(vit.blocks)[: blocks]:
+                for blk in list(vit.blocks)[:blocks]:
                     h = blk(h)
                 out = vit.norm(h)
             if backward:
@@ -202,8 +205,17 @@ def test_paper_per_image_costs_and_savings():
 
 def hand_costs():
     """A 4-block teacher (width 3) and a 2-block student (width 2), 2x2 patches."""
-    common = dict(patch_size=(1, 1), img_size=(2, 2), grid=(2, 2), num_prefix_tokens=1, num_patches=4,
-                  tokens=5, mlp_hidden=0, mlp_kind="mlp", num_heads=1)
+    common = dict(
+        patch_size=(1, 1),
+        img_size=(2, 2),
+        grid=(2, 2),
+        num_prefix_tokens=1,
+        num_patches=4,
+        tokens=5,
+        mlp_hidden=0,
+        mlp_kind="mlp",
+        num_heads=1,
+    )
     teacher = C.ViTCost(depth=4, embed_dim=3, patch_embed_macs=10, block_macs=(100,) * 4, **common)
     student = C.ViTCost(depth=2, embed_dim=2, patch_embed_macs=10, block_macs=(20, 20), **common)
     return teacher, student
@@ -212,7 +224,7 @@ def hand_costs():
 def test_cost_model_components_by_hand():
     cm = C.CostModel(*hand_costs())
     assert (cm.d_t, cm.d_s, cm.tokens_per_image, cm.num_blocks) == (3, 2, 4, 4)
-    assert cm.head_forward_macs == 5 * 2 * 3            # T + 1 = 5 tokens (patches + CLS)
+    assert cm.head_forward_macs == 5 * 2 * 3  # T + 1 = 5 tokens (patches + CLS)
     assert cm.student_step_macs == 3 * (50 + 30)
     # CKA on 4 tokens at width 3: 4*27 + centering 4*6 + norms 27, + re-projection 4*2*3
     assert cm.cka_macs == 4 * 27 + 4 * 6 + 27 + 24 == 183
@@ -291,8 +303,9 @@ def test_load_trajectory_formats(tmp_path):
     assert tr.blocks == [2.5, 4] and tr.weights == [10, 30]
     assert tr.mean() == pytest.approx((25 + 120) / 40)
     steps_only = tmp_path / "steps.jsonl"
-    steps_only.write_text("\n".join(json.dumps({"type": "step", "step": i, "block": b})
-                                     for i, b in enumerate([1, 1, 2])))
+    steps_only.write_text(
+        "\n".join(json.dumps({"type": "step", "step": i, "block": b}) for i, b in enumerate([1, 1, 2]))
+    )
     assert load_trajectory(steps_only).blocks == [1, 1, 2]
 
 
@@ -372,10 +385,27 @@ def test_cli_measure_tiny(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LEAP_KERNELS_BACKEND", "torch")
     traj = tmp_path / "traj.json"
     traj.write_text("[1, 2, 2]")
-    argv = ["--teacher", GIANT, "--student", SMALL, "--img-size", "28", "--trajectory", str(traj),
-            "--teacher-overrides", '{"depth": 2, "embed_dim": 48, "num_heads": 3}',
-            "--student-overrides", '{"depth": 1, "embed_dim": 32, "num_heads": 2}',
-            "--measure", "--device", "cpu", "--batch-size", "2", "--repeats", "1"]
+    argv = [
+        "--teacher",
+        GIANT,
+        "--student",
+        SMALL,
+        "--img-size",
+        "28",
+        "--trajectory",
+        str(traj),
+        "--teacher-overrides",
+        '{"depth": 2, "embed_dim": 48, "num_heads": 3}',
+        "--student-overrides",
+        '{"depth": 1, "embed_dim": 32, "num_heads": 2}',
+        "--measure",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+    ]
     assert main_flops(argv) == 0
     out = capsys.readouterr().out
     assert "k =   1" in out and "k =   2" in out and "wall-clock saving" in out

@@ -13,7 +13,6 @@ from torch.utils.data import DistributedSampler
 from leap import data as D
 from leap.errors import DataError
 
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -164,8 +163,13 @@ def test_fashion_mnist_missing_files_message(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         D.FashionMNIST(tmp_path / "nothing", "train")
     msg = str(e.value)
-    for part in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "nothing",
-                 str(tmp_path / "sys"), "apt-get install dataset-fashion-mnist"):
+    for part in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "nothing",
+        str(tmp_path / "sys"),
+        "apt-get install dataset-fashion-mnist",
+    ):
         assert part in msg
 
 
@@ -196,12 +200,9 @@ def test_build_dataset_sources(tmp_path, folder):
     tr = D.build_dataset("synthetic", None, "train", 14, True, num_images=6)
     va = D.build_dataset("synthetic", None, "val", 14, False, num_images=6)
     assert len(tr) == 6 and tr[0][0].shape == (3, 14, 14)
-    assert not torch.equal(D.SyntheticDataset(6, 14, seed=tr.seed)[0][0],
-                           D.SyntheticDataset(6, 14, seed=va.seed)[0][0])
-    assert isinstance(D.build_dataset("auto", str(folder), "train", 14, True),
-                      D.ImageFolderDataset)
-    assert isinstance(D.build_dataset("folder", str(folder), "train", 14, True, hflip=False),
-                      D.ImageFolderDataset)
+    assert not torch.equal(D.SyntheticDataset(6, 14, seed=tr.seed)[0][0], D.SyntheticDataset(6, 14, seed=va.seed)[0][0])
+    assert isinstance(D.build_dataset("auto", str(folder), "train", 14, True), D.ImageFolderDataset)
+    assert isinstance(D.build_dataset("folder", str(folder), "train", 14, True, hflip=False), D.ImageFolderDataset)
     with pytest.raises(ValueError, match="unknown data source 'imagenet'"):
         D.build_dataset("imagenet", None, "train", 14, True)
     with pytest.raises(FileNotFoundError):
@@ -218,13 +219,18 @@ def test_transforms_shapes_and_switches():
         assert t(img).shape == (3, 28, 28)
     names = lambda t: [type(o).__name__ for o in t.transforms]  # noqa: E731
     tr = names(D.build_transforms(28, train=True))
-    assert tr == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply",
-                  "RandomGrayscale", "ToTensor", "Normalize"]
+    assert tr == [
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+        "RandomApply",
+        "RandomGrayscale",
+        "ToTensor",
+        "Normalize",
+    ]
     assert D.build_transforms(28, train=True).transforms[0].scale == (0.14, 1.0)
     jitter = D.build_transforms(28, train=True).transforms[2]
     assert jitter.p == 0.8
-    assert names(D.build_transforms(28, train=True, augment=False)) == \
-        ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert names(D.build_transforms(28, train=True, augment=False)) == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
     gray = names(D.build_transforms(28, train=True, grayscale_source=True))
     assert "RandomGrayscale" not in gray
     assert names(D.build_transforms(28, train=False, normalize=False))[-1] == "ToTensor"
@@ -296,8 +302,7 @@ def test_resumable_sampler_matches_distributed_sampler(n, drop_last):
     ranks = []
     for rank in range(2):
         ours = D.ResumableSampler(n, seed=11, num_replicas=2, rank=rank, drop_last=drop_last)
-        ref = DistributedSampler(range(n), num_replicas=2, rank=rank, shuffle=True,
-                                 seed=11, drop_last=drop_last)
+        ref = DistributedSampler(range(n), num_replicas=2, rank=rank, shuffle=True, seed=11, drop_last=drop_last)
         ours.set_epoch(2)
         ref.set_epoch(2)
         got = [int(i) for i in ours]
@@ -316,8 +321,7 @@ def test_build_loader_distributed_explicit_ranks():
     ds = D.SyntheticDataset(16, 8)
     seen = []
     for rank in range(2):
-        loader = D.build_loader(ds, 4, num_workers=0, distributed=True,
-                                num_replicas=2, rank=rank, seed=1)
+        loader = D.build_loader(ds, 4, num_workers=0, distributed=True, num_replicas=2, rank=rank, seed=1)
         assert isinstance(loader.sampler, D.ResumableSampler) and len(loader) == 2
         D.set_loader_epoch(loader, 0)
         seen.append({int(i) for i in loader.sampler})

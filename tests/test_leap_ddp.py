@@ -19,21 +19,37 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     from leap.run.loop import Trainer
 
     cfg = TrainConfig(
-        teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2",
+        teacher="vit_small_patch14_dinov2",
+        student="vit_small_patch14_dinov2",
         teacher_overrides={"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
         student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28, data_source="synthetic", synthetic_size=16, batch_size=4, epochs=2,
-        workers=0, out=os.path.join(tmp, "run"), progress=False, device="cpu",
+        img_size=28,
+        data_source="synthetic",
+        synthetic_size=16,
+        batch_size=4,
+        epochs=2,
+        workers=0,
+        out=os.path.join(tmp, "run"),
+        progress=False,
+        device="cpu",
         # Calibration picks the argmax of the rank-averaged scores; tau = 0.3 makes the
         # level-ups depend on the averaged CKA of each step.
-        tau=0.3, warmup_epochs=0.5,
+        tau=0.3,
+        warmup_epochs=0.5,
     )
     trainer = Trainer(cfg)
     summary = trainer.fit()
     params = {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
-    torch.save({"blocks": trainer.block_history, "summary": summary, "params": params,
-                "world_size": trainer.group.world_size, "group_left": not torch.distributed.is_initialized()},
-               os.path.join(tmp, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "blocks": trainer.block_history,
+            "summary": summary,
+            "params": params,
+            "world_size": trainer.group.world_size,
+            "group_left": not torch.distributed.is_initialized(),
+        },
+        os.path.join(tmp, f"rank{rank}.pt"),
+    )
 
 
 @pytest.mark.slow

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from leap.apps.demo import DEFAULT_TEACHER, run_demo
+from leap.apps.pretrain import TeacherTrainConfig, evaluate_accuracy, read_teacher_meta, train_teacher
 from leap.data import build_dataset, build_loader
 from leap.evaluation.knn import knn_accuracy
 from leap.models import build_model, load_teacher_weights
-from leap.apps.pretrain import TeacherTrainConfig, evaluate_accuracy, read_teacher_meta, train_teacher
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "fashion-mnist-sample")
 
@@ -25,9 +25,17 @@ def _torch_backend(monkeypatch, one_thread):
 @pytest.mark.slow
 def test_demo_pipeline_on_sample(tmp_path, capsys):
     teacher_path = str(tmp_path / "teacher.pth")
-    meta = train_teacher(TeacherTrainConfig(
-        model_overrides={"patch_size": 7, "depth": 4, "embed_dim": 32, "num_heads": 1},
-        data=SAMPLE, epochs=1, batch_size=64, workers=0, out=teacher_path, progress=False))
+    meta = train_teacher(
+        TeacherTrainConfig(
+            model_overrides={"patch_size": 7, "depth": 4, "embed_dim": 32, "num_heads": 1},
+            data=SAMPLE,
+            epochs=1,
+            batch_size=64,
+            workers=0,
+            out=teacher_path,
+            progress=False,
+        )
+    )
     assert meta["train_images"] == 384 and meta["test_images"] == 128
     saved = read_teacher_meta(teacher_path)
     assert saved["model_overrides"]["depth"] == 4 and saved["test_accuracy"] == meta["test_accuracy"]
@@ -37,14 +45,30 @@ def test_demo_pipeline_on_sample(tmp_path, capsys):
     raw = torch.load(teacher_path, weights_only=True)
     classifier = torch.nn.Linear(net.num_features, 10)
     classifier.load_state_dict(raw["classifier"])
-    loader = build_loader(build_dataset("fashion-mnist", SAMPLE, "test", 28, augment=False), 64, shuffle=False,
-                          num_workers=0, drop_last=False)
+    loader = build_loader(
+        build_dataset("fashion-mnist", SAMPLE, "test", 28, augment=False),
+        64,
+        shuffle=False,
+        num_workers=0,
+        drop_last=False,
+    )
     assert evaluate_accuracy(torch.nn.Sequential(net, classifier), loader, torch.device("cpu")) == pytest.approx(
-        meta["test_accuracy"])
+        meta["test_accuracy"]
+    )
 
-    out = run_demo(data=SAMPLE, teacher=teacher_path, out=str(tmp_path / "demo"), epochs=2, limit_images=256,
-                   batch_size=64, knn_train=256, knn_test=64, workers=0, progress=False,
-                   student_overrides={"patch_size": 7, "depth": 2, "embed_dim": 16, "num_heads": 1})
+    out = run_demo(
+        data=SAMPLE,
+        teacher=teacher_path,
+        out=str(tmp_path / "demo"),
+        epochs=2,
+        limit_images=256,
+        batch_size=64,
+        knn_train=256,
+        knn_test=64,
+        workers=0,
+        progress=False,
+        student_overrides={"patch_size": 7, "depth": 2, "embed_dim": 16, "num_heads": 1},
+    )
     base, leap = out["results"]["baseline"], out["results"]["leap"]
     # Baseline always runs all 4 teacher blocks; LEAP runs at most that.
     assert base["summary"]["teacher_blocks_run"] == base["summary"]["teacher_blocks_full"]
@@ -68,8 +92,10 @@ def test_demo_pipeline_on_sample(tmp_path, capsys):
         assert r["linear"]["patch"]["best_top1"] > 0.1, r["linear"]  # above chance (10 classes)
     header = table.split("\n")[0]
     assert "linear top-1 CLS (best epoch)" in header and "linear top-1 mean-patch (best epoch)" in header
-    assert f"{base['linear']['cls']['best_top1'] * 100:.2f}% ({base['linear']['cls']['best_epoch']})" in \
-        table.split("| baseline |")[1].split("\n")[0]
+    assert (
+        f"{base['linear']['cls']['best_top1'] * 100:.2f}% ({base['linear']['cls']['best_epoch']})"
+        in table.split("| baseline |")[1].split("\n")[0]
+    )
     assert "after the last epoch" in table
     # Each student's evaluations are recorded in its run directory and listed by its report.
     report = (tmp_path / "demo" / "leap" / "report" / "report.md").read_text()

@@ -28,13 +28,29 @@ METHODS = {"base": {"curriculum": "off"}, "leap": {"curriculum": "cka", "tau": 0
 
 def _config(tmp: Path, **changes) -> Path:
     cfg = {
-        "name": "tiny", "description": "tiny runner check", "teacher": TEACHER,
+        "name": "tiny",
+        "description": "tiny runner check",
+        "teacher": TEACHER,
         "student": "vit_small_patch14_dinov2",
         "student_overrides": {"patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 1},
-        "data": SAMPLE, "data_source": "fashion-mnist", "seeds": SEEDS, "baseline": "base", "threads": 2,
-        "train": {"epochs": 1, "max_steps": 3, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3,
-                  "warmup_epochs": 0, "ckpt_every": 0, "workers": 0},
-        "methods": METHODS, "eval": {"probe_epochs": 2, "knn_k": 5}, "teacher_cka": {"images": 32},
+        "data": SAMPLE,
+        "data_source": "fashion-mnist",
+        "seeds": SEEDS,
+        "baseline": "base",
+        "threads": 2,
+        "train": {
+            "epochs": 1,
+            "max_steps": 3,
+            "batch_size": 32,
+            "optimizer": "adamw",
+            "lr": 1e-3,
+            "warmup_epochs": 0,
+            "ckpt_every": 0,
+            "workers": 0,
+        },
+        "methods": METHODS,
+        "eval": {"probe_epochs": 2, "knn_k": 5},
+        "teacher_cka": {"images": 32},
         "runs_dir": "runs",
     }
     cfg.update(changes)
@@ -74,11 +90,16 @@ def _own_records(run_dir: Path) -> dict[str, float | None]:
     linear = [r for r in evals if r["protocol"] == "linear"][-1]["numbers"]
     knn = [r for r in evals if r["protocol"] == "knn"][-1]["numbers"]
     return {
-        "linear_cls_best": linear["cls"]["best_top1"], "linear_patch_best": linear["patch"]["best_top1"],
-        "linear_cls_last": linear["cls"]["last_top1"], "linear_patch_last": linear["patch"]["last_top1"],
-        "knn_cls": knn["cls"], "knn_patch": knn["patch"],
-        "teacher_tflops": summary["flops"]["teacher_flops"] / 1e12, "train_time_s": summary["train_time_s"],
-        "mean_block": summary["mean_block"], "_teacher_flops": summary["flops"]["teacher_flops"],
+        "linear_cls_best": linear["cls"]["best_top1"],
+        "linear_patch_best": linear["patch"]["best_top1"],
+        "linear_cls_last": linear["cls"]["last_top1"],
+        "linear_patch_last": linear["patch"]["last_top1"],
+        "knn_cls": knn["cls"],
+        "knn_patch": knn["patch"],
+        "teacher_tflops": summary["flops"]["teacher_flops"] / 1e12,
+        "train_time_s": summary["train_time_s"],
+        "mean_block": summary["mean_block"],
+        "_teacher_flops": summary["flops"]["teacher_flops"],
         "_step_flops": summary["flops"]["step_flops"],
     }
 
@@ -142,8 +163,11 @@ def test_every_number_comes_from_the_runs_records(tiny):
         diffs = [own[("leap", s)][metric.key] - own[("base", s)][metric.key] for s in SEEDS]
         mean = statistics.fmean(diffs)
         half = 12.706 * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        want = (f"{ex.format_value(mean, metric.unit, signed=True)} [{ex.format_value(mean - half, metric.unit, signed=True)}, "
-                f"{ex.format_value(mean + half, metric.unit, signed=True)}]")
+        want = (
+            f"{ex.format_value(mean, metric.unit, signed=True)} "
+            f"[{ex.format_value(mean - half, metric.unit, signed=True)}, "
+            f"{ex.format_value(mean + half, metric.unit, signed=True)}]"
+        )
         assert diff[1][dheader.index(column_label(metric))] == want, metric.key
     # The raw per-run JSON carries the same numbers and the SHA-256 of the files they came from.
     rec = json.loads((tmp / "out" / "raw" / "leap-seed1.json").read_text())
@@ -166,20 +190,22 @@ def test_finished_runs_are_reused_without_training(tiny, monkeypatch):
 
 def test_a_changed_recipe_is_not_reused(tiny, tmp_path):
     tmp, cfg, _ = tiny
-    changed = ex.load_experiment(str(_config(tmp_path, runs_dir=str(tmp / "runs"),
-                                             train={**cfg.train, "lr": 2e-3})))
+    changed = ex.load_experiment(str(_config(tmp_path, runs_dir=str(tmp / "runs"), train={**cfg.train, "lr": 2e-3})))
     with pytest.raises(InputNotFoundError, match="no finished run"):
         ex.run_experiment(changed, str(tmp_path / "out"), progress=False, table_only=True)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"seeds": "0,1"}, "seeds: expected a non-empty list"),
-    ({"baseline": "nope"}, "baseline 'nope' is not one of the methods"),
-    ({"metods": {}}, "unknown key 'metods' \\(did you mean 'methods'\\?\\)"),
-    ({"methods": {"base": {"curriculum": "off", "seed": 3}}}, "'seed' is set by the experiment itself"),
-    ({"methods": {"base": {"curriculum": "off", "tau": "high"}}}, "methods.base"),
-    ({"eval": {"probe_epoch": 3}}, "did you mean 'probe_epochs'"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"seeds": "0,1"}, "seeds: expected a non-empty list"),
+        ({"baseline": "nope"}, "baseline 'nope' is not one of the methods"),
+        ({"metods": {}}, "unknown key 'metods' \\(did you mean 'methods'\\?\\)"),
+        ({"methods": {"base": {"curriculum": "off", "seed": 3}}}, "'seed' is set by the experiment itself"),
+        ({"methods": {"base": {"curriculum": "off", "tau": "high"}}}, "methods.base"),
+        ({"eval": {"probe_epoch": 3}}, "did you mean 'probe_epochs'"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
         ex.load_experiment(str(_config(tmp_path, **changes)))

@@ -24,8 +24,8 @@ from leap.errors import ConfigError
 from leap.models import build_model
 from leap.optim import WarmupCosine
 from leap.precision import resolve_teacher_dtype, teacher_autocast
-from leap.teacher import TruncatedTeacher
 from leap.run.loop import Trainer, train
+from leap.teacher import TruncatedTeacher
 from leap_kernels import FeatureDistillationHead
 
 # ----------------------------------------------------------------- defect 3: baseline CKA
@@ -102,8 +102,9 @@ def test_warmup_cosine_restart_is_a_cosine_from_the_peak_without_warmup():
     expected = [2.0 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / 18))) for i in range(18)]
     assert lrs == pytest.approx(expected)
     state = sched.state_dict()
-    again = WarmupCosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0), warmup_steps=4,
-                         total_steps=20, min_lr_ratio=0.01)
+    again = WarmupCosine(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0), warmup_steps=4, total_steps=20, min_lr_ratio=0.01
+    )
     again.load_state_dict(state)
     assert again.restart_step == 2 and again.get_last_lr() == sched.get_last_lr()
 
@@ -116,7 +117,9 @@ def test_snap_to_last_jumps_and_restarts_the_lr(tmp_path):
     steps = records(log, "step")
     assert [r["block"] for r in steps] == [1, 4, 4, 4]
     assert [(u["from_block"], u["to_block"], u["reason"]) for u in summary["level_ups"]] == [
-        (1, 2, "cka"), (2, 4, "snap")]
+        (1, 2, "cka"),
+        (2, 4, "snap"),
+    ]
     assert [r["step"] for r in records(log, "lr_restart")] == [1]
     peak = summary["resolved"]["peak_lr"]
     total = summary["resolved"]["total_steps"]
@@ -171,8 +174,9 @@ def test_one_to_one_pairs():
 def test_one_to_one_module_loss_by_hand():
     torch.manual_seed(0)
     kw = dict(img_size=28, patch_size=7)
-    teacher = TruncatedTeacher(build_model("vit_small_patch14_dinov2", depth=4, embed_dim=48, num_heads=3, **kw),
-                               dtype=torch.float32)
+    teacher = TruncatedTeacher(
+        build_model("vit_small_patch14_dinov2", depth=4, embed_dim=48, num_heads=3, **kw), dtype=torch.float32
+    )
     student = build_model("vit_small_patch14_dinov2", depth=2, embed_dim=32, num_heads=2, **kw)
     module = OneToOneDistillModule(student, FeatureDistillationHead(32, 48), 0.05, teacher_blocks=4)
     assert module.teacher_blocks == [2, 4] and len(module.heads()) == 2
@@ -261,10 +265,20 @@ def test_fp16_needs_cuda(tmp_path):
 
 
 def test_new_options_in_help_and_validated():
-    out = subprocess.run([sys.executable, "-m", "leap", "distill", "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    for flag in ("--teacher-pos-embed", "--teacher-dtype", "--curriculum-metric", "--curriculum-sync",
-                 "--cosine-tau", "--cka-every", "--snap-to-last", "--reset-head-on-level-up", "one-to-one"):
+    out = subprocess.run(
+        [sys.executable, "-m", "leap", "distill", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (
+        "--teacher-pos-embed",
+        "--teacher-dtype",
+        "--curriculum-metric",
+        "--curriculum-sync",
+        "--cosine-tau",
+        "--cka-every",
+        "--snap-to-last",
+        "--reset-head-on-level-up",
+        "one-to-one",
+    ):
         assert flag in out, flag
     with pytest.raises(ConfigError, match="snap-to-last"):
         TrainConfig(teacher="t", student="s", curriculum_sync="per-rank", snap_to_last=3).validate()

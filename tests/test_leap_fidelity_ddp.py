@@ -25,28 +25,45 @@ def _worker(rank: int, world: int, port: int, tmp: str, sync: str) -> None:
     from leap.run.loop import Trainer
 
     cfg = TrainConfig(
-        teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2",
+        teacher="vit_small_patch14_dinov2",
+        student="vit_small_patch14_dinov2",
         teacher_overrides={"depth": 4, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
         student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28, data_source="synthetic", synthetic_size=16, batch_size=4, epochs=2,
-        workers=0, out=os.path.join(tmp, "run"), progress=False, device="cpu",
-        tau=0.3, warmup_epochs=0.5, curriculum_sync=sync,
+        img_size=28,
+        data_source="synthetic",
+        synthetic_size=16,
+        batch_size=4,
+        epochs=2,
+        workers=0,
+        out=os.path.join(tmp, "run"),
+        progress=False,
+        device="cpu",
+        tau=0.3,
+        warmup_epochs=0.5,
+        curriculum_sync=sync,
     )
     group = ProcessGroup("cpu")  # one process group for all the runs of this worker
     trainer = Trainer(cfg, group)
     summary = trainer.fit()
     params = {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
-    out = {"blocks": trainer.block_history, "summary": summary, "params": params,
-           "curriculum": trainer.curriculum.state_dict()}
+    out = {
+        "blocks": trainer.block_history,
+        "summary": summary,
+        "params": params,
+        "curriculum": trainer.curriculum.state_dict(),
+    }
     if sync == "per-rank":  # stop after 2 of the 4 steps, resume: each rank must get its own block back
         half = dataclasses.replace(cfg, out=os.path.join(tmp, "resumed"), max_steps=2)
         Trainer(half, group).fit()
         resumed = Trainer(dataclasses.replace(half, max_steps=None, resume="auto"), group)
         resumed_block = resumed.curriculum.block
         resumed.fit()
-        out["resumed"] = {"block_at_resume": resumed_block, "blocks": resumed.block_history,
-                          "params": {k: v.detach().clone() for k, v in resumed.module.state_dict().items()},
-                          "curriculum": resumed.curriculum.state_dict()}
+        out["resumed"] = {
+            "block_at_resume": resumed_block,
+            "blocks": resumed.block_history,
+            "params": {k: v.detach().clone() for k, v in resumed.module.state_dict().items()},
+            "curriculum": resumed.curriculum.state_dict(),
+        }
     group.close()
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
 

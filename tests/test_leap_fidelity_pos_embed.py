@@ -62,12 +62,23 @@ def _hf_model(registers: bool):
     transformers = pytest.importorskip("transformers", reason="transformers (test dependency) is not installed")
     version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
     if version < HF_RULES_FROM:
-        pytest.skip(f"transformers {transformers.__version__} is older than "
-                    f"{'.'.join(map(str, HF_RULES_FROM))}, the release whose position-embedding rules leap.models follows")
-    kw = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS, mlp_ratio=4,
-              image_size=IMG_SRC, patch_size=PATCH, layerscale_value=0.7)
+        pytest.skip(
+            f"transformers {transformers.__version__} is older than "
+            f"{'.'.join(map(str, HF_RULES_FROM))}, the release whose position-embedding rules leap.models follows"
+        )
+    kw = dict(
+        hidden_size=WIDTH,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        mlp_ratio=4,
+        image_size=IMG_SRC,
+        patch_size=PATCH,
+        layerscale_value=0.7,
+    )
     if registers:
-        model = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
+        model = transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **kw)
+        )
     else:
         model = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
     g = torch.Generator().manual_seed(11)
@@ -106,8 +117,9 @@ def test_hf_checkpoint_matches_transformers_forward(tmp_path, registers):
 # ----------------------------------------------------------------- official facebookresearch/dinov2
 
 
-def official_interpolate_pos_encoding(pos_embed: torch.Tensor, w: int, h: int, *, antialias: bool,
-                                      offset: float) -> torch.Tensor:
+def official_interpolate_pos_encoding(
+    pos_embed: torch.Tensor, w: int, h: int, *, antialias: bool, offset: float
+) -> torch.Tensor:
     """facebookresearch/dinov2 ``DinoVisionTransformer.interpolate_pos_encoding`` for an image of
     ``w x h`` px, written from its documented behaviour: ``pos_embed (1, 1 + N, D)`` with one CLS
     slot; bicubic in fp32; with an offset the *scale factors* ``(w0 + offset) / sqrt(N)`` are
@@ -118,10 +130,10 @@ def official_interpolate_pos_encoding(pos_embed: torch.Tensor, w: int, h: int, *
     m = int(math.sqrt(n))
     assert m * m == n
     pos = pos_embed.float()
-    kwargs = ({"scale_factor": (float(w0 + offset) / m, float(h0 + offset) / m)} if offset
-              else {"size": (w0, h0)})
-    patch = F.interpolate(pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2), mode="bicubic",
-                          antialias=antialias, **kwargs)
+    kwargs = {"scale_factor": (float(w0 + offset) / m, float(h0 + offset) / m)} if offset else {"size": (w0, h0)}
+    patch = F.interpolate(
+        pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=antialias, **kwargs
+    )
     assert tuple(patch.shape[-2:]) == (w0, h0)
     return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
@@ -137,8 +149,9 @@ def _official_source(registers: bool):
 def _official_reference(sd: dict[str, torch.Tensor], registers: bool) -> torch.nn.Module:
     """The official model at 224 px: same weights, position embedding from the official rule
     (hub defaults: registers -> antialias, no offset; no registers -> no antialias, offset 0.1)."""
-    pos = official_interpolate_pos_encoding(sd["pos_embed"], IMG, IMG, antialias=registers,
-                                            offset=0.0 if registers else 0.1)
+    pos = official_interpolate_pos_encoding(
+        sd["pos_embed"], IMG, IMG, antialias=registers, offset=0.0 if registers else 0.1
+    )
     ref = timm_target(registers)
     state = {k: v for k, v in sd.items() if k not in ("mask_token", "register_tokens", "pos_embed")}
     if registers:  # timm keeps no CLS slot for register models: fold it into cls_token
@@ -176,15 +189,21 @@ def test_timm_checkpoint_matches_timm_dynamic_resize(tmp_path):
     src = _official_source(registers=True)  # timm layout, registers, no_embed_class
     path = tmp_path / "timm.pth"
     torch.save(src.state_dict(), path)
-    dynamic = build_model("vit_small_patch14_reg4_dinov2", img_size=IMG_SRC, depth=DEPTH, embed_dim=WIDTH,
-                          num_heads=HEADS, dynamic_img_size=True)
+    dynamic = build_model(
+        "vit_small_patch14_reg4_dinov2",
+        img_size=IMG_SRC,
+        depth=DEPTH,
+        embed_dim=WIDTH,
+        num_heads=HEADS,
+        dynamic_img_size=True,
+    )
     dynamic.load_state_dict(src.state_dict())
     with torch.no_grad():
         ref = dynamic.forward_features(images())  # timm resamples at run time with its own rule
     model = timm_target(registers=True)
     assert load_teacher_weights(model, path) == "timm"
     patch, cls = tokens(model)
-    assert rel_err(patch, ref[:, model.num_prefix_tokens:]) < TOL and rel_err(cls, ref[:, 0]) < TOL
+    assert rel_err(patch, ref[:, model.num_prefix_tokens :]) < TOL and rel_err(cls, ref[:, 0]) < TOL
 
 
 # ----------------------------------------------------------------- the rule table

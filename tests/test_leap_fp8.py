@@ -305,8 +305,10 @@ def _cpu_scaled_mm_error() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_cpu_scaled_mm_error() is not None,
-                    reason=f"this torch build has no CPU row-wise torch._scaled_mm: {_cpu_scaled_mm_error()}")
+@pytest.mark.skipif(
+    _cpu_scaled_mm_error() is not None,
+    reason=f"this torch build has no CPU row-wise torch._scaled_mm: {_cpu_scaled_mm_error()}",
+)
 def test_cpu_scaled_mm_matches_emulated():
     # The real path's calling convention (column-major weight, (M, 1) and (1, N) scales, bf16
     # bias), checked against the emulated path on the CPU kernel where torch has one.
@@ -337,8 +339,9 @@ def test_supported_reasons_on_cpu():
 def small_teacher(embed_dim: int = 100, depth: int = 4) -> nn.Module:
     """Random ViT whose blocks matter: O(1) residual updates (LayerScale 1, weights ~ 1/sqrt(fan_in)),
     so a wrong scale shows in the tokens. 28 px / patch 2 -> 196 patch tokens + CLS = 197."""
-    model = build_model("vit_small_patch14_dinov2", img_size=28, depth=depth, embed_dim=embed_dim, num_heads=2,
-                        patch_size=2)
+    model = build_model(
+        "vit_small_patch14_dinov2", img_size=28, depth=depth, embed_dim=embed_dim, num_heads=2, patch_size=2
+    )
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, nn.Linear):

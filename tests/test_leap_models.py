@@ -19,13 +19,7 @@ from torch import nn
 
 from leap import models as lm
 from leap.errors import CheckpointError
-from leap.models import (
-    build_model,
-    check_compatible,
-    convert_state_dict,
-    load_teacher_weights,
-    patch_grid,
-)
+from leap.models import build_model, check_compatible, convert_state_dict, load_teacher_weights, patch_grid
 
 # name -> (timm name, overrides) of the tiny test variants
 VARIANTS = {
@@ -162,7 +156,8 @@ def test_vit_tiny_dims():
     assert not any(".ls1." in k or ".ls2." in k for k in m.state_dict())
     assert all(isinstance(b.ls1, nn.Identity) and isinstance(b.ls2, nn.Identity) for b in m.blocks)
     ref = timm.models.vision_transformer.VisionTransformer(
-        img_size=224, patch_size=14, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True, num_classes=0)
+        img_size=224, patch_size=14, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True, num_classes=0
+    )
     n_params = sum(p.numel() for p in m.parameters())
     assert n_params == sum(p.numel() for p in ref.parameters()) == 5_501_376
     assert m.state_dict().keys() == ref.state_dict().keys()
@@ -193,8 +188,9 @@ def test_unknown_name_suggests_close_names():
 def test_none_override_is_refused_not_dropped():
     # timm drops None arguments: init_values=None would silently keep LayerScale.
     with pytest.raises(ValueError, match="init_values=None would be ignored.*vit_tiny_patch14_dinov2"):
-        build_model("vit_small_patch14_dinov2", img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2,
-                    init_values=None)
+        build_model(
+            "vit_small_patch14_dinov2", img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2, init_values=None
+        )
     plain = build_model("vit_tiny_patch14_dinov2", img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2)
     assert isinstance(plain.blocks[0].ls1, nn.Identity)
 
@@ -270,10 +266,7 @@ def test_official_swiglu_into_split_swiglu_model():
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize(
-    "fmt, ext",
-    [("official_dinov2", ".pth"), ("hf_dinov2", ".safetensors"), ("timm", ".pth")],
-)
+@pytest.mark.parametrize("fmt, ext", [("official_dinov2", ".pth"), ("hf_dinov2", ".safetensors"), ("timm", ".pth")])
 def test_roundtrip_all_layouts(tmp_path, variant, fmt, ext):
     src = tiny(variant, seed=3)
     if fmt == "official_dinov2":
@@ -315,15 +308,13 @@ def _expected_pos(src: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "variant, fmt",
-    [("small", "official_dinov2"), ("giant_reg", "official_dinov2"), ("small_reg", "hf_dinov2"),
-     ("giant_reg", "timm")],
+    [("small", "official_dinov2"), ("giant_reg", "official_dinov2"), ("small_reg", "hf_dinov2"), ("giant_reg", "timm")],
 )
 def test_pos_embed_at_other_grid_is_resampled(tmp_path, variant, fmt):
     """Checkpoint stored at a 4x4 grid (like 37x37 at 518 px) loaded at a 2x2 grid, with the rule
     forced to antialiased bicubic (the per-source rules: tests/test_leap_fidelity_pos_embed.py)."""
     src = tiny(variant, img=56, seed=6)
-    to_layout = {"official_dinov2": timm_to_official, "hf_dinov2": timm_to_hf,
-                 "timm": lambda m: m.state_dict()}[fmt]
+    to_layout = {"official_dinov2": timm_to_official, "hf_dinov2": timm_to_hf, "timm": lambda m: m.state_dict()}[fmt]
     path = write(tmp_path / "big.pth", to_layout(src))
     dst = tiny(variant, img=28, seed=7)
     assert load_teacher_weights(dst, path, pos_embed_interpolation="bicubic-antialias") == fmt

@@ -22,8 +22,15 @@ from PIL import Image
 import leap.data as D
 from leap.cli import main
 from leap.config import TrainConfig
-from leap.errors import ConfigError, DataError, InputNotFoundError, NonFiniteLossError, RunInterrupted, \
-    RunLogError, TrainingError
+from leap.errors import (
+    ConfigError,
+    DataError,
+    InputNotFoundError,
+    NonFiniteLossError,
+    RunInterrupted,
+    RunLogError,
+    TrainingError,
+)
 from leap.run.guard import LOCK_NAME, RunDirLock, RunGuard, clean_stale_temp_files, kept_checkpoints, truncate_log
 from leap.run.loop import Trainer
 
@@ -38,11 +45,22 @@ def _fast_cpu(monkeypatch, one_thread):
 def tiny_config(out, **kw) -> TrainConfig:
     """4-block teacher, 2-block student, 28 px, 16 synthetic images, batch 4 -> 4 steps per epoch."""
     base = dict(
-        teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2",
+        teacher="vit_small_patch14_dinov2",
+        student="vit_small_patch14_dinov2",
         teacher_overrides={"depth": 4, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
         student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28, data_source="synthetic", synthetic_size=16, batch_size=4, epochs=1, cka_every=1,
-        workers=0, out=str(out), progress=False, warmup_epochs=0.5, ckpt_every=0, curriculum="off",
+        img_size=28,
+        data_source="synthetic",
+        synthetic_size=16,
+        batch_size=4,
+        epochs=1,
+        cka_every=1,
+        workers=0,
+        out=str(out),
+        progress=False,
+        warmup_epochs=0.5,
+        ckpt_every=0,
+        curriculum="off",
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -88,8 +106,9 @@ def test_train_teacher_refuses_a_folder_without_held_out_split(tmp_path):
     data = image_folder(tmp_path / "data")  # class folders only: no train/ test/
     out = tmp_path / "t.pth"
     with pytest.raises(DataError, match="no held-out split"):
-        train_teacher(TeacherTrainConfig(data=data, data_source="folder", epochs=1, out=str(out), workers=0,
-                                         progress=False))
+        train_teacher(
+            TeacherTrainConfig(data=data, data_source="folder", epochs=1, out=str(out), workers=0, progress=False)
+        )
     assert not out.exists()
 
 
@@ -105,10 +124,20 @@ def test_train_teacher_nonsense_options_and_nan_loss(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--out .* is a directory"):
         train_teacher(TeacherTrainConfig(data=SAMPLE, out=str(tmp_path)))
     with pytest.raises(NonFiniteLossError, match="nothing was saved"):
-        train_teacher(TeacherTrainConfig(
-            data=SAMPLE, epochs=1, lr=1e30, batch_size=64, limit_train=128, limit_test=64, workers=0,
-            model_overrides={"patch_size": 7, "depth": 1, "embed_dim": 16, "num_heads": 1},
-            out=str(out), progress=False))
+        train_teacher(
+            TeacherTrainConfig(
+                data=SAMPLE,
+                epochs=1,
+                lr=1e30,
+                batch_size=64,
+                limit_train=128,
+                limit_test=64,
+                workers=0,
+                model_overrides={"patch_size": 7, "depth": 1, "embed_dim": 16, "num_heads": 1},
+                out=str(out),
+                progress=False,
+            )
+        )
     assert not out.exists()
 
 
@@ -128,11 +157,33 @@ def test_symlink_loops_in_image_folders(tmp_path):
 def test_undecodable_folder_is_one_line_and_leaves_nothing(tmp_path, capsys):
     data = image_folder(tmp_path / "data" / "train", bad=True)
     out = tmp_path / "run"
-    code = main(["distill", "--teacher", "vit_small_patch14_dinov2", "--student", "vit_small_patch14_dinov2",
-                 "--teacher-overrides", '{"depth": 2, "embed_dim": 16, "num_heads": 1, "patch_size": 7}',
-                 "--student-overrides", '{"depth": 1, "embed_dim": 16, "num_heads": 1, "patch_size": 7}',
-                 "--img-size", "28", "--data", os.path.dirname(data), "--data-source", "folder",
-                 "--batch-size", "2", "--epochs", "1", "--workers", "0", "--out", str(out)])
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            "vit_small_patch14_dinov2",
+            "--student",
+            "vit_small_patch14_dinov2",
+            "--teacher-overrides",
+            '{"depth": 2, "embed_dim": 16, "num_heads": 1, "patch_size": 7}',
+            "--student-overrides",
+            '{"depth": 1, "embed_dim": 16, "num_heads": 1, "patch_size": 7}',
+            "--img-size",
+            "28",
+            "--data",
+            os.path.dirname(data),
+            "--data-source",
+            "folder",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("leap: error")]
@@ -202,8 +253,10 @@ def test_log_has_each_step_once_after_resume(tmp_path):
 
 def test_truncate_log_unit(tmp_path):
     path = tmp_path / "log.jsonl"
-    path.write_text('{"type": "config"}\n{"type": "step", "step": 1}\n{"type": "step", "step": 2}\n'
-                    '{"type": "epoch", "step": 2}\n{"type": "step", "step": 3}\n')
+    path.write_text(
+        '{"type": "config"}\n{"type": "step", "step": 1}\n{"type": "step", "step": 2}\n'
+        '{"type": "epoch", "step": 2}\n{"type": "step", "step": 3}\n'
+    )
     assert truncate_log(path, 2) == 1
     assert [json.loads(x).get("step") for x in path.read_text().splitlines()] == [None, 1, 2, 2]
 
@@ -219,8 +272,9 @@ def test_keep_checkpoints_and_resume_from_the_previous_one(tmp_path):
     Trainer(tiny_config(run1, ckpt_every=1, keep_checkpoints=1)).fit()
     assert kept_checkpoints(run1) == []
     # Going back one: the kept step-3 checkpoint resumes.
-    summary = Trainer(tiny_config(run, ckpt_every=1, keep_checkpoints=3, resume=dict(kept_checkpoints(run))[3],
-                                  epochs=2)).fit()
+    summary = Trainer(
+        tiny_config(run, ckpt_every=1, keep_checkpoints=3, resume=dict(kept_checkpoints(run))[3], epochs=2)
+    ).fit()
     assert summary["steps"] == 8
 
 
@@ -296,8 +350,9 @@ def test_eval_is_the_evaluation_suite(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--features" in out and "--teacher-overrides" in out and "--test-split" not in out
     data = image_folder(tmp_path / "data")  # no train/ val/ split
-    assert main(["eval", "knn", "--pixels", "--data", data, "--data-source", "folder", "--no-progress",
-                 "--no-cache"]) == 2
+    assert (
+        main(["eval", "knn", "--pixels", "--data", data, "--data-source", "folder", "--no-progress", "--no-cache"]) == 2
+    )
     err = capsys.readouterr().err
     assert "held-out" in err or "val/" in err, err
     assert main(["eval", "knn", "--pixels", "--data", SAMPLE, "--temperature", "0", "--no-cache"]) == 2
@@ -339,8 +394,8 @@ def test_non_finite_weights_name_the_file(tmp_path):
 
 
 def test_one_definition_of_savings(tmp_path):
-    from leap.cost import CostModel, savings
     from leap.apps.report import make_report
+    from leap.cost import CostModel, savings
     from leap.runlog import load_run
 
     run = tmp_path / "run"
@@ -348,8 +403,13 @@ def test_one_definition_of_savings(tmp_path):
     assert summary["calibration_blocks"] == 4  # the scan ran once, over the 4 teacher blocks
     blocks = load_run(run).step_blocks()
     cfg = summary["config"]
-    cm = CostModel(cfg["teacher"], cfg["student"], img_size=28, teacher_overrides=cfg["teacher_overrides"],
-                   student_overrides=cfg["student_overrides"])
+    cm = CostModel(
+        cfg["teacher"],
+        cfg["student"],
+        img_size=28,
+        teacher_overrides=cfg["teacher_overrides"],
+        student_overrides=cfg["student_overrides"],
+    )
     expected = savings(blocks, cost_model=cm)
     flops = summary["flops"]
     assert flops["saved_fraction"] == pytest.approx(expected["teacher_saving"])  # leap flops' number
@@ -365,8 +425,17 @@ def test_one_definition_of_savings(tmp_path):
 
 
 def test_flops_bad_shape_is_one_line(capsys):
-    code = main(["flops", "--teacher", "vit_small_patch14_dinov2", "--student", "vit_small_patch14_dinov2",
-                 "--teacher-overrides", '{"embed_dim": 50, "num_heads": 3}'])
+    code = main(
+        [
+            "flops",
+            "--teacher",
+            "vit_small_patch14_dinov2",
+            "--student",
+            "vit_small_patch14_dinov2",
+            "--teacher-overrides",
+            '{"embed_dim": 50, "num_heads": 3}',
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "divisible by num_heads" in err and len(err.strip().splitlines()) == 1, err
 
@@ -382,15 +451,19 @@ def test_progress_lines_without_a_terminal(tmp_path, caplog):
 
 def test_eval_refuses_a_nan_teacher_file(tmp_path, capsys):
     from leap.apps.pretrain import TEACHER_META_KEY
-
     from leap.models import build_model
 
     overrides = {"patch_size": 7, "depth": 1, "embed_dim": 16, "num_heads": 1}
     net = build_model("vit_small_patch14_dinov2", img_size=28, **overrides)
     state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in net.state_dict().items()}
     path = tmp_path / "nan_teacher.pth"
-    torch.save({"model": state, TEACHER_META_KEY: {"model": "vit_small_patch14_dinov2", "model_overrides": overrides,
-                                                   "img_size": 28}}, path)
+    torch.save(
+        {
+            "model": state,
+            TEACHER_META_KEY: {"model": "vit_small_patch14_dinov2", "model_overrides": overrides, "img_size": 28},
+        },
+        path,
+    )
     assert main(["eval", "knn", "--model", str(path), "--data", SAMPLE, "--no-cache", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "NaN/Inf" in err, err
@@ -400,9 +473,11 @@ def test_option_errors_do_not_wait_for_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from leap.cli import main; "
-            "rc = main(['distill', '--teacher', 'a', '--student', 'b', '--tau', '-1']); "
-            "print(rc, 'torch' in sys.modules)")
+    code = (
+        "import sys; from leap.cli import main; "
+        "rc = main(['distill', '--teacher', 'a', '--student', 'b', '--tau', '-1']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr

@@ -30,11 +30,22 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 
     Trainer.train_step = step
     cfg = TrainConfig(
-        teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2",
+        teacher="vit_small_patch14_dinov2",
+        student="vit_small_patch14_dinov2",
         teacher_overrides={"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
         student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28, data_source="synthetic", synthetic_size=32, batch_size=4, epochs=2, curriculum="off",
-        workers=0, out=os.path.join(tmp, "run"), progress=False, device="cpu", warmup_epochs=0.5, ckpt_every=0,
+        img_size=28,
+        data_source="synthetic",
+        synthetic_size=32,
+        batch_size=4,
+        epochs=2,
+        curriculum="off",
+        workers=0,
+        out=os.path.join(tmp, "run"),
+        progress=False,
+        device="cpu",
+        warmup_epochs=0.5,
+        ckpt_every=0,
     )
     outcome = {"code": None, "steps": None}
     trainer = Trainer(cfg)

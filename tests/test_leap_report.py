@@ -8,8 +8,8 @@ import math
 import pytest
 
 from leap.apps import report as R
-from leap.cli import main as leap_main
 from leap.apps.report import PNG_MAGIC, load_run, make_report
+from leap.cli import main as leap_main
 from leap.cli.report import main as main_report
 
 L = 4  # teacher depth of the synthetic runs
@@ -19,31 +19,72 @@ def synthetic_records(with_config=True, epoch_flops=False, with_cka=True):
     """Two epochs of 4 steps on a 4-block teacher: blocks 1,1,2,2 | 3,4,4,4."""
     recs = []
     if with_config:
-        recs.append({"type": "config",
-                     "config": {"teacher": "vit_giant_patch14_reg4_dinov2", "student": "vit_small_patch14_dinov2",
-                                "img_size": 224, "teacher_overrides": {"depth": L}, "student_overrides": {},
-                                "batch_size": 8, "tau": 0.5, "curriculum": "cka"},
-                     "dims": {"teacher_blocks": L, "world_size": 1},
-                     "resolved": {"global_batch": 8}})
-    recs.append({"type": "calibration", "step": 1, "epoch": 0, "scores": [0.1, 0.05, 0.0, 0.0],
-                 "start_block": 1, "teacher_blocks_run": L})
+        recs.append(
+            {
+                "type": "config",
+                "config": {
+                    "teacher": "vit_giant_patch14_reg4_dinov2",
+                    "student": "vit_small_patch14_dinov2",
+                    "img_size": 224,
+                    "teacher_overrides": {"depth": L},
+                    "student_overrides": {},
+                    "batch_size": 8,
+                    "tau": 0.5,
+                    "curriculum": "cka",
+                },
+                "dims": {"teacher_blocks": L, "world_size": 1},
+                "resolved": {"global_batch": 8},
+            }
+        )
+    recs.append(
+        {
+            "type": "calibration",
+            "step": 1,
+            "epoch": 0,
+            "scores": [0.1, 0.05, 0.0, 0.0],
+            "start_block": 1,
+            "teacher_blocks_run": L,
+        }
+    )
     blocks = [1, 1, 2, 2, 3, 4, 4, 4]
     for i, b in enumerate(blocks):
         step, epoch = i + 1, i // 4
-        rec = {"type": "step", "step": step, "epoch": epoch, "loss": 2.0 / step, "block": b,
-               "lr": 0.1, "teacher_blocks_run": b}
+        rec = {
+            "type": "step",
+            "step": step,
+            "epoch": epoch,
+            "loss": 2.0 / step,
+            "block": b,
+            "lr": 0.1,
+            "teacher_blocks_run": b,
+        }
         if with_cka:
             rec["cka"] = 0.1 * step
         recs.append(rec)
         if step in (2, 4, 5):
-            recs.append({"type": "level_up", "step": step, "epoch": epoch, "from_block": b, "to_block": b + 1,
-                         "reason": "cka" if step != 4 else "timeout"})
+            recs.append(
+                {
+                    "type": "level_up",
+                    "step": step,
+                    "epoch": epoch,
+                    "from_block": b,
+                    "to_block": b + 1,
+                    "reason": "cka" if step != 4 else "timeout",
+                }
+            )
         if step % 4 == 0:
-            ep = {"type": "epoch", "epoch": epoch, "steps": 4, "mean_loss": sum(2.0 / s for s in range(step - 3, step + 1)) / 4,
-                  "block": blocks[min(i + 1, 7)], "mean_block": sum(blocks[i - 3:i + 1]) / 4, "time_s": 30.0,
-                  "step": step}
+            ep = {
+                "type": "epoch",
+                "epoch": epoch,
+                "steps": 4,
+                "mean_loss": sum(2.0 / s for s in range(step - 3, step + 1)) / 4,
+                "block": blocks[min(i + 1, 7)],
+                "mean_block": sum(blocks[i - 3 : i + 1]) / 4,
+                "time_s": 30.0,
+                "step": step,
+            }
             if epoch_flops:
-                ep["teacher_flops"] = 100.0 * sum(blocks[i - 3:i + 1])
+                ep["teacher_flops"] = 100.0 * sum(blocks[i - 3 : i + 1])
                 ep["baseline_teacher_flops"] = 100.0 * 4 * L
             recs.append(ep)
     recs.append({"type": "checkpoint", "step": 8, "path": "x"})

@@ -53,8 +53,13 @@ def test_write_json_is_strict_and_atomic(tmp_path):
 def test_load_run_and_trajectory(tmp_path):
     ups = [LevelUp(3, 0, 1, 2, "cka"), LevelUp(5, 1, 2, 3, "timeout")]
     with JsonlWriter(run_file(tmp_path, LOG_NAME), truncate=True) as w:
-        w.write({"type": "config", "config": {"teacher": "t", "batch_size": 4}, "dims": {"teacher_blocks": 3,
-                                                                                        "world_size": 2}})
+        w.write(
+            {
+                "type": "config",
+                "config": {"teacher": "t", "batch_size": 4},
+                "dims": {"teacher_blocks": 3, "world_size": 2},
+            }
+        )
         for s, b in enumerate([1, 1, 2, 2, 3, 3], 1):
             w.write({"type": "step", "step": s, "epoch": (s - 1) // 3, "block": b, "loss": 1.0 / s})
         w.write(ups[0].record(cka=0.9))

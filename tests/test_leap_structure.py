@@ -67,8 +67,9 @@ def test_every_module_imports_alone():
     # One fresh interpreter; each leap module is imported in its own forked child, before any
     # other leap module is loaded, so an import that only works after another one fails here.
     names = [n for n in leap_modules() if not n.endswith(".__main__")]  # those run a command
-    proc = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *names], capture_output=True, text=True,
-                          env=_env(), cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, *names], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600
+    )
     assert proc.returncode == 0 and "FAILED []" in proc.stdout, proc.stdout + proc.stderr[-4000:]
 
 
@@ -115,7 +116,7 @@ def test_import_graph_has_no_cycle():
         stack.append(n)
         for m in sorted(graph[n]):
             if state.get(m) == 1:
-                cycle = stack[stack.index(m):] + [m]
+                cycle = stack[stack.index(m) :] + [m]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if m not in state:
                 visit(m)
@@ -131,7 +132,8 @@ def test_cost_model_runs_no_modules():
     # The analytic cost model and the errors/config/runlog layer stay free of the trainer.
     graph = {n: _imports_of(n, p, set(leap_modules())) for n, p in leap_modules().items()}
     assert graph["leap.errors"] == set()
-    assert graph["leap.config"] <= {"leap.errors", "leap.runlog"}
+    assert graph["leap.config"] <= {"leap.errors", "leap.runlog", "leap.config_schema"}
+    assert graph["leap.config_schema"] <= {"leap.errors"}
     assert graph["leap.runlog"] <= {"leap.errors"}
     assert not graph["leap.cost"] & {"leap.run.loop", "leap.run.timing", "leap.distill", "leap.cli"}
 
@@ -161,8 +163,11 @@ def _layer(name: str) -> int:
 
 
 def test_no_module_over_the_hard_limit():
-    too_long = [f"{n} ({open(p, encoding='utf-8').read().count(chr(10))} lines)" for n, p in leap_modules().items()
-                if open(p, encoding="utf-8").read().count("\n") > HARD_MAX_LINES]
+    too_long = [
+        f"{n} ({open(p, encoding='utf-8').read().count(chr(10))} lines)"
+        for n, p in leap_modules().items()
+        if open(p, encoding="utf-8").read().count("\n") > HARD_MAX_LINES
+    ]
     assert not too_long, f"modules over {HARD_MAX_LINES} lines: {too_long}"
 
 
@@ -215,9 +220,9 @@ def test_long_parameter_lists_are_documented_public_api():
 
 
 def test_defects_propagate_with_their_traceback(monkeypatch, capsys):
-    from leap.run import loop as leap_train
     from leap.cli import main
     from leap.errors import NonFiniteLossError
+    from leap.run import loop as leap_train
 
     def broken(config):
         raise ValueError("a bug inside the trainer")
@@ -238,27 +243,33 @@ def test_defects_propagate_with_their_traceback(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_defect_exits_1_with_a_traceback(tmp_path):
-    code = ("import sys; import leap.run.loop as t\n"
-            "def broken(config): raise KeyError('internal')\n"
-            "t.train = broken\n"
-            "from leap.cli import main\n"
-            "sys.exit(main(['distill', '--teacher', 't', '--student', 's']))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=str(tmp_path),
-                          timeout=300)
+    code = (
+        "import sys; import leap.run.loop as t\n"
+        "def broken(config): raise KeyError('internal')\n"
+        "t.train = broken\n"
+        "from leap.cli import main\n"
+        "sys.exit(main(['distill', '--teacher', 't', '--student', 's']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=300
+    )
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'internal'" in proc.stderr
 
 
 @pytest.mark.slow
 def test_without_timm_leap_names_the_extra(tmp_path):
     # `pip install .` without the train extra: help works, a command that needs timm says what to install.
-    code = ("import sys\n"
-            "sys.modules['timm'] = None  # as if timm were not installed\n"
-            "from leap.cli import main\n"
-            "assert main(['distill', '--help']) == 0\n"
-            "sys.exit(main(['distill', '--teacher', 't', '--student', 's', '--data-source', 'synthetic', "
-            f"'--out', {str(tmp_path / 'run')!r}]))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=str(tmp_path),
-                          timeout=300)
+    code = (
+        "import sys\n"
+        "sys.modules['timm'] = None  # as if timm were not installed\n"
+        "from leap.cli import main\n"
+        "assert main(['distill', '--help']) == 0\n"
+        "sys.exit(main(['distill', '--teacher', 't', '--student', 's', '--data-source', 'synthetic', "
+        f"'--out', {str(tmp_path / 'run')!r}]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=300
+    )
     assert proc.returncode == 2, proc.stderr
     assert "leap-kernels[train]" in proc.stderr and "'timm'" in proc.stderr and "Traceback" not in proc.stderr
 

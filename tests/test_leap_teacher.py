@@ -43,7 +43,7 @@ def manual_target(t: TruncatedTeacher, x: torch.Tensor, k: int):
         for blk in m.blocks[:k]:
             h = blk(h)
         h = m.norm(h)
-    return h[:, m.num_prefix_tokens:], h[:, 0]
+    return h[:, m.num_prefix_tokens :], h[:, 0]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["reg4_swiglu", "plain"])
@@ -162,8 +162,15 @@ def test_dtype_cast():
 
 
 def test_requires_cls_token():
-    m = build_model("vit_small_patch14_dinov2", img_size=28, depth=1, embed_dim=32, num_heads=2,
-                    class_token=False, global_pool="avg")
+    m = build_model(
+        "vit_small_patch14_dinov2",
+        img_size=28,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+        class_token=False,
+        global_pool="avg",
+    )
     with pytest.raises(ValueError, match="CLS"):
         TruncatedTeacher(m)
 

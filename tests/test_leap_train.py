@@ -35,11 +35,20 @@ def tiny_config(out, **kw) -> TrainConfig:
     16 synthetic images, batch 4 -> 4 steps per epoch.
     """
     base = dict(
-        teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2",
+        teacher="vit_small_patch14_dinov2",
+        student="vit_small_patch14_dinov2",
         teacher_overrides={"depth": TEACHER_DEPTH, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
         student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28, data_source="synthetic", synthetic_size=16, batch_size=4, epochs=1,
-        workers=0, out=str(out), progress=False, warmup_epochs=0.5, ckpt_every=0,
+        img_size=28,
+        data_source="synthetic",
+        synthetic_size=16,
+        batch_size=4,
+        epochs=1,
+        workers=0,
+        out=str(out),
+        progress=False,
+        warmup_epochs=0.5,
+        ckpt_every=0,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -56,8 +65,10 @@ def records(log, kind):
 
 def final_params(run_dir) -> dict[str, torch.Tensor]:
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
-    return {**{f"student.{k}": v for k, v in ckpt["student"].items()},
-            **{f"head.{k}": v for k, v in ckpt["head"].items()}}
+    return {
+        **{f"student.{k}": v for k, v in ckpt["student"].items()},
+        **{f"head.{k}": v for k, v in ckpt["head"].items()},
+    }
 
 
 def assert_params_equal(a: dict, b: dict) -> None:
@@ -130,8 +141,18 @@ def test_baseline_and_leap_share_the_step(tmp_path):
 
 
 def test_token_mse_adamw_cka_every(tmp_path):
-    summary = train(tiny_config(tmp_path, loss="token-mse", optimizer="adamw", cka_every=2, start_block=2,
-                                tau=2.0, mixup=False, augment=False))
+    summary = train(
+        tiny_config(
+            tmp_path,
+            loss="token-mse",
+            optimizer="adamw",
+            cka_every=2,
+            start_block=2,
+            tau=2.0,
+            mixup=False,
+            augment=False,
+        )
+    )
     steps = records(read_log(tmp_path), "step")
     assert ["cka" in r for r in steps] == [False, True, False, True]
     assert all(r["mixup_lambda"] == 1.0 for r in steps)
@@ -189,8 +210,21 @@ def test_resume_is_bit_identical(tmp_path, straight_run, stop_at):
 def test_checkpoint_contents_and_atomic_write(tmp_path):
     train(tiny_config(tmp_path, max_steps=2, precision="fp32"))
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    for key in ("student", "head", "optimizer", "scheduler", "scaler", "curriculum", "rng", "epoch", "step",
-                "step_in_epoch", "config", "resolved", "dims"):
+    for key in (
+        "student",
+        "head",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "curriculum",
+        "rng",
+        "epoch",
+        "step",
+        "step_in_epoch",
+        "config",
+        "resolved",
+        "dims",
+    ):
         assert key in ckpt, key
     assert set(ckpt["rng"][0]) >= {"python", "numpy", "torch", "cuda", "generators"}
     assert "mixup" in ckpt["rng"][0]["generators"]
@@ -206,8 +240,12 @@ def test_fresh_run_refuses_existing_checkpoint(tmp_path):
 
 def test_incompatible_resume_names_the_keys(tmp_path):
     train(tiny_config(tmp_path, max_steps=1))
-    cfg = tiny_config(tmp_path, resume="auto", loss="token-mse",
-                      student_overrides={"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 7})
+    cfg = tiny_config(
+        tmp_path,
+        resume="auto",
+        loss="token-mse",
+        student_overrides={"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 7},
+    )
     with pytest.raises(CheckpointError) as err:
         Trainer(cfg)
     msg = str(err.value)
@@ -304,26 +342,42 @@ def test_nonfinite_weights_never_overwrite_a_good_checkpoint(tmp_path):
 def test_param_groups_exclusions():
     from leap.models import build_model
 
-    m = build_model("vit_small_patch14_reg4_dinov2", img_size=28, depth=1, embed_dim=32, num_heads=2,
-                    patch_size=7)
+    m = build_model("vit_small_patch14_reg4_dinov2", img_size=28, depth=1, embed_dim=32, num_heads=2, patch_size=7)
     groups = {g["name"]: g for g in param_groups(m.named_parameters(), 1e-6)}
     names = {id(p): n for n, p in m.named_parameters()}
     no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
     decay = {names[id(p)] for p in groups["decay"]["params"]}
-    for n in ("cls_token", "reg_token", "pos_embed", "blocks.0.ls1.gamma", "blocks.0.norm1.weight",
-              "blocks.0.attn.qkv.bias", "norm.bias"):
+    for n in (
+        "cls_token",
+        "reg_token",
+        "pos_embed",
+        "blocks.0.ls1.gamma",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.bias",
+        "norm.bias",
+    ):
         assert n in no_decay, n
-    assert decay == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
-                     "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight"}
+    assert decay == {
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight",
+        "blocks.0.mlp.fc1.weight",
+        "blocks.0.mlp.fc2.weight",
+    }
     assert groups["no_decay"]["weight_decay"] == 0.0 and not groups["no_decay"]["lars"]
 
 
 def test_lars_step_matches_formula():
     w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
     b = nn.Parameter(torch.tensor([1.0]))
-    opt = LARS([{"params": [w], "weight_decay": 0.1, "lars": True},
-                {"params": [b], "weight_decay": 0.0, "lars": False}],
-               lr=0.5, momentum=0.9, weight_decay=0.1, trust_coefficient=0.01, eps=0.0)
+    opt = LARS(
+        [{"params": [w], "weight_decay": 0.1, "lars": True}, {"params": [b], "weight_decay": 0.0, "lars": False}],
+        lr=0.5,
+        momentum=0.9,
+        weight_decay=0.1,
+        trust_coefficient=0.01,
+        eps=0.0,
+    )
     w.grad = torch.tensor([[0.0, 2.0]])  # ||g|| = 2
     b.grad = torch.tensor([2.0])
     opt.step()
@@ -378,8 +432,9 @@ def test_config_validation():
         TrainConfig(teacher="a", student="b", optimizer="sgd").validate()
     with pytest.raises(ConfigError, match="unknown key.*'batchsize'.*did you mean 'batch_size'"):
         TrainConfig.from_dict({"teacher": "a", "student": "b", "batchsize": 3})
-    cfg = TrainConfig.from_dict({"teacher": "a", "student": "b", "min-lr-ratio": "1e-3",
-                                 "teacher_overrides": '{"depth": 2}'})
+    cfg = TrainConfig.from_dict(
+        {"teacher": "a", "student": "b", "min-lr-ratio": "1e-3", "teacher_overrides": '{"depth": 2}'}
+    )
     assert cfg.min_lr_ratio == 1e-3 and cfg.teacher_overrides == {"depth": 2}
     cfg = TrainConfig.from_dict({"teacher": "a", "student": "b", "no-mixup": True, "augment": "false"})
     assert (cfg.mixup, cfg.augment) == (False, False)

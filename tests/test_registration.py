@@ -28,8 +28,9 @@ def test_opcheck_fused_feature_loss(backend, normalize, reduction, bias):
     s, w, b, t = _feature_args(bias=bias)
     compute_grads = reduction != "none"
     with use_backend(backend):  # the ops run the backend they are given; the rescale in backward dispatches
-        torch.library.opcheck(OPS.fused_feature_loss.default,
-                              (s, w, b, t, normalize, reduction, 1e-6, compute_grads, backend))
+        torch.library.opcheck(
+            OPS.fused_feature_loss.default, (s, w, b, t, normalize, reduction, 1e-6, compute_grads, backend)
+        )
         row_scale = torch.rand(s.shape[0])
         torch.library.opcheck(
             OPS.fused_feature_loss_backward.default,
@@ -44,8 +45,9 @@ def test_opcheck_token_normalized_mse(backend, reduction):
     t = torch.randn(11, 40, requires_grad=True)
     with use_backend(backend):
         torch.library.opcheck(OPS.token_normalized_mse.default, (x, t, reduction, 1e-6))
-        torch.library.opcheck(OPS.token_normalized_mse_backward.default,
-                              (torch.rand(11), x.detach(), t.detach(), 1e-6, True, True))
+        torch.library.opcheck(
+            OPS.token_normalized_mse_backward.default, (torch.rand(11), x.detach(), t.detach(), 1e-6, True, True)
+        )
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -65,9 +67,11 @@ def test_torch_compile_fullgraph(normalize):
     loss = compiled(s3, w, b, t3)
     grads = torch.autograd.grad(loss, (s3, w, b))
     s64, w64, b64 = (x.detach().double().requires_grad_() for x in (s3, w, b))
-    ref = (fused_feature_loss_reference(s64, w64, b64, t3.double(), normalize=normalize)
-           + 0.05 * fused_feature_loss_reference(s64[:, 0], w64, b64, t3[:, 0].double(), normalize=normalize)
-           + token_normalized_mse_reference(s64, s64.detach() * 2 + 1))
+    ref = (
+        fused_feature_loss_reference(s64, w64, b64, t3.double(), normalize=normalize)
+        + 0.05 * fused_feature_loss_reference(s64[:, 0], w64, b64, t3[:, 0].double(), normalize=normalize)
+        + token_normalized_mse_reference(s64, s64.detach() * 2 + 1)
+    )
     ref_grads = torch.autograd.grad(ref, (s64, w64, b64))
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(grads, ref_grads):
@@ -163,8 +167,9 @@ def test_backward_rescale_keeps_the_factor_in_fp32(backend, dtype):
     factor = torch.tensor(1.0 / (32768 * 1536) * 1.003)
     kept_weight, kept_bias = torch.zeros(1, 1, 1), torch.zeros(1, 1)  # only the student gradient is asked for
     with use_backend(backend):
-        out, _, _ = OPS.feature_loss_rescale(x, kept_weight, kept_bias, factor, 1.0, torch.float32, torch.float32,
-                                             [True, False, False])
+        out, _, _ = OPS.feature_loss_rescale(
+            x, kept_weight, kept_bias, factor, 1.0, torch.float32, torch.float32, [True, False, False]
+        )
     expected = (x.double() * factor.double()).to(dtype)
     assert out.dtype == dtype
     torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -5,9 +5,9 @@ the bias added inside the kernel by the chunk loop."""
 
 import pytest
 import torch
+from tolerances import assert_close_rel
 
 from leap_kernels import _ext
-from tolerances import assert_close_rel
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"cpp backend: {_ext.load_error()}")
 OPS = torch.ops.leap_kernels
@@ -17,8 +17,9 @@ def _reference(x, t, normalize, eps, row_scale):
     x64 = x.detach().double().requires_grad_()
     t64 = t.detach().double().requires_grad_()
     if normalize:
-        e = (torch.nn.functional.layer_norm(x64, x64.shape[-1:], eps=eps)
-             - torch.nn.functional.layer_norm(t64, t64.shape[-1:], eps=eps))
+        e = torch.nn.functional.layer_norm(x64, x64.shape[-1:], eps=eps) - torch.nn.functional.layer_norm(
+            t64, t64.shape[-1:], eps=eps
+        )
     else:
         e = x64 - t64
     loss = e.square().sum(-1)
@@ -131,8 +132,9 @@ def test_chunk_loop_bias_in_the_rows_kernel(normalize, want_grads):
     if want_grads:
         p = s64 @ w64.T + b64
         if normalize:
-            e = (torch.nn.functional.layer_norm(p, (n,), eps=1e-6)
-                 - torch.nn.functional.layer_norm(t.double(), (n,), eps=1e-6))
+            e = torch.nn.functional.layer_norm(p, (n,), eps=1e-6) - torch.nn.functional.layer_norm(
+                t.double(), (n,), eps=1e-6
+            )
         else:
             e = p - t.double()
         rs, rw, rb = torch.autograd.grad(e.square().sum(), (s64, w64, b64))

@@ -35,8 +35,12 @@ def _check(qkv, h, dtype, backend, scale=None, what=""):
 # with B*H*N^2, so long sequences get B = H = 1. (N, B, H):
 SEQUENCES = [(1, 2, 3), (15, 2, 3), (16, 2, 3), (17, 2, 3), (197, 1, 3), (257, 1, 3), (261, 1, 1), (1025, 1, 1)]
 GRID = [(b, n, h, d, dtype) for n, b, h in SEQUENCES for d in (64, 128) for dtype in (torch.float16, torch.bfloat16)]
-EXTRA = [(1, 128, 2, 64, torch.bfloat16), (1, 261, 3, 64, torch.float16), (1, 70, 2, 32, torch.float16),
-         (3, 24, 2, 16, torch.bfloat16)]
+EXTRA = [
+    (1, 128, 2, 64, torch.bfloat16),
+    (1, 261, 3, 64, torch.float16),
+    (1, 70, 2, 32, torch.float16),
+    (3, 24, 2, 16, torch.bfloat16),
+]
 
 
 @pytest.mark.parametrize("b,n,h,d,dtype", GRID + EXTRA, ids=lambda v: str(v).replace("torch.", ""))
@@ -65,7 +69,7 @@ def test_triton_fixed_tiles_match_float64_reference(n, block_m, block_n, d, dtyp
     h = 2
     qkv = _qkv(2, n, h, d, dtype, spread=2.0)  # peaked rows: the max moves between full tiles and tail steps
     out = torch.full((2, n, h * d), float("nan"), dtype=dtype)  # a row the grid misses stays NaN
-    teacher_attention_triton(qkv, h, d ** -0.5, out, block_m=block_m, block_n=block_n)
+    teacher_attention_triton(qkv, h, d**-0.5, out, block_m=block_m, block_n=block_n)
     ref = teacher_attention_reference(qkv.double(), h)
     assert_close_rel(out, ref, RELATIVE_TOLERANCE[dtype][0], f"tiles {block_m}x{block_n} N={n} d={d}")
 
@@ -145,8 +149,8 @@ def test_strided_views():
     _check(base[:, ::2], h, torch.bfloat16, "triton", what="token stride")
     # A last-dim-stride-1 view of a wider buffer: rows padded to 3*h*d + 40 channels.
     wide = _qkv(2, 45, h, d, torch.float16).new_zeros(2, 45, 3 * h * d + 40)
-    wide[..., 8:8 + 3 * h * d] = _qkv(2, 45, h, d, torch.float16)
-    view = wide[..., 8:8 + 3 * h * d]
+    wide[..., 8 : 8 + 3 * h * d] = _qkv(2, 45, h, d, torch.float16)
+    view = wide[..., 8 : 8 + 3 * h * d]
     assert not view.is_contiguous()
     _check(view, h, torch.float16, "triton", what="padded rows")
     # Token-major storage (N, B, C) viewed as (B, N, C): batch stride C, token stride B*C.
@@ -216,8 +220,12 @@ def test_nonpositive_scale_runs_on_torch(clean_backend_env):
         with use_backend("triton"), pytest.raises(RuntimeError, match=r"scale > 0"):
             teacher_attention(qkv, 1, scale=-0.1)
         out = teacher_attention(qkv, 1, scale=-0.1)
-    assert_close_rel(out, teacher_attention_reference(qkv.double(), 1, scale=-0.1),
-                     RELATIVE_TOLERANCE[torch.bfloat16][0], "scale < 0")
+    assert_close_rel(
+        out,
+        teacher_attention_reference(qkv.double(), 1, scale=-0.1),
+        RELATIVE_TOLERANCE[torch.bfloat16][0],
+        "scale < 0",
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -364,8 +372,12 @@ def test_bench_attention_smoke(tmp_path, capsys, monkeypatch):
     assert all(r["device"] == "cpu" and r["git_sha"] and r["error"] == "" and float(r["median_ms"]) > 0 for r in rows)
     assert all(float(r["rel_err"]) < 1e-5 for r in rows), rows
     out = tmp_path / "teacher.csv"
-    assert bench_attention.main(["--smoke", "--teacher", "--device", "cpu", "--iters", "1", "--warmup", "1",
-                                 "--out", str(out)]) == 0
+    assert (
+        bench_attention.main(
+            ["--smoke", "--teacher", "--device", "cpu", "--iters", "1", "--warmup", "1", "--out", str(out)]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(out.open()))
     assert {r["variant"] for r in rows} == {"timm", "ours"} and all(r["error"] == "" for r in rows), rows
     assert "| case | variant |" in capsys.readouterr().out

@@ -18,11 +18,7 @@ BACKENDS = [
 ]
 
 # dtype -> (loss, gradients)
-RELATIVE_TOLERANCE = {
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (2e-3, 5e-3),
-    torch.bfloat16: (1e-2, 2e-2),
-}
+RELATIVE_TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1e-2, 2e-2)}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.pop("LEAP_KERNELS_CHUNK_TOKENS", None)  # the default chunking, as in training
@@ -80,8 +80,15 @@ KNOWN_SPILLS: set[tuple[str, str, str]] = {
 TENSOR_CORE_KERNELS = ("_projection_loss_kernel", "_grad_weight_kernel", "_teacher_attention_fwd_kernel")
 
 # H100 / H200 (sm_90) per-SM limits, for the occupancy column.
-SM90_LIMITS = dict(registers=65536, shared_bytes=228 * 1024, threads=2048, ctas=32,
-                   reserved_shared_per_cta=1024, register_unit=256, max_shared_per_cta=227 * 1024)
+SM90_LIMITS = dict(
+    registers=65536,
+    shared_bytes=228 * 1024,
+    threads=2048,
+    ctas=32,
+    reserved_shared_per_cta=1024,
+    register_unit=256,
+    max_shared_per_cta=227 * 1024,
+)
 
 PAPER = dict(M=128 * 256, D_S=384, D_T=1536, B=128, N=261, H=24)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -124,8 +131,13 @@ def capture_launches() -> Iterator[list[Launch]]:
         state["autotuned"] = True
         try:
             for config in configs:
-                self.fn.run(*args, grid=kwargs.get("grid"), warmup=kwargs.get("warmup", False),
-                            **call_kwargs, **config.all_kwargs())
+                self.fn.run(
+                    *args,
+                    grid=kwargs.get("grid"),
+                    warmup=kwargs.get("warmup", False),
+                    **call_kwargs,
+                    **config.all_kwargs(),
+                )
         finally:
             state["autotuned"] = False
 
@@ -194,11 +206,15 @@ def workloads(dtypes: list[str], ops: set[str]) -> Iterator[tuple[str, str, Call
                     fused_bwd(meta(m, dtype=torch.float32), s, w, b, t, normalize, 1e-6, "triton")
 
                 yield "feature_loss", f"{name} {loss} mean fwd+grads", forward_grads
-                yield ("feature_loss", f"{name} {loss} mean fwd+grads x[:, 5:]",
-                       lambda dt=dt, normalize=normalize: forward_grads(dt, normalize, prefix=5))
+                yield (
+                    "feature_loss",
+                    f"{name} {loss} mean fwd+grads x[:, 5:]",
+                    lambda dt=dt, normalize=normalize: forward_grads(dt, normalize, prefix=5),
+                )
                 yield "feature_loss", f"{name} {loss} none fwd", forward_only
                 yield "feature_loss", f"{name} {loss} none bwd", backward_none
         if "token_mse" in ops:
+
             def tmse_forward(dt=dt):
                 tmse(meta(m, d_t, dtype=dt), meta(m, d_t, dtype=dt), "none", 1e-6)
 
@@ -209,9 +225,10 @@ def workloads(dtypes: list[str], ops: set[str]) -> Iterator[tuple[str, str, Call
             yield "token_mse", f"{name} bwd", tmse_backward
         if "attention" in ops and dt != torch.float32:  # fp32 runs on the torch backend
             for heads, head_dim in ((PAPER["H"], 64), (PAPER["H"] // 2, 128)):
+
                 def attn(dt=dt, heads=heads, head_dim=head_dim):
                     qkv = meta(PAPER["B"], PAPER["N"], 3 * heads * head_dim, dtype=dt)
-                    attention(qkv, heads, head_dim ** -0.5)
+                    attention(qkv, heads, head_dim**-0.5)
 
                 yield "attention", f"{name} B={PAPER['B']} N={PAPER['N']} H={heads} d={head_dim}", attn
 
@@ -233,8 +250,11 @@ def launched_kernels() -> dict[str, JITFunction]:
             if isinstance(fn, JITFunction):
                 found[fn.__name__] = fn
     sources = {name: fn.src for name, fn in found.items()}
-    return {name: fn for name, fn in found.items()
-            if not any(re.search(rf"\b{name}\s*\(", src) for other, src in sources.items() if other != name)}
+    return {
+        name: fn
+        for name, fn in found.items()
+        if not any(re.search(rf"\b{name}\s*\(", src) for other, src in sources.items() if other != name)
+    }
 
 
 # ----------------------------------------------------------------------------- specialization and compile
@@ -250,24 +270,38 @@ class Specialized:
 
     def key(self):
         opts = {k: v for k, v in self.options.__dict__.items() if k != "extern_libs"}
-        return (self.fn.__name__, repr(sorted(self.signature.items())), repr(sorted(self.constexprs.items())),
-                repr(sorted(self.attrs.items())), repr(sorted(opts.items())))
+        return (
+            self.fn.__name__,
+            repr(sorted(self.signature.items())),
+            repr(sorted(self.constexprs.items())),
+            repr(sorted(self.attrs.items())),
+            repr(sorted(opts.items())),
+        )
 
     def config(self) -> str:
         """Tile sizes and launch options, e.g. ``BLOCK_M=128 BLOCK_N=128 BLOCK_K=64 GROUP_M=8 warps=8 stages=3``."""
         names = self.fn.arg_names
-        tiles = [f"{names[path[0]]}={value}" for path, value in self.constexprs.items()
-                 if names[path[0]].startswith(("BLOCK", "GROUP"))]
+        tiles = [
+            f"{names[path[0]]}={value}"
+            for path, value in self.constexprs.items()
+            if names[path[0]].startswith(("BLOCK", "GROUP"))
+        ]
         return " ".join(tiles + [f"warps={self.options.num_warps}", f"stages={self.options.num_stages}"])
 
     def specialization(self) -> str:
         """Which runtime arguments the launch specialized: ``=1`` (a constant) and ``/16`` (divisible by 16)."""
         names = self.fn.arg_names
         declared_constexpr = {p.name for p in self.fn.params if p.is_constexpr}
-        ones = [names[path[0]] for path, value in self.constexprs.items()
-                if names[path[0]] not in declared_constexpr and value == 1]
-        div16 = [names[path[0]] for path, value in self.attrs.items()
-                 if names[path[0]] not in declared_constexpr and ["tt.divisibility", 16] in [list(v) for v in value]]
+        ones = [
+            names[path[0]]
+            for path, value in self.constexprs.items()
+            if names[path[0]] not in declared_constexpr and value == 1
+        ]
+        div16 = [
+            names[path[0]]
+            for path, value in self.attrs.items()
+            if names[path[0]] not in declared_constexpr and ["tt.divisibility", 16] in [list(v) for v in value]
+        ]
         return f"=1: {','.join(ones) or '-'}  /16: {','.join(div16) or '-'}"
 
 
@@ -367,9 +401,13 @@ def compile_one(spec: Specialized, target) -> dict:
     src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     compiled = triton.compile(src, target=target, options=spec.options.__dict__)
     usage = resource_usage(compiled.asm["cubin"])
-    return dict(registers=usage["reg"], spill_bytes=usage.get("local", 0) + usage.get("stack", 0),
-                shared_bytes=compiled.metadata.shared, threads=compiled.metadata.num_warps * 32,
-                features=ptx_features(compiled.asm.get("ptx", "")))
+    return dict(
+        registers=usage["reg"],
+        spill_bytes=usage.get("local", 0) + usage.get("stack", 0),
+        shared_bytes=compiled.metadata.shared,
+        threads=compiled.metadata.num_warps * 32,
+        features=ptx_features(compiled.asm.get("ptx", "")),
+    )
 
 
 def check(result: Result, *, arch: int, known_spills: set) -> None:
@@ -381,8 +419,12 @@ def check(result: Result, *, arch: int, known_spills: set) -> None:
         return  # reported as "skip": Triton's autotuner drops configs that run out of resources
     if result.ctas == 0:
         result.problems.append("does not fit on an SM")
-    if (arch >= 90 and result.kernel in TENSOR_CORE_KERNELS and result.dtype in ("bf16", "fp16")
-            and not result.features["wgmma"]):
+    if (
+        arch >= 90
+        and result.kernel in TENSOR_CORE_KERNELS
+        and result.dtype in ("bf16", "fp16")
+        and not result.features["wgmma"]
+    ):
         result.problems.append("no wgmma")
     if result.spill_bytes > 0 and result.spill_key not in known_spills:
         result.problems.append(f"spills {result.spill_bytes} B")
@@ -404,8 +446,18 @@ def run(arch: int, dtypes: list[str], ops: set[str], known_spills: set, out=prin
                 fn()
             specs = [(launch, specialize(launch, target)) for launch in launches]
         except Exception as exc:  # the op's host code changed under this script: say so, go on
-            results.append(Result(op, case, "-", "-", "-", False, error=f"host code: {_first_line(exc)}",
-                                  problems=["host code failed"]))
+            results.append(
+                Result(
+                    op,
+                    case,
+                    "-",
+                    "-",
+                    "-",
+                    False,
+                    error=f"host code: {_first_line(exc)}",
+                    problems=["host code failed"],
+                )
+            )
             out(format_result(results[-1]))
             continue
         seen_in_case = set()
@@ -430,8 +482,9 @@ def run(arch: int, dtypes: list[str], ops: set[str], known_spills: set, out=prin
             out(format_result(result, known_spills))
     missing = sorted(set(launched_kernels()) - covered) if ops == set(OPS) else []
     for name in missing:
-        results.append(Result("-", "-", name, "-", "-", False, error="not launched by any workload",
-                              problems=["not covered"]))
+        results.append(
+            Result("-", "-", name, "-", "-", False, error="not launched by any workload", problems=["not covered"])
+        )
         out(f"FAIL {name}: no workload launches this kernel; add one to tools/compile_check.py")
     return results
 
@@ -448,14 +501,15 @@ def format_result(r: Result, known_spills: set = frozenset()) -> str:
         note = "  (known spill: KNOWN_SPILLS)"
     if r.problems:
         note += "  <- " + ", ".join(r.problems)
-    return (f"{status} {r.kernel:30s} {r.case:30s} {r.config:52s} regs {r.registers:3d} spill {r.spill_bytes:5d} B "
-            f"smem {r.shared_bytes:6d} B  CTAs/SM {r.ctas:2d}  [{feats}]  {r.specialization}{note}")
+    return (
+        f"{status} {r.kernel:30s} {r.case:30s} {r.config:52s} regs {r.registers:3d} spill {r.spill_bytes:5d} B "
+        f"smem {r.shared_bytes:6d} B  CTAs/SM {r.ctas:2d}  [{feats}]  {r.specialization}{note}"
+    )
 
 
 def failures(results: list[Result], *, allow_spills: bool) -> list[Result]:
     """The results that fail the check (with ``allow_spills``, spills alone do not)."""
-    return [r for r in results
-            if r.problems and not (allow_spills and all(p.startswith("spills") for p in r.problems))]
+    return [r for r in results if r.problems and not (allow_spills and all(p.startswith("spills") for p in r.problems))]
 
 
 def summarize_spills(results: list[Result], known_spills: set) -> str:
@@ -494,8 +548,7 @@ def main(argv=None) -> int:
     bad = [d for d in dtypes if d not in DTYPES] + sorted(ops - set(OPS))
     if bad:
         parser.error(f"unknown dtype/op {bad}")
-    print(f"Triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}; "
-          f"shapes {PAPER}", flush=True)
+    print(f"Triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}; shapes {PAPER}", flush=True)
     start = time.perf_counter()
     known = set() if args.strict else KNOWN_SPILLS
     results = run(args.arch, dtypes, ops, known, out=lambda line: print(line, flush=True))
@@ -504,11 +557,15 @@ def main(argv=None) -> int:
     configs = len({r.spill_key for r in results})
     elapsed = time.perf_counter() - start
     if failed:
-        print(f"{len(failed)} problem(s) in {len(results)} kernel launches ({configs} kernel configs) for "
-              f"sm_{args.arch} (Triton {triton.__version__}, {elapsed:.0f} s)")
+        print(
+            f"{len(failed)} problem(s) in {len(results)} kernel launches ({configs} kernel configs) for "
+            f"sm_{args.arch} (Triton {triton.__version__}, {elapsed:.0f} s)"
+        )
         return 1
-    print(f"all kernels compiled for sm_{args.arch} (Triton {triton.__version__}): {len(results)} kernel launches, "
-          f"{configs} kernel configs, {elapsed:.0f} s")
+    print(
+        f"all kernels compiled for sm_{args.arch} (Triton {triton.__version__}): {len(results)} kernel launches, "
+        f"{configs} kernel configs, {elapsed:.0f} s"
+    )
     return 0
 
 

@@ -20,7 +20,8 @@ elsewhere: the table says which). Without a GPU the timing columns read "not mea
 
 Images: the Fashion-MNIST test images of the sample committed under tests/data (``--data`` names
 another folder of idx files; ``--random-images`` uses Gaussian noise instead), resized to the
-teacher's input size. Nothing is read from a system dataset, so the check runs on any machine. A random-init model (``--model``) keeps timm's init: DINOv2's LayerScale
+teacher's input size. Nothing is read from a system dataset, so the check runs on any machine.
+A random-init model (``--model``) keeps timm's init: DINOv2's LayerScale
 starts at 1e-5, so its blocks barely change the tokens; ``--unit-init`` sets LayerScale to 1 and
 the linear weights to N(0, 1/fan_in) so every block matters (a harder, synthetic case).
 
@@ -47,10 +48,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import harness  # noqa: E402
 
-from leap.cka import linear_cka_reference  # noqa: E402
 from leap.apps.demo import DEFAULT_TEACHER  # noqa: E402
-from leap.models import build_model, load_teacher_weights  # noqa: E402
 from leap.apps.pretrain import read_teacher_meta  # noqa: E402
+from leap.cka import linear_cka_reference  # noqa: E402
+from leap.models import build_model, load_teacher_weights  # noqa: E402
 from leap.teacher import TruncatedTeacher  # noqa: E402
 from leap_kernels.ops.fp8_linear import describe_paths  # noqa: E402
 
@@ -72,7 +73,7 @@ def build_teacher_model(args, device: torch.device) -> tuple[nn.Module, int, str
             with torch.no_grad():
                 for mod in model.modules():
                     if isinstance(mod, nn.Linear):
-                        mod.weight.normal_(std=mod.in_features ** -0.5)
+                        mod.weight.normal_(std=mod.in_features**-0.5)
                     if hasattr(mod, "gamma"):
                         mod.gamma.fill_(1.0)
         return model, img, desc
@@ -131,15 +132,25 @@ def time_teacher(teacher: TruncatedTeacher, images: torch.Tensor, k: int, iters:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher-weights", default=DEFAULT_TEACHER, help="train-teacher checkpoint (default: the demo "
-                   "teacher bundled with leap)")
-    p.add_argument("--model", default=None, help="a timm model name instead, random init (e.g. "
-                   "vit_giant_patch14_reg4_dinov2)")
-    p.add_argument("--unit-init", action="store_true", help="with --model: LayerScale 1 and N(0, 1/fan_in) linear "
-                   "weights, so every block changes the tokens")
+    p.add_argument(
+        "--teacher-weights",
+        default=DEFAULT_TEACHER,
+        help="train-teacher checkpoint (default: the demo teacher bundled with leap)",
+    )
+    p.add_argument(
+        "--model", default=None, help="a timm model name instead, random init (e.g. vit_giant_patch14_reg4_dinov2)"
+    )
+    p.add_argument(
+        "--unit-init",
+        action="store_true",
+        help="with --model: LayerScale 1 and N(0, 1/fan_in) linear weights, so every block changes the tokens",
+    )
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the checkpoint's, 224 for --model)")
-    p.add_argument("--data", default=None, help="folder with the Fashion-MNIST idx files (default: the sample "
-                   "committed under tests/data)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="folder with the Fashion-MNIST idx files (default: the sample committed under tests/data)",
+    )
     p.add_argument("--random-images", action="store_true", help="Gaussian-noise images instead of Fashion-MNIST")
     p.add_argument("--images", type=int, default=256, help="images compared (default 256)")
     p.add_argument("--batch", type=int, default=64, help="images per teacher forward (default 64)")
@@ -166,8 +177,11 @@ def main(argv=None) -> int:
     }
     del model
     counts, reasons = describe_paths(teachers["fp8"].model, device)
-    fp8_path = "torch._scaled_mm" if not counts["emulated"] else (
-        "emulated" if not counts["scaled_mm"] else f"mixed ({counts['emulated']} layers emulated)")
+    fp8_path = (
+        "torch._scaled_mm"
+        if not counts["emulated"]
+        else ("emulated" if not counts["scaled_mm"] else f"mixed ({counts['emulated']} layers emulated)")
+    )
     env = harness.environment()
     print(f"teacher: {desc}, {teachers['fp32'].num_blocks} blocks, {images.shape[0]} {images_desc}")
     print(f"device: {env['device']}; fp8 path: {fp8_path}" + (f" ({'; '.join(reasons)})" if reasons else ""))
@@ -208,8 +222,10 @@ def main(argv=None) -> int:
         print(f"\ntiming (bf16 vs fp8 truncated teacher): {NOT_MEASURED} (no CUDA GPU)")
     else:
         for k in timed_ks:
-            print(f"k={k}: bf16 {times['bf16', k]:.3f} ms, fp8 {times['fp8', k]:.3f} ms, "
-                  f"speedup {times['bf16', k] / times['fp8', k]:.2f}x (batch {timing_images.shape[0]})")
+            print(
+                f"k={k}: bf16 {times['bf16', k]:.3f} ms, fp8 {times['fp8', k]:.3f} ms, "
+                f"speedup {times['bf16', k] / times['fp8', k]:.2f}x (batch {timing_images.shape[0]})"
+            )
     print(f"(accuracy pass: {accuracy_s:.1f} s)")
 
     out = args.out or os.path.join(harness.RESULTS_DIR, f"fp8_teacher-{harness.device_slug(env['device'])}.csv")

@@ -61,9 +61,11 @@ def _loss_check(op: str, backend: str, shapes: dict, dtype: torch.dtype, device:
             return token_normalized_mse_reference(x, target.double())
     else:
         normalize = op == "fused_feature_loss[token-normalized]"
-        leaves = [torch.randn(m, d_s, device=device).to(dtype).requires_grad_(),
-                  (torch.randn(d_t, d_s, device=device) * d_s ** -0.5).to(dtype).requires_grad_(),
-                  (torch.randn(d_t, device=device) * 0.1).to(dtype).requires_grad_()]
+        leaves = [
+            torch.randn(m, d_s, device=device).to(dtype).requires_grad_(),
+            (torch.randn(d_t, d_s, device=device) * d_s**-0.5).to(dtype).requires_grad_(),
+            (torch.randn(d_t, device=device) * 0.1).to(dtype).requires_grad_(),
+        ]
 
         def ours():
             return leap_kernels.fused_feature_loss(*leaves, target, normalize=normalize)
@@ -97,8 +99,10 @@ def _attention_check(shape: tuple, backend: str, dtype: torch.dtype, device: tor
 
 def run_checks(size: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
     shapes = SIZES[size]
-    checks = [(op, f"M{shapes['m']}-{shapes['d_s']}x{shapes['d_t']}")
-              for op in ("fused_feature_loss[mse]", "fused_feature_loss[token-normalized]")]
+    checks = [
+        (op, f"M{shapes['m']}-{shapes['d_s']}x{shapes['d_t']}")
+        for op in ("fused_feature_loss[mse]", "fused_feature_loss[token-normalized]")
+    ]
     checks.append(("token_normalized_mse", f"M{shapes['m']}-D{shapes['d_t']}"))
     checks += [("teacher_attention", f"B{b}-H{h}-N{n}-d{d}") for b, h, n, d in shapes["attention"]]
     status = leap_kernels.backends(device)
@@ -141,22 +145,34 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows = run_checks(size, device, dtype)
     failed = [r for r in rows if r.get("ok") is False]
-    print(f"| op | shape | backend | result | max rel. error | s |\n|---|---|---|---|---|---|")
+    print("| op | shape | backend | result | max rel. error | s |\n|---|---|---|---|---|---|")
     for r in rows:
         if r.get("ok") is None:
             print(f"| {r['op']} | {r['shape']} | {r['backend']} | cannot run: {r['skipped'][:120]} | | |")
         else:
             worst = max(r["errors"].values())
-            print(f"| {r['op']} | {r['shape']} | {r['backend']} | {'ok' if r['ok'] else 'MISS'} | {worst:.2e} "
-                  f"| {r['seconds']} |")
+            print(
+                f"| {r['op']} | {r['shape']} | {r['backend']} | {'ok' if r['ok'] else 'MISS'} | {worst:.2e} "
+                f"| {r['seconds']} |"
+            )
     ran = sum(r.get("ok") is not None for r in rows)
-    print(f"smoke: {ran - len(failed)} passed, {len(failed)} failed, {len(rows) - ran} cannot run "
-          f"({time.perf_counter() - t0:.1f} s, {size}, {dtype}, {device})")
+    print(
+        f"smoke: {ran - len(failed)} passed, {len(failed)} failed, {len(rows) - ran} cannot run "
+        f"({time.perf_counter() - t0:.1f} s, {size}, {dtype}, {device})"
+    )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"size": size, "device": str(device), "rows": rows,
-                       "tolerance": {str(k).replace("torch.", ""): v for k, v in TOLERANCE.items()}}, f, indent=1)
+            json.dump(
+                {
+                    "size": size,
+                    "device": str(device),
+                    "rows": rows,
+                    "tolerance": {str(k).replace("torch.", ""): v for k, v in TOLERANCE.items()},
+                },
+                f,
+                indent=1,
+            )
     return 1 if failed else 0
 
 

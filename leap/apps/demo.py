@@ -31,8 +31,9 @@ FASHION_MNIST_HELP = (
 )
 
 
-def _evaluate(model: dict, data: str | None, out: str, knn_train: int, knn_test: int | None,
-              run_dir: str | None) -> dict[str, Any]:
+def _evaluate(
+    model: dict, data: str | None, out: str, knn_train: int, knn_test: int | None, run_dir: str | None
+) -> dict[str, Any]:
     """kNN top-1 (k = 20) and the linear probe of a model's CLS and mean-patch features.
 
     Both read one cached feature pass (``OUT/feature-cache``, fp16). Returns ``{"knn": {kind: top1},
@@ -40,20 +41,46 @@ def _evaluate(model: dict, data: str | None, out: str, knn_train: int, knn_test:
     """
     from ..evaluation.run import evaluate_knn, evaluate_linear
 
-    common = dict(data_source="fashion-mnist", features="both", cache_dir=os.path.join(out, "feature-cache"),
-                  workers=0, device="cpu", progress=False, limit_train=knn_train, limit_val=knn_test,
-                  run_dir=run_dir, write_record=run_dir is not None)
+    common = dict(
+        data_source="fashion-mnist",
+        features="both",
+        cache_dir=os.path.join(out, "feature-cache"),
+        workers=0,
+        device="cpu",
+        progress=False,
+        limit_train=knn_train,
+        limit_val=knn_test,
+        run_dir=run_dir,
+        write_record=run_dir is not None,
+    )
     knn = evaluate_knn(model, data, k=20, **common)["numbers"]
     linear = evaluate_linear(model, data, **common)["numbers"]
-    return {"knn": knn, "linear": {k: {n: v[n] for n in ("best_top1", "best_epoch", "last_top1")}
-                                   for k, v in linear.items()}}
+    return {
+        "knn": knn,
+        "linear": {k: {n: v[n] for n in ("best_top1", "best_epoch", "last_top1")} for k, v in linear.items()},
+    }
 
 
-def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: str = "runs/demo",
-             epochs: int = 6, limit_images: int | None = 20000, batch_size: int = 128, lr: float = 1e-3,
-             tau: float = 0.97, max_epochs_per_block: int = 1, knn_train: int = 10000, knn_test: int | None = None,
-             student: str = DEFAULT_STUDENT, student_overrides: dict | None = None, loss: str = "mse",
-             workers: int | None = None, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
+def run_demo(
+    *,
+    data: str | None = None,
+    teacher: str = DEFAULT_TEACHER,
+    out: str = "runs/demo",
+    epochs: int = 6,
+    limit_images: int | None = 20000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    tau: float = 0.97,
+    max_epochs_per_block: int = 1,
+    knn_train: int = 10000,
+    knn_test: int | None = None,
+    student: str = DEFAULT_STUDENT,
+    student_overrides: dict | None = None,
+    loss: str = "mse",
+    workers: int | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Distill the ``teacher`` (a ``leap train-teacher`` checkpoint) into ``student`` twice, baseline and
     LEAP, evaluate both (and the teacher), write ``OUT/results.md`` / ``results.json``, print the table.
 
@@ -85,14 +112,18 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
         raise InputNotFoundError(f"teacher checkpoint not found: {teacher} (train one with `leap train-teacher`)")
     meta = read_teacher_meta(teacher)
     if meta is None:
-        raise CheckpointError(f"{teacher} has no train-teacher recipe; the demo needs a `leap train-teacher` "
-                              "checkpoint")
+        raise CheckpointError(
+            f"{teacher} has no train-teacher recipe; the demo needs a `leap train-teacher` checkpoint"
+        )
     if leap_data.FashionMNIST.find_files(data, "train") is None:
-        raise InputNotFoundError(FASHION_MNIST_HELP if data is None else f"no Fashion-MNIST idx files under {data}. "
-                                + FASHION_MNIST_HELP)
+        raise InputNotFoundError(
+            FASHION_MNIST_HELP if data is None else f"no Fashion-MNIST idx files under {data}. " + FASHION_MNIST_HELP
+        )
     student_overrides = dict(DEFAULT_STUDENT_OVERRIDES if student_overrides is None else student_overrides)
-    print(f"teacher: {meta['model']} {meta['model_overrides']} at {meta['img_size']} px "
-          f"(test accuracy {meta['test_accuracy'] * 100:.2f}%)")
+    print(
+        f"teacher: {meta['model']} {meta['model_overrides']} at {meta['img_size']} px "
+        f"(test accuracy {meta['test_accuracy'] * 100:.2f}%)"
+    )
     print(f"student: {student} {student_overrides}")
     print(f"data: Fashion-MNIST, {limit_images or 'all'} training images, {epochs} epochs, batch {batch_size}\n")
 
@@ -102,12 +133,28 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
         if os.path.exists(run_file(run_dir, CHECKPOINT_NAME)):
             os.remove(run_file(run_dir, CHECKPOINT_NAME))  # a demo always starts fresh
         cfg = dict(
-            teacher=meta["model"], teacher_weights=teacher, teacher_overrides=meta["model_overrides"],
-            student=student, student_overrides=student_overrides, img_size=meta["img_size"],
-            data=data, data_source="fashion-mnist", limit_images=limit_images, workers=workers,
-            epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=lr, warmup_epochs=min(1.0, epochs / 4),
-            loss=loss, curriculum="off" if mode == "baseline" else "cka", tau=tau,
-            max_epochs_per_block=max_epochs_per_block, out=run_dir, ckpt_every=0, progress=progress,
+            teacher=meta["model"],
+            teacher_weights=teacher,
+            teacher_overrides=meta["model_overrides"],
+            student=student,
+            student_overrides=student_overrides,
+            img_size=meta["img_size"],
+            data=data,
+            data_source="fashion-mnist",
+            limit_images=limit_images,
+            workers=workers,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer="adamw",
+            lr=lr,
+            warmup_epochs=min(1.0, epochs / 4),
+            loss=loss,
+            curriculum="off" if mode == "baseline" else "cka",
+            tau=tau,
+            max_epochs_per_block=max_epochs_per_block,
+            out=run_dir,
+            ckpt_every=0,
+            progress=progress,
         )
         print(f"== {mode}: {'last teacher block only' if mode == 'baseline' else 'LEAP curriculum'}")
         start = time.time()
@@ -120,9 +167,14 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
             make_report(run_dir)
         except Exception as exc:  # plots are a convenience; the numbers above stand without them
             print(f"(plots for {run_dir} failed: {exc})")
-        results[mode] = {"summary": summary, "wall_s": wall, "knn_cls": ev["knn"]["cls"],
-                         "knn_patch": ev["knn"]["patch"], "linear": ev["linear"],
-                         "epoch_blocks": load_run(run_dir).epoch_mean_blocks()}
+        results[mode] = {
+            "summary": summary,
+            "wall_s": wall,
+            "knn_cls": ev["knn"]["cls"],
+            "knn_patch": ev["knn"]["patch"],
+            "linear": ev["linear"],
+            "epoch_blocks": load_run(run_dir).epoch_mean_blocks(),
+        }
         print()
 
     teacher_ev = _evaluate({"model": teacher}, data, out, knn_train, knn_test, None)
@@ -133,15 +185,26 @@ def run_demo(*, data: str | None = None, teacher: str = DEFAULT_TEACHER, out: st
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({m: {k: v for k, v in r.items() if k != "summary"} | {"summary": r["summary"]}
-                   for m, r in results.items()} | {"teacher_knn_cls": teacher_knn, "teacher_linear": teacher_ev["linear"]},
-                  f, indent=2, default=str)
+        json.dump(
+            {m: {k: v for k, v in r.items() if k != "summary"} | {"summary": r["summary"]} for m, r in results.items()}
+            | {"teacher_knn_cls": teacher_knn, "teacher_linear": teacher_ev["linear"]},
+            f,
+            indent=2,
+            default=str,
+        )
     return {"results": results, "teacher_knn": teacher_knn, "teacher_linear": teacher_ev["linear"], "table": table}
 
 
-def format_table(results: dict, teacher_knn: float, meta: dict, knn_train: int, knn_test: int | None,
-                 teacher_linear: dict | None = None) -> str:
+def format_table(
+    results: dict,
+    teacher_knn: float,
+    meta: dict,
+    knn_train: int,
+    knn_test: int | None,
+    teacher_linear: dict | None = None,
+) -> str:
     """The demo's Markdown table: one row per run, then footnotes (last-epoch probe values, the teacher)."""
+
     def pct(x):
         return "n/a" if x is None else f"{x * 100:.2f}%"
 
@@ -156,31 +219,53 @@ def format_table(results: dict, teacher_knn: float, meta: dict, knn_train: int, 
         blocks = " ".join(f"{b:.1f}" for b in r["epoch_blocks"])
         saved = s.get("flops", {}).get("saved_fraction")
         lin = r.get("linear") or {}
-        probe = [f"{pct(lin[k]['best_top1'])} ({lin[k]['best_epoch']})" if k in lin else "n/a"
-                 for k in ("cls", "patch")]
+        probe = [
+            f"{pct(lin[k]['best_top1'])} ({lin[k]['best_epoch']})" if k in lin else "n/a" for k in ("cls", "patch")
+        ]
         lines.append(
             f"| {mode} | {blocks} | {s['teacher_blocks_run']} / {s['teacher_blocks_full']} | "
             f"{'n/a' if saved is None else f'{saved * 100:.1f}%'} | {r['wall_s']:.0f} s | "
-            f"{r['knn_cls'] * 100:.2f}% | {r['knn_patch'] * 100:.2f}% | {probe[0]} | {probe[1]} |")
+            f"{r['knn_cls'] * 100:.2f}% | {r['knn_patch'] * 100:.2f}% | {probe[0]} | {probe[1]} |"
+        )
         if lin:
-            last.append(f"{mode} CLS {pct(lin.get('cls', {}).get('last_top1'))}, mean-patch "
-                        f"{pct(lin.get('patch', {}).get('last_top1'))}")
+            last.append(
+                f"{mode} CLS {pct(lin.get('cls', {}).get('last_top1'))}, mean-patch "
+                f"{pct(lin.get('patch', {}).get('last_top1'))}"
+            )
     n_test = "all" if knn_test is None else knn_test
-    lines += ["", f"kNN: cosine, k=20, T=0.07, memory bank = first {knn_train} training images, {n_test} test images; "
-              f"teacher's own kNN top-1 (CLS): {teacher_knn * 100:.2f}% (its linear-head test accuracy: "
-              f"{meta['test_accuracy'] * 100:.2f}%)."]
-    calib = [(mode, r["summary"].get("flops", {}).get("calibration_fraction")) for mode, r in results.items()
-             if r["summary"].get("calibration_blocks")]
+    lines += [
+        "",
+        f"kNN: cosine, k=20, T=0.07, memory bank = first {knn_train} training images, {n_test} test images; "
+        f"teacher's own kNN top-1 (CLS): {teacher_knn * 100:.2f}% (its linear-head test accuracy: "
+        f"{meta['test_accuracy'] * 100:.2f}%).",
+    ]
+    calib = [
+        (mode, r["summary"].get("flops", {}).get("calibration_fraction"))
+        for mode, r in results.items()
+        if r["summary"].get("calibration_blocks")
+    ]
     if calib:
-        lines += ["", "Teacher FLOPs saved: training steps vs. the same steps at full depth (as `leap flops` and "
-                      "`leap report`); the one-off calibration scan is not included: " + "; ".join(
-                          f"{mode} {100 * (f or 0):.2f}% of the baseline teacher FLOPs" for mode, f in calib) + "."]
+        lines += [
+            "",
+            "Teacher FLOPs saved: training steps vs. the same steps at full depth (as `leap flops` and "
+            "`leap report`); the one-off calibration scan is not included: "
+            + "; ".join(f"{mode} {100 * (f or 0):.2f}% of the baseline teacher FLOPs" for mode, f in calib)
+            + ".",
+        ]
     if last or teacher_linear:
-        teacher = "" if not teacher_linear else (
-            f" Teacher's linear probe (best epoch): CLS {pct(teacher_linear.get('cls', {}).get('best_top1'))}, "
-            f"mean-patch {pct(teacher_linear.get('patch', {}).get('best_top1'))}.")
-        lines += ["", f"Linear probe (the paper's protocol: zero-initialized linear classifier on the cached frozen "
-                      f"features, SGD lr 0.1, momentum 0.9, cosine, 100 epochs, batch 256, same images as the kNN): "
-                      f"the table gives the best validation top-1 over the epochs (epoch in parentheses); "
-                      f"after the last epoch: {'; '.join(last)}.{teacher} Features are cached as fp16."]
+        teacher = (
+            ""
+            if not teacher_linear
+            else (
+                f" Teacher's linear probe (best epoch): CLS {pct(teacher_linear.get('cls', {}).get('best_top1'))}, "
+                f"mean-patch {pct(teacher_linear.get('patch', {}).get('best_top1'))}."
+            )
+        )
+        lines += [
+            "",
+            f"Linear probe (the paper's protocol: zero-initialized linear classifier on the cached frozen "
+            f"features, SGD lr 0.1, momentum 0.9, cosine, 100 epochs, batch 256, same images as the kNN): "
+            f"the table gives the best validation top-1 over the epochs (epoch in parentheses); "
+            f"after the last epoch: {'; '.join(last)}.{teacher} Features are cached as fp16.",
+        ]
     return "\n".join(lines)

@@ -16,6 +16,10 @@ run shares, the methods (each a few :class:`~leap.config.TrainConfig` overrides,
 
 A finished run whose stored config matches is reused (``--fresh`` retrains), so an interrupted
 experiment continues where it stopped. Same seed = same student init and data order for every method.
+
+Why this module is long: the experiment file's schema (checked key by key, with its errors) and the
+runner share the rule of when a finished run is reused; the tables and plots are in
+:mod:`leap.apps.experiment_report`.
 """
 
 from __future__ import annotations
@@ -27,18 +31,39 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import ConfigError, InputNotFoundError, LeapError
-from .experiment_report import (METRICS, aggregate, environment, format_value, paired_interval, render_results,
-                                results_table, t_quantile_975, write_plots)
 from ..runlog import read_json, read_jsonl, write_json
+from .experiment_report import (
+    METRICS,
+    aggregate,
+    environment,
+    format_value,
+    paired_interval,
+    render_results,
+    results_table,
+    t_quantile_975,
+    write_plots,
+)
 
-__all__ = ["ExperimentConfig", "load_experiment", "run_experiment", "run_config", "collect_run", "teacher_block_cka",
-           "main_experiment",
-           # re-exported from leap.apps.experiment_report
-           "METRICS", "aggregate", "format_value", "paired_interval", "render_results", "results_table",
-           "t_quantile_975"]
+__all__ = [
+    "ExperimentConfig",
+    "load_experiment",
+    "run_experiment",
+    "run_config",
+    "collect_run",
+    "teacher_block_cka",
+    # re-exported from leap.apps.experiment_report
+    "METRICS",
+    "aggregate",
+    "format_value",
+    "paired_interval",
+    "render_results",
+    "results_table",
+    "t_quantile_975",
+]
 
 SUMMARY_FILE = "summary.json"
 #: Statuses of a run that trained its whole budget (``epochs``, or ``max_steps`` when set).
@@ -47,12 +72,39 @@ EVAL_FILE = "eval.jsonl"
 #: The folder of the per-run JSON records under the results folder.
 RAW_DIR = "raw"
 
-_TOP_KEYS = {"name", "description", "teacher", "student", "student_overrides", "data", "data_source", "seeds",
-             "baseline", "train", "methods", "eval", "teacher_cka", "runs_dir", "threads"}
+_TOP_KEYS = {
+    "name",
+    "description",
+    "teacher",
+    "student",
+    "student_overrides",
+    "data",
+    "data_source",
+    "seeds",
+    "baseline",
+    "train",
+    "methods",
+    "eval",
+    "teacher_cka",
+    "runs_dir",
+    "threads",
+}
 _EVAL_KEYS = {"knn_k", "probe_epochs", "probe_train", "probe_test", "batch_size"}
 # Set by the runner for each run: a method or the shared recipe may not set them.
-_RUNNER_KEYS = {"seed", "out", "teacher", "teacher_weights", "teacher_overrides", "student", "student_overrides",
-                "img_size", "data", "data_source", "resume", "progress"}
+_RUNNER_KEYS = {
+    "seed",
+    "out",
+    "teacher",
+    "teacher_weights",
+    "teacher_overrides",
+    "student",
+    "student_overrides",
+    "img_size",
+    "data",
+    "data_source",
+    "resume",
+    "progress",
+}
 
 
 @dataclasses.dataclass
@@ -60,7 +112,7 @@ class ExperimentConfig:
     """An experiment file, validated. Paths are resolved against the file's folder."""
 
     name: str
-    teacher: str                      # a `leap train-teacher` checkpoint
+    teacher: str  # a `leap train-teacher` checkpoint
     student: str
     student_overrides: dict[str, Any]
     methods: dict[str, dict[str, Any]]
@@ -68,18 +120,24 @@ class ExperimentConfig:
     baseline: str
     train: dict[str, Any]
     description: str = ""
-    data: str | None = None           # None: Fashion-MNIST from /usr/share/datasets/fashion-mnist
+    data: str | None = None  # None: Fashion-MNIST from /usr/share/datasets/fashion-mnist
     data_source: str = "fashion-mnist"
     eval: dict[str, Any] = dataclasses.field(default_factory=dict)
     teacher_cka: dict[str, Any] = dataclasses.field(default_factory=dict)
     runs_dir: str = ""
     threads: int | None = None
-    path: str = ""                    # the file it came from
+    path: str = ""  # the file it came from
 
     @property
     def eval_settings(self) -> dict[str, Any]:
-        return {"knn_k": 20, "probe_epochs": 100, "probe_train": None, "probe_test": None, "batch_size": 256,
-                **self.eval}
+        return {
+            "knn_k": 20,
+            "probe_epochs": 100,
+            "probe_train": None,
+            "probe_test": None,
+            "batch_size": 256,
+            **self.eval,
+        }
 
 
 def _closest(key: str, options: Sequence[str]) -> str:
@@ -89,21 +147,30 @@ def _closest(key: str, options: Sequence[str]) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-def load_experiment(path: str, *, seeds: Sequence[int] | None = None, methods: Sequence[str] | None = None,
-                    runs_dir: str | None = None, data: str | None = None) -> ExperimentConfig:
+def load_experiment(
+    path: str,
+    *,
+    seeds: Sequence[int] | None = None,
+    methods: Sequence[str] | None = None,
+    runs_dir: str | None = None,
+    data: str | None = None,
+) -> ExperimentConfig:
     """Read and check an experiment YAML file; ``seeds``/``methods``/``runs_dir``/``data`` override the file's.
 
     Raises:
         InputNotFoundError: the file or the teacher checkpoint is missing.
         ConfigError: an unknown or missing key, a method that is not a valid training config.
     """
-    from ..config import TrainConfig, load_config_file
+    from ..config import TrainConfig
+    from ..config_schema import load_config_file
 
     raw = load_config_file(path)
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r}{_closest(unknown[0], sorted(_TOP_KEYS))}; "
-                          f"expected some of {sorted(_TOP_KEYS)}")
+        raise ConfigError(
+            f"{path}: unknown key {unknown[0]!r}{_closest(unknown[0], sorted(_TOP_KEYS))}; "
+            f"expected some of {sorted(_TOP_KEYS)}"
+        )
     for key in ("name", "teacher", "student", "methods", "seeds", "baseline", "train"):
         if key not in raw:
             raise ConfigError(f"{path}: missing key {key!r}")
@@ -134,16 +201,28 @@ def load_experiment(path: str, *, seeds: Sequence[int] | None = None, methods: S
     for where, overrides in [("train", train), *((f"methods.{m}", o) for m, o in all_methods.items())]:
         clash = sorted({k.replace("-", "_") for k in overrides} & _RUNNER_KEYS)
         if clash:
-            raise ConfigError(f"{path}: {where}: {clash[0]!r} is set by the experiment itself (top-level keys "
-                              "teacher/student/data/seeds), not per run")
+            raise ConfigError(
+                f"{path}: {where}: {clash[0]!r} is set by the experiment itself (top-level keys "
+                "teacher/student/data/seeds), not per run"
+            )
     cfg = ExperimentConfig(
-        name=str(raw["name"]), description=str(raw.get("description", "")), teacher=resolve(raw["teacher"]),
-        student=str(raw["student"]), student_overrides=dict(raw.get("student_overrides") or {}),
-        methods=all_methods, seeds=list(seeds) if seeds else list(file_seeds), baseline=str(raw["baseline"]),
-        train=train, data=data or resolve(raw.get("data")), data_source=str(raw.get("data_source", "fashion-mnist")),
-        eval=eval_cfg, teacher_cka=dict(raw.get("teacher_cka") or {}),
+        name=str(raw["name"]),
+        description=str(raw.get("description", "")),
+        teacher=resolve(raw["teacher"]),
+        student=str(raw["student"]),
+        student_overrides=dict(raw.get("student_overrides") or {}),
+        methods=all_methods,
+        seeds=list(seeds) if seeds else list(file_seeds),
+        baseline=str(raw["baseline"]),
+        train=train,
+        data=data or resolve(raw.get("data")),
+        data_source=str(raw.get("data_source", "fashion-mnist")),
+        eval=eval_cfg,
+        teacher_cka=dict(raw.get("teacher_cka") or {}),
         runs_dir=runs_dir or resolve(raw.get("runs_dir")) or os.path.join("runs", "experiments", str(raw["name"])),
-        threads=raw.get("threads"), path=os.path.abspath(path))
+        threads=raw.get("threads"),
+        path=os.path.abspath(path),
+    )
     if not os.path.isfile(cfg.teacher):
         raise InputNotFoundError(f"{path}: teacher checkpoint not found: {cfg.teacher}")
     for method in cfg.methods:
@@ -160,8 +239,9 @@ def _teacher_meta(cfg: ExperimentConfig) -> dict[str, Any]:
 
     meta = read_teacher_meta(cfg.teacher)
     if meta is None:
-        raise CheckpointError(f"{cfg.teacher} has no train-teacher recipe; an experiment needs a "
-                              "`leap train-teacher` checkpoint")
+        raise CheckpointError(
+            f"{cfg.teacher} has no train-teacher recipe; an experiment needs a `leap train-teacher` checkpoint"
+        )
     return meta
 
 
@@ -170,11 +250,20 @@ def run_config(cfg: ExperimentConfig, method: str, seed: int, run_dir: str) -> d
     from .pretrain import read_teacher_meta
 
     meta = read_teacher_meta(cfg.teacher) or {}
-    return {**cfg.train, **cfg.methods[method],
-            "teacher": meta.get("model", ""), "teacher_weights": cfg.teacher,
-            "teacher_overrides": meta.get("model_overrides", {}), "img_size": meta.get("img_size", 224),
-            "student": cfg.student, "student_overrides": cfg.student_overrides,
-            "data": cfg.data, "data_source": cfg.data_source, "seed": seed, "out": run_dir}
+    return {
+        **cfg.train,
+        **cfg.methods[method],
+        "teacher": meta.get("model", ""),
+        "teacher_weights": cfg.teacher,
+        "teacher_overrides": meta.get("model_overrides", {}),
+        "img_size": meta.get("img_size", 224),
+        "student": cfg.student,
+        "student_overrides": cfg.student_overrides,
+        "data": cfg.data,
+        "data_source": cfg.data_source,
+        "seed": seed,
+        "out": run_dir,
+    }
 
 
 def run_dir_of(cfg: ExperimentConfig, method: str, seed: int) -> str:
@@ -204,8 +293,9 @@ def _latest_eval(records: list[dict[str, Any]], protocol: str, checkpoint_sha: s
     return None
 
 
-def collect_run(run_dir: str, *, method: str, seed: int, baseline_flops: dict[str, float] | None = None
-                ) -> dict[str, Any]:
+def collect_run(
+    run_dir: str, *, method: str, seed: int, baseline_flops: dict[str, float] | None = None
+) -> dict[str, Any]:
     """One run's record, read from its own files only.
 
     ``metrics`` (see :data:`METRICS`) come from ``summary.json`` (FLOPs, wall time, mean block) and the
@@ -230,37 +320,63 @@ def collect_run(run_dir: str, *, method: str, seed: int, baseline_flops: dict[st
     linear = _latest_eval(records, "linear", ckpt_sha)
     knn = _latest_eval(records, "knn", ckpt_sha)
     if linear is None or knn is None:
-        raise InputNotFoundError(f"{run_dir}: {EVAL_FILE} has no {'linear' if linear is None else 'knn'} record "
-                                 "for the final checkpoint")
+        raise InputNotFoundError(
+            f"{run_dir}: {EVAL_FILE} has no {'linear' if linear is None else 'knn'} record for the final checkpoint"
+        )
     flops = summary.get("flops") or {}
     lin, kn = linear["numbers"], knn["numbers"]
     metrics: dict[str, float | None] = {
-        "linear_cls_best": lin["cls"]["best_top1"], "linear_patch_best": lin["patch"]["best_top1"],
-        "linear_cls_last": lin["cls"]["last_top1"], "linear_patch_last": lin["patch"]["last_top1"],
-        "knn_cls": kn["cls"], "knn_patch": kn["patch"],
+        "linear_cls_best": lin["cls"]["best_top1"],
+        "linear_patch_best": lin["patch"]["best_top1"],
+        "linear_cls_last": lin["cls"]["last_top1"],
+        "linear_patch_last": lin["patch"]["last_top1"],
+        "knn_cls": kn["cls"],
+        "knn_patch": kn["patch"],
         "teacher_tflops": flops["teacher_flops"] / 1e12 if flops.get("teacher_flops") is not None else None,
-        "teacher_saved_vs_baseline": None, "total_saved_vs_baseline": None,
-        "train_time_s": summary.get("train_time_s"), "mean_block": summary.get("mean_block"),
+        "teacher_saved_vs_baseline": None,
+        "total_saved_vs_baseline": None,
+        "train_time_s": summary.get("train_time_s"),
+        "mean_block": summary.get("mean_block"),
     }
     if baseline_flops and flops.get("teacher_flops") is not None:
         metrics["teacher_saved_vs_baseline"] = 1.0 - flops["teacher_flops"] / baseline_flops["teacher_flops"]
         metrics["total_saved_vs_baseline"] = 1.0 - flops["step_flops"] / baseline_flops["step_flops"]
     run = load_run(run_dir)
     return {
-        "method": method, "seed": seed, "run_dir": os.path.abspath(run_dir), "mode": summary.get("mode"),
-        "status": summary.get("status"), "metrics": metrics,
-        "flops": {k: flops.get(k) for k in ("teacher_flops", "baseline_teacher_flops", "saved_fraction",
-                                            "step_flops", "baseline_step_flops", "total_saved_fraction")},
-        "steps": summary.get("steps"), "num_blocks": summary.get("num_blocks"),
-        "start_block": summary.get("start_block"), "final_block": summary.get("final_block"),
+        "method": method,
+        "seed": seed,
+        "run_dir": os.path.abspath(run_dir),
+        "mode": summary.get("mode"),
+        "status": summary.get("status"),
+        "metrics": metrics,
+        "flops": {
+            k: flops.get(k)
+            for k in (
+                "teacher_flops",
+                "baseline_teacher_flops",
+                "saved_fraction",
+                "step_flops",
+                "baseline_step_flops",
+                "total_saved_fraction",
+            )
+        },
+        "steps": summary.get("steps"),
+        "num_blocks": summary.get("num_blocks"),
+        "start_block": summary.get("start_block"),
+        "final_block": summary.get("final_block"),
         "level_ups": summary.get("level_ups"),
         "trajectory": {"step_blocks": run.step_blocks(), "epoch_mean_blocks": run.epoch_mean_blocks()},
         "eval_elapsed_s": (linear.get("elapsed_s") or 0.0) + (knn.get("elapsed_s") or 0.0),
-        "linear_settings": linear.get("settings"), "knn_settings": knn.get("settings"),
+        "linear_settings": linear.get("settings"),
+        "knn_settings": knn.get("settings"),
         "eval_data": {"linear": linear.get("data"), "knn": knn.get("data")},
-        "sources": {SUMMARY_FILE: _sha256(summary_path), EVAL_FILE: _sha256(eval_path),
-                    "checkpoint": ckpt_sha, "linear_record_time": linear.get("time"),
-                    "knn_record_time": knn.get("time")},
+        "sources": {
+            SUMMARY_FILE: _sha256(summary_path),
+            EVAL_FILE: _sha256(eval_path),
+            "checkpoint": ckpt_sha,
+            "linear_record_time": linear.get("time"),
+            "knn_record_time": knn.get("time"),
+        },
         "config": summary.get("config"),
     }
 
@@ -293,9 +409,19 @@ def _evaluate_run(cfg: ExperimentConfig, run_dir: str, checkpoint: str, progress
     from ..evaluation.run import evaluate_knn, evaluate_linear
 
     ev = cfg.eval_settings
-    common = dict(data_source=cfg.data_source, features="both", cache_dir=os.path.join(cfg.runs_dir, "feature-cache"),
-                  workers=0, device="cpu", progress=progress, limit_train=ev["probe_train"],
-                  limit_val=ev["probe_test"], batch_size=ev["batch_size"], run_dir=run_dir, write_record=True)
+    common = dict(
+        data_source=cfg.data_source,
+        features="both",
+        cache_dir=os.path.join(cfg.runs_dir, "feature-cache"),
+        workers=0,
+        device="cpu",
+        progress=progress,
+        limit_train=ev["probe_train"],
+        limit_val=ev["probe_test"],
+        batch_size=ev["batch_size"],
+        run_dir=run_dir,
+        write_record=True,
+    )
     evaluate_knn({"model": checkpoint}, cfg.data, k=ev["knn_k"], **common)
     evaluate_linear({"model": checkpoint}, cfg.data, epochs=ev["probe_epochs"], **common)
 
@@ -360,8 +486,9 @@ def _student_params(cfg: ExperimentConfig, img_size: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_experiment(cfg: ExperimentConfig, out: str, *, fresh: bool = False, progress: bool = True,
-                   table_only: bool = False) -> dict[str, Any]:
+def run_experiment(
+    cfg: ExperimentConfig, out: str, *, fresh: bool = False, progress: bool = True, table_only: bool = False
+) -> dict[str, Any]:
     """Train and evaluate every (method, seed) not finished yet, then write ``out``'s results.
 
     ``table_only``: no training; rebuild the results from the finished runs (missing ones are an error).
@@ -369,8 +496,8 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, fresh: bool = False, prog
     """
     import torch
 
-    from .demo import FASHION_MNIST_HELP
     from .. import data as leap_data
+    from .demo import FASHION_MNIST_HELP
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -403,8 +530,11 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, fresh: bool = False, prog
     cka = None
     if cfg.teacher_cka.get("images", 1000):
         # Cached next to the results: it depends only on the teacher, the data and the image count.
-        key = {"teacher_sha256": _sha256(cfg.teacher), "data": cfg.data,
-               "requested": int(cfg.teacher_cka.get("images", 1000))}
+        key = {
+            "teacher_sha256": _sha256(cfg.teacher),
+            "data": cfg.data,
+            "requested": int(cfg.teacher_cka.get("images", 1000)),
+        }
         old = read_json(cka_path) if os.path.isfile(cka_path) else None
         if old and all(old.get(k) == v for k, v in key.items()):
             cka = old
@@ -418,11 +548,19 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, fresh: bool = False, prog
     text = render_results(cfg, records, agg, teacher, _student_params(cfg, teacher["img_size"]), cka, plots, env, wall)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
-    write_json(os.path.join(out, "results.json"),
-               {"name": cfg.name, "config": os.path.relpath(cfg.path), "environment": env, "wall_s": wall,
-                "teacher": {k: teacher.get(k) for k in ("model", "model_overrides", "img_size", "params",
-                                                        "test_accuracy")},
-                "aggregate": agg, "runs": records, "teacher_cka": cka})
+    write_json(
+        os.path.join(out, "results.json"),
+        {
+            "name": cfg.name,
+            "config": os.path.relpath(cfg.path),
+            "environment": env,
+            "wall_s": wall,
+            "teacher": {k: teacher.get(k) for k in ("model", "model_overrides", "img_size", "params", "test_accuracy")},
+            "aggregate": agg,
+            "runs": records,
+            "teacher_cka": cka,
+        },
+    )
     print(f"\nresults: {os.path.join(out, 'results.md')}\n")
     print("\n".join(results_table(agg)))
     return {"records": records, "aggregate": agg, "results_md": text}

@@ -16,25 +16,69 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .plotting import new_figure, save_figure
 
-__all__ = ["Metric", "METRICS", "t_quantile_975", "mean_std", "paired_interval", "aggregate", "format_value",
-           "format_cell", "column_label", "results_table", "diff_table", "render_results", "environment", "write_plots"]
+__all__ = [
+    "Metric",
+    "METRICS",
+    "t_quantile_975",
+    "mean_std",
+    "paired_interval",
+    "aggregate",
+    "format_value",
+    "format_cell",
+    "column_label",
+    "results_table",
+    "diff_table",
+    "render_results",
+    "environment",
+    "write_plots",
+]
 
 #: Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
-    key: str         # key in a run record's "metrics"
-    label: str       # column header
-    unit: str        # "%" (stored as a fraction, shown x100), "s", "TFLOP", "" (plain)
-    compare: bool    # listed in the difference-to-baseline table
+    key: str  # key in a run record's "metrics"
+    label: str  # column header
+    unit: str  # "%" (stored as a fraction, shown x100), "s", "TFLOP", "" (plain)
+    compare: bool  # listed in the difference-to-baseline table
 
 
 #: The metrics of every run, in table order.
@@ -94,13 +138,23 @@ def aggregate(records: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
             mean, std = mean_std(present) if present else (None, None)
             entry["metrics"][metric.key] = {"by_seed": values, "mean": mean, "std": std}
             if metric.compare and m != baseline and baseline in by_method:
-                seeds = [s for s in sorted(by_method[m]) if s in by_method[baseline]
-                         and values[s] is not None and by_method[baseline][s]["metrics"].get(metric.key) is not None]
+                seeds = [
+                    s
+                    for s in sorted(by_method[m])
+                    if s in by_method[baseline]
+                    and values[s] is not None
+                    and by_method[baseline][s]["metrics"].get(metric.key) is not None
+                ]
                 if seeds:
                     diffs = [values[s] - by_method[baseline][s]["metrics"][metric.key] for s in seeds]
                     d, lo, hi = paired_interval(diffs)
-                    entry["diff_vs_baseline"][metric.key] = {"seeds": seeds, "diffs": diffs, "mean": d, "low": lo,
-                                                             "high": hi}
+                    entry["diff_vs_baseline"][metric.key] = {
+                        "seeds": seeds,
+                        "diffs": diffs,
+                        "mean": d,
+                        "low": lo,
+                        "high": hi,
+                    }
         out["methods"][m] = entry
     return out
 
@@ -131,7 +185,7 @@ def format_cell(stats: dict[str, Any], unit: str) -> str:
 
 def column_label(metric: Metric) -> str:
     """A metric's column header in results.md."""
-    return metric.label +  {"%": " (%)", "s": " (s)"}.get(metric.unit, "")
+    return metric.label + {"%": " (%)", "s": " (s)"}.get(metric.unit, "")
 
 
 def results_table(agg: dict[str, Any]) -> list[str]:
@@ -147,8 +201,7 @@ def results_table(agg: dict[str, Any]) -> list[str]:
 def diff_table(agg: dict[str, Any]) -> list[str]:
     """Method - baseline per compared metric: mean difference [95% interval], paired by seed."""
     compared = [m for m in METRICS if m.compare]
-    lines = ["| method | " + " | ".join(column_label(m) for m in compared) + " |",
-             "|" + "---|" * (len(compared) + 1)]
+    lines = ["| method | " + " | ".join(column_label(m) for m in compared) + " |", "|" + "---|" * (len(compared) + 1)]
     for name, entry in agg["methods"].items():
         if name == agg["baseline"]:
             continue
@@ -160,9 +213,11 @@ def diff_table(agg: dict[str, Any]) -> list[str]:
             elif d["low"] is None:
                 cells.append(format_value(d["mean"], m.unit, signed=True))
             else:
-                cells.append(f"{format_value(d['mean'], m.unit, signed=True)} "
-                             f"[{format_value(d['low'], m.unit, signed=True)}, "
-                             f"{format_value(d['high'], m.unit, signed=True)}]")
+                cells.append(
+                    f"{format_value(d['mean'], m.unit, signed=True)} "
+                    f"[{format_value(d['low'], m.unit, signed=True)}, "
+                    f"{format_value(d['high'], m.unit, signed=True)}]"
+                )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -177,13 +232,27 @@ def environment() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         sha = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "git": sha,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git": sha,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def _plot_trajectories(records: list[dict[str, Any]], path: str) -> str | None:
@@ -194,8 +263,16 @@ def _plot_trajectories(records: list[dict[str, Any]], path: str) -> str | None:
         if not blocks:
             continue
         color = colors.setdefault(rec["method"], f"C{len(colors)}")
-        label = rec["method"] if sum(1 for r in records if r["method"] == rec["method"] and r is not rec
-                                     and records.index(r) < records.index(rec)) == 0 else None
+        label = (
+            rec["method"]
+            if sum(
+                1
+                for r in records
+                if r["method"] == rec["method"] and r is not rec and records.index(r) < records.index(rec)
+            )
+            == 0
+            else None
+        )
         ax.plot(range(1, len(blocks) + 1), blocks, color=color, lw=1.0, alpha=0.7, label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("teacher target block")
@@ -206,14 +283,24 @@ def _plot_trajectories(records: list[dict[str, Any]], path: str) -> str | None:
 
 def _plot_accuracy_vs_flops(agg: dict[str, Any], path: str) -> str | None:
     fig, axes = new_figure(nrows=2, height=3.2)
-    for ax, key, label in ((axes[0], "linear_cls_best", "linear probe CLS top-1 (best epoch, %)"),
-                           (axes[1], "knn_cls", "kNN CLS top-1 (%)")):
+    for ax, key, label in (
+        (axes[0], "linear_cls_best", "linear probe CLS top-1 (best epoch, %)"),
+        (axes[1], "knn_cls", "kNN CLS top-1 (%)"),
+    ):
         for i, (name, entry) in enumerate(agg["methods"].items()):
             x, y = entry["metrics"]["teacher_tflops"], entry["metrics"][key]
             if x["mean"] is None or y["mean"] is None:
                 continue
-            ax.errorbar([x["mean"]], [y["mean"] * 100], xerr=[x["std"] or 0], yerr=[(y["std"] or 0) * 100],
-                        fmt="o", color=f"C{i}", capsize=3, label=name)
+            ax.errorbar(
+                [x["mean"]],
+                [y["mean"] * 100],
+                xerr=[x["std"] or 0],
+                yerr=[(y["std"] or 0) * 100],
+                fmt="o",
+                color=f"C{i}",
+                capsize=3,
+                label=name,
+            )
         ax.set_xlabel("teacher TFLOP per run (training steps)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
@@ -223,22 +310,30 @@ def _plot_accuracy_vs_flops(agg: dict[str, Any], path: str) -> str | None:
 def _plot_teacher_cka(cka: dict[str, Any], path: str) -> str | None:
     fig, (ax,) = new_figure(height=6.0)
     blocks = cka["blocks"]
-    image = ax.imshow(cka["matrix"], vmin=0.0, vmax=1.0, cmap="viridis", origin="upper",
-                      extent=(0.5, len(blocks) + 0.5, len(blocks) + 0.5, 0.5))
+    image = ax.imshow(
+        cka["matrix"],
+        vmin=0.0,
+        vmax=1.0,
+        cmap="viridis",
+        origin="upper",
+        extent=(0.5, len(blocks) + 0.5, len(blocks) + 0.5, 0.5),
+    )
     ax.figure.colorbar(image, ax=ax, label="linear CKA")
     for i in range(len(blocks)):
         for j in range(len(blocks)):
             v = cka["matrix"][i][j]
-            ax.text(j + 1, i + 1, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if v < 0.6 else "black")
+            ax.text(
+                j + 1, i + 1, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black"
+            )
     ax.set_xlabel("teacher block")
     ax.set_ylabel("teacher block")
     ax.set_title(f"teacher block-to-block linear CKA (patch tokens, {cka['images']} test images)")
     return save_figure(fig, path)
 
 
-def write_plots(records: list[dict[str, Any]], agg: dict[str, Any], cka: dict[str, Any] | None,
-                out: str) -> dict[str, str]:
+def write_plots(
+    records: list[dict[str, Any]], agg: dict[str, Any], cka: dict[str, Any] | None, out: str
+) -> dict[str, str]:
     """trajectories.png, accuracy_vs_flops.png and (with ``cka``) teacher_cka.png in ``out``;
     ``{name: path}`` of those written (none without matplotlib: the tables stand without plots)."""
     plots: dict[str, str] = {}
@@ -264,9 +359,17 @@ def _trajectory_line(entry_records: list[dict[str, Any]]) -> str:
     return " ".join(f"{statistics.fmean(e[i] for e in epochs):.1f}" for i in range(n))
 
 
-def render_results(cfg: Any, records: list[dict[str, Any]], agg: dict[str, Any],
-                   teacher: dict[str, Any], student_params: int, cka: dict[str, Any] | None,
-                   plots: dict[str, str], env: dict[str, Any], wall_s: float) -> str:
+def render_results(
+    cfg: Any,
+    records: list[dict[str, Any]],
+    agg: dict[str, Any],
+    teacher: dict[str, Any],
+    student_params: int,
+    cka: dict[str, Any] | None,
+    plots: dict[str, str],
+    env: dict[str, Any],
+    wall_s: float,
+) -> str:
     """results.md: setup, the mean ± std table, the paired differences, trajectories, the teacher CKA.
 
     ``cfg`` is the :class:`leap.apps.experiment.ExperimentConfig` (not imported here: that module imports this one).
@@ -278,14 +381,18 @@ def render_results(cfg: Any, records: list[dict[str, Any]], agg: dict[str, Any],
     train_min = sum(r["metrics"].get("train_time_s") or 0.0 for r in records) / 60
     eval_min = sum(r.get("eval_elapsed_s") or 0.0 for r in records) / 60
     lines = [
-        f"# Experiment `{cfg.name}`", "",
-        cfg.description.strip(), "",
+        f"# Experiment `{cfg.name}`",
+        "",
+        cfg.description.strip(),
+        "",
         f"Reproduce: `leap experiment {os.path.relpath(cfg.path)}` (`make experiment`). "
         f"Runs: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds ({seeds}): {train_min:.1f} min of training and "
         f"{eval_min:.1f} min of evaluation in all (from the runs' records) on {env['cpu']} ({env['cpu_count']} cores, "
         f"{env['torch_threads']} torch threads), torch {env['torch']}; tables written by git {env['git'] or 'n/a'} "
-        f"on {env['date']} ({wall_s / 60:.1f} min for this invocation).", "",
-        "## Setup", "",
+        f"on {env['date']} ({wall_s / 60:.1f} min for this invocation).",
+        "",
+        "## Setup",
+        "",
         f"- teacher: `{os.path.relpath(cfg.teacher)}`: {teacher.get('model')} "
         f"{json.dumps(teacher.get('model_overrides'))} "
         f"at {teacher.get('img_size')} px, {t_params:,} parameters, test accuracy "
@@ -299,38 +406,56 @@ def render_results(cfg: Any, records: list[dict[str, Any]], agg: dict[str, Any],
         f"({ev['probe_epochs']} epochs; best and last epoch) on CLS and mean-patch features; probe/kNN training set "
         f"= {'all' if ev['probe_train'] is None else 'the first ' + str(ev['probe_train'])} training images, test "
         f"set = {'all' if ev['probe_test'] is None else 'the first ' + str(ev['probe_test'])} test images",
-        "- same seed = same student initialisation, data order and augmentation in every method", "",
-        "## Results (mean ± std over seeds)", "",
-        *results_table(agg), "",
-        "Accuracies in %. \"teacher TFLOP\": teacher forward FLOPs of the training steps (calibration apart); "
-        "\"saved vs baseline\": 1 - this method's teacher (total: teacher + student + head + CKA) FLOPs / the "
-        f"baseline's (`{cfg.baseline}`, mean over seeds). Wall time: training only, as measured on this machine.", "",
-        f"## Difference to the baseline (`{cfg.baseline}`), paired by seed: mean [95% t-interval]", "",
-        *diff_table(agg), "",
+        "- same seed = same student initialisation, data order and augmentation in every method",
+        "",
+        "## Results (mean ± std over seeds)",
+        "",
+        *results_table(agg),
+        "",
+        'Accuracies in %. "teacher TFLOP": teacher forward FLOPs of the training steps (calibration apart); '
+        '"saved vs baseline": 1 - this method\'s teacher (total: teacher + student + head + CKA) FLOPs / the '
+        f"baseline's (`{cfg.baseline}`, mean over seeds). Wall time: training only, as measured on this machine.",
+        "",
+        f"## Difference to the baseline (`{cfg.baseline}`), paired by seed: mean [95% t-interval]",
+        "",
+        *diff_table(agg),
+        "",
         "Percentage points (time in s). An interval that contains 0 means no difference was resolved with these seeds.",
         "",
-        "## Target block per epoch (mean over seeds)", "",
-        "| method | blocks |", "|---|---|",
-        *(f"| {m} | {_trajectory_line([r for r in records if r['method'] == m])} |" for m in agg["methods"]), "",
+        "## Target block per epoch (mean over seeds)",
+        "",
+        "| method | blocks |",
+        "|---|---|",
+        *(f"| {m} | {_trajectory_line([r for r in records if r['method'] == m])} |" for m in agg["methods"]),
+        "",
     ]
     for title, key in (("Trajectories", "trajectories"), ("Accuracy vs teacher FLOPs", "accuracy_vs_flops")):
         if plots.get(key):
             lines += [f"![{title}]({os.path.basename(plots[key])})", ""]
     if cka is not None:
-        lines += ["## Teacher block-to-block linear CKA", "",
-                  f"Patch tokens after each block and the final norm, {cka['images']} test images pooled. "
-                  f"Lowest off-diagonal value: {_lowest_off_diagonal(cka['matrix']):.3f}; "
-                  f"CKA(block 1, last block) = {cka['matrix'][0][-1]:.3f}.", ""]
+        lines += [
+            "## Teacher block-to-block linear CKA",
+            "",
+            f"Patch tokens after each block and the final norm, {cka['images']} test images pooled. "
+            f"Lowest off-diagonal value: {_lowest_off_diagonal(cka['matrix']):.3f}; "
+            f"CKA(block 1, last block) = {cka['matrix'][0][-1]:.3f}.",
+            "",
+        ]
         if plots.get("teacher_cka"):
             lines += [f"![Teacher CKA]({os.path.basename(plots['teacher_cka'])})", ""]
-        lines += ["| block | " + " | ".join(str(b) for b in cka["blocks"]) + " |",
-                  "|" + "---|" * (len(cka["blocks"]) + 1)]
-        lines += [f"| {b} | " + " | ".join(f"{v:.2f}" for v in row) + " |"
-                  for b, row in zip(cka["blocks"], cka["matrix"])]
+        lines += [
+            "| block | " + " | ".join(str(b) for b in cka["blocks"]) + " |",
+            "|" + "---|" * (len(cka["blocks"]) + 1),
+        ]
+        lines += [
+            f"| {b} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for b, row in zip(cka["blocks"], cka["matrix"])
+        ]
         lines.append("")
-    lines += ["## Raw records", "",
-              "`raw/<method>-seed<k>.json`: one per run, read from the run's `summary.json` and `eval.jsonl` "
-              "(SHA-256 of each in `sources`); `results.json`: all of them with the aggregates.", ""]
+    lines += [
+        "## Raw records",
+        "",
+        "`raw/<method>-seed<k>.json`: one per run, read from the run's `summary.json` and `eval.jsonl` "
+        "(SHA-256 of each in `sources`); `results.json`: all of them with the aggregates.",
+        "",
+    ]
     return "\n".join(lines)
-
-

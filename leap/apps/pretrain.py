@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +29,14 @@ from ..models import build_model
 from ..optim import WarmupCosine, build_optimizer
 from ..runlog import write_json
 
-__all__ = ["TEACHER_META_KEY", "TeacherTrainConfig", "evaluate_accuracy", "validate_teacher_config", "train_teacher",
-           "read_teacher_meta"]
+__all__ = [
+    "TEACHER_META_KEY",
+    "TeacherTrainConfig",
+    "evaluate_accuracy",
+    "validate_teacher_config",
+    "train_teacher",
+    "read_teacher_meta",
+]
 
 
 class _Classifier(nn.Module):
@@ -69,8 +74,10 @@ def validate_teacher_config(cfg: TeacherTrainConfig) -> TeacherTrainConfig:
         if value is not None and value < 1:
             raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
     if os.path.isdir(cfg.out):
-        raise ConfigError(f"--out {cfg.out} is a directory; give the path of the teacher file to write "
-                          f"(e.g. {os.path.join(cfg.out, 'teacher.pth')})")
+        raise ConfigError(
+            f"--out {cfg.out} is a directory; give the path of the teacher file to write "
+            f"(e.g. {os.path.join(cfg.out, 'teacher.pth')})"
+        )
     return cfg
 
 
@@ -93,7 +100,8 @@ def _held_out_set(cfg: TeacherTrainConfig, train_set):
             raise DataError(
                 f"{cfg.data} has no held-out split (no test/ or val/ folder beside train/): the test accuracy "
                 f"would be measured on the training images. Put held-out images in "
-                f"{os.path.join(cfg.data, 'test', '<class>')}/ (and the training images in train/<class>/)")
+                f"{os.path.join(cfg.data, 'test', '<class>')}/ (and the training images in train/<class>/)"
+            )
         return test_set
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -101,8 +109,9 @@ def _held_out_set(cfg: TeacherTrainConfig, train_set):
 def _check_finite(model: nn.Module, what: str) -> None:
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise NonFiniteLossError(f"{what}: {len(bad)} weight tensor(s) are NaN/Inf (e.g. {bad[0]}); nothing was "
-                                 "saved. Try a lower --lr")
+        raise NonFiniteLossError(
+            f"{what}: {len(bad)} weight tensor(s) are NaN/Inf (e.g. {bad[0]}); nothing was saved. Try a lower --lr"
+        )
 
 
 def train_teacher(cfg: TeacherTrainConfig) -> dict:
@@ -119,16 +128,24 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_set = leap_data.build_dataset(
-        cfg.data_source, cfg.data, "train", cfg.img_size, augment=True,
-        crop_scale=(0.5, 1.0), color_jitter=False, random_grayscale=False)
+        cfg.data_source,
+        cfg.data,
+        "train",
+        cfg.img_size,
+        augment=True,
+        crop_scale=(0.5, 1.0),
+        color_jitter=False,
+        random_grayscale=False,
+    )
     test_set = _held_out_set(cfg, train_set)
     data_files = getattr(train_set, "files", []) + getattr(test_set, "files", [])
     if cfg.limit_train is not None:
         train_set = leap_data.FirstN(train_set, cfg.limit_train)
     if cfg.limit_test is not None:
         test_set = leap_data.FirstN(test_set, cfg.limit_test)
-    train_loader = leap_data.build_loader(train_set, cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                                          seed=cfg.seed, drop_last=True)
+    train_loader = leap_data.build_loader(
+        train_set, cfg.batch_size, shuffle=True, num_workers=cfg.workers, seed=cfg.seed, drop_last=True
+    )
     test_loader = leap_data.build_loader(test_set, 256, shuffle=False, num_workers=cfg.workers, drop_last=False)
     num_classes = len(train_set.classes)
 
@@ -138,8 +155,12 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     # and schedule (linear warmup, cosine to 0).
     optimizer = build_optimizer("adamw", model.named_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
-    scheduler = WarmupCosine(optimizer, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
-                             total_steps=max(1, cfg.epochs * steps_per_epoch), min_lr_ratio=0.0)
+    scheduler = WarmupCosine(
+        optimizer,
+        warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+        total_steps=max(1, cfg.epochs * steps_per_epoch),
+        min_lr_ratio=0.0,
+    )
 
     try:
         from tqdm import tqdm
@@ -149,8 +170,16 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     for epoch in range(cfg.epochs):
         model.train()
         leap_data.set_loader_epoch(train_loader, epoch)
-        bar = tqdm(train_loader, desc=f"teacher epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and tqdm is not None and sys.stderr.isatty())) if tqdm else train_loader
+        bar = (
+            tqdm(
+                train_loader,
+                desc=f"teacher epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+                disable=not (cfg.progress and tqdm is not None and sys.stderr.isatty()),
+            )
+            if tqdm
+            else train_loader
+        )
         running = 0.0
         for images, labels in bar:
             logits = model(images.to(device))
@@ -158,7 +187,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"train-teacher: the loss is {loss.item()} at epoch {epoch + 1}; training stopped and nothing was "
-                    f"saved. Try a lower --lr (now {cfg.lr})")
+                    f"saved. Try a lower --lr (now {cfg.lr})"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -167,13 +197,18 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
             running += loss.item()
             if tqdm and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        print(f"teacher epoch {epoch + 1}/{cfg.epochs}: train loss {running / max(1, steps_per_epoch):.4f} "
-              f"({time.time() - start:.0f}s)", flush=True)
+        print(
+            f"teacher epoch {epoch + 1}/{cfg.epochs}: train loss {running / max(1, steps_per_epoch):.4f} "
+            f"({time.time() - start:.0f}s)",
+            flush=True,
+        )
 
     _check_finite(model, "train-teacher")
     # Save in fp16, then measure the accuracy of exactly what was saved.
-    state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
-             for k, v in model.backbone.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
+        for k, v in model.backbone.state_dict().items()
+    }
     classifier = {k: v.detach().cpu() for k, v in model.head.state_dict().items()}
     model.backbone.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     accuracy = evaluate_accuracy(model, test_loader, device)
@@ -194,12 +229,14 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     }
     atomic_save({"model": state, "classifier": classifier, TEACHER_META_KEY: meta}, cfg.out)
     write_json(os.path.splitext(cfg.out)[0] + ".json", meta)
-    print(f"teacher test accuracy {accuracy * 100:.2f}% ({len(test_set)} {meta['test_split']} images); saved {cfg.out} "
-          f"({os.path.getsize(cfg.out) / 2**20:.1f} MB)")
+    print(
+        f"teacher test accuracy {accuracy * 100:.2f}% ({len(test_set)} {meta['test_split']} images); saved {cfg.out} "
+        f"({os.path.getsize(cfg.out) / 2**20:.1f} MB)"
+    )
     return {**meta, "path": cfg.out}
 
 
-def read_teacher_meta(path: str) -> Optional[dict]:
+def read_teacher_meta(path: str) -> dict | None:
     """The recipe stored by ``train-teacher`` (model name, overrides, img size), or None."""
     obj = read_torch_file(path, "teacher checkpoint")
     return obj.get(TEACHER_META_KEY) if isinstance(obj, dict) else None

@@ -18,7 +18,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import EXIT_USAGE
 from . import demo, distill, evaluate, experiment, flops, report, train_teacher

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LeapError, MissingDependencyError
 
@@ -52,7 +53,8 @@ def _missing_dependency(e: ModuleNotFoundError) -> MissingDependencyError | None
         return None
     return MissingDependencyError(
         f"the trainer needs the package providing {top!r}, which is not installed; install the trainer's "
-        f"dependencies with: pip install \"leap-kernels[train]\"")
+        f'dependencies with: pip install "leap-kernels[train]"'
+    )
 
 
 def _exit_status(e: SystemExit) -> int:
@@ -88,14 +90,19 @@ def execute(name: str | None, call: Callable[[], int]) -> int:
         return error(prefix + (str(e) or type(e).__name__), e.exit_code)
 
 
-def parse_and_run(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
-                  argv: Sequence[str]) -> int:
+def parse_and_run(
+    parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: Sequence[str]
+) -> int:
     """``run(parser.parse_args(argv))``."""
     return run(parser.parse_args(list(argv)))
 
 
-def run_alone(name: str, add_parser: Callable[[Any], argparse.ArgumentParser],
-              run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None) -> int:
+def run_alone(
+    name: str,
+    add_parser: Callable[[Any], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+) -> int:
     """Run one command from ``argv`` (the arguments after ``leap NAME``) as ``leap NAME`` would."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog=PROG)

@@ -8,7 +8,8 @@ import argparse
 import os
 from typing import Any
 
-from ..config import TrainConfig, config_fields, load_config_file, normalize_mapping
+from ..config import TrainConfig, config_fields, normalize_mapping
+from ..config_schema import load_config_file
 from .command import run_alone
 from .options import Formatter, config_groups
 
@@ -60,15 +61,25 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``distill`` to the ``leap`` subcommands. Option defaults are suppressed so explicit
     flags can be told apart from the ``--config`` file's values."""
     p = sub.add_parser(
-        NAME, help=HELP,
-        description=DESCRIPTION, epilog=_DISTILL_EPILOG, formatter_class=Formatter,
+        NAME,
+        help=HELP,
+        description=DESCRIPTION,
+        epilog=_DISTILL_EPILOG,
+        formatter_class=Formatter,
         argument_default=argparse.SUPPRESS,
     )
     run = config_groups(p)["run"]
-    run.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (keys as in this help, "
-                     "e.g. 'batch_size: 64' or 'batch-size: 64'); command-line flags override it")
-    run.add_argument("--print-config", action="store_true",
-                     help="print the resolved options as YAML and exit (a starting point for --config)")
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file of options (keys as in this help, "
+        "e.g. 'batch_size: 64' or 'batch-size: 64'); command-line flags override it",
+    )
+    run.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved options as YAML and exit (a starting point for --config)",
+    )
     return p
 
 
@@ -104,8 +115,10 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"  run dir: {s['run_dir']} (log.jsonl, summary.json, checkpoint.pt)",
     ]
     if s.get("calibration_blocks"):  # reported apart: the savings compare training steps only
-        lines.append(f"  calibration scan: {s['calibration_blocks']} teacher blocks once "
-                     f"({pct(flops.get('calibration_fraction'), '.2f')} of the baseline teacher FLOPs, not in the savings)")
+        lines.append(
+            f"  calibration scan: {s['calibration_blocks']} teacher blocks once "
+            f"({pct(flops.get('calibration_fraction'), '.2f')} of the baseline teacher FLOPs, not in the savings)"
+        )
     if s.get("decode_failures"):
         lines.append(f"  {s['decode_failures']} undecodable image(s) were skipped")
     print("\n".join(lines), flush=True)

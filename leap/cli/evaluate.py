@@ -36,7 +36,9 @@ model (exactly one of):
                                block K (patch embed, blocks 1..K, final norm); default: all blocks
   --pixels                     raw pixels (a baseline)"""
 
-_LINEAR_EPILOG = _MODEL_HELP + """
+_LINEAR_EPILOG = (
+    _MODEL_HELP
+    + """
 
 protocol (the paper's): zero-initialized linear classifier on the cached features, SGD lr 0.1,
 momentum 0.9, no weight decay, cosine schedule, 100 epochs, batch 256. Reported: best validation
@@ -48,8 +50,11 @@ examples:
   leap eval linear --model runs/vits-leap --data /data/imagenet100
   leap eval linear --teacher vit_giant_patch14_reg4_dinov2 --teacher-weights dinov2_vitg14_reg4.pth \\
       --block 30 --data /data/imagenet100 --features patch --run-dir runs/teacher-evals"""
+)
 
-_RETRIEVAL_EPILOG = _MODEL_HELP + """
+_RETRIEVAL_EPILOG = (
+    _MODEL_HELP
+    + """
 
 protocol (revisitop): L2-normalized CLS features, single scale (longer side = the model's resolution,
 or --img-size), queries cropped to their bounding box, cosine ranking; mAP and mP@1/5/10 at Easy
@@ -60,14 +65,18 @@ revisitop's download script; ROOT may also be the dataset folder itself. Nothing
 
 example:
   leap eval retrieval --model runs/vits-leap --data ~/revisitop/data/datasets --dataset roxford5k"""
+)
 
-_KNN_EPILOG = _MODEL_HELP + """
+_KNN_EPILOG = (
+    _MODEL_HELP
+    + """
 
 protocol: weighted cosine kNN (DINO): each validation image votes among its k most similar training
 images with weights exp(sim / T); features L2-normalized.
 
 example:
   leap eval knn --model runs/vits-leap --data /data/imagenet100 --features both"""
+)
 
 
 def _json_dict(text: str) -> dict[str, Any]:
@@ -89,36 +98,64 @@ def _int_min(minimum: int):
         if v < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
         return v
+
     return parse
 
 
 def _add_common(p: argparse.ArgumentParser, *, batch_size: int) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", "--checkpoint", dest="model", metavar="RUN_DIR|CHECKPOINT",
-                   help="run directory or checkpoint file (leap distill or leap train-teacher)")
+    g.add_argument(
+        "--model",
+        "--checkpoint",
+        dest="model",
+        metavar="RUN_DIR|CHECKPOINT",
+        help="run directory or checkpoint file (leap distill or leap train-teacher)",
+    )
     g.add_argument("--teacher", metavar="NAME", help="teacher model name (timm ViT)")
     g.add_argument("--teacher-weights", metavar="FILE", help="teacher weights file")
-    g.add_argument("--teacher-overrides", type=_json_dict, metavar="JSON",
-                   help="model-shape arguments for --teacher, e.g. '{\"depth\": 8}' (default: the file's recipe)")
-    g.add_argument("--block", type=_int_min(1), metavar="K", help="features after block K (1-indexed) "
-                   "and the final norm (default: the last block)")
+    g.add_argument(
+        "--teacher-overrides",
+        type=_json_dict,
+        metavar="JSON",
+        help="model-shape arguments for --teacher, e.g. '{\"depth\": 8}' (default: the file's recipe)",
+    )
+    g.add_argument(
+        "--block",
+        type=_int_min(1),
+        metavar="K",
+        help="features after block K (1-indexed) and the final norm (default: the last block)",
+    )
     g.add_argument("--pixels", action="store_true", help="raw pixels instead of a model (a baseline)")
-    g.add_argument("--img-size", type=_int_min(1), metavar="PX",
-                   help="input resolution (default: the model's training resolution)")
+    g.add_argument(
+        "--img-size", type=_int_min(1), metavar="PX", help="input resolution (default: the model's training resolution)"
+    )
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="feature extraction: auto = bf16 autocast on CUDA, fp32 on CPU (default: auto)")
-    g.add_argument("--batch-size", type=_int_min(1), default=batch_size,
-                   help=f"images per forward pass (default: {batch_size})")
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="feature extraction: auto = bf16 autocast on CUDA, fp32 on CPU (default: auto)",
+    )
+    g.add_argument(
+        "--batch-size", type=_int_min(1), default=batch_size, help=f"images per forward pass (default: {batch_size})"
+    )
     workers = max(0, min(8, (os.cpu_count() or 1) - 1))
-    g.add_argument("--workers", type=_int_min(0), default=workers,
-                   help=f"DataLoader worker processes (default: {workers}, from the CPU count)")
-    g.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $LEAP_CACHE_DIR/features or "
-                   "~/.cache/leap/features)")
+    g.add_argument(
+        "--workers",
+        type=_int_min(0),
+        default=workers,
+        help=f"DataLoader worker processes (default: {workers}, from the CPU count)",
+    )
+    g.add_argument(
+        "--cache-dir", metavar="DIR", help="feature cache (default: $LEAP_CACHE_DIR/features or ~/.cache/leap/features)"
+    )
     g.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
-    g.add_argument("--run-dir", metavar="DIR", help="append the record to DIR/eval.jsonl (default: the model's "
-                   "run directory; none for teachers)")
+    g.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="append the record to DIR/eval.jsonl (default: the model's run directory; none for teachers)",
+    )
     g.add_argument("--no-record", action="store_true", help="write no eval.jsonl record")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -126,13 +163,26 @@ def _add_common(p: argparse.ArgumentParser, *, batch_size: int) -> None:
 
 def _add_labelled_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="PATH", help="train/ + val/ class folders, or Fashion-MNIST idx files "
-                   "(default: /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--data-source", default="auto", choices=("auto", "folder", "fashion-mnist"),
-                   help="how to read --data (default: auto)")
+    g.add_argument(
+        "--data",
+        metavar="PATH",
+        help="train/ + val/ class folders, or Fashion-MNIST idx files (default: /usr/share/datasets/fashion-mnist)",
+    )
+    g.add_argument(
+        "--data-source",
+        default="auto",
+        choices=("auto", "folder", "fashion-mnist"),
+        help="how to read --data (default: auto)",
+    )
     g.add_argument("--limit-train", type=_int_min(1), metavar="N", help="first N training images only")
-    g.add_argument("--limit-val", "--limit-test", dest="limit_val", type=_int_min(1), metavar="N",
-                   help="first N validation images only")
+    g.add_argument(
+        "--limit-val",
+        "--limit-test",
+        dest="limit_val",
+        type=_int_min(1),
+        metavar="N",
+        help="first N validation images only",
+    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -143,13 +193,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev = subparsers.add_parser(NAME, help=HELP, description=_EVAL_DESCRIPTION, formatter_class=Formatter)
     sub = ev.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
 
-    lin = sub.add_parser("linear", help="the paper's linear probe (best and last validation top-1)",
-                         description="Linear probe on frozen features (the LEAP paper's protocol).",
-                         epilog=_LINEAR_EPILOG, formatter_class=Formatter)
+    lin = sub.add_parser(
+        "linear",
+        help="the paper's linear probe (best and last validation top-1)",
+        description="Linear probe on frozen features (the LEAP paper's protocol).",
+        epilog=_LINEAR_EPILOG,
+        formatter_class=Formatter,
+    )
     _add_labelled_data(lin)
     g = lin.add_argument_group("probe")
-    g.add_argument("--features", default="both", choices=("cls", "patch", "both"),
-                   help="CLS token, mean of the patch tokens, or a probe on each (default: both)")
+    g.add_argument(
+        "--features",
+        default="both",
+        choices=("cls", "patch", "both"),
+        help="CLS token, mean of the patch tokens, or a probe on each (default: both)",
+    )
     g.add_argument("--epochs", type=_int_min(1), default=100, help="(default: 100)")
     g.add_argument("--probe-batch-size", type=_int_min(1), default=256, help="(default: 256)")
     g.add_argument("--lr", type=float, default=0.1, help="SGD peak learning rate, cosine to 0 (default: 0.1)")
@@ -159,9 +217,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_common(lin, batch_size=256)
     lin.set_defaults(handler=_run_linear)
 
-    ret = sub.add_parser("retrieval", help="Revisited Oxford/Paris mAP (Easy, Medium, Hard)",
-                         description="Image retrieval on Revisited Oxford 5k / Paris 6k (revisitop protocol).",
-                         epilog=_RETRIEVAL_EPILOG, formatter_class=Formatter)
+    ret = sub.add_parser(
+        "retrieval",
+        help="Revisited Oxford/Paris mAP (Easy, Medium, Hard)",
+        description="Image retrieval on Revisited Oxford 5k / Paris 6k (revisitop protocol).",
+        epilog=_RETRIEVAL_EPILOG,
+        formatter_class=Formatter,
+    )
     g = ret.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="ROOT", help="folder holding roxford5k/ and/or rparis6k/")
     g.add_argument("--dataset", required=True, choices=("roxford5k", "rparis6k"))
@@ -169,9 +231,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_common(ret, batch_size=32)
     ret.set_defaults(handler=_run_retrieval)
 
-    knn = sub.add_parser("knn", help="weighted cosine kNN top-1",
-                         description="k-nearest-neighbour accuracy of frozen features (DINO's weighted kNN).",
-                         epilog=_KNN_EPILOG, formatter_class=Formatter)
+    knn = sub.add_parser(
+        "knn",
+        help="weighted cosine kNN top-1",
+        description="k-nearest-neighbour accuracy of frozen features (DINO's weighted kNN).",
+        epilog=_KNN_EPILOG,
+        formatter_class=Formatter,
+    )
     _add_labelled_data(knn)
     g = knn.add_argument_group("kNN")
     g.add_argument("--features", default="cls", choices=("cls", "patch", "both"), help="(default: cls)")
@@ -196,15 +262,29 @@ def main(argv=None) -> int:
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"model": args.model, "teacher": args.teacher, "teacher_weights": args.teacher_weights,
-            "teacher_overrides": args.teacher_overrides, "block": args.block, "img_size": args.img_size,
-            "pixels": args.pixels}
+    return {
+        "model": args.model,
+        "teacher": args.teacher,
+        "teacher_weights": args.teacher_weights,
+        "teacher_overrides": args.teacher_overrides,
+        "block": args.block,
+        "img_size": args.img_size,
+        "pixels": args.pixels,
+    }
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"batch_size": args.batch_size, "workers": args.workers, "device": args.device,
-            "precision": args.precision, "cache_dir": args.cache_dir, "no_cache": args.no_cache,
-            "run_dir": args.run_dir, "write_record": not args.no_record, "progress": not args.no_progress}
+    return {
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": args.device,
+        "precision": args.precision,
+        "cache_dir": args.cache_dir,
+        "no_cache": args.no_cache,
+        "run_dir": args.run_dir,
+        "write_record": not args.no_record,
+        "progress": not args.no_progress,
+    }
 
 
 def _pct(x) -> str:
@@ -226,17 +306,32 @@ def _emit(args: argparse.Namespace, record: dict[str, Any], lines: list[str]) ->
 def _run_linear(args: argparse.Namespace) -> int:
     from ..evaluation.run import evaluate_linear
 
-    rec = evaluate_linear(_model_options(args), args.data, features=args.features, data_source=args.data_source,
-                          epochs=args.epochs, probe_batch_size=args.probe_batch_size, lr=args.lr,
-                          momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
-                          limit_train=args.limit_train, limit_val=args.limit_val, **_run_options(args))
+    rec = evaluate_linear(
+        _model_options(args),
+        args.data,
+        features=args.features,
+        data_source=args.data_source,
+        epochs=args.epochs,
+        probe_batch_size=args.probe_batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        limit_train=args.limit_train,
+        limit_val=args.limit_val,
+        **_run_options(args),
+    )
     d = rec["data"]
-    lines = [f"linear probe [{rec['model']['description']}], {d['train_images']} training / {d['val_images']} "
-             f"{d['val_split']} images, {rec['settings']['epochs']} epochs:"]
+    lines = [
+        f"linear probe [{rec['model']['description']}], {d['train_images']} training / {d['val_images']} "
+        f"{d['val_split']} images, {rec['settings']['epochs']} epochs:"
+    ]
     names = {"cls": "pixels" if rec["model"]["kind"] == "pixels" else "CLS", "patch": "mean-patch"}
     for kind, r in rec["numbers"].items():
-        lines.append(f"  {names[kind]:>10}: best top-1 {_pct(r['best_top1'])} (epoch {r['best_epoch']}, paper "
-                     f"protocol), last-epoch top-1 {_pct(r['last_top1'])}")
+        lines.append(
+            f"  {names[kind]:>10}: best top-1 {_pct(r['best_top1'])} (epoch {r['best_epoch']}, paper "
+            f"protocol), last-epoch top-1 {_pct(r['last_top1'])}"
+        )
     return _emit(args, rec, lines)
 
 
@@ -249,10 +344,12 @@ def _run_retrieval(args: argparse.Namespace) -> int:
     img_size = opts.pop("img_size")
     rec = evaluate_retrieval(opts, args.data, args.dataset, gnd=args.gnd, img_size=img_size, **_run_options(args))
     n = rec["numbers"]
-    lines = [f"{args.dataset} retrieval [{rec['model']['description']}], {rec['data']['database_images']} "
-             f"database images, {rec['data']['queries']} queries:",
-             "  mAP  E: {}  M: {}  H: {}".format(*(_pct(n[s]['mAP']) for s in ("easy", "medium", "hard"))),
-             "  mP@10 E: {}  M: {}  H: {}".format(*(_pct(n[s].get('mP@10')) for s in ("easy", "medium", "hard")))]
+    lines = [
+        f"{args.dataset} retrieval [{rec['model']['description']}], {rec['data']['database_images']} "
+        f"database images, {rec['data']['queries']} queries:",
+        "  mAP  E: {}  M: {}  H: {}".format(*(_pct(n[s]["mAP"]) for s in ("easy", "medium", "hard"))),
+        "  mP@10 E: {}  M: {}  H: {}".format(*(_pct(n[s].get("mP@10")) for s in ("easy", "medium", "hard"))),
+    ]
     skipped = {s: n[s]["skipped"] for s in n if n[s]["skipped"]}
     if skipped:
         lines.append(f"  queries without positives, left out: {skipped}")
@@ -262,12 +359,22 @@ def _run_retrieval(args: argparse.Namespace) -> int:
 def _run_knn(args: argparse.Namespace) -> int:
     from ..evaluation.run import evaluate_knn
 
-    rec = evaluate_knn(_model_options(args), args.data, features=args.features, k=args.k,
-                       temperature=args.temperature, data_source=args.data_source, limit_train=args.limit_train,
-                       limit_val=args.limit_val, **_run_options(args))
+    rec = evaluate_knn(
+        _model_options(args),
+        args.data,
+        features=args.features,
+        k=args.k,
+        temperature=args.temperature,
+        data_source=args.data_source,
+        limit_train=args.limit_train,
+        limit_val=args.limit_val,
+        **_run_options(args),
+    )
     names = {"cls": "CLS", "patch": "mean-patch"}
     d = rec["data"]
-    lines = [f"kNN (k={args.k}, T={args.temperature}) [{rec['model']['description']}], {d['train_images']} "
-             f"training / {d['val_images']} {d['val_split']} images:"]
+    lines = [
+        f"kNN (k={args.k}, T={args.temperature}) [{rec['model']['description']}], {d['train_images']} "
+        f"training / {d['val_images']} {d['val_split']} images:"
+    ]
     lines += [f"  {names[kind]:>10}: top-1 {_pct(v)}" for kind, v in rec["numbers"].items()]
     return _emit(args, rec, lines)

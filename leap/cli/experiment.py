@@ -24,25 +24,40 @@ def _int_list(text: str) -> list[int]:
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     parser = sub.add_parser(
-        NAME, help=HELP, formatter_class=Formatter,
+        NAME,
+        help=HELP,
+        formatter_class=Formatter,
         description="Run a seeded comparison of distillation methods from a YAML file (see "
-                    "experiments/fashion-mnist/config.yaml): train every method with every seed, evaluate the "
-                    "students (linear probe, kNN), write results.md with mean ± std, paired differences to the "
-                    "baseline with 95%% intervals, plots and the raw per-run JSON.")
+        "experiments/fashion-mnist/config.yaml): train every method with every seed, evaluate the "
+        "students (linear probe, kNN), write results.md with mean ± std, paired differences to the "
+        "baseline with 95%% intervals, plots and the raw per-run JSON.",
+    )
     parser.add_argument("config", help="experiment YAML file")
     parser.add_argument("--out", default=None, help="results folder (default: the config file's folder)")
-    parser.add_argument("--runs-dir", default=None,
-                        help="where the training runs go (default: the file's runs_dir, else runs/experiments/NAME)")
-    parser.add_argument("--data", default=None,
-                        help="dataset folder instead of the file's (for Fashion-MNIST: the folder of the idx files)")
+    parser.add_argument(
+        "--runs-dir",
+        default=None,
+        help="where the training runs go (default: the file's runs_dir, else runs/experiments/NAME)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="dataset folder instead of the file's (for Fashion-MNIST: the folder of the idx files)",
+    )
     parser.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds instead of the file's")
-    parser.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=None,
-                        help="comma-separated subset of the methods (the baseline is always included)")
+    parser.add_argument(
+        "--methods",
+        type=lambda s: [m for m in s.split(",") if m],
+        default=None,
+        help="comma-separated subset of the methods (the baseline is always included)",
+    )
     parser.add_argument("--fresh", action="store_true", help="retrain runs that finished earlier")
-    parser.add_argument("--table-only", action="store_true",
-                        help="no training: rebuild results.md from the finished runs")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bars or progress lines")
+    parser.add_argument(
+        "--table-only", action="store_true", help="no training: rebuild results.md from the finished runs"
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars or progress lines"
+    )
     return parser
 
 

@@ -20,23 +20,35 @@ HELP = "per-image FLOPs of teacher/student and the savings of a block trajectory
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        NAME, help=HELP, formatter_class=Formatter,
+        NAME,
+        help=HELP,
+        formatter_class=Formatter,
         description="Per-image FLOPs of a LEAP teacher/student pair and the savings of a curriculum "
-                    "trajectory vs. the full-depth baseline (models are built on the meta device; "
-                    "nothing is allocated unless --measure).",
+        "trajectory vs. the full-depth baseline (models are built on the meta device; "
+        "nothing is allocated unless --measure).",
     )
-    add_config_options(p, ["teacher", "student", "img_size", "teacher_overrides", "student_overrides"],
-                       required=("teacher", "student"))
-    p.add_argument("--trajectory", metavar="FILE",
-                   help="target block per epoch/step: text of ints (whitespace/comma separated), a JSON "
-                        "list, a JSON object with 'blocks', a log.jsonl or a run directory")
+    add_config_options(
+        p, ["teacher", "student", "img_size", "teacher_overrides", "student_overrides"], required=("teacher", "student")
+    )
+    p.add_argument(
+        "--trajectory",
+        metavar="FILE",
+        help="target block per epoch/step: text of ints (whitespace/comma separated), a JSON "
+        "list, a JSON object with 'blocks', a log.jsonl or a run directory",
+    )
     p.add_argument("--no-cka", action="store_true", help="leave the per-step CKA out of C(k)")
-    p.add_argument("--measure", action="store_true",
-                   help="also time one training step per distinct block of the trajectory and report the "
-                        "wall-clock saving (allocates the models: use a GPU for large ones)")
-    add_config_options(p, ["batch_size", "device"], defaults={"batch_size": 32},
-                       help={"batch_size": "batch size for --measure",
-                             "device": "device for --measure: auto, cpu, cuda, cuda:1 ..."})
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also time one training step per distinct block of the trajectory and report the "
+        "wall-clock saving (allocates the models: use a GPU for large ones)",
+    )
+    add_config_options(
+        p,
+        ["batch_size", "device"],
+        defaults={"batch_size": 32},
+        help={"batch_size": "batch size for --measure", "device": "device for --measure: auto, cpu, cuda, cuda:1 ..."},
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed steps per block for --measure (default: 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(parser=p)
@@ -52,16 +64,26 @@ def run(args: argparse.Namespace) -> int:
     from ..cost import CostModel, savings
     from ..runlog import load_trajectory
 
-    cm = CostModel(args.teacher, args.student, include_cka=not args.no_cka, img_size=args.img_size,
-                   teacher_overrides=args.teacher_overrides, student_overrides=args.student_overrides)
+    cm = CostModel(
+        args.teacher,
+        args.student,
+        include_cka=not args.no_cka,
+        img_size=args.img_size,
+        teacher_overrides=args.teacher_overrides,
+        student_overrides=args.student_overrides,
+    )
     traj = load_trajectory(args.trajectory) if args.trajectory else None
     if args.measure and traj is None:
         args.parser.error("--measure needs --trajectory")
 
     result: dict[str, Any] = {
-        "teacher": args.teacher, "student": args.student, "img_size": args.img_size,
-        "teacher_tokens": cm.teacher_cost.tokens, "student_tokens": cm.student_cost.tokens,
-        "num_blocks": cm.num_blocks, "costs_macs": cm.breakdown(),
+        "teacher": args.teacher,
+        "student": args.student,
+        "img_size": args.img_size,
+        "teacher_tokens": cm.teacher_cost.tokens,
+        "student_tokens": cm.student_cost.tokens,
+        "num_blocks": cm.num_blocks,
+        "costs_macs": cm.breakdown(),
     }
     if traj is not None:
         result["savings"] = savings(traj, cost_model=cm)
@@ -75,8 +97,15 @@ def run(args: argparse.Namespace) -> int:
             teacher = build_model(args.teacher, img_size=args.img_size, **args.teacher_overrides)
             student = build_model(args.student, img_size=args.img_size, **args.student_overrides)
         ks = sorted({int(round(b)) for b in traj.blocks} | {cm.num_blocks})
-        times = measure_step_times(teacher, student, ks, batch_size=args.batch_size, device=dev,
-                                   repeats=args.repeats, include_cka=not args.no_cka)
+        times = measure_step_times(
+            teacher,
+            student,
+            ks,
+            batch_size=args.batch_size,
+            device=dev,
+            repeats=args.repeats,
+            include_cka=not args.no_cka,
+        )
         result["step_times_s"] = {str(k): v for k, v in times.items()}
         result["device"] = str(dev)
         result["batch_size"] = args.batch_size
@@ -97,16 +126,17 @@ def _unit(largest_macs: float) -> tuple[str, float]:
     return "", 1.0
 
 
-
-
 def _print_tables(result: dict[str, Any], cm: Any) -> None:
     out = sys.stdout
     b = result["costs_macs"]
     L = cm.num_blocks
     T = cm.tokens_per_image
-    print(f"teacher {result['teacher']} ({L} blocks, width {cm.d_t}, {result['teacher_tokens']} tokens), "
-          f"student {result['student']} ({cm.student_cost.depth} blocks, width {cm.d_s}, "
-          f"{result['student_tokens']} tokens), {result['img_size']} px", file=out)
+    print(
+        f"teacher {result['teacher']} ({L} blocks, width {cm.d_t}, {result['teacher_tokens']} tokens), "
+        f"student {result['student']} ({cm.student_cost.depth} blocks, width {cm.d_s}, "
+        f"{result['student_tokens']} tokens), {result['img_size']} px",
+        file=out,
+    )
     rows = [
         ("teacher patch embed", b["teacher_embed_macs"]),
         ("teacher block (one)", b["teacher_block_macs"]),

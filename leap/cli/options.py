@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from ..config import ConfigError, FieldSpec, field_spec, field_specs, parse_json_object
+from ..config import ConfigError, field_spec, field_specs
+from ..config_schema import FieldSpec, parse_json_object
 
 __all__ = ["Formatter", "add_config_options", "config_groups", "option_type"]
 
@@ -26,6 +28,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 def option_type(spec: FieldSpec):
     """argparse ``type=`` for a field: the field's type, its lower bound, JSON objects for dicts."""
     if spec.kind is dict:
+
         def parse_dict(text: str) -> dict[str, Any]:
             try:
                 return parse_json_object(text, spec.flag)
@@ -57,9 +60,14 @@ def _default_text(default: Any) -> str:
     return f" (default: {default})"
 
 
-def add_config_options(parser: argparse.ArgumentParser | Any, names: Iterable[str], *,
-                       defaults: Mapping[str, Any] | None = None, help: Mapping[str, str] | None = None,
-                       required: Iterable[str] = ()) -> None:
+def add_config_options(
+    parser: argparse.ArgumentParser | Any,
+    names: Iterable[str],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    help: Mapping[str, str] | None = None,
+    required: Iterable[str] = (),
+) -> None:
     """Add the options of the :class:`~leap.config.TrainConfig` fields ``names`` to ``parser``
     (a parser or an argument group).
 

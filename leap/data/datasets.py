@@ -29,8 +29,9 @@ import gzip
 import logging
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,8 +105,9 @@ class FirstN(Dataset):
 
     def __init__(self, dataset: Dataset, n: int):
         if n < 1:
-            raise ConfigError(f"the number of images to use (--limit-images / --limit-train / --limit-test) must be "
-                              f">= 1, got {n}")
+            raise ConfigError(
+                f"the number of images to use (--limit-images / --limit-train / --limit-test) must be >= 1, got {n}"
+            )
         self.dataset = dataset
         self.n = min(n, len(dataset))
 
@@ -144,27 +146,26 @@ class ImageFolderDataset(_LeapDataset):
         ValueError: no class folders or no image files were found.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train",
-                 transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None):
         root = Path(root).expanduser()
-        layout = (f"expected layout: {root}/{split}/<class_name>/<image>."
-                  f"{{{','.join(e[1:] for e in IMAGE_EXTENSIONS)}}} "
-                  f"(or {root}/<class_name>/<image> without a split folder)")
+        layout = (
+            f"expected layout: {root}/{split}/<class_name>/<image>."
+            f"{{{','.join(e[1:] for e in IMAGE_EXTENSIONS)}}} "
+            f"(or {root}/<class_name>/<image> without a split folder)"
+        )
         if not root.is_dir():
             raise InputNotFoundError(f"image folder not found: {root}; {layout}")
         folder = root / split
         if not folder.is_dir():
             present = [s for s in _SPLIT_NAMES if (root / s).is_dir()]
             if present:
-                raise InputNotFoundError(
-                    f"split folder not found: {folder} (found splits: {present}); {layout}")
+                raise InputNotFoundError(f"split folder not found: {folder} (found splits: {present}); {layout}")
             folder = root  # root points directly at the class folders
         self.root = folder
         self.split = split
         self.transform = transform
 
-        self.classes = sorted(e.name for e in os.scandir(folder)
-                              if e.is_dir() and not e.name.startswith("."))
+        self.classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
             raise DataError(f"no class folders in {folder}; {layout}")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -183,13 +184,12 @@ class ImageFolderDataset(_LeapDataset):
                         dirnames[:] = []
                         continue
                     visited.add(real)
-                dirnames[:] = sorted(d for d in dirnames
-                                     if os.path.realpath(os.path.join(dirpath, d)) not in visited)
-                samples.extend((os.path.join(dirpath, f), self.class_to_idx[c])
-                               for f in sorted(filenames) if _is_image_file(f))
+                dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in visited)
+                samples.extend(
+                    (os.path.join(dirpath, f), self.class_to_idx[c]) for f in sorted(filenames) if _is_image_file(f)
+                )
         if not samples:
-            raise DataError(f"no images found under {folder} "
-                             f"(extensions {IMAGE_EXTENSIONS}); {layout}")
+            raise DataError(f"no images found under {folder} (extensions {IMAGE_EXTENSIONS}); {layout}")
         self.samples = samples
         self.targets = [t for _, t in samples]
         # One byte per file, in shared memory so DataLoader workers (forked or
@@ -208,8 +208,10 @@ class ImageFolderDataset(_LeapDataset):
             except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
                 self._bad[i] = 1
         example = self.samples[0][0]
-        raise DataError(f"none of the {len(self.samples)} image files under {self.root} could be decoded "
-                        f"(e.g. {example}); check that the files are JPEG/PNG/WebP/BMP images")
+        raise DataError(
+            f"none of the {len(self.samples)} image files under {self.root} could be decoded "
+            f"(e.g. {example}); check that the files are JPEG/PNG/WebP/BMP images"
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -229,8 +231,7 @@ class ImageFolderDataset(_LeapDataset):
                 return im.convert("RGB")  # forces the full decode inside the try
         except Exception as e:  # PIL raises many types for corrupt data
             if not self._bad[i]:
-                log.warning("skipping undecodable image %s: %s: %s",
-                            path, type(e).__name__, e)
+                log.warning("skipping undecodable image %s: %s: %s", path, type(e).__name__, e)
             self._bad[i] = 1
             return None
 
@@ -258,12 +259,11 @@ def _read_idx(path: Path, expect_magic: int) -> np.ndarray:
     if magic != expect_magic:
         raise DataError(f"{path}: bad IDX magic 0x{magic:08x}, expected 0x{expect_magic:08x}")
     ndim = magic & 0xFF
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     offset = 4 + 4 * ndim
     count = int(np.prod(dims))
     if len(data) - offset != count:
-        raise DataError(f"{path}: expected {count} bytes of data for shape {dims}, "
-                         f"got {len(data) - offset}")
+        raise DataError(f"{path}: expected {count} bytes of data for shape {dims}, got {len(data) - offset}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -285,11 +285,9 @@ class FashionMNIST(_LeapDataset):
         images: uint8 array (N, 28, 28). labels: int64 array (N,).
     """
 
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
-    def __init__(self, root: str | os.PathLike | None = None, split: str = "train",
-                 transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, split: str = "train", transform: Callable | None = None):
         prefix = self.split_prefix(split)
         self.split = split
         self.transform = transform
@@ -303,7 +301,8 @@ class FashionMNIST(_LeapDataset):
                 f"dataset-fashion-mnist` (installs into {FASHION_MNIST_DEFAULT_ROOTS[0]}), "
                 f"or download the four idx files (train-images-idx3-ubyte.gz, "
                 f"train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-                f"t10k-labels-idx1-ubyte.gz) into a folder and pass it as the data path.")
+                f"t10k-labels-idx1-ubyte.gz) into a folder and pass it as the data path."
+            )
         img_path, lbl_path = found
         self.root = img_path.parent
         self.files = [str(img_path), str(lbl_path)]
@@ -311,8 +310,9 @@ class FashionMNIST(_LeapDataset):
         self.images = _read_idx(img_path, 0x00000803)
         self.labels = _read_idx(lbl_path, 0x00000801).astype(np.int64)
         if self.images.shape[0] != self.labels.shape[0]:
-            raise DataError(f"{img_path} has {self.images.shape[0]} images but "
-                             f"{lbl_path} has {self.labels.shape[0]} labels")
+            raise DataError(
+                f"{img_path} has {self.images.shape[0]} images but {lbl_path} has {self.labels.shape[0]} labels"
+            )
         self.targets = self.labels.tolist()
 
     @staticmethod
@@ -333,16 +333,14 @@ class FashionMNIST(_LeapDataset):
         return [Path(d) for d in FASHION_MNIST_DEFAULT_ROOTS]
 
     @classmethod
-    def find_files(cls, root: str | os.PathLike | None,
-                   split: str) -> tuple[Path, Path] | None:
+    def find_files(cls, root: str | os.PathLike | None, split: str) -> tuple[Path, Path] | None:
         """(images_path, labels_path) of the first candidate folder holding both."""
         prefix = cls.split_prefix(split)
         for d in cls.candidate_dirs(root):
             pair = []
             for kind in ("images-idx3", "labels-idx1"):
                 base = d / f"{prefix}-{kind}-ubyte"
-                hit = next((p for p in (base, base.with_name(base.name + ".gz"))
-                            if p.is_file()), None)
+                hit = next((p for p in (base, base.with_name(base.name + ".gz")) if p.is_file()), None)
                 pair.append(hit)
             if all(pair):
                 return pair[0], pair[1]
@@ -367,8 +365,9 @@ class SyntheticDataset(_LeapDataset):
     ``transform=None`` the image is a float tensor (3, img_size, img_size) in [0, 1].
     """
 
-    def __init__(self, num_images: int, img_size: int, num_classes: int = 10,
-                 seed: int = 0, transform: Callable | None = None):
+    def __init__(
+        self, num_images: int, img_size: int, num_classes: int = 10, seed: int = 0, transform: Callable | None = None
+    ):
         if num_images <= 0 or img_size <= 0 or num_classes <= 0:
             raise ValueError("num_images, img_size and num_classes must be positive")
         self.num_images = num_images
@@ -409,8 +408,9 @@ def _idx_files_in(path: str | os.PathLike) -> bool:
 SOURCES = DATA_SOURCES
 
 
-def build_dataset(source: str, path: str | os.PathLike | None, split: str, img_size: int,
-                  augment: bool = True, **kw) -> Dataset:
+def build_dataset(
+    source: str, path: str | os.PathLike | None, split: str, img_size: int, augment: bool = True, **kw
+) -> Dataset:
     """Dataset + transforms for one split.
 
     Args:
@@ -442,8 +442,9 @@ def build_dataset(source: str, path: str | os.PathLike | None, split: str, img_s
     transform = kw.pop("transform", None)
     syn_kw = {k: kw.pop(k) for k in ("num_images", "num_classes", "seed") if k in kw}
     if transform is None:
-        transform = build_transforms(img_size, train=train, augment=augment,
-                                     grayscale_source=source == "fashion-mnist", **kw)
+        transform = build_transforms(
+            img_size, train=train, augment=augment, grayscale_source=source == "fashion-mnist", **kw
+        )
     elif kw:
         raise TypeError(f"unexpected options with an explicit transform: {sorted(kw)}")
 
@@ -455,5 +456,4 @@ def build_dataset(source: str, path: str | os.PathLike | None, split: str, img_s
         return FashionMNIST(path, split, transform=transform)
     num_images = syn_kw.get("num_images", 1024 if train else 256)
     seed = mix64(syn_kw.get("seed", 0), sum(map(ord, split))) & 0x7FFFFFFF
-    return SyntheticDataset(num_images, img_size, syn_kw.get("num_classes", 10),
-                            seed=seed, transform=transform)
+    return SyntheticDataset(num_images, img_size, syn_kw.get("num_classes", 10), seed=seed, transform=transform)

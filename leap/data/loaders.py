@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
-from typing import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -43,6 +42,7 @@ def mix64(*values: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         h = z ^ (z >> 31)
     return h >> 1
+
 
 # --------------------------------------------------------------------------- indices
 
@@ -92,9 +92,17 @@ class ResumableSampler(Sampler[int]):
     a seed from ``(seed, epoch, index)`` unless ``seed_samples=False``.
     """
 
-    def __init__(self, data_source: Sequence | int, *, shuffle: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, drop_last: bool = False,
-                 seed_samples: bool = True):
+    def __init__(
+        self,
+        data_source: Sequence | int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+        seed_samples: bool = True,
+    ):
         n = data_source if isinstance(data_source, int) else len(data_source)
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
@@ -136,8 +144,8 @@ class ResumableSampler(Sampler[int]):
             else:
                 indices += (indices * math.ceil(pad / len(indices)))[:pad]
         else:
-            indices = indices[:self.total_size]
-        return indices[self.rank:self.total_size:self.num_replicas]
+            indices = indices[: self.total_size]
+        return indices[self.rank : self.total_size : self.num_replicas]
 
     @property
     def remaining(self) -> int:
@@ -145,7 +153,7 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         epoch = self.epoch
-        for i in self.order()[self.start:]:
+        for i in self.order()[self.start :]:
             yield SeededIndex(i, mix64(self.seed, epoch, i)) if self.seed_samples else i
 
     def __len__(self) -> int:
@@ -162,12 +170,21 @@ def default_num_workers(world_size: int = 1) -> int:
     return max(0, min(8, cores // max(1, world_size) - 1))
 
 
-def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True,
-                 num_workers: int | None = None, seed: int = 0, distributed: bool = False,
-                 drop_last: bool = True, num_replicas: int | None = None,
-                 rank: int | None = None, pin_memory: bool | None = None,
-                 prefetch_factor: int | None = None,
-                 collate_fn: Callable | None = None) -> DataLoader:
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    num_workers: int | None = None,
+    seed: int = 0,
+    distributed: bool = False,
+    drop_last: bool = True,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    pin_memory: bool | None = None,
+    prefetch_factor: int | None = None,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
     """DataLoader over ``dataset`` with a ``ResumableSampler`` as ``loader.sampler``.
 
     Per-epoch use (call before ``iter(loader)``)::
@@ -190,15 +207,18 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True,
     if distributed:
         if num_replicas is None or rank is None:
             import torch.distributed as dist
+
             if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError("distributed=True needs an initialised process group "
-                                   "or explicit num_replicas and rank")
+                raise RuntimeError(
+                    "distributed=True needs an initialised process group or explicit num_replicas and rank"
+                )
             num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
             rank = dist.get_rank() if rank is None else rank
     else:
         num_replicas, rank = 1, 0
-    sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed,
-                               num_replicas=num_replicas, rank=rank, drop_last=drop_last)
+    sampler = ResumableSampler(
+        dataset, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last
+    )
     if num_workers is None:
         num_workers = default_num_workers(num_replicas)
     generator = torch.Generator()
@@ -207,10 +227,17 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True,
     if num_workers > 0 and prefetch_factor is not None:
         extra["prefetch_factor"] = prefetch_factor
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        drop_last=drop_last, persistent_workers=num_workers > 0, generator=generator,
-        collate_fn=collate_fn, **extra)
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        generator=generator,
+        collate_fn=collate_fn,
+        **extra,
+    )
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:

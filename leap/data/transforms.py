@@ -7,7 +7,7 @@ lambda ~ U(0, 1) per batch; the same mixed images go to teacher and student.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torchvision import transforms as T
@@ -20,12 +20,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # --------------------------------------------------------------------------- transforms
 
 
-def build_transforms(img_size: int, *, train: bool, augment: bool = True,
-                     grayscale_source: bool = False, crop: bool = True,
-                     hflip: bool = True, color_jitter: bool = True,
-                     random_grayscale: bool = True, normalize: bool = True,
-                     crop_scale: tuple[float, float] = (0.14, 1.0),
-                     eval_crop_pct: float | None = None) -> T.Compose:
+def build_transforms(
+    img_size: int,
+    *,
+    train: bool,
+    augment: bool = True,
+    grayscale_source: bool = False,
+    crop: bool = True,
+    hflip: bool = True,
+    color_jitter: bool = True,
+    random_grayscale: bool = True,
+    normalize: bool = True,
+    crop_scale: tuple[float, float] = (0.14, 1.0),
+    eval_crop_pct: float | None = None,
+) -> T.Compose:
     """PIL RGB image -> float tensor (3, img_size, img_size).
 
     Train with ``augment`` (DINO-style, spec section 4):
@@ -68,11 +76,13 @@ def build_transforms(img_size: int, *, train: bool, augment: bool = True,
         ops.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return T.Compose(ops)
 
+
 # --------------------------------------------------------------------------- mixup
 
 
-def mixup(images: torch.Tensor, *, generator: torch.Generator | None = None,
-          enabled: bool = True, return_perm: bool = False):
+def mixup(
+    images: torch.Tensor, *, generator: torch.Generator | None = None, enabled: bool = True, return_perm: bool = False
+):
     """Batch mixup with one lambda for the whole batch (spec sections 2 and 4).
 
     ``mixed = lam * images + (1 - lam) * images[perm]`` with ``lam ~ U(0, 1)`` and

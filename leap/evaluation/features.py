@@ -11,7 +11,7 @@ A model comes from one of:
 
 One forward pass per image gives both features, taken after the model's final norm:
 ``cls`` = the CLS token ``(D,)``, ``patch`` = the mean of the patch tokens ``(D,)`` (registers
-excluded). They are cached on disk (fp16, or fp32 where a value would not fit fp16) under a key
+excluded). They are cached on disk (:mod:`.cache`; fp16, or fp32 where a value would not fit fp16) under a key
 made of the checkpoint's SHA-256, the model recipe and block, the dataset's identity, the split,
 the transform and the precision, so a second evaluation of the same model and data reads them back.
 
@@ -19,19 +19,17 @@ A checkpoint's embedded model recipe is untrusted input: only the model-shape ke
 :data:`ALLOWED_MODEL_KEYS`, with plain values, reach model construction (e.g. a crafted
 ``pretrained_cfg_overlay`` is refused).
 
-Why this module is long: the four model sources, the untrusted-recipe filter, the transform
-and the on-disk cache all meet in the one extraction pass; splitting them would spread the
-cache key (which must name every one of them) over several modules.
+Why this module is long: the four model sources, the untrusted-recipe filter and the transform
+all meet in the one extraction pass, and the cache key must name every one of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,20 +43,17 @@ from ..distributed import resolve_device
 from ..errors import CheckpointError
 from ..models import build_model, load_teacher_weights
 from ..precision import DTYPES, resolve_precision
-from ..runlog import atomic_write
+from .cache import FeatureCache, file_sha256
 from .errors import EvaluationError
 
 __all__ = [
     "ALLOWED_MODEL_KEYS",
     "FEATURE_KINDS",
     "LoadedModel",
-    "FeatureCache",
     "load_model",
     "sanitize_model_kwargs",
     "eval_transform",
     "extract_features",
-    "file_sha256",
-    "default_cache_dir",
 ]
 
 FEATURE_KINDS = ("cls", "patch")
@@ -66,17 +61,38 @@ FEATURE_KINDS = ("cls", "patch")
 #: Model-construction keys a checkpoint's recipe may set (timm ``VisionTransformer`` shape and
 #: layout arguments). Anything else, e.g. ``pretrained_cfg_overlay`` or ``pretrained_cfg``
 #: (which can point timm at files or URLs), is refused.
-ALLOWED_MODEL_KEYS = frozenset({
-    "patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "proj_bias",
-    "init_values", "class_token", "reg_tokens", "no_embed_class", "pos_embed", "pre_norm", "final_norm",
-    "fc_norm", "global_pool", "in_chans", "dynamic_img_size", "dynamic_img_pad", "act_layer",
-    # regularization: no effect in eval mode, but a run may have been trained with it
-    "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
-})
-
-# Bumped when the extraction changes in a way that changes the features.
-_EXTRACTOR_VERSION = 1
-
+ALLOWED_MODEL_KEYS = frozenset(
+    {
+        "patch_size",
+        "depth",
+        "embed_dim",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "qk_norm",
+        "proj_bias",
+        "init_values",
+        "class_token",
+        "reg_tokens",
+        "no_embed_class",
+        "pos_embed",
+        "pre_norm",
+        "final_norm",
+        "fc_norm",
+        "global_pool",
+        "in_chans",
+        "dynamic_img_size",
+        "dynamic_img_pad",
+        "act_layer",
+        # regularization: no effect in eval mode, but a run may have been trained with it
+        "drop_rate",
+        "pos_drop_rate",
+        "patch_drop_rate",
+        "proj_drop_rate",
+        "attn_drop_rate",
+        "drop_path_rate",
+    }
+)
 
 # ----------------------------------------------------------------------------- models
 
@@ -104,10 +120,15 @@ class LoadedModel:
 
     def record_info(self) -> dict[str, Any]:
         """The ``model`` part of an evaluation record."""
-        return {"description": self.description, "source": self.identity.get("checkpoint"),
-                "checkpoint_sha256": self.identity.get("checkpoint_sha256"), "kind": self.identity["kind"],
-                "name": self.identity.get("name"), "block": self.identity.get("block"),
-                "img_size": self.img_size}
+        return {
+            "description": self.description,
+            "source": self.identity.get("checkpoint"),
+            "checkpoint_sha256": self.identity.get("checkpoint_sha256"),
+            "kind": self.identity["kind"],
+            "name": self.identity.get("name"),
+            "block": self.identity.get("block"),
+            "img_size": self.img_size,
+        }
 
 
 class TokenFeatures(nn.Module):
@@ -135,10 +156,10 @@ class TokenFeatures(nn.Module):
             tokens = m.forward_features(x)
         else:  # timm's forward_features, stopped after block K
             x = family.embed(m, x)
-            for blk in family.blocks(m)[:self.block]:
+            for blk in family.blocks(m)[: self.block]:
                 x = blk(x)
             tokens = family.final_norm(m, x)
-        return tokens[:, 0], tokens[:, self.prefix:].mean(dim=1)
+        return tokens[:, 0], tokens[:, self.prefix :].mean(dim=1)
 
 
 class PixelFeatures(nn.Module):
@@ -167,14 +188,16 @@ def sanitize_model_kwargs(kwargs: Any, source: str) -> dict[str, Any]:
     out = {}
     for key, value in kwargs.items():
         if key not in ALLOWED_MODEL_KEYS:
-            raise EvaluationError(f"model argument {key!r} in {source} is not allowed (allowed: "
-                                  f"{', '.join(sorted(ALLOWED_MODEL_KEYS))})")
+            raise EvaluationError(
+                f"model argument {key!r} in {source} is not allowed (allowed: {', '.join(sorted(ALLOWED_MODEL_KEYS))})"
+            )
         plain = value is None or isinstance(value, (bool, int, float, str))
         if isinstance(value, (list, tuple)) and len(value) <= 4:
             plain = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
         if not plain:
-            raise EvaluationError(f"model argument {key!r} in {source}: expected a plain value, "
-                                  f"got {type(value).__name__}")
+            raise EvaluationError(
+                f"model argument {key!r} in {source}: expected a plain value, got {type(value).__name__}"
+            )
         out[key] = value
     return out
 
@@ -202,14 +225,26 @@ def _read_checkpoint(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types on bad files
-        why = ("it holds Python objects other than tensors and plain values" if "Unsupported global" in str(exc)
-               else "the file is corrupt, truncated or not a PyTorch checkpoint")
+        why = (
+            "it holds Python objects other than tensors and plain values"
+            if "Unsupported global" in str(exc)
+            else "the file is corrupt, truncated or not a PyTorch checkpoint"
+        )
         raise EvaluationError(f"could not read checkpoint {path}: {why} ({type(exc).__name__})") from None
 
 
-def load_model(model: str | None = None, *, teacher: str | None = None, teacher_weights: str | None = None,
-               teacher_overrides: dict | None = None, block: int | None = None, img_size: int | None = None,
-               pixels: bool = False, dynamic_size: bool = False, cache_dir: str | None = None) -> LoadedModel:
+def load_model(
+    model: str | None = None,
+    *,
+    teacher: str | None = None,
+    teacher_weights: str | None = None,
+    teacher_overrides: dict | None = None,
+    block: int | None = None,
+    img_size: int | None = None,
+    pixels: bool = False,
+    dynamic_size: bool = False,
+    cache_dir: str | None = None,
+) -> LoadedModel:
     """Load the model to evaluate (see the module docstring for the sources).
 
     Args:
@@ -229,16 +264,18 @@ def load_model(model: str | None = None, *, teacher: str | None = None, teacher_
     """
     sources = sum(x is not None and x is not False for x in (model, teacher or teacher_weights, pixels or None))
     if sources != 1:
-        raise EvaluationError("give exactly one of --model (run directory or checkpoint), "
-                              "--teacher/--teacher-weights, or --pixels")
+        raise EvaluationError(
+            "give exactly one of --model (run directory or checkpoint), --teacher/--teacher-weights, or --pixels"
+        )
     if img_size is not None:
         _check_img_size(img_size, "--img-size")
     if pixels:
         if block is not None:
             raise EvaluationError("--block does not apply to --pixels")
         size = img_size or 28
-        return LoadedModel(PixelFeatures(), size, 1, f"raw pixels at {size} px",
-                           {"kind": "pixels", "name": "pixels", "img_size": size})
+        return LoadedModel(
+            PixelFeatures(), size, 1, f"raw pixels at {size} px", {"kind": "pixels", "name": "pixels", "img_size": size}
+        )
     extra = {"dynamic_img_size": True, "dynamic_img_pad": True} if dynamic_size else {}
 
     run_dir = None
@@ -266,8 +303,9 @@ def load_model(model: str | None = None, *, teacher: str | None = None, teacher_
                 else:
                     net.load_state_dict(obj["student"])
             except (RuntimeError, CheckpointError) as exc:
-                raise EvaluationError(f"{source}: student weights do not fit {name}: "
-                                      f"{str(exc).splitlines()[0]}") from None
+                raise EvaluationError(
+                    f"{source}: student weights do not fit {name}: {str(exc).splitlines()[0]}"
+                ) from None
             kind, what = "student", f"student {name} (leap distill checkpoint, step {obj.get('step')})"
             if run_dir is None:
                 run_dir = os.path.dirname(os.path.abspath(path))
@@ -280,8 +318,10 @@ def load_model(model: str | None = None, *, teacher: str | None = None, teacher_
             _load_weights(net, obj, source)
             kind, what = "trained-teacher", f"{name} (leap train-teacher checkpoint)"
         else:
-            raise EvaluationError(f"{source} is neither a leap distill nor a leap train-teacher checkpoint; "
-                                  "for other weights use --teacher NAME --teacher-weights FILE")
+            raise EvaluationError(
+                f"{source} is neither a leap distill nor a leap train-teacher checkpoint; "
+                "for other weights use --teacher NAME --teacher-weights FILE"
+            )
     else:
         if not teacher_weights:
             raise EvaluationError("--teacher needs --teacher-weights FILE (a random teacher says nothing)")
@@ -309,9 +349,16 @@ def load_model(model: str | None = None, *, teacher: str | None = None, teacher_
     if block is not None:
         what += f", block {block} of {depth}"
     patch = int(net.patch_embed.patch_size[0])
-    identity = {"kind": kind, "name": name, "recipe": kwargs, "img_size": size, "depth": depth,
-                "block": block if block is not None else depth, "checkpoint": os.path.abspath(path),
-                "checkpoint_sha256": file_sha256(path, cache_dir)}
+    identity = {
+        "kind": kind,
+        "name": name,
+        "recipe": kwargs,
+        "img_size": size,
+        "depth": depth,
+        "block": block if block is not None else depth,
+        "checkpoint": os.path.abspath(path),
+        "checkpoint_sha256": file_sha256(path, cache_dir),
+    }
     return LoadedModel(extractor.eval(), size, patch, what, identity, run_dir)
 
 
@@ -321,90 +368,6 @@ def _load_weights(net: nn.Module, obj: Any, source: str) -> None:
     except (CheckpointError, FileNotFoundError) as exc:
         lines = str(exc).splitlines()
         raise EvaluationError(f"{source}: " + " ".join(s.strip() for s in lines[:3])) from None
-
-
-# ----------------------------------------------------------------------------- hashing, cache
-
-
-def default_cache_dir() -> str:
-    """``$LEAP_CACHE_DIR/features``, else ``$XDG_CACHE_HOME/leap/features`` (``~/.cache/leap/features``)."""
-    if os.environ.get("LEAP_CACHE_DIR"):
-        return os.path.join(os.environ["LEAP_CACHE_DIR"], "features")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "leap", "features")
-
-
-def file_sha256(path: str, cache_dir: str | None = None) -> str:
-    """SHA-256 of a file's content (hex).
-
-    With ``cache_dir``, the digest is memoized there under the file's absolute path, size and
-    modification time, so a multi-GB teacher is hashed once.
-    """
-    st = os.stat(path)
-    memo_key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
-    memo_path = os.path.join(cache_dir, "sha256-memo.json") if cache_dir else None
-    memo: dict[str, str] = {}
-    if memo_path and os.path.isfile(memo_path):
-        try:
-            with open(memo_path, encoding="utf-8") as f:
-                memo = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            memo = {}
-        if isinstance(memo, dict) and isinstance(memo.get(memo_key), str):
-            return memo[memo_key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo_path:
-        memo = memo if isinstance(memo, dict) else {}
-        memo[memo_key] = digest
-        text = json.dumps(memo)
-        atomic_write(memo_path, lambda f: f.write(text), binary=False)
-    return digest
-
-
-class FeatureCache:
-    """Features on disk, one ``torch.save`` file per key (read back with ``weights_only=True``).
-
-    ``FeatureCache(None)`` caches nothing. ``hits`` / ``misses`` count lookups (tests, messages).
-    """
-
-    def __init__(self, directory: str | None):
-        self.directory = directory
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(parts: dict[str, Any]) -> str:
-        """SHA-256 of the canonical JSON of ``parts``."""
-        text = json.dumps({"extractor_version": _EXTRACTOR_VERSION, **parts}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def _path(self, key: str) -> str:
-        assert self.directory is not None
-        return os.path.join(self.directory, f"{key}.pt")
-
-    def load(self, key: str) -> dict[str, torch.Tensor] | None:
-        if self.directory is None or not os.path.isfile(self._path(key)):
-            self.misses += 1
-            return None
-        try:
-            obj = torch.load(self._path(key), map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
-            self.misses += 1
-            return None
-        self.hits += 1
-        return obj
-
-    def save(self, key: str, value: dict[str, Any], parts: dict[str, Any]) -> None:
-        if self.directory is None:
-            return
-        atomic_write(self._path(key), lambda f: torch.save(value, f))
-        # A readable note of what the entry holds, for whoever inspects the cache.
-        note = json.dumps(parts, indent=1, sort_keys=True, default=str)
-        atomic_write(os.path.join(self.directory, f"{key}.json"), lambda f: f.write(note), binary=False)
 
 
 # ----------------------------------------------------------------------------- transforms, extraction
@@ -421,11 +384,13 @@ def eval_transform(img_size: int, *, small_images: bool = False, resize: int | N
     bicubic = T.InterpolationMode.BICUBIC
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if small_images:
-        return T.Compose([T.Resize((img_size, img_size), interpolation=bicubic), *norm]), \
-            f"resize{img_size}x{img_size}-bicubic-imagenet-norm"
+        return T.Compose(
+            [T.Resize((img_size, img_size), interpolation=bicubic), *norm]
+        ), f"resize{img_size}x{img_size}-bicubic-imagenet-norm"
     resize = resize or int(round(img_size * 256 / 224))
-    return T.Compose([T.Resize(resize, interpolation=bicubic), T.CenterCrop(img_size), *norm]), \
-        f"resize{resize}-centercrop{img_size}-bicubic-imagenet-norm"
+    return T.Compose(
+        [T.Resize(resize, interpolation=bicubic), T.CenterCrop(img_size), *norm]
+    ), f"resize{resize}-centercrop{img_size}-bicubic-imagenet-norm"
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -452,10 +417,21 @@ def _storage(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(loaded: LoadedModel, dataset: Dataset, *, split: str, dataset_id: dict[str, Any],
-                     transform_id: str, batch_size: int = 256, workers: int = 0, device: str | None = "auto",
-                     precision: str = "auto", cache: FeatureCache | None = None, progress: bool = True,
-                     desc: str | None = None) -> dict[str, torch.Tensor]:
+def extract_features(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    *,
+    split: str,
+    dataset_id: dict[str, Any],
+    transform_id: str,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str | None = "auto",
+    precision: str = "auto",
+    cache: FeatureCache | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> dict[str, torch.Tensor]:
     """CLS and mean-patch features of every image of ``dataset``, in one pass (or from the cache).
 
     Args:
@@ -480,16 +456,28 @@ def extract_features(loaded: LoadedModel, dataset: Dataset, *, split: str, datas
     dev = resolve_device(device)
     prec = _resolve_precision(precision, dev)
     cache = cache or FeatureCache(None)
-    parts = {"model": loaded.identity, "data": dataset_id, "split": split, "transform": transform_id,
-             "precision": prec, "images": len(dataset)}
+    parts = {
+        "model": loaded.identity,
+        "data": dataset_id,
+        "split": split,
+        "transform": transform_id,
+        "precision": prec,
+        "images": len(dataset),
+    }
     key = FeatureCache.key(parts)
     hit = cache.load(key)
     if hit is not None and all(k in hit for k in ("cls", "patch", "labels")) and len(hit["labels"]) == len(dataset):
         return {k: hit[k] for k in ("cls", "patch", "labels")}
 
     net = loaded.extractor.to(dev).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=dev.type == "cuda", collate_fn=_default_collate_or_list)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+        collate_fn=_default_collate_or_list,
+    )
     autocast = prec != "fp32" and dev.type == "cuda"
     if prec != "fp32" and dev.type != "cuda":
         net = net.to(DTYPES[prec])
@@ -512,8 +500,8 @@ def extract_features(loaded: LoadedModel, dataset: Dataset, *, split: str, datas
         if not torch.is_tensor(images):  # groups changed the order: restore it via the group indices
             order = _same_size_order(images)
             n = len(images)
-            cls_b, patch_b = torch.cat(cls_out[-len(groups):]), torch.cat(patch_out[-len(groups):])
-            del cls_out[-len(groups):], patch_out[-len(groups):]
+            cls_b, patch_b = torch.cat(cls_out[-len(groups) :]), torch.cat(patch_out[-len(groups) :])
+            del cls_out[-len(groups) :], patch_out[-len(groups) :]
             inv = torch.empty(n, dtype=torch.long)
             inv[torch.as_tensor(order)] = torch.arange(n)
             cls_out.append(cls_b[inv])
@@ -525,8 +513,11 @@ def extract_features(loaded: LoadedModel, dataset: Dataset, *, split: str, datas
         bar.close()
     if not labels_out:
         raise EvaluationError(f"no images in the {split} split")
-    out = {"cls": _storage(torch.cat(cls_out)), "patch": _storage(torch.cat(patch_out)),
-           "labels": torch.cat(labels_out)}
+    out = {
+        "cls": _storage(torch.cat(cls_out)),
+        "patch": _storage(torch.cat(patch_out)),
+        "labels": torch.cat(labels_out),
+    }
     cache.save(key, out, parts)
     return out
 

@@ -41,9 +41,9 @@ _VAL_NAMES = ("val", "test")
 class ProbeResult:
     """Result of :func:`train_linear_probe` (accuracies are fractions in [0, 1])."""
 
-    best_top1: float   # best validation top-1 over epochs (paper protocol)
-    best_epoch: int    # 1-based epoch of best_top1 (the first one if tied)
-    last_top1: float   # validation top-1 after the last epoch
+    best_top1: float  # best validation top-1 over epochs (paper protocol)
+    best_epoch: int  # 1-based epoch of best_top1 (the first one if tied)
+    last_top1: float  # validation top-1 after the last epoch
     history: list[float]  # validation top-1 after each epoch
     train_images: int
     val_images: int
@@ -73,15 +73,27 @@ def _check_features(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
 def _top1(linear: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> float:
     correct = 0
     for s in range(0, x.shape[0], chunk):
-        correct += (linear(x[s:s + chunk]).argmax(1) == y[s:s + chunk]).sum().item()
+        correct += (linear(x[s : s + chunk]).argmax(1) == y[s : s + chunk]).sum().item()
     return correct / x.shape[0]
 
 
-def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
-                       num_classes: int | None = None, epochs: int = 100, batch_size: int = 256, lr: float = 0.1,
-                       momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
-                       device: str | torch.device = "cpu", progress: bool = True,
-                       desc: str = "linear probe") -> ProbeResult:
+def train_linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    num_classes: int | None = None,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "linear probe",
+) -> ProbeResult:
     """Train the zero-initialized linear probe; evaluate on the validation features after each epoch.
 
     Args:
@@ -104,8 +116,9 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
     if train_x.shape[1] != val_x.shape[1]:
         raise EvaluationError(f"feature widths differ: training {train_x.shape[1]}, validation {val_x.shape[1]}")
     if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise EvaluationError(f"linear probe: expected epochs >= 1, batch size >= 1, lr > 0; got "
-                              f"{epochs}, {batch_size}, {lr}")
+        raise EvaluationError(
+            f"linear probe: expected epochs >= 1, batch size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
+        )
     dev = torch.device(device)
     x = train_x.to(dev, torch.float32)
     xv = val_x.to(dev, torch.float32)
@@ -144,9 +157,16 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
     finally:
         torch.set_num_threads(threads)
     best_epoch = max(range(epochs), key=lambda e: (history[e], -e)) + 1
-    return ProbeResult(best_top1=history[best_epoch - 1], best_epoch=best_epoch, last_top1=history[-1],
-                       history=history, train_images=int(x.shape[0]), val_images=int(xv.shape[0]),
-                       dim=int(x.shape[1]), num_classes=num_classes)
+    return ProbeResult(
+        best_top1=history[best_epoch - 1],
+        best_epoch=best_epoch,
+        last_top1=history[-1],
+        history=history,
+        train_images=int(x.shape[0]),
+        val_images=int(xv.shape[0]),
+        dim=int(x.shape[1]),
+        num_classes=num_classes,
+    )
 
 
 @dataclasses.dataclass
@@ -165,7 +185,7 @@ def _run_epochs(epochs_iter, x, y, xv, yv, probe: _Probe, batch_size: int, show:
     for _ in epochs_iter:
         perm = torch.randperm(x.shape[0], generator=probe.gen).to(x.device)
         for s in range(0, x.shape[0], batch_size):
-            idx = perm[s:s + batch_size]
+            idx = perm[s : s + batch_size]
             loss = F.cross_entropy(probe.linear(x[idx]), y[idx])
             probe.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -235,31 +255,38 @@ def open_splits(data: str | None, img_size: int, *, source: str = "auto") -> Lab
     if data is None and source != "folder":
         fashion = tuple(FashionMNIST.find_files(None, s) for s in ("train", "test"))
         if not any(fashion):
-            raise EvaluationError("no --data given and Fashion-MNIST is not installed in "
-                                  "/usr/share/datasets/fashion-mnist; pass --data PATH")
+            raise EvaluationError(
+                "no --data given and Fashion-MNIST is not installed in "
+                "/usr/share/datasets/fashion-mnist; pass --data PATH"
+            )
     if fashion is not None:
         train_files, test_files = fashion
         if train_files is None or test_files is None:
             missing = "train" if train_files is None else "t10k (test)"
-            raise EvaluationError(f"Fashion-MNIST under {data}: the {missing} idx files are missing; the linear "
-                                  "probe needs both the training and the test split")
+            raise EvaluationError(
+                f"Fashion-MNIST under {data}: the {missing} idx files are missing; the linear "
+                "probe needs both the training and the test split"
+            )
         transform, transform_id = eval_transform(img_size, small_images=True)
         train = FashionMNIST(os.path.dirname(train_files[0]), "train", transform=transform)
         val = FashionMNIST(os.path.dirname(test_files[0]), "test", transform=transform)
         identity = {"kind": "fashion-mnist", "files": [_stat_id(p) for p in (*train_files, *test_files)]}
-        return LabelledSplits("fashion-mnist", train, val, "test", list(FashionMNIST.classes), identity,
-                              transform_id)
+        return LabelledSplits("fashion-mnist", train, val, "test", list(FashionMNIST.classes), identity, transform_id)
     if source == "fashion-mnist":
         raise EvaluationError(f"--data {data}: no Fashion-MNIST idx files (train-images-idx3-ubyte[.gz], ...)")
     if data is None:
         raise EvaluationError("--data PATH is required for --data-source folder")
     if not os.path.isdir(os.path.join(data, "train")):
-        raise EvaluationError(f"--data {data}: no train/ folder; the linear probe needs train/ and val/ class "
-                              "folders (accuracy is never measured on training images)")
+        raise EvaluationError(
+            f"--data {data}: no train/ folder; the linear probe needs train/ and val/ class "
+            "folders (accuracy is never measured on training images)"
+        )
     val_split = next((s for s in _VAL_NAMES if os.path.isdir(os.path.join(data, s))), None)
     if val_split is None:
-        raise EvaluationError(f"--data {data}: no val/ (or test/) folder beside train/; the linear probe needs a "
-                              "held-out split (accuracy is never measured on training images)")
+        raise EvaluationError(
+            f"--data {data}: no val/ (or test/) folder beside train/; the linear probe needs a "
+            "held-out split (accuracy is never measured on training images)"
+        )
     transform, transform_id = eval_transform(img_size)
     try:
         train = ImageFolderDataset(data, "train", transform=transform)
@@ -269,16 +296,17 @@ def open_splits(data: str | None, img_size: int, *, source: str = "auto") -> Lab
     if train.classes != val.classes:
         only_t = sorted(set(train.classes) - set(val.classes))[:5]
         only_v = sorted(set(val.classes) - set(train.classes))[:5]
-        raise EvaluationError(f"--data {data}: train/ and {val_split}/ have different class folders "
-                              f"(only in train: {only_t}; only in {val_split}: {only_v})")
+        raise EvaluationError(
+            f"--data {data}: train/ and {val_split}/ have different class folders "
+            f"(only in train: {only_t}; only in {val_split}: {only_v})"
+        )
     import hashlib
 
     h = hashlib.sha256()
     for ds in (train, val):
         for path, label in ds.samples:
             h.update(f"{os.path.relpath(path, data)}\t{label}\n".encode())
-    identity = {"kind": "folder", "root": os.path.realpath(data), "val_split": val_split,
-                "files_sha256": h.hexdigest()}
+    identity = {"kind": "folder", "root": os.path.realpath(data), "val_split": val_split, "files_sha256": h.hexdigest()}
     return LabelledSplits("folder", train, val, val_split, list(train.classes), identity, transform_id)
 
 

@@ -43,19 +43,22 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def make_record(protocol: str, *, model: dict, data: dict, settings: dict, numbers: dict,
-                elapsed_s: float) -> dict[str, Any]:
+def make_record(
+    protocol: str, *, model: dict, data: dict, settings: dict, numbers: dict, elapsed_s: float
+) -> dict[str, Any]:
     """The record of one evaluation (see the module docstring); non-finite numbers become ``null``."""
-    return _plain({
-        "type": "eval",
-        "protocol": protocol,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "elapsed_s": round(float(elapsed_s), 3),
-        "model": model,
-        "data": data,
-        "settings": settings,
-        "numbers": numbers,
-    })
+    return _plain(
+        {
+            "type": "eval",
+            "protocol": protocol,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "elapsed_s": round(float(elapsed_s), 3),
+            "model": model,
+            "data": data,
+            "settings": settings,
+            "numbers": numbers,
+        }
+    )
 
 
 def append_record(run_dir: str | os.PathLike, record: dict[str, Any]) -> str:
@@ -89,8 +92,10 @@ def summary_line(record: dict[str, Any]) -> str:
     """One human line for a record, e.g. ``linear probe (CLS): best 84.10% (epoch 37), last 83.90%``."""
     p, n = record.get("protocol"), record.get("numbers", {})
     if p == "linear":
-        parts = [f"{kind}: best {_pct(r.get('best_top1'))} (epoch {r.get('best_epoch')}), "
-                 f"last {_pct(r.get('last_top1'))}" for kind, r in n.items()]
+        parts = [
+            f"{kind}: best {_pct(r.get('best_top1'))} (epoch {r.get('best_epoch')}), last {_pct(r.get('last_top1'))}"
+            for kind, r in n.items()
+        ]
         head = "linear probe top-1"
     elif p == "retrieval":
         parts = [f"{s} {_pct(n.get(s, {}).get('mAP'))}" for s in ("easy", "medium", "hard")]
@@ -111,6 +116,7 @@ def report_lines(run_dir: str | os.PathLike) -> list[str]:
         block = f", block {model['block']}" if model.get("block") else ""
         data = rec.get("data", {})
         where = data.get("path") or (f"{data['kind']} (default location)" if data.get("kind") else "?")
-        lines.append(f"- {rec.get('time', '?')}: {summary_line(rec)} [{model.get('description', '?')}{block}; "
-                     f"data {where}]")
+        lines.append(
+            f"- {rec.get('time', '?')}: {summary_line(rec)} [{model.get('description', '?')}{block}; data {where}]"
+        )
     return lines

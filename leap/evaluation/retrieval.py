@@ -36,7 +36,8 @@ import io
 import json
 import os
 import pickle
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,11 +81,18 @@ class RestrictedUnpickler(pickle.Unpickler):
     """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytes"), ("builtins", "bytearray"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "bytes"),
+        ("builtins", "bytearray"),
         # Python 3 writes bytes (e.g. numpy array data) in protocol <= 2 as _codecs.encode(str, "latin1").
         ("_codecs", "encode"),
     }
@@ -97,9 +105,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         # Protocols 0-2 may name Python 2 modules; pickle maps them the same way before importing.
         if (module, name) in self._ALLOWED or ({"__builtin__": "builtins"}.get(module), name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise EvaluationError(f"{self._source}: refusing to unpickle {module}.{name} (the ground truth may hold "
-                              "only lists, dicts, numbers, strings and numpy arrays; this file is not a revisitop "
-                              "gnd file or was tampered with)")
+        raise EvaluationError(
+            f"{self._source}: refusing to unpickle {module}.{name} (the ground truth may hold "
+            "only lists, dicts, numbers, strings and numpy arrays; this file is not a revisitop "
+            "gnd file or was tampered with)"
+        )
 
     def persistent_load(self, pid):
         raise EvaluationError(f"{self._source}: refusing a pickle with persistent ids")
@@ -115,9 +125,19 @@ class GroundTruth:
     gnd: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"imlist": list(self.imlist), "qimlist": list(self.qimlist),
-                "gnd": [{"bbx": None if g["bbx"] is None else list(g["bbx"]), "easy": list(g["easy"]),
-                         "hard": list(g["hard"]), "junk": list(g["junk"])} for g in self.gnd]}
+        return {
+            "imlist": list(self.imlist),
+            "qimlist": list(self.qimlist),
+            "gnd": [
+                {
+                    "bbx": None if g["bbx"] is None else list(g["bbx"]),
+                    "easy": list(g["easy"]),
+                    "hard": list(g["hard"]),
+                    "junk": list(g["junk"]),
+                }
+                for g in self.gnd
+            ],
+        }
 
 
 def _int_list(value: Any, where: str, n_db: int) -> list[int]:
@@ -143,8 +163,10 @@ def _validate(obj: Any, source: str) -> GroundTruth:
         if not isinstance(lst, (list, tuple)) or not all(isinstance(s, str) for s in lst):
             raise EvaluationError(f"{source}: {name} must be a list of image names")
     if not isinstance(gnd, (list, tuple)) or len(gnd) != len(qimlist):
-        raise EvaluationError(f"{source}: gnd must be a list with one entry per query ({len(qimlist)}), got "
-                              f"{len(gnd) if isinstance(gnd, (list, tuple)) else type(gnd).__name__}")
+        raise EvaluationError(
+            f"{source}: gnd must be a list with one entry per query ({len(qimlist)}), got "
+            f"{len(gnd) if isinstance(gnd, (list, tuple)) else type(gnd).__name__}"
+        )
     out = []
     for i, g in enumerate(gnd):
         if not isinstance(g, dict):
@@ -219,8 +241,9 @@ def compute_ap(positions: np.ndarray, num_positives: int) -> float:
     return float(((p0 + p1) / 2).sum() / num_positives)
 
 
-def compute_map(ranks: np.ndarray, lists: Sequence[tuple[Sequence[int], Sequence[int]]],
-                kappas: Sequence[int] = KAPPAS) -> dict[str, Any]:
+def compute_map(
+    ranks: np.ndarray, lists: Sequence[tuple[Sequence[int], Sequence[int]]], kappas: Sequence[int] = KAPPAS
+) -> dict[str, Any]:
     """mAP and mean precision at ``kappas`` of rankings against per-query positive/ignored lists.
 
     Args:
@@ -269,8 +292,9 @@ def rank_database(query_features: torch.Tensor, db_features: torch.Tensor) -> np
     """Cosine ranking: ``query (Q, D)``, ``db (N, D)`` (any float dtype; normalized here in fp32) ->
     ``(Q, N)`` database indices, most similar first (ties: lower index first)."""
     if query_features.ndim != 2 or db_features.ndim != 2 or query_features.shape[1] != db_features.shape[1]:
-        raise EvaluationError(f"features: expected (Q, D) and (N, D), got {tuple(query_features.shape)} and "
-                              f"{tuple(db_features.shape)}")
+        raise EvaluationError(
+            f"features: expected (Q, D) and (N, D), got {tuple(query_features.shape)} and {tuple(db_features.shape)}"
+        )
     q = torch.nn.functional.normalize(query_features.float(), dim=1)
     x = torch.nn.functional.normalize(db_features.float(), dim=1)
     sim = q @ x.T
@@ -310,8 +334,10 @@ class RevisitopImages(Dataset):
         self.root, self.names, self.transform, self.bbxs = root, list(names), transform, bbxs
         missing = [n for n in self.names if not os.path.isfile(self.path(n))]
         if missing:
-            raise EvaluationError(f"{len(missing)} of {len(self.names)} images not found, e.g. "
-                                  f"{self.path(missing[0])}; expected the revisitop layout {root}/jpg/<name>.jpg")
+            raise EvaluationError(
+                f"{len(missing)} of {len(self.names)} images not found, e.g. "
+                f"{self.path(missing[0])}; expected the revisitop layout {root}/jpg/<name>.jpg"
+            )
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, "jpg", name if name.lower().endswith(".jpg") else name + ".jpg")
@@ -343,8 +369,10 @@ def find_dataset(root: str, dataset: str, gnd: str | None = None) -> tuple[str, 
         candidates = [os.path.join(folder, f"gnd_{dataset}.{ext}") for ext in ("pkl", "json")]
         gnd = next((c for c in candidates if os.path.isfile(c)), None)
         if gnd is None:
-            raise EvaluationError(f"no gnd_{dataset}.pkl or .json in {folder}; download it from the revisitop "
-                                  "project (see the README) or pass --gnd FILE")
+            raise EvaluationError(
+                f"no gnd_{dataset}.pkl or .json in {folder}; download it from the revisitop "
+                "project (see the README) or pass --gnd FILE"
+            )
     if not os.path.isdir(os.path.join(folder, "jpg")):
         raise EvaluationError(f"{folder} has no jpg/ folder; expected {folder}/jpg/<name>.jpg")
     return folder, gnd

@@ -9,8 +9,9 @@ initial weights identical for a given ``--seed``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -41,8 +42,16 @@ def build_data(cfg: TrainConfig, group: ProcessGroup, device: torch.device) -> t
     dataset = build_dataset(cfg.data_source, cfg.data, "train", cfg.img_size, augment=cfg.augment, **data_kw)
     if cfg.limit_images is not None:
         dataset = FirstN(dataset, cfg.limit_images)
-    loader = build_loader(dataset, cfg.batch_size, shuffle=True, num_workers=cfg.workers, seed=cfg.seed,
-                          distributed=group.enabled, drop_last=True, pin_memory=device.type == "cuda")
+    loader = build_loader(
+        dataset,
+        cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.workers,
+        seed=cfg.seed,
+        distributed=group.enabled,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+    )
     if len(loader) == 0:
         raise ConfigError(
             f"the dataset has {len(dataset)} images, fewer than one global batch "
@@ -61,8 +70,12 @@ class Models:
     dims: dict[str, Any]  # model dimensions, checked on resume
 
 
-def build_models(cfg: TrainConfig, device: torch.device, precision: str,
-                 info: Callable[..., None] = lambda msg, level=logging.INFO: None) -> Models:
+def build_models(
+    cfg: TrainConfig,
+    device: torch.device,
+    precision: str,
+    info: Callable[..., None] = lambda msg, level=logging.INFO: None,
+) -> Models:
     """Teacher (weights loaded, truncatable, counting its blocks), student and projection head.
 
     The teacher's weights are in ``--teacher-dtype`` (:func:`leap.precision.resolve_teacher_dtype`:
@@ -77,12 +90,13 @@ def build_models(cfg: TrainConfig, device: torch.device, precision: str,
     """
     teacher_model = build_model(cfg.teacher, img_size=cfg.img_size, **cfg.teacher_overrides)
     if cfg.teacher_weights:
-        fmt = load_teacher_weights(teacher_model, cfg.teacher_weights,
-                                   pos_embed_interpolation=cfg.teacher_pos_embed)
+        fmt = load_teacher_weights(teacher_model, cfg.teacher_weights, pos_embed_interpolation=cfg.teacher_pos_embed)
         info(f"loaded teacher weights from {cfg.teacher_weights} ({fmt} layout)")
     else:
-        info("no --teacher-weights given: the teacher keeps random weights (smoke runs/tests only)",
-             level=logging.WARNING)
+        info(
+            "no --teacher-weights given: the teacher keeps random weights (smoke runs/tests only)",
+            level=logging.WARNING,
+        )
     student = build_model(cfg.student, img_size=cfg.img_size, **cfg.student_overrides)
     check_compatible(teacher_model, student)
     if getattr(student, "cls_token", None) is None:
@@ -92,8 +106,7 @@ def build_models(cfg: TrainConfig, device: torch.device, precision: str,
     # per-step CKA only counts when the run measures it (the baselines by default do not). Read
     # before the teacher is built: --teacher-precision fp8 replaces its nn.Linear layers, and the
     # FLOPs are the same whatever the precision.
-    flops = TeacherFlopsTracker(CostModel(teacher_model, student,
-                                          include_cka=cfg.resolved_cka_every is not None))
+    flops = TeacherFlopsTracker(CostModel(teacher_model, student, include_cka=cfg.resolved_cka_every is not None))
 
     teacher_dtype = resolve_teacher_dtype(cfg.teacher_dtype, precision)
     teacher = CountingTeacher(teacher_model.to(device), dtype=teacher_dtype, precision=cfg.teacher_precision)
@@ -105,8 +118,9 @@ def build_models(cfg: TrainConfig, device: torch.device, precision: str,
             info(f"FP8 teacher: {len(fp8_linears(teacher.model))} block linears on torch._scaled_mm")
     head = FeatureDistillationHead(int(student.embed_dim), teacher.embed_dim, normalize=cfg.loss == "token-mse")
     if cfg.curriculum == "one-to-one":
-        module: DistillModule = OneToOneDistillModule(student, head, cfg.cls_weight, amp_dtype(precision),
-                                                      teacher_blocks=teacher.num_blocks)
+        module: DistillModule = OneToOneDistillModule(
+            student, head, cfg.cls_weight, amp_dtype(precision), teacher_blocks=teacher.num_blocks
+        )
     else:
         module = DistillModule(student, head, cfg.cls_weight, compute_dtype=amp_dtype(precision))
     module = module.to(device)
@@ -132,16 +146,28 @@ class Optimization:
     warmup_steps: int
 
 
-def build_optimization(cfg: TrainConfig, module: torch.nn.Module, steps_per_epoch: int, global_batch: int,
-                       device: torch.device, precision: str) -> Optimization:
+def build_optimization(
+    cfg: TrainConfig,
+    module: torch.nn.Module,
+    steps_per_epoch: int,
+    global_batch: int,
+    device: torch.device,
+    precision: str,
+) -> Optimization:
     """LARS or AdamW at the peak lr of ``global_batch``, warmup-cosine over ``epochs`` epochs."""
     peak = peak_lr(cfg.optimizer, cfg.resolved_lr, global_batch)
-    optimizer = build_optimizer(cfg.optimizer, module.named_parameters(), lr=peak,
-                                weight_decay=cfg.resolved_weight_decay, momentum=cfg.momentum,
-                                trust_coefficient=cfg.trust_coefficient)
+    optimizer = build_optimizer(
+        cfg.optimizer,
+        module.named_parameters(),
+        lr=peak,
+        weight_decay=cfg.resolved_weight_decay,
+        momentum=cfg.momentum,
+        trust_coefficient=cfg.trust_coefficient,
+    )
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = WarmupCosine(optimizer, warmup_steps=warmup_steps, total_steps=total_steps,
-                             min_lr_ratio=cfg.min_lr_ratio)
+    scheduler = WarmupCosine(
+        optimizer, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return Optimization(optimizer, scheduler, scaler, peak, total_steps, warmup_steps)

@@ -37,7 +37,8 @@ import statistics
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -105,7 +106,8 @@ class RunDirLock:
     def _refuse(self, holder: str) -> ConfigError:
         return ConfigError(
             f"run directory {self.run_dir} is in use by another leap run ({holder}; lock file {self.path}): "
-            "wait for it to finish, or choose another --out")
+            "wait for it to finish, or choose another --out"
+        )
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`~leap.errors.ConfigError` (one line: who holds it)."""
@@ -128,14 +130,21 @@ class RunDirLock:
                 raise self._refuse(self._describe(holder)) from None
             except OSError:  # no flock on this filesystem: decide by pid and host
                 holder = os.read(fd, 200).decode("utf-8", "replace").split()
-                if holder and len(holder) >= 2 and holder[1] == socket.gethostname() and holder[0].isdigit() \
-                        and int(holder[0]) != os.getpid() and _pid_alive(int(holder[0])):
+                if (
+                    holder
+                    and len(holder) >= 2
+                    and holder[1] == socket.gethostname()
+                    and holder[0].isdigit()
+                    and int(holder[0]) != os.getpid()
+                    and _pid_alive(int(holder[0]))
+                ):
                     os.close(fd)
                     raise self._refuse(self._describe(" ".join(holder))) from None
                 if holder and len(holder) >= 2 and holder[1] != socket.gethostname():
                     os.close(fd)
-                    raise self._refuse(self._describe(" ".join(holder)) + "; if that run is gone, delete the "
-                                       "lock file") from None
+                    raise self._refuse(
+                        self._describe(" ".join(holder)) + "; if that run is gone, delete the lock file"
+                    ) from None
             # The file may have been removed (by the holder's release) between open and flock.
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
@@ -202,7 +211,6 @@ def truncate_log(path: str | os.PathLike, step: int) -> int:
     """
     import json
 
-
     path = os.fspath(path)
     if os.path.islink(path) or not os.path.isfile(path):
         return 0
@@ -246,12 +254,16 @@ def config_warnings(cfg: Any) -> list[str]:
     """Settings that are valid but probably not meant (printed as warnings at the start)."""
     out = []
     if cfg.warmup_epochs > cfg.epochs:
-        out.append(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than --epochs {cfg.epochs}: the learning rate "
-                   f"never reaches its peak (it ends at {cfg.epochs / cfg.warmup_epochs:.0%} of it); lower "
-                   "--warmup-epochs")
+        out.append(
+            f"--warmup-epochs {cfg.warmup_epochs:g} is longer than --epochs {cfg.epochs}: the learning rate "
+            f"never reaches its peak (it ends at {cfg.epochs / cfg.warmup_epochs:.0%} of it); lower "
+            "--warmup-epochs"
+        )
     if cfg.curriculum == "cka" and cfg.tau > 1:
-        out.append(f"--tau {cfg.tau:g} > 1: CKA never reaches it, so the target block moves only after "
-                   "--max-epochs-per-block epochs" + (" (0: never)" if not cfg.max_epochs_per_block else ""))
+        out.append(
+            f"--tau {cfg.tau:g} > 1: CKA never reaches it, so the target block moves only after "
+            "--max-epochs-per-block epochs" + (" (0: never)" if not cfg.max_epochs_per_block else "")
+        )
     return out
 
 
@@ -263,9 +275,17 @@ def config_warnings(cfg: Any) -> list[str]:
 class RunGuard:
     """See the module docstring. ``is_main``: this rank writes the run directory (rank 0)."""
 
-    def __init__(self, run_dir: str, *, is_main: bool = True, keep_checkpoints: int = 2,
-                 divergence_factor: float = 100.0, window: int = 50, min_history: int = 10,
-                 on_error: Any = None):
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        is_main: bool = True,
+        keep_checkpoints: int = 2,
+        divergence_factor: float = 100.0,
+        window: int = 50,
+        min_history: int = 10,
+        on_error: Any = None,
+    ):
         self.run_dir = run_dir
         self.is_main = is_main
         self.keep = max(1, int(keep_checkpoints))
@@ -297,8 +317,10 @@ class RunGuard:
         if self.is_main:
             self._created_dir = not os.path.isdir(self.run_dir)
             if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
-                error = ConfigError(f"--out {self.run_dir} exists and is not a directory; give a run directory "
-                                    "(it is created if missing)")
+                error = ConfigError(
+                    f"--out {self.run_dir} exists and is not a directory; give a run directory "
+                    "(it is created if missing)"
+                )
             else:
                 try:
                     self.lock.acquire()
@@ -344,8 +366,11 @@ class RunGuard:
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signal is None:
             self.signal = signum
-            log.warning("%s received: finishing the current step, then writing a checkpoint "
-                        "(press Ctrl-C again to stop at once)", _SIGNAL_NAMES.get(signum, signum))
+            log.warning(
+                "%s received: finishing the current step, then writing a checkpoint "
+                "(press Ctrl-C again to stop at once)",
+                _SIGNAL_NAMES.get(signum, signum),
+            )
             # A second signal acts at once.
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
@@ -375,7 +400,9 @@ class RunGuard:
         name = _SIGNAL_NAMES.get(signum, f"signal {signum}")
         return RunInterrupted(
             f"stopped by {name} after step {step}; checkpoint written to {checkpoint}: continue with "
-            f"--resume auto (same --out)", exit_code=RunInterrupted.exit_code_of(signum))
+            f"--resume auto (same --out)",
+            exit_code=RunInterrupted.exit_code_of(signum),
+        )
 
     # ---- divergence
 
@@ -399,7 +426,9 @@ class RunGuard:
                     f"the loss jumped to {loss:.4g} at step {step}, {loss / ref:.0f}x the median of the last "
                     f"{len(self._losses)} steps ({ref:.4g}): training diverged and was stopped; no checkpoint was "
                     f"written after it. {last_good} Resume from it with a lower --lr (or set "
-                    f"--divergence-factor 0 to disable this check)", step)
+                    f"--divergence-factor 0 to disable this check)",
+                    step,
+                )
         if math.isfinite(loss):
             self._losses.append(loss)
 
@@ -413,7 +442,9 @@ class RunGuard:
                 f"the student/head parameter norm reached {norm:.4g} by step {step}, {norm / self._ref_norm:.0f}x "
                 f"its value at the start ({self._ref_norm:.4g}): training diverged; the checkpoint was NOT "
                 f"overwritten. {last_good} Resume from it with a lower --lr (or set --divergence-factor 0 to "
-                "disable this check)", step)
+                "disable this check)",
+                step,
+            )
 
     # ---- kept checkpoints
 
@@ -432,7 +463,7 @@ class RunGuard:
                     os.link(ckpt_path, target)
                 except OSError:  # no hard links on this filesystem
                     shutil.copyfile(ckpt_path, target)
-        for _, path in kept_checkpoints(os.path.dirname(ckpt_path))[self.keep - 1:]:
+        for _, path in kept_checkpoints(os.path.dirname(ckpt_path))[self.keep - 1 :]:
             try:
                 os.unlink(path)
             except FileNotFoundError:

@@ -31,10 +31,10 @@ the reference does; :class:`leap.curriculum.RankSync`). :func:`train` owns the p
 :class:`Trainer` built without one joins it itself and leaves it in :meth:`Trainer.close`
 (which :meth:`Trainer.fit` calls: a trainer runs once).
 
-Why this module is long: :class:`Trainer` is the loop and the state it owns (resume, the
-step, epoch ends, checkpoint saves, the summary); its parts are built in :mod:`leap.run.build`,
-checkpoints laid out in :mod:`leap.checkpoint`, statistics typed in :mod:`leap.run.stats`, the
-progress display in :mod:`leap.run.progress`.
+Why this module is long: :class:`Trainer` is the loop and the state it owns (the step, epoch
+ends, the summary); its parts are built in :mod:`leap.run.build`, resumed and saved by
+:mod:`leap.run.resume` (file layout: :mod:`leap.checkpoint`), statistics typed in
+:mod:`leap.run.stats`, the progress display in :mod:`leap.run.progress`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import time
 from typing import Any
@@ -51,28 +50,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import (
-    all_finite,
-    atomic_save,
-    build_checkpoint,
-    capture_rng_state,
-    check_resume_compatible,
-    load_checkpoint,
-    restore_modules,
-    restore_rng_state,
-)
 from ..cka import similarity_fn
 from ..config import TrainConfig
 from ..curriculum import Curriculum, LevelUp, LevelUpEffects, RankSync
 from ..data import mixup, set_loader_epoch
 from ..distill import teacher_targets
 from ..distributed import ProcessGroup, all_reduce_sum, reduce_step_values, resolve_device
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..errors import ConfigError, NonFiniteLossError
 from ..precision import amp_dtype, configure_matmul_precision, resolve_precision, teacher_autocast
 from ..runlog import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME, JsonlWriter, run_file, sanitize, write_json
 from .build import build_data, build_models, build_optimization
 from .guard import RunGuard, config_warnings, truncate_log
 from .progress import Progress
+from .resume import read_resume_checkpoint, resume_from, save_checkpoint
 from .stats import EpochStats, RunStats, StepResult
 
 __all__ = ["Trainer", "train"]
@@ -113,8 +103,13 @@ class Trainer:
         self._log_file = JsonlWriter(None)
         self._progress: Progress | None = None
         # Run-directory lock, stop signals, kept checkpoints, divergence stops (leap.run.guard).
-        self._guard = RunGuard(self.cfg.out, is_main=self.group.is_main, keep_checkpoints=self.cfg.keep_checkpoints,
-                               divergence_factor=self.cfg.divergence_factor, on_error=self._log)
+        self._guard = RunGuard(
+            self.cfg.out,
+            is_main=self.group.is_main,
+            keep_checkpoints=self.cfg.keep_checkpoints,
+            divergence_factor=self.cfg.divergence_factor,
+            on_error=self._log,
+        )
         try:
             self._setup()
         except BaseException:
@@ -141,15 +136,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         # Cheap checks first, so bad input fails before a large teacher is built.
-        resume = self._read_resume_checkpoint()
+        resume = read_resume_checkpoint(self)
         self.dataset, self.loader = build_data(cfg, group, self.device)
         self.steps_per_epoch = len(self.loader)
         self.global_batch = cfg.batch_size * group.world_size
         models = build_models(cfg, self.device, self.precision, info=self._info)
         self.teacher, self.module, self.flops = models.teacher, models.module, models.flops
         self.num_blocks = self.teacher.num_blocks
-        self._progress = Progress(cfg.progress and group.is_main, cfg.epochs, self.steps_per_epoch,
-                                  self.num_blocks, cfg.log_every, log)
+        self._progress = Progress(
+            cfg.progress and group.is_main, cfg.epochs, self.steps_per_epoch, self.num_blocks, cfg.log_every, log
+        )
         self.module.train()
         if group.enabled:
             ddp_kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
@@ -157,24 +153,32 @@ class Trainer:
         else:
             self.model = self.module
         self.dims = {**models.dims, "world_size": group.world_size}
-        opt = build_optimization(cfg, self.module, self.steps_per_epoch, self.global_batch, self.device,
-                                 self.precision)
+        opt = build_optimization(cfg, self.module, self.steps_per_epoch, self.global_batch, self.device, self.precision)
         self.optimizer, self.scheduler, self.scaler = opt.optimizer, opt.scheduler, opt.scaler
         self.peak_lr, self.total_steps, self.warmup_steps = opt.peak_lr, opt.total_steps, opt.warmup_steps
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 
         # ---- curriculum (baseline = disabled controller: pinned to the last block)
         self.curriculum = Curriculum(
-            self.num_blocks, tau=cfg.resolved_threshold, alpha=cfg.alpha,
+            self.num_blocks,
+            tau=cfg.resolved_threshold,
+            alpha=cfg.alpha,
             max_epochs_per_block=cfg.max_epochs_per_block or None,
-            start_block=cfg.start_block, snap_to_last=cfg.snap_to_last,
-            enabled=cfg.curriculum == "cka", sync=cfg.curriculum_sync,
+            start_block=cfg.start_block,
+            snap_to_last=cfg.snap_to_last,
+            enabled=cfg.curriculum == "cka",
+            sync=cfg.curriculum_sync,
         )
         # Similarity of the curriculum (--curriculum-metric) and its cadence (None: never measured).
         self.score_fn, self.cka_every = similarity_fn(cfg.curriculum_metric), cfg.resolved_cka_every
-        self.effects = LevelUpEffects(module=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
-                                      reset_head=cfg.reset_head_on_level_up,
-                                      restart_on_snap=cfg.snap_to_last is not None, seed=cfg.seed)
+        self.effects = LevelUpEffects(
+            module=self.module,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            reset_head=cfg.reset_head_on_level_up,
+            restart_on_snap=cfg.snap_to_last is not None,
+            seed=cfg.seed,
+        )
         self.rank_sync = RankSync(cfg.curriculum_sync, group.rank, group.world_size)
         self._step_extra: dict[str, Any] = {}
         self._effect_records: list[dict[str, Any]] = []
@@ -191,22 +195,31 @@ class Trainer:
         self._last_saved_step = -1
         self._decode_seen = 0
         self.resolved = {
-            "device": str(self.device), "precision": self.precision, "world_size": group.world_size,
-            "global_batch": self.global_batch, "lr": cfg.resolved_lr, "peak_lr": self.peak_lr,
-            "weight_decay": cfg.resolved_weight_decay, "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-            "teacher_dtype": str(self.teacher.dtype).replace("torch.", ""), "tf32": self.tf32,
-            "cka_every": self.cka_every, "teacher_precision": self.teacher.precision,
+            "device": str(self.device),
+            "precision": self.precision,
+            "world_size": group.world_size,
+            "global_batch": self.global_batch,
+            "lr": cfg.resolved_lr,
+            "peak_lr": self.peak_lr,
+            "weight_decay": cfg.resolved_weight_decay,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "teacher_dtype": str(self.teacher.dtype).replace("torch.", ""),
+            "tf32": self.tf32,
+            "cka_every": self.cka_every,
+            "teacher_precision": self.teacher.precision,
         }
         if self.teacher.precision == "fp8":
             from leap_kernels.ops.fp8_linear import describe_paths
 
             # How many block linears run on torch._scaled_mm and how many are emulated (and why).
-            self.resolved["fp8_paths"], self.resolved["fp8_emulated_reasons"] = describe_paths(self.teacher.model,
-                                                                                            self.device)
+            self.resolved["fp8_paths"], self.resolved["fp8_emulated_reasons"] = describe_paths(
+                self.teacher.model, self.device
+            )
 
         if resume is not None:
-            self._resume(*resume)
+            resume_from(self, *resume)
         if group.is_main:
             if resume is not None:  # the steps after the checkpoint are run again: log them once
                 truncate_log(run_file(cfg.out, LOG_NAME), self.step)
@@ -214,67 +227,16 @@ class Trainer:
         if resume is None:
             self._log({"type": "config", "config": cfg.to_dict(), "resolved": self.resolved, "dims": self.dims})
         else:
-            self._log({"type": "resume", "checkpoint": resume[0], "step": self.step, "epoch": self.epoch,
-                       "step_in_epoch": self.step_in_epoch})
-        self._guard.set_reference(self.params)
-
-    def _read_resume_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
-        """Load ``--resume`` (if any) as ``(path, checkpoint)``; refuse to silently overwrite a run."""
-        cfg = self.cfg
-        path = cfg.resume_path
-        if path is None:
-            if os.path.exists(self.ckpt_path):
-                raise ConfigError(
-                    f"{cfg.out} already holds a checkpoint ({self.ckpt_path}); pass --resume auto to continue "
-                    "that run, or choose another --out"
-                )
-            return None
-        if cfg.resume == "auto" and not os.path.exists(path):
-            self._info(f"--resume auto: no checkpoint at {path} yet, starting a new run")
-            return None
-        return path, load_checkpoint(path)
-
-    def _resume(self, path: str, ckpt: dict[str, Any]) -> None:
-        """Continue from the checkpoint ``ckpt`` read from ``path``."""
-        cfg = self.cfg
-        extra = check_resume_compatible(path, ckpt["config"], cfg.to_dict(), ckpt["dims"], self.dims)
-        if extra:
-            changes = ", ".join(f"{k}: {ckpt['config'].get(k)!r} -> {getattr(cfg, k, None)!r}" for k in extra)
-            self._info(f"resuming with changed settings ({changes}); the run will not match an "
-                       "uninterrupted one", level=logging.WARNING)
-        restore_modules(path, ckpt, module=self.module, optimizer=self.optimizer, scaler=self.scaler,
-                        curriculum=self.curriculum)
-        # optimizer.load_state_dict restored the saved hyperparameters; the current config's win
-        # (identical values on a plain resume, so this only matters when they were changed).
-        for group in self.optimizer.param_groups:
-            group["peak_lr"] = self.peak_lr
-            if group.get("name") == "decay":
-                group["weight_decay"] = cfg.resolved_weight_decay
-            if cfg.optimizer == "lars":
-                group["momentum"] = cfg.momentum
-                group["trust_coefficient"] = cfg.trust_coefficient
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.epoch = int(ckpt["epoch"])
-        self.step = int(ckpt["step"])
-        self.step_in_epoch = int(ckpt["step_in_epoch"])
-        self.stats.load_state_dict(ckpt)
-        if "flops" in ckpt:
-            self.flops.load_state_dict(ckpt["flops"])
-        if self.step_in_epoch > self.steps_per_epoch:
-            raise CheckpointError(
-                f"cannot resume from {path}: it is {self.step_in_epoch} batches into epoch {self.epoch}, "
-                f"but an epoch now has only {self.steps_per_epoch} (did the dataset change?)"
+            self._log(
+                {
+                    "type": "resume",
+                    "checkpoint": resume[0],
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "step_in_epoch": self.step_in_epoch,
+                }
             )
-        rng = ckpt.get("rng")
-        if rng:
-            mine = rng[self.group.rank] if len(rng) == self.group.world_size else rng[0]
-            restore_rng_state(mine, {"mixup": self.mixup_gen})
-            if cfg.curriculum_sync == "per-rank" and len(rng) == self.group.world_size and "curriculum" in mine:
-                self.curriculum.load_state_dict(mine["curriculum"])  # this rank's own block, not rank 0's
-        self.last_good = path
-        self._last_saved_step = self.step
-        self._info(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.step_in_epoch}), "
-                   f"target block {self.curriculum.block}/{self.num_blocks}")
+        self._guard.set_reference(self.params)
 
     # ------------------------------------------------------------------ small utilities
 
@@ -328,8 +290,16 @@ class Trainer:
         self.stats.add_calibration(start, scan_blocks)
         if scan_blocks:
             self.flops.add_teacher_blocks(scan_blocks, images.shape[0] * self.group.world_size)
-        self._log({"type": "calibration", "step": self.step + 1, "epoch": self.epoch,
-                   "scores": cur.calibration_scores, "start_block": start, "teacher_blocks_run": scan_blocks})
+        self._log(
+            {
+                "type": "calibration",
+                "step": self.step + 1,
+                "epoch": self.epoch,
+                "scores": cur.calibration_scores,
+                "start_block": start,
+                "teacher_blocks_run": scan_blocks,
+            }
+        )
         self._info(f"calibration: start at teacher block {start}/{self.num_blocks}")
 
     def train_step(self, images: torch.Tensor) -> StepResult:
@@ -389,15 +359,27 @@ class Trainer:
             raise self._stop(
                 f"{what} at step {step} (epoch {self.epoch + 1}); training stopped before applying it. "
                 f"Last good checkpoint: {self._last_good_text()}. Try a lower --lr, --precision fp32, "
-                f"or --clip-grad, then --resume from that checkpoint.", step)
+                f"or --clip-grad, then --resume from that checkpoint.",
+                step,
+            )
 
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
 
-        result = StepResult(step=step, epoch=self.epoch, loss=loss_v, patch_loss=patch_v, cls_loss=cls_v, block=k,
-                            lr=lr, teacher_blocks_run=blocks_run, mixup_lambda=lam, grad_norm=grad_norm)
+        result = StepResult(
+            step=step,
+            epoch=self.epoch,
+            loss=loss_v,
+            patch_loss=patch_v,
+            cls_loss=cls_v,
+            block=k,
+            lr=lr,
+            teacher_blocks_run=blocks_run,
+            mixup_lambda=lam,
+            grad_norm=grad_norm,
+        )
         cka_v, self._step_extra = self.rank_sync.outputs(cka_v, gathered)  # per-rank: this rank's own
         if cka_t is not None:
             n_before = len(cur.level_ups)
@@ -427,8 +409,9 @@ class Trainer:
         try:
             for images, _labels in self.loader:
                 result = self.train_step(images)
-                self._guard.check_step(result.loss, result.step, self._guard.last_good_text(self.last_good),
-                                       block=result.block)
+                self._guard.check_step(
+                    result.loss, result.step, self._guard.last_good_text(self.last_good), block=result.block
+                )
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 self.step += 1
@@ -471,13 +454,21 @@ class Trainer:
             new_failures = int(all_reduce_sum(t).item())
         tot.decode_failures += new_failures
         mean_loss = ep.mean(ep.loss_sum)
-        record = ep.record(self.epoch, self.step, self.optimizer.param_groups[0]["lr"], cur, self.num_blocks,
-                           (new_failures, tot.decode_failures))
+        record = ep.record(
+            self.epoch,
+            self.step,
+            self.optimizer.param_groups[0]["lr"],
+            cur,
+            self.num_blocks,
+            (new_failures, tot.decode_failures),
+        )
         record.update({k: v for k, v in self.flops.epoch_summary().items() if k not in ("steps", "images")})
         self._log(record)
         if new_failures:
-            self._info(f"epoch {self.epoch + 1}: {new_failures} image(s) could not be decoded and were skipped",
-                       level=logging.WARNING)
+            self._info(
+                f"epoch {self.epoch + 1}: {new_failures} image(s) could not be decoded and were skipped",
+                level=logging.WARNING,
+            )
         tot.last_epoch_mean_loss = mean_loss
         self.epoch += 1
         self.step_in_epoch = 0
@@ -512,35 +503,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> str:
-        """Write ``RUN_DIR/checkpoint.pt`` atomically (rank 0), after checking the weights are finite.
-
-        Every rank must call it (the RNG states of all ranks are gathered into the file).
-
-        Raises:
-            NonFiniteLossError: the weights hold NaN/Inf; nothing is written, the last good
-                checkpoint stays on disk.
-        """
-        if not all_finite(self.params):
-            raise self._stop(
-                f"student/head weights became non-finite by step {self.step} (epoch {self.epoch + 1}); "
-                f"the checkpoint was NOT overwritten. Last good checkpoint: {self._last_good_text()}.", self.step)
-        self._guard.check_weights(self.params, self.step, self._guard.last_good_text(self.last_good))
-        # Every rank's controller travels with its RNG state: under --curriculum-sync per-rank they differ.
-        rng_all = self.group.all_gather_object({**capture_rng_state({"mixup": self.mixup_gen}),
-                                                "curriculum": self.curriculum.state_dict()})
-        if self.group.is_main:
-            ckpt = build_checkpoint(
-                module=self.module, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                curriculum=self.curriculum, rng=rng_all, epoch=self.epoch, step=self.step,
-                step_in_epoch=self.step_in_epoch, stats=self.stats.state_dict(), flops=self.flops.state_dict(),
-                config=self.cfg.to_dict(), resolved=self.resolved, dims=self.dims)
-            self._guard.keep_previous(self.ckpt_path, self._last_saved_step)
-            atomic_save(ckpt, self.ckpt_path)
-            self._log({"type": "checkpoint", "step": self.step, "epoch": self.epoch,
-                       "step_in_epoch": self.step_in_epoch, "path": self.ckpt_path})
-        self.last_good = self.ckpt_path
-        self._last_saved_step = self.step
-        return self.ckpt_path
+        """Write ``RUN_DIR/checkpoint.pt`` atomically (rank 0): :func:`leap.run.resume.save_checkpoint`."""
+        return save_checkpoint(self)
 
     # ------------------------------------------------------------------ signals (leap.run.guard)
 
@@ -551,8 +515,15 @@ class Trainer:
             return
         if self._last_saved_step != self.step:
             self.save_checkpoint()
-        self._log({"type": "interrupted", "signal": int(signum), "step": self.step, "epoch": self.epoch,
-                   "checkpoint": self.ckpt_path})
+        self._log(
+            {
+                "type": "interrupted",
+                "signal": int(signum),
+                "step": self.step,
+                "epoch": self.epoch,
+                "checkpoint": self.ckpt_path,
+            }
+        )
         raise self._guard.interrupted(signum, self.step, self.ckpt_path)
 
     # ------------------------------------------------------------------ summary
@@ -560,28 +531,33 @@ class Trainer:
     def summary(self, status: str) -> dict[str, Any]:
         tot, cur = self.stats.total, self.curriculum
         steps = self.step
-        return sanitize({
-            "status": status,
-            "mode": "leap" if cur.enabled else ("one-to-one" if self.cfg.curriculum == "one-to-one" else "baseline"),
-            # Whether the per-step CKA (or cosine) was computed: the baselines skip it unless --cka-every.
-            "cka_computed": self.cka_every is not None, "curriculum_sync": self.cfg.curriculum_sync,
-            "blocks_per_rank": self._step_extra.get("blocks_per_rank"),
-            "run_dir": self.run_dir,
-            "checkpoint": self.last_good,
-            "steps": steps,
-            "epochs": self.cfg.epochs,
-            "epochs_completed": self.epoch,
-            "num_blocks": self.num_blocks,
-            "start_block": tot.start_block,
-            "final_block": cur.block,
-            "mean_block": tot.block_sum / steps if steps else None,
-            "level_ups": [{k: v for k, v in u.record().items() if k != "type"} for u in cur.level_ups],
-            "calibration_scores": cur.calibration_scores,
-            **tot.summary(steps, self.num_blocks),
-            "flops": {k: v for k, v in self.flops.totals().items() if k not in ("steps", "images")},
-            "resolved": self.resolved,
-            "config": self.cfg.to_dict(),
-        })
+        return sanitize(
+            {
+                "status": status,
+                "mode": "leap"
+                if cur.enabled
+                else ("one-to-one" if self.cfg.curriculum == "one-to-one" else "baseline"),
+                # Whether the per-step CKA (or cosine) was computed: the baselines skip it unless --cka-every.
+                "cka_computed": self.cka_every is not None,
+                "curriculum_sync": self.cfg.curriculum_sync,
+                "blocks_per_rank": self._step_extra.get("blocks_per_rank"),
+                "run_dir": self.run_dir,
+                "checkpoint": self.last_good,
+                "steps": steps,
+                "epochs": self.cfg.epochs,
+                "epochs_completed": self.epoch,
+                "num_blocks": self.num_blocks,
+                "start_block": tot.start_block,
+                "final_block": cur.block,
+                "mean_block": tot.block_sum / steps if steps else None,
+                "level_ups": [{k: v for k, v in u.record().items() if k != "type"} for u in cur.level_ups],
+                "calibration_scores": cur.calibration_scores,
+                **tot.summary(steps, self.num_blocks),
+                "flops": {k: v for k, v in self.flops.totals().items() if k not in ("steps", "images")},
+                "resolved": self.resolved,
+                "config": self.cfg.to_dict(),
+            }
+        )
 
 
 def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:

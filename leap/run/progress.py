@@ -22,8 +22,15 @@ class Progress:
         log: the logger of the plain lines.
     """
 
-    def __init__(self, enabled: bool, epochs: int, steps_per_epoch: int, num_blocks: int,
-                 log_every: int | None, log: logging.Logger):
+    def __init__(
+        self,
+        enabled: bool,
+        epochs: int,
+        steps_per_epoch: int,
+        num_blocks: int,
+        log_every: int | None,
+        log: logging.Logger,
+    ):
         self.enabled, self.epochs, self.steps_per_epoch = enabled, epochs, steps_per_epoch
         self.num_blocks, self.log_every, self.log = num_blocks, log_every, log
         self._bar = None
@@ -33,10 +40,16 @@ class Progress:
         from tqdm import tqdm
 
         self.close()
-        self._bar = tqdm(total=self.steps_per_epoch, initial=step_in_epoch,
-                         disable=not (self.enabled and sys.stderr.isatty()),
-                         desc=f"epoch {epoch + 1}/{self.epochs}", unit="step", dynamic_ncols=True,
-                         leave=True, file=sys.stderr)
+        self._bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=step_in_epoch,
+            disable=not (self.enabled and sys.stderr.isatty()),
+            desc=f"epoch {epoch + 1}/{self.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+            file=sys.stderr,
+        )
 
     def step(self, result: StepResult, step: int, step_in_epoch: int) -> None:
         """Show the step just done (``step`` in total, ``step_in_epoch`` in its epoch)."""
@@ -59,9 +72,11 @@ class Progress:
             return
         extra = f", cka {result.cka:.3f}" if result.cka is not None else ""
         rate = f", {result.images_per_s:.0f} img/s" if result.images_per_s else ""
-        self.log.info(f"epoch {result.epoch + 1}/{self.epochs} step {step_in_epoch}/{self.steps_per_epoch} "
-                      f"(total {step}): loss {result.loss:.4g}, block {result.block}/{self.num_blocks}{extra}{rate}"
-                      + (" [epoch end]" if end else ""))
+        self.log.info(
+            f"epoch {result.epoch + 1}/{self.epochs} step {step_in_epoch}/{self.steps_per_epoch} "
+            f"(total {step}): loss {result.loss:.4g}, block {result.block}/{self.num_blocks}{extra}{rate}"
+            + (" [epoch end]" if end else "")
+        )
 
     def close(self) -> None:
         """Close the bar, if any (idempotent)."""

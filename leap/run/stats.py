@@ -19,26 +19,33 @@ __all__ = ["StepResult", "EpochStats", "RunTotals", "RunStats"]
 class StepResult:
     """What one optimizer step produced (rank-averaged values, read back once per step)."""
 
-    step: int                      # 1-based number of this step
-    epoch: int                     # 0-based epoch
+    step: int  # 1-based number of this step
+    epoch: int  # 0-based epoch
     loss: float
     patch_loss: float
     cls_loss: float
-    block: int                     # teacher target block of this step
-    lr: float                      # lr the step was taken with
-    teacher_blocks_run: int        # teacher blocks run by this step (calibration excluded)
+    block: int  # teacher target block of this step
+    lr: float  # lr the step was taken with
+    teacher_blocks_run: int  # teacher blocks run by this step (calibration excluded)
     mixup_lambda: float
     grad_norm: float | None = None  # before clipping; None when clipping is off
-    cka: float | None = None        # None on steps without a CKA check
+    cka: float | None = None  # None on steps without a CKA check
     level_ups: list[LevelUp] = field(default_factory=list)  # moves decided by this step's CKA
     images_per_s: float | None = None
 
     def record(self) -> dict[str, Any]:
         """The ``step`` record of ``log.jsonl``."""
         rec: dict[str, Any] = {
-            "type": "step", "step": self.step, "epoch": self.epoch, "loss": self.loss,
-            "patch_loss": self.patch_loss, "cls_loss": self.cls_loss, "block": self.block, "lr": self.lr,
-            "teacher_blocks_run": self.teacher_blocks_run, "mixup_lambda": self.mixup_lambda,
+            "type": "step",
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": self.loss,
+            "patch_loss": self.patch_loss,
+            "cls_loss": self.cls_loss,
+            "block": self.block,
+            "lr": self.lr,
+            "teacher_blocks_run": self.teacher_blocks_run,
+            "mixup_lambda": self.mixup_lambda,
         }
         if self.grad_norm is not None:
             rec["grad_norm"] = self.grad_norm
@@ -66,25 +73,33 @@ class EpochStats:
     def mean(self, total: float) -> float | None:
         return total / self.steps if self.steps else None
 
-    def record(self, epoch: int, step: int, lr: float, curriculum: Any, num_blocks: int,
-               decode_failures: tuple[int, int]) -> dict[str, Any]:
+    def record(
+        self, epoch: int, step: int, lr: float, curriculum: Any, num_blocks: int, decode_failures: tuple[int, int]
+    ) -> dict[str, Any]:
         """The ``epoch`` record of ``log.jsonl`` (without the FLOP counters, which the trainer adds).
 
         ``curriculum``: the controller (its block and epochs on it); ``decode_failures``: the
         undecodable images of this epoch and of the run.
         """
         return {
-            "type": "epoch", "epoch": epoch, "steps": self.steps, "mean_loss": self.mean(self.loss_sum),
+            "type": "epoch",
+            "epoch": epoch,
+            "steps": self.steps,
+            "mean_loss": self.mean(self.loss_sum),
             "mean_patch_loss": self.mean(self.patch_loss_sum),
             "mean_cls_loss": self.mean(self.cls_loss_sum),
             "mean_cka": self.cka_sum / self.cka_count if self.cka_count else None,
-            "block": curriculum.block, "mean_block": self.mean(self.block_sum),
+            "block": curriculum.block,
+            "mean_block": self.mean(self.block_sum),
             "epochs_on_block": curriculum.epochs_on_block,
-            "decode_failures": decode_failures[0], "decode_failures_total": decode_failures[1],
+            "decode_failures": decode_failures[0],
+            "decode_failures_total": decode_failures[1],
             "teacher_blocks_run_total": self.teacher_blocks_run,
             "teacher_block_savings": 1.0 - self.teacher_blocks_run / (max(1, self.steps) * num_blocks),
-            "time_s": self.time_s, "images_per_s": self.images / self.time_s if self.time_s > 0 else None,
-            "lr": lr, "step": step,
+            "time_s": self.time_s,
+            "images_per_s": self.images / self.time_s if self.time_s > 0 else None,
+            "lr": lr,
+            "step": step,
         }
 
 
@@ -92,8 +107,8 @@ class EpochStats:
 class RunTotals:
     """Counters of the whole run, for the summary."""
 
-    teacher_blocks_run: int = 0     # training steps only (the calibration scan is counted apart)
-    calibration_blocks: int = 0     # teacher blocks run by the one-off calibration scan
+    teacher_blocks_run: int = 0  # training steps only (the calibration scan is counted apart)
+    calibration_blocks: int = 0  # teacher blocks run by the one-off calibration scan
     block_sum: int = 0
     images: int = 0
     time_s: float = 0.0

@@ -13,7 +13,8 @@ import copy
 import math
 import statistics
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,10 +32,20 @@ from ..vit import unwrap_vit
 __all__ = ["measure_step_times", "wall_clock_savings"]
 
 
-def measure_step_times(teacher: nn.Module, student: nn.Module, ks: Iterable[int], batch_size: int = 32,
-                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
-                       warmup: int = 2, repeats: int = 5, cls_weight: float = 0.05,
-                       include_cka: bool = True, normalize: bool = False) -> dict[int, float]:
+def measure_step_times(
+    teacher: nn.Module,
+    student: nn.Module,
+    ks: Iterable[int],
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    cls_weight: float = 0.05,
+    include_cka: bool = True,
+    normalize: bool = False,
+) -> dict[int, float]:
     """Time one LEAP training step per distinct target block ``k``.
 
     One step: teacher forward to block ``k`` (no grad), student forward (autocast to
@@ -140,8 +151,13 @@ def _interp_time(k: float, step_times: Mapping[int, float]) -> float:
     return my + slope * (k - mx)
 
 
-def wall_clock_savings(trajectory: Any, step_times: Mapping[int, float], num_blocks: int | None = None, *,
-                       weights: Sequence[float] | None = None) -> dict[str, Any]:
+def wall_clock_savings(
+    trajectory: Any,
+    step_times: Mapping[int, float],
+    num_blocks: int | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+) -> dict[str, Any]:
     """Realized time saving of a trajectory vs. every step at the last block.
 
     Args:
@@ -175,4 +191,3 @@ def wall_clock_savings(trajectory: Any, step_times: Mapping[int, float], num_blo
         "saving": 1.0 - mean_t / base,
         "interpolated": sorted(b for b in cache if b not in measured),
     }
-

@@ -79,8 +79,9 @@ GEMM_OUT_DTYPE = torch.bfloat16
 def _fp8_dtype() -> torch.dtype:
     dtype = getattr(torch, "float8_e4m3fn", None)
     if dtype is None:  # pragma: no cover - torch < 2.1
-        raise RuntimeError(f"torch {torch.__version__} has no float8_e4m3fn dtype; --teacher-precision fp8 "
-                           "needs torch >= 2.1")
+        raise RuntimeError(
+            f"torch {torch.__version__} has no float8_e4m3fn dtype; --teacher-precision fp8 needs torch >= 2.1"
+        )
     return dtype
 
 
@@ -128,11 +129,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``q (..., K) float8_e4m3fn`` times ``scale (..., 1)`` -> ``(..., K)`` in ``dtype``."""
     if not isinstance(q, torch.Tensor) or q.dtype != _fp8_dtype():
-        raise ValueError(f"dequantize_rows: q must be a float8_e4m3fn tensor, got "
-                         f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}")
+        raise ValueError(
+            f"dequantize_rows: q must be a float8_e4m3fn tensor, got "
+            f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}"
+        )
     if not isinstance(scale, torch.Tensor) or scale.shape != (*q.shape[:-1], 1):
-        raise ValueError(f"dequantize_rows: scale must have shape {(*q.shape[:-1], 1)} (one per row of q), got "
-                         f"{tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}")
+        raise ValueError(
+            f"dequantize_rows: scale must have shape {(*q.shape[:-1], 1)} (one per row of q), got "
+            f"{tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}"
+        )
     return (q.to(torch.float32) * scale.to(torch.float32)).to(dtype)
 
 
@@ -161,8 +166,14 @@ def _probe_scaled_mm(device: str) -> str | None:
         f8 = _fp8_dtype()
         a = torch.ones(16, 16, device=device).to(f8)
         b = torch.ones(16, 16, device=device).to(f8).t()
-        out = torch._scaled_mm(a, b, torch.ones(16, 1, device=device), torch.full((1, 16), 0.5, device=device),
-                               bias=torch.ones(16, device=device, dtype=GEMM_OUT_DTYPE), out_dtype=GEMM_OUT_DTYPE)
+        out = torch._scaled_mm(
+            a,
+            b,
+            torch.ones(16, 1, device=device),
+            torch.full((1, 16), 0.5, device=device),
+            bias=torch.ones(16, device=device, dtype=GEMM_OUT_DTYPE),
+            out_dtype=GEMM_OUT_DTYPE,
+        )
         out = out[0] if isinstance(out, tuple) else out
         if not bool((out.float() == 9).all()):  # 16 * 1 * 0.5 + 1
             return f"torch._scaled_mm gave a wrong result in a self-check ({out.float().flatten()[:4].tolist()})"
@@ -195,8 +206,10 @@ def _supported_reasons(device_name: str) -> tuple[str, ...]:
     if not hasattr(torch, "_scaled_mm"):  # pragma: no cover - torch < 2.1
         reasons.append(f"torch {torch.__version__} has no torch._scaled_mm")
     if device.type != "cuda":
-        reasons.append(f"device {device} is not a CUDA GPU (FP8 tensor cores need an NVIDIA GPU with compute "
-                       "capability 8.9 or newer)")
+        reasons.append(
+            f"device {device} is not a CUDA GPU (FP8 tensor cores need an NVIDIA GPU with compute "
+            "capability 8.9 or newer)"
+        )
         return tuple(reasons)
     if getattr(torch.version, "hip", None):
         reasons.append("ROCm build: the FP8 path supports NVIDIA GPUs only")
@@ -207,21 +220,23 @@ def _supported_reasons(device_name: str) -> tuple[str, ...]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
     if (major, minor) < (8, 9):
-        reasons.append(f"{torch.cuda.get_device_name(index)} has compute capability {major}.{minor}; FP8 tensor "
-                       "cores need 8.9 or newer")
+        reasons.append(
+            f"{torch.cuda.get_device_name(index)} has compute capability {major}.{minor}; FP8 tensor "
+            "cores need 8.9 or newer"
+        )
     if not reasons:
         error = _probe_scaled_mm(f"cuda:{index}")
         if error is not None:
-            reasons.append(f"torch._scaled_mm with row-wise scales failed on {torch.cuda.get_device_name(index)}: "
-                           f"{error}")
+            reasons.append(
+                f"torch._scaled_mm with row-wise scales failed on {torch.cuda.get_device_name(index)}: {error}"
+            )
     return tuple(reasons)
 
 
 def shape_reasons(in_features: int, out_features: int) -> list[str]:
     """Why ``torch._scaled_mm`` cannot take a ``(out_features, in_features)`` weight (it needs both
     dimensions divisible by 16); an empty list: it can."""
-    bad = [f"{name} = {v}" for name, v in (("in_features", in_features), ("out_features", out_features))
-           if v % 16]
+    bad = [f"{name} = {v}" for name, v in (("in_features", in_features), ("out_features", out_features)) if v % 16]
     return [f"torch._scaled_mm needs dimensions divisible by 16, got {', '.join(bad)}"] if bad else []
 
 
@@ -277,8 +292,15 @@ class ScaledMmBackend(Fp8Backend):
 
     def linear(self, ops: Fp8Operands) -> torch.Tensor:
         # weight_fp8 (N, K) row-major -> .t() is the column-major (K, N) operand _scaled_mm wants.
-        out = torch._scaled_mm(ops.xq, ops.weight_fp8.t(), ops.sx, ops.weight_scale.t(), bias=ops.gemm_bias(),
-                               out_dtype=GEMM_OUT_DTYPE, use_fast_accum=ops.use_fast_accum)
+        out = torch._scaled_mm(
+            ops.xq,
+            ops.weight_fp8.t(),
+            ops.sx,
+            ops.weight_scale.t(),
+            bias=ops.gemm_bias(),
+            out_dtype=GEMM_OUT_DTYPE,
+            use_fast_accum=ops.use_fast_accum,
+        )
         return out[0] if isinstance(out, tuple) else out  # torch < 2.4 also returned amax
 
 
@@ -355,8 +377,16 @@ class Fp8Linear(nn.Module):
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, backend: str = "auto",
-                 use_fast_accum: bool = False, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        backend: str = "auto",
+        use_fast_accum: bool = False,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -388,10 +418,18 @@ class Fp8Linear(nn.Module):
             raise TypeError(f"Fp8Linear.from_linear: expected a torch.nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
         if weight.device.type == "meta":
-            raise ValueError("Fp8Linear.from_linear: the linear's weight is on the meta device (no values to "
-                             "quantize); load the weights first")
-        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, backend=backend,
-                  use_fast_accum=use_fast_accum, device=weight.device)
+            raise ValueError(
+                "Fp8Linear.from_linear: the linear's weight is on the meta device (no values to "
+                "quantize); load the weights first"
+            )
+        out = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            backend=backend,
+            use_fast_accum=use_fast_accum,
+            device=weight.device,
+        )
         q, scale = quantize_rows(weight)
         out.weight_fp8.copy_(q)
         out.weight_scale.copy_(scale)
@@ -400,8 +438,10 @@ class Fp8Linear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"backend={self.backend}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"backend={self.backend}"
+        )
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Fp8Linear:
         # Take only the device from `fn`: Module.to(dtype) / .half() cast every floating buffer,
@@ -431,8 +471,10 @@ class Fp8Linear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"Fp8Linear: x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
         if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("Fp8Linear is inference-only (a frozen teacher's layer): call it under "
-                               "torch.no_grad() or with an input that does not require grad")
+            raise RuntimeError(
+                "Fp8Linear is inference-only (a frozen teacher's layer): call it under "
+                "torch.no_grad() or with an input that does not require grad"
+            )
         if x.device != self.weight_fp8.device:
             raise ValueError(f"Fp8Linear: x is on {x.device} but the layer's weight is on {self.weight_fp8.device}")
         lead = x.shape[:-1]
@@ -463,8 +505,9 @@ def convert_teacher_linears(model: nn.Module, *, backend: str = "auto", use_fast
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, Iterable) or not isinstance(blocks, nn.Module):
-        raise TypeError(f"convert_teacher_linears: expected a timm VisionTransformer with .blocks, got "
-                        f"{type(model).__name__}")
+        raise TypeError(
+            f"convert_teacher_linears: expected a timm VisionTransformer with .blocks, got {type(model).__name__}"
+        )
     if backend not in BACKENDS:
         raise ValueError(f"convert_teacher_linears: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     converted = []
@@ -508,7 +551,8 @@ def emulation_warning(model: nn.Module, device: torch.device | str) -> str | Non
     counts, reasons = describe_paths(model, device)
     if not counts["emulated"]:
         return None
-    return (f"FP8 teacher: {counts['emulated']} of {sum(counts.values())} linear layers run the emulated FP8 path "
-            f"on {device} (same numerics as the FP8 tensor cores, fp32 matmul speed: slower than the teacher dtype): "
-            + "; ".join(reasons))
-
+    return (
+        f"FP8 teacher: {counts['emulated']} of {sum(counts.values())} linear layers run the emulated FP8 path "
+        f"on {device} (same numerics as the FP8 tensor cores, fp32 matmul speed: slower than the teacher dtype): "
+        + "; ".join(reasons)
+    )

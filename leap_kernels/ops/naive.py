@@ -65,7 +65,7 @@ def teacher_attention_reference(qkv: torch.Tensor, num_heads: int, *, scale: flo
     batch, n, c = qkv.shape
     head_dim = c // (3 * num_heads)
     if scale is None:
-        scale = head_dim ** -0.5
+        scale = head_dim**-0.5
     q, k, v = qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
     attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
     return (attn @ v).transpose(1, 2).reshape(batch, n, num_heads * head_dim)

@@ -98,23 +98,21 @@ if HAS_TRITON:
             (64, 32, 4, 4),
             (128, 128, 8, 2),  # long sequences
         ]
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes
-        ]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
     def _prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
         """d = 128 with 128x128 tiles spills registers; drop it. Never prune to nothing."""
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        kept = [c for c in configs if not (head_dim is not None and head_dim >= 128
-                                          and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)]
+        kept = [
+            c
+            for c in configs
+            if not (head_dim is not None and head_dim >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)
+        ]
         return kept or configs[:1]
 
     @triton.jit
     def _attention_kv_tile(  # type: ignore[no-untyped-def]
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale,
-        offs_n,
-        MASK_KEYS: tl.constexpr,
-        UPCAST: tl.constexpr,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale, offs_n, MASK_KEYS: tl.constexpr, UPCAST: tl.constexpr
     ):
         """One key/value tile (``len(offs_n)`` keys from ``start_n``) of the online softmax;
         returns the updated ``(acc, l_i, m_i)``."""
@@ -149,8 +147,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _attention_rows(  # type: ignore[no-untyped-def]
-        q_base, k_base, v_base, out_base, row0, N,
-        stride_qkv_n, stride_qkv_c, stride_out_n,
+        q_base,
+        k_base,
+        v_base,
+        out_base,
+        row0,
+        N,
+        stride_qkv_n,
+        stride_qkv_c,
+        stride_out_n,
         qk_scale,
         HEAD_DIM: tl.constexpr,
         UPCAST: tl.constexpr,
@@ -178,8 +183,9 @@ if HAS_TRITON:
         v_ptrs = v_base + offs_n[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
         n_full = (N // BLOCK_N) * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):  # full tiles: no masks
-            acc, l_i, m_i = _attention_kv_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale, offs_n,
-                                               MASK_KEYS=False, UPCAST=UPCAST)
+            acc, l_i, m_i = _attention_kv_tile(
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale, offs_n, MASK_KEYS=False, UPCAST=UPCAST
+            )
             k_ptrs += BLOCK_N * stride_qkv_n
             v_ptrs += BLOCK_N * stride_qkv_n
         # The key tail (N % BLOCK_N keys) in TAIL_N-key steps, keys past N masked; not pipelined (one
@@ -188,8 +194,9 @@ if HAS_TRITON:
         k_ptrs = k_base + (n_full + offs_t)[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
         v_ptrs = v_base + (n_full + offs_t)[:, None] * stride_qkv_n + offs_d[None, :] * stride_qkv_c
         for start_n in tl.range(n_full, N, TAIL_N, num_stages=1):
-            acc, l_i, m_i = _attention_kv_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale, offs_t,
-                                               MASK_KEYS=True, UPCAST=UPCAST)
+            acc, l_i, m_i = _attention_kv_tile(
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N, qk_scale, offs_t, MASK_KEYS=True, UPCAST=UPCAST
+            )
             k_ptrs += TAIL_N * stride_qkv_n
             v_ptrs += TAIL_N * stride_qkv_n
 
@@ -202,11 +209,16 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["bh_bucket"])
     def _teacher_attention_fwd_kernel(  # type: ignore[no-untyped-def]
-        QKV, OUT,
-        N, H,
+        QKV,
+        OUT,
+        N,
+        H,
         bh_bucket,  # autotune key only (bh_bucket(B * H)); unused by the kernel
-        stride_qkv_b, stride_qkv_n, stride_qkv_c,
-        stride_out_b, stride_out_n,
+        stride_qkv_b,
+        stride_qkv_n,
+        stride_qkv_c,
+        stride_out_b,
+        stride_out_n,
         qk_scale,
         HEAD_DIM: tl.constexpr,
         UPCAST: tl.constexpr,
@@ -234,15 +246,43 @@ if HAS_TRITON:
         v_base = base + ((2 * H + h) * HEAD_DIM) * stride_qkv_c
         out_base = OUT + b.to(tl.int64) * stride_out_b + h * HEAD_DIM
         if pid_m < num_full_m:
-            _attention_rows(q_base, k_base, v_base, out_base, pid_m * BLOCK_M, N,
-                            stride_qkv_n, stride_qkv_c, stride_out_n, qk_scale,
-                            HEAD_DIM=HEAD_DIM, UPCAST=UPCAST, ROWS=BLOCK_M, MASK_ROWS=False,
-                            BLOCK_N=BLOCK_N, TAIL_N=TAIL_N)
+            _attention_rows(
+                q_base,
+                k_base,
+                v_base,
+                out_base,
+                pid_m * BLOCK_M,
+                N,
+                stride_qkv_n,
+                stride_qkv_c,
+                stride_out_n,
+                qk_scale,
+                HEAD_DIM=HEAD_DIM,
+                UPCAST=UPCAST,
+                ROWS=BLOCK_M,
+                MASK_ROWS=False,
+                BLOCK_N=BLOCK_N,
+                TAIL_N=TAIL_N,
+            )
         else:
-            _attention_rows(q_base, k_base, v_base, out_base, num_full_m * BLOCK_M + (pid_m - num_full_m) * TAIL_M,
-                            N, stride_qkv_n, stride_qkv_c, stride_out_n, qk_scale,
-                            HEAD_DIM=HEAD_DIM, UPCAST=UPCAST, ROWS=TAIL_M, MASK_ROWS=True,
-                            BLOCK_N=BLOCK_N, TAIL_N=TAIL_N)
+            _attention_rows(
+                q_base,
+                k_base,
+                v_base,
+                out_base,
+                num_full_m * BLOCK_M + (pid_m - num_full_m) * TAIL_M,
+                N,
+                stride_qkv_n,
+                stride_qkv_c,
+                stride_out_n,
+                qk_scale,
+                HEAD_DIM=HEAD_DIM,
+                UPCAST=UPCAST,
+                ROWS=TAIL_M,
+                MASK_ROWS=True,
+                BLOCK_N=BLOCK_N,
+                TAIL_N=TAIL_N,
+            )
 
     _teacher_attention_fwd_tuned = triton.autotune(
         configs=_attention_configs(INTERPRETED),
@@ -253,9 +293,17 @@ if HAS_TRITON:
     )(_teacher_attention_fwd_kernel)
 
 
-def teacher_attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, out: torch.Tensor, *,
-                             block_m: int | None = None, block_n: int | None = None,
-                             num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
+def teacher_attention_triton(
+    qkv: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 1,
+) -> torch.Tensor:
     """Triton backend: writes attention of ``qkv (B, N, 3*H*d)`` into ``out (B, N, H*d)`` (unit channel stride).
 
     ``block_m``/``block_n`` (powers of 2, >= 16) launch fixed tiles with ``num_warps``/``num_stages``
@@ -264,8 +312,19 @@ def teacher_attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, ou
     batch, n, c = qkv.shape
     head_dim = c // (3 * num_heads)
     grid = lambda meta: (query_programs(n, meta["BLOCK_M"]) * batch * num_heads,)  # noqa: E731
-    args = (qkv, out, n, num_heads, bh_bucket(batch * num_heads),
-            qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), float(scale) * LOG2E)
+    args = (
+        qkv,
+        out,
+        n,
+        num_heads,
+        bh_bucket(batch * num_heads),
+        qkv.stride(0),
+        qkv.stride(1),
+        qkv.stride(2),
+        out.stride(0),
+        out.stride(1),
+        float(scale) * LOG2E,
+    )
     meta = dict(HEAD_DIM=head_dim, UPCAST=upcast_dot(qkv.dtype), TAIL_M=TAIL_M, TAIL_N=TAIL_N)
     if block_m is None and block_n is None:
         _teacher_attention_fwd_tuned[grid](*args, **meta)
@@ -273,8 +332,9 @@ def teacher_attention_triton(qkv: torch.Tensor, num_heads: int, scale: float, ou
         for name, value in (("block_m", block_m), ("block_n", block_n)):
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ValueError(f"{name}: expected a power of 2 >= 16 (with the other one given), got {value!r}")
-        _teacher_attention_fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
-                                            num_warps=num_warps, num_stages=num_stages)
+        _teacher_attention_fwd_kernel[grid](
+            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages
+        )
     return out
 
 
@@ -400,5 +460,5 @@ def teacher_attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None 
     _check_inputs(qkv, num_heads, scale)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     if scale is None:
-        scale = head_dim ** -0.5
+        scale = head_dim**-0.5
     return _teacher_attention_op(qkv, int(num_heads), float(scale))

@@ -79,11 +79,14 @@ def _token_normalized_mse_backward_op(
         )
         return grad_input, grad_target
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else input.new_empty(0)
-    grad_target = (torch.empty_like(target, memory_format=torch.contiguous_format) if need_target
-                   else target.new_empty(0))
+    grad_target = (
+        torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else target.new_empty(0)
+    )
     if backend == "triton":
         token_norm_rows_triton(
-            input, target, eps,
+            input,
+            target,
+            eps,
             RowBuffers(grad_x=grad_input if need_input else None, grad_t=grad_target if need_target else None),
             row_scale=row_scale.float().contiguous(),
         )
@@ -99,11 +102,13 @@ def _token_normalized_mse_backward_op(
 
 
 @_token_normalized_mse_backward_op.register_fake
-def _(row_scale: torch.Tensor, input: torch.Tensor, target: torch.Tensor, eps: float, need_input: bool,
-      need_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _(
+    row_scale: torch.Tensor, input: torch.Tensor, target: torch.Tensor, eps: float, need_input: bool, need_target: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else input.new_empty(0)
-    grad_target = (torch.empty_like(target, memory_format=torch.contiguous_format) if need_target
-                   else target.new_empty(0))
+    grad_target = (
+        torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else target.new_empty(0)
+    )
     return grad_input, grad_target
 
 

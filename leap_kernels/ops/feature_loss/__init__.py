@@ -180,8 +180,9 @@ def _fused_feature_loss_op(
     """
     _check_backend_name(backend)
     ops = Operands(student, weight, bias, target)
-    options = LossOptions(normalize, eps, reduction=reduction, want_grads=compute_grads,
-                          kept_scale=kept_grad_scale(student.dtype, ops.n))
+    options = LossOptions(
+        normalize, eps, reduction=reduction, want_grads=compute_grads, kept_scale=kept_grad_scale(student.dtype, ops.n)
+    )
     loss, grad_student, grad_weight, grad_bias = run(backend, ops, options)
     assert loss is not None
     if grad_student is None or grad_weight is None:
@@ -190,8 +191,17 @@ def _fused_feature_loss_op(
 
 
 @_fused_feature_loss_op.register_fake
-def _(student: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, normalize: bool,
-      reduction: str, eps: float, compute_grads: bool, backend: str) -> Tensors4:
+def _(
+    student: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    normalize: bool,
+    reduction: str,
+    eps: float,
+    compute_grads: bool,
+    backend: str,
+) -> Tensors4:
     ops = Operands(student, weight, bias, target)
     loss = student.new_empty((ops.m,) if reduction == "none" else (), dtype=ops.acc_dtype())
     return (loss, *_kept_outputs(ops, compute_grads, backend))
@@ -213,16 +223,25 @@ def _fused_feature_loss_backward_op(
     (no kept scale: ``row_scale`` carries the ``1/D_t`` of the per-token mean already)."""
     _check_backend_name(backend)
     ops = Operands(student, weight, bias, target)
-    options = LossOptions(normalize, eps, reduction=None, want_grads=True,
-                          row_scale=row_scale.to(ops.acc_dtype()).contiguous())
+    options = LossOptions(
+        normalize, eps, reduction=None, want_grads=True, row_scale=row_scale.to(ops.acc_dtype()).contiguous()
+    )
     _, grad_student, grad_weight, grad_bias = run(backend, ops, options)
     assert grad_student is not None and grad_weight is not None
     return grad_student, grad_weight, _or_empty(grad_bias, grad_weight)
 
 
 @_fused_feature_loss_backward_op.register_fake
-def _(row_scale: torch.Tensor, student: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-      target: torch.Tensor, normalize: bool, eps: float, backend: str) -> Tensors3:
+def _(
+    row_scale: torch.Tensor,
+    student: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    normalize: bool,
+    eps: float,
+    backend: str,
+) -> Tensors3:
     return _kept_outputs(Operands(student, weight, bias, target), True, backend)
 
 
@@ -249,30 +268,44 @@ def _rescale_op(
     factor underflows to 0 in fp16 and loses up to 0.4% in bf16), and an fp32 copy would cost memory.
     """
     request = _rescale_request(grad_bias, scale, weight_dtype, bias_dtype, need)
-    if (rescale_fits_triton(grad_student, grad_weight, grad_output, request)
-            and _backends.select_backend(RESCALE_OP_NAME, [grad_weight]) == "triton"):
+    if (
+        rescale_fits_triton(grad_student, grad_weight, grad_output, request)
+        and _backends.select_backend(RESCALE_OP_NAME, [grad_weight]) == "triton"
+    ):
         return rescale_triton(grad_student, grad_weight, grad_bias, grad_output, request)
     return rescale_aten(grad_student, grad_weight, grad_bias, grad_output, request)
 
 
-def _rescale_request(grad_bias: torch.Tensor, scale: float, weight_dtype: torch.dtype, bias_dtype: torch.dtype,
-                     need: list[bool]) -> RescaleRequest:
+def _rescale_request(
+    grad_bias: torch.Tensor, scale: float, weight_dtype: torch.dtype, bias_dtype: torch.dtype, need: list[bool]
+) -> RescaleRequest:
     if len(need) != 3:
         raise ValueError(f"need: expected [student, weight, bias] (3 bools), got {need!r}")
     need_student, need_weight, need_bias = (bool(x) for x in need)
-    return RescaleRequest(scale, weight_dtype, bias_dtype, need_student, need_weight,
-                          need_bias and grad_bias.numel() > 0)
+    return RescaleRequest(
+        scale, weight_dtype, bias_dtype, need_student, need_weight, need_bias and grad_bias.numel() > 0
+    )
 
 
 @_rescale_op.register_fake
-def _(grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor, grad_output: torch.Tensor | None,
-      scale: float, weight_dtype: torch.dtype, bias_dtype: torch.dtype, need: list[bool]) -> Tensors3:
+def _(
+    grad_student: torch.Tensor,
+    grad_weight: torch.Tensor,
+    grad_bias: torch.Tensor,
+    grad_output: torch.Tensor | None,
+    scale: float,
+    weight_dtype: torch.dtype,
+    bias_dtype: torch.dtype,
+    need: list[bool],
+) -> Tensors3:
     request = _rescale_request(grad_bias, scale, weight_dtype, bias_dtype, need)
     _, n, k = grad_weight.shape
     new = grad_weight.new_empty
-    return (new(grad_student.shape if request.need_student else (0,), dtype=grad_student.dtype),
-            new((n, k) if request.need_weight else (0,), dtype=weight_dtype),
-            new((n,) if request.need_bias else (0,), dtype=bias_dtype))
+    return (
+        new(grad_student.shape if request.need_student else (0,), dtype=grad_student.dtype),
+        new((n, k) if request.need_weight else (0,), dtype=weight_dtype),
+        new((n,) if request.need_bias else (0,), dtype=bias_dtype),
+    )
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensors4) -> None:
@@ -317,11 +350,21 @@ def _backward(ctx: Any, grad_loss: torch.Tensor | None, *_kept: torch.Tensor | N
         grad_output = grad_loss
         scale = (1.0 / (m * n) if ctx.reduction == "mean" else 1.0) / kept_grad_scale(student_dtype, n)
     out_student, out_weight, out_bias = torch.ops.leap_kernels.feature_loss_rescale(
-        grad_student, grad_weight, grad_bias, grad_output, scale, weight_dtype, bias_dtype,
+        grad_student,
+        grad_weight,
+        grad_bias,
+        grad_output,
+        scale,
+        weight_dtype,
+        bias_dtype,
         [need_student, need_weight, need_bias],
     )
-    return (out_student if need_student else None, out_weight if need_weight else None,
-            out_bias if need_bias else None, *nothing[3:])
+    return (
+        out_student if need_student else None,
+        out_weight if need_weight else None,
+        out_bias if need_bias else None,
+        *nothing[3:],
+    )
 
 
 _fused_feature_loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -236,25 +236,44 @@ class _TritonCall:
     dummy: torch.Tensor  # any tensor, for pointer arguments a launch does not use
 
 
-def _launch_projection(call: _TritonCall, start: int, rows: int, out: torch.Tensor | None,
-                       row_scale: torch.Tensor | None, partial: torch.Tensor | None, *, mode: int,
-                       write_grad: bool = False) -> None:
+def _launch_projection(
+    call: _TritonCall,
+    start: int,
+    rows: int,
+    out: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    partial: torch.Tensor | None,
+    *,
+    mode: int,
+    write_grad: bool = False,
+) -> None:
     s, w, t, dummy = call.student, call.weight, call.target, call.dummy
     k, n = s.shape[-1], w.shape[0]
-    _projection_loss_kernel[
-        lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    ](
-        s, w,
+    _projection_loss_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+        s,
+        w,
         call.bias if call.bias is not None else dummy,
         t,
         out if out is not None else dummy,
         row_scale if row_scale is not None else dummy,
         partial if partial is not None else dummy,
-        rows, n, k,
-        call.s_strides[1], s.stride(-1), w.stride(0), w.stride(1), call.t_strides[1], t.stride(-1),
+        rows,
+        n,
+        k,
+        call.s_strides[1],
+        s.stride(-1),
+        w.stride(0),
+        w.stride(1),
+        call.t_strides[1],
+        t.stride(-1),
         out.stride(0) if out is not None else 0,
         partial.stride(0) if partial is not None else 0,
-        start, call.tokens, call.s_strides[0], call.t_strides[0], m_bucket(rows), call.loss_scale,
+        start,
+        call.tokens,
+        call.s_strides[0],
+        call.t_strides[0],
+        m_bucket(rows),
+        call.loss_scale,
         MODE=mode,
         HAS_BIAS=call.bias is not None,
         WRITE_LOSS=partial is not None,
@@ -266,8 +285,14 @@ def _launch_projection(call: _TritonCall, start: int, rows: int, out: torch.Tens
     )
 
 
-def _launch_grad_weight(call: _TritonCall, g: torch.Tensor, grads: tuple[torch.Tensor, torch.Tensor | None],
-                        start: int, splits: int, kept_scale: float) -> None:
+def _launch_grad_weight(
+    call: _TritonCall,
+    g: torch.Tensor,
+    grads: tuple[torch.Tensor, torch.Tensor | None],
+    start: int,
+    splits: int,
+    kept_scale: float,
+) -> None:
     """``grads = (grad_weight (splits, D_t, D_s), grad_bias (splits, D_t) or None)`` get this chunk's
     ``G^T S`` and ``sum G`` (added to the previous chunks' for ``start > 0``)."""
     grad_weight, grad_bias = grads
@@ -275,13 +300,23 @@ def _launch_grad_weight(call: _TritonCall, g: torch.Tensor, grads: tuple[torch.T
     rows, n = g.shape
     k = s.shape[-1]
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), 128) * 128
-    _grad_weight_kernel[
-        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]) * splits,)
-    ](
-        g, s, grad_weight, grad_bias if grad_bias is not None else grad_weight,
-        rows, n, k,
-        g.stride(0), g.stride(1), call.s_strides[1], s.stride(-1),
-        start, call.tokens, call.s_strides[0], m_bucket(rows_per_split), kept_scale,
+    _grad_weight_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]) * splits,)](
+        g,
+        s,
+        grad_weight,
+        grad_bias if grad_bias is not None else grad_weight,
+        rows,
+        n,
+        k,
+        g.stride(0),
+        g.stride(1),
+        call.s_strides[1],
+        s.stride(-1),
+        start,
+        call.tokens,
+        call.s_strides[0],
+        m_bucket(rows_per_split),
+        kept_scale,
         ROWS_PER_SPLIT=rows_per_split,
         HAS_BIAS_GRAD=grad_bias is not None,
         ACCUMULATE=start > 0,
@@ -329,8 +364,15 @@ def forward_triton(ops: Operands, opts: LossOptions, splits: int) -> LoopResult:
             grad_bias = torch.empty(splits, n, dtype=torch.float32, device=device)
     tokens = _token_layout(student, target)
     call = _TritonCall(
-        student, weight_c, bias, target, tokens, _row_strides(student, tokens), _row_strides(target, tokens),
-        upcast_dot(compute_dtype), dot_precision(compute_dtype),
+        student,
+        weight_c,
+        bias,
+        target,
+        tokens,
+        _row_strides(student, tokens),
+        _row_strides(target, tokens),
+        upcast_dot(compute_dtype),
+        dot_precision(compute_dtype),
         loss_scale(reduction, m, n) if reduction is not None else 1.0,
         g_buf if g_buf is not None else (partial if partial is not None else weight_c),
     )
@@ -344,15 +386,27 @@ def forward_triton(ops: Operands, opts: LossOptions, splits: int) -> LoopResult:
             assert g is not None  # allocated for the token-normalized loss
             _launch_projection(call, start, rows, g, None, None, mode=0)
             token_norm_rows_triton(
-                g, target, opts.eps, row_scale=scale_chunk, loss_scale=call.loss_scale,
-                out=RowBuffers(row_loss=row_loss[start:stop] if row_loss is not None else None,
-                               grad_x=g if want_grads else None),
+                g,
+                target,
+                opts.eps,
+                row_scale=scale_chunk,
+                loss_scale=call.loss_scale,
+                out=RowBuffers(
+                    row_loss=row_loss[start:stop] if row_loss is not None else None, grad_x=g if want_grads else None
+                ),
                 t_rows=(start, tokens, *call.t_strides),
             )
         else:
-            _launch_projection(call, start, rows, g, scale_chunk,
-                               partial[:, start:stop] if partial is not None else None, mode=1,
-                               write_grad=want_grads)
+            _launch_projection(
+                call,
+                start,
+                rows,
+                g,
+                scale_chunk,
+                partial[:, start:stop] if partial is not None else None,
+                mode=1,
+                write_grad=want_grads,
+            )
         if want_grads:
             assert g is not None and grad_student is not None and grad_weight is not None
             gs = grad_student.view(m, k)[start:stop]
@@ -434,11 +488,21 @@ def chunks_compiled(ops: Operands, opts: LossOptions) -> LoopResult:
     student = ops.student
     row_scale = opts.row_scale
     if opts.want_grads and opts.kept_scale != 1.0:
-        row_scale = (row_scale * opts.kept_scale if row_scale is not None
-                     else torch.full((student.shape[0],), opts.kept_scale, dtype=torch.float32, device=student.device))
+        row_scale = (
+            row_scale * opts.kept_scale
+            if row_scale is not None
+            else torch.full((student.shape[0],), opts.kept_scale, dtype=torch.float32, device=student.device)
+        )
     default = DEFAULT_CPU_CHUNK_TOKENS if student.device.type == "cpu" else DEFAULT_CHUNK_TOKENS
     row_loss, grad_student, grad_weight, grad_bias = torch.ops.leap_kernels.feature_loss_chunks(
-        student, ops.weight, ops.bias, ops.target, opts.normalize, opts.eps, opts.want_grads, row_scale,
+        student,
+        ops.weight,
+        ops.bias,
+        ops.target,
+        opts.normalize,
+        opts.eps,
+        opts.want_grads,
+        row_scale,
         chunk_tokens(student.shape[0], default),
     )
     if not opts.want_grads:
@@ -447,7 +511,9 @@ def chunks_compiled(ops: Operands, opts: LossOptions) -> LoopResult:
 
 
 _CHUNK_LOOPS: dict[str, Callable[[Operands, LossOptions], LoopResult]] = {
-    "torch": chunks_torch, "cpp": chunks_compiled, "cuda": chunks_compiled,
+    "torch": chunks_torch,
+    "cpp": chunks_compiled,
+    "cuda": chunks_compiled,
 }
 
 
@@ -489,24 +555,33 @@ class RescaleRequest:
 RESCALE_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def rescale_fits_triton(grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_output: torch.Tensor | None,
-                        request: RescaleRequest) -> bool:
+def rescale_fits_triton(
+    grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_output: torch.Tensor | None, request: RescaleRequest
+) -> bool:
     """True when the Triton rescale kernel takes these dtypes (fp32 math; 16/32-bit in and out)."""
     dtypes = (grad_student.dtype, request.weight_dtype, request.bias_dtype)
-    return (HAS_TRITON and accumulation_dtype(grad_weight.dtype, grad_student.dtype) == torch.float32
-            and all(d in RESCALE_TRITON_DTYPES for d in dtypes)
-            and (grad_output is None or grad_output.dtype in RESCALE_TRITON_DTYPES))
+    return (
+        HAS_TRITON
+        and accumulation_dtype(grad_weight.dtype, grad_student.dtype) == torch.float32
+        and all(d in RESCALE_TRITON_DTYPES for d in dtypes)
+        and (grad_output is None or grad_output.dtype in RESCALE_TRITON_DTYPES)
+    )
 
 
-def rescale_triton(grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor,
-                   grad_output: torch.Tensor | None,
-                   request: RescaleRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rescale_triton(
+    grad_student: torch.Tensor,
+    grad_weight: torch.Tensor,
+    grad_bias: torch.Tensor,
+    grad_output: torch.Tensor | None,
+    request: RescaleRequest,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward rescale in one launch of ``_rescale_kernel`` (see ``feature_loss_rescale``)."""
     device = grad_weight.device
     splits, n, k = grad_weight.shape
     grad_student = grad_student.contiguous()  # the kept gradient is: no copy
-    out_student = torch.empty(grad_student.shape if request.need_student else (0,), dtype=grad_student.dtype,
-                              device=device)
+    out_student = torch.empty(
+        grad_student.shape if request.need_student else (0,), dtype=grad_student.dtype, device=device
+    )
     out_weight = torch.empty((n, k) if request.need_weight else (0,), dtype=request.weight_dtype, device=device)
     out_bias = torch.empty((n,) if request.need_bias else (0,), dtype=request.bias_dtype, device=device)
     n_s, n_w, n_b = out_student.numel(), out_weight.numel(), out_bias.numel()
@@ -514,10 +589,17 @@ def rescale_triton(grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_b
     programs = triton.cdiv(n_s, block) + triton.cdiv(n_w, block) + triton.cdiv(n_b, block)
     if programs:
         _rescale_kernel[(programs,)](
-            grad_student, grad_weight, grad_bias if grad_bias.numel() else grad_weight,
+            grad_student,
+            grad_weight,
+            grad_bias if grad_bias.numel() else grad_weight,
             grad_output if grad_output is not None else grad_weight,
-            out_student, out_weight, out_bias,
-            n_s, n_w, n_b, request.scale,
+            out_student,
+            out_weight,
+            out_bias,
+            n_s,
+            n_w,
+            n_b,
+            request.scale,
             SPLITS=splits,
             HAS_GRAD_OUT=grad_output is not None,
             BLOCK=block,
@@ -525,9 +607,13 @@ def rescale_triton(grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_b
     return out_student, out_weight, out_bias
 
 
-def rescale_aten(grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor,
-                 grad_output: torch.Tensor | None,
-                 request: RescaleRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rescale_aten(
+    grad_student: torch.Tensor,
+    grad_weight: torch.Tensor,
+    grad_bias: torch.Tensor,
+    grad_output: torch.Tensor | None,
+    request: RescaleRequest,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward rescale with ATen ops, the factor kept in fp32 (fp64 for fp64 inputs)."""
     acc = accumulation_dtype(grad_weight.dtype, grad_student.dtype)
     factor = grad_output.to(acc) * request.scale if grad_output is not None else request.scale
@@ -537,7 +623,8 @@ def rescale_aten(grad_student: torch.Tensor, grad_weight: torch.Tensor, grad_bia
 
     student_dtype = grad_student.dtype
     out_student = (grad_student.to(acc) * factor).to(student_dtype) if request.need_student else empty(student_dtype)
-    out_weight = ((grad_weight.sum(0) * factor).to(request.weight_dtype) if request.need_weight
-                  else empty(request.weight_dtype))
+    out_weight = (
+        (grad_weight.sum(0) * factor).to(request.weight_dtype) if request.need_weight else empty(request.weight_dtype)
+    )
     out_bias = (grad_bias.sum(0) * factor).to(request.bias_dtype) if request.need_bias else empty(request.bias_dtype)
     return out_student, out_weight, out_bias

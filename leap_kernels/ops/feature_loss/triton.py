@@ -56,16 +56,33 @@ if HAS_TRITON:
 
     check_partial_slots(_PROJECTION_CONFIGS, PARTIAL_BLOCK_N)
 
-    @triton.autotune(
-        configs=_PROJECTION_CONFIGS,
-        key=["M_BUCKET", "N", "K", "MODE", "WRITE_LOSS", "WRITE_GRAD"],
-    )
+    @triton.autotune(configs=_PROJECTION_CONFIGS, key=["M_BUCKET", "N", "K", "MODE", "WRITE_LOSS", "WRITE_GRAD"])
     @triton.jit(do_not_specialize=["M_BUCKET"])
     def _projection_loss_kernel(  # type: ignore[no-untyped-def]
-        S, W, BIAS, T, OUT, ROW_SCALE, PARTIAL_LOSS,
-        M, N, K: tl.constexpr,  # D_s: a constexpr trip count (see the module docstring)
-        stride_sm, stride_sk, stride_wn, stride_wk, stride_tm, stride_tn, stride_om,
-        stride_pl, ROW0, TOKENS, stride_sb, stride_tb, M_BUCKET, loss_scale,
+        S,
+        W,
+        BIAS,
+        T,
+        OUT,
+        ROW_SCALE,
+        PARTIAL_LOSS,
+        M,
+        N,
+        K: tl.constexpr,  # D_s: a constexpr trip count (see the module docstring)
+        stride_sm,
+        stride_sk,
+        stride_wn,
+        stride_wk,
+        stride_tm,
+        stride_tn,
+        stride_om,
+        stride_pl,
+        ROW0,
+        TOKENS,
+        stride_sb,
+        stride_tb,
+        M_BUCKET,
+        loss_scale,
         MODE: tl.constexpr,  # 0: store the projection in OUT's dtype; 1: MSE epilogue
         HAS_BIAS: tl.constexpr,
         WRITE_LOSS: tl.constexpr,
@@ -109,11 +126,13 @@ if HAS_TRITON:
             k_mask = (k0 + offs_k) < K
             s = tl.load(
                 S + s_rows[:, None] + (k0 + offs_k)[None, :] * stride_sk,
-                mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
             )
             w_t = tl.load(
                 W + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None] * stride_wk,
-                mask=n_mask[None, :] & k_mask[:, None], other=0.0,
+                mask=n_mask[None, :] & k_mask[:, None],
+                other=0.0,
             )
             if UPCAST:
                 s = s.to(tl.float32)
@@ -136,8 +155,11 @@ if HAS_TRITON:
                 tl.store(PARTIAL_LOSS + slot * stride_pl + offs_m, part, mask=m_mask)
                 num_slots = tl.cdiv(N, PARTIAL_BLOCK_N)
                 for j in tl.static_range(1, BLOCK_N // PARTIAL_BLOCK_N):
-                    tl.store(PARTIAL_LOSS + (slot + j) * stride_pl + offs_m, tl.zeros_like(part),
-                             mask=m_mask & (slot + j < num_slots))
+                    tl.store(
+                        PARTIAL_LOSS + (slot + j) * stride_pl + offs_m,
+                        tl.zeros_like(part),
+                        mask=m_mask & (slot + j < num_slots),
+                    )
             if WRITE_GRAD:
                 if HAS_ROW_SCALE:
                     row_scale = tl.load(ROW_SCALE + offs_m, mask=m_mask, other=0.0)
@@ -153,10 +175,22 @@ if HAS_TRITON:
     )
     @triton.jit(do_not_specialize=["M_BUCKET"])
     def _grad_weight_kernel(  # type: ignore[no-untyped-def]
-        G, S, DW, DB,
-        M, N, K,
-        stride_gm, stride_gn, stride_sm, stride_sk,
-        ROW0, TOKENS, stride_sb, M_BUCKET, kept_scale,
+        G,
+        S,
+        DW,
+        DB,
+        M,
+        N,
+        K,
+        stride_gm,
+        stride_gn,
+        stride_sm,
+        stride_sk,
+        ROW0,
+        TOKENS,
+        stride_sb,
+        M_BUCKET,
+        kept_scale,
         ROWS_PER_SPLIT: tl.constexpr,  # a multiple of 128; a constexpr trip count
         HAS_BIAS_GRAD: tl.constexpr,
         ACCUMULATE: tl.constexpr,
@@ -192,11 +226,15 @@ if HAS_TRITON:
         for m0 in range(0, ROWS_PER_SPLIT, BLOCK_M):  # rows past the split's end (hi) are masked
             rows = lo + m0 + offs_m
             m_mask = rows < hi
-            g_t = tl.load(G + rows.to(tl.int64)[None, :] * stride_gm + offs_n[:, None] * stride_gn,
-                          mask=n_mask[:, None] & m_mask[None, :], other=0.0)
+            g_t = tl.load(
+                G + rows.to(tl.int64)[None, :] * stride_gm + offs_n[:, None] * stride_gn,
+                mask=n_mask[:, None] & m_mask[None, :],
+                other=0.0,
+            )
             s_rows = _row_offsets(ROW0 + rows, TOKENS, stride_sb, stride_sm)
-            s = tl.load(S + s_rows[:, None] + offs_k[None, :] * stride_sk,
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            s = tl.load(
+                S + s_rows[:, None] + offs_k[None, :] * stride_sk, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+            )
             if HAS_BIAS_GRAD:
                 bias_acc += tl.sum(g_t.to(tl.float32), axis=1)
             if UPCAST:
@@ -219,8 +257,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _rescale_kernel(  # type: ignore[no-untyped-def]
-        GS, GW, GB, GRAD_OUT, OUT_S, OUT_W, OUT_B,
-        n_s, n_w, n_b, scale,
+        GS,
+        GW,
+        GB,
+        GRAD_OUT,
+        OUT_S,
+        OUT_W,
+        OUT_B,
+        n_s,
+        n_w,
+        n_b,
+        scale,
         SPLITS: tl.constexpr,
         HAS_GRAD_OUT: tl.constexpr,
         BLOCK: tl.constexpr,
