@@ -10,22 +10,54 @@ Switches (environment variables):
     MAX_JOBS                 parallel compile jobs (ninja).
     CUDA_HOME                the toolkit (default: nvcc on PATH, /usr/local/cuda, /usr/local/cuda-*).
 
-Without an importable torch at build time (``pip install .`` with build isolation) the wheel is
-pure Python: the ``torch`` and ``triton`` backends work, ``cpp``/``cuda`` report the missing
-extension in ``leap_kernels.backends()``.
+Without an importable torch at build time (``pip install .`` with build isolation) no extension is
+built; the wheel carries the C++ CPU sources (``leap_kernels/_csrc``) and ``leap_kernels`` compiles
+them on first use (``leap_kernels._ext``; ``LEAP_KERNELS_JIT=0`` turns that off). Every wheel carries
+them, so a prebuilt extension that cannot load falls back the same way.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import platform
 import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_config():
+    """leap_kernels/_build_config.py by path: importing it through the package would import torch."""
+    spec = importlib.util.spec_from_file_location(
+        "_leap_build_config", os.path.join(HERE, "leap_kernels", "_build_config.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_config = _load_build_config()
+
+
+class BuildPyWithSources(build_py):
+    """Also copies the C++ CPU sources into the package (``leap_kernels/_csrc``), so that an install
+    without the compiled extension can compile them on first use (:mod:`leap_kernels._ext`)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "leap_kernels", build_config.SHIPPED_CSRC)
+        csrc = os.path.join(HERE, "csrc")
+        for source in build_config.cpu_sources(csrc) + glob.glob(os.path.join(csrc, "*.h")):
+            dest = os.path.join(target, os.path.relpath(source, csrc))
+            self.mkpath(os.path.dirname(dest))
+            self.copy_file(source, dest)
+
+
 ENV_BUILD_CUDA = "LEAP_KERNELS_BUILD_CUDA"
 DEFAULT_ARCHS = "8.0;9.0"
 
@@ -146,42 +178,24 @@ def missing_cuda_headers(include_dirs: list[str]) -> list[str]:
     return [h for h in REQUIRED_CUDA_HEADERS if not any(os.path.exists(os.path.join(d, h)) for d in include_dirs)]
 
 
-def cpu_simd_flags() -> list[str]:
-    """AVX2 for the CPU row kernel when the build machine has it (x86-64 Linux): the extension is
-    built where it runs (like -march=native, but only up to AVX2, which every x86 GPU host has).
-    LEAP_KERNELS_CPU_AVX2=0 turns it off (a build meant for older CPUs)."""
-    if os.environ.get("LEAP_KERNELS_CPU_AVX2", "").strip() == "0":
-        return []
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    if {"avx2", "fma", "f16c"} <= set(flags):
-        return ["-mavx2", "-mfma", "-mf16c", "-DLEAP_KERNELS_CPU_AVX2"]
-    return []
-
-
 def extensions():
     try:
         import torch
     except Exception as exc:  # build isolation: torch is not installed in the build environment
         log(
-            f"torch is not importable at build time ({type(exc).__name__}: {exc}); building a PURE-PYTHON "
-            "package without leap_kernels._C (the cpp/cuda backends will be unavailable). Install torch first "
-            "and use 'pip install --no-build-isolation .' to build the extension."
+            f"torch is not importable at build time ({type(exc).__name__}: {exc}); building a package without "
+            "a prebuilt leap_kernels._C: its C++ CPU kernels compile on first use (once per torch version, "
+            "cached; LEAP_KERNELS_JIT=0 turns that off), the CUDA kernels are not built. With torch installed, "
+            "'pip install --no-build-isolation .' builds them all ahead of time."
         )
-        return [], {}
+        return [], {"build_py": BuildPyWithSources}
     cuda, why = want_cuda(torch)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # Unquoted (the ninja command line goes through a shell); csrc/ops.cpp stringifies it.
-    define = [f"-DLEAP_KERNELS_TORCH_VERSION_TOKENS={torch.__version__}"]
+    sources = build_config.cpu_sources("csrc")
+    define = [build_config.torch_version_define(torch.__version__)]
     # The C++ standard is the one torch.utils.cpp_extension picks for this torch.
-    cxx = ["-O3", *cpu_simd_flags(), *define]
+    cxx = ["-O3", *build_config.cpu_simd_flags(), *define]
     if cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             if torch.cuda.is_available():
@@ -225,7 +239,7 @@ def extensions():
         ext = CppExtension(
             "leap_kernels._C", sources, include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args={"cxx": cxx}
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithSources}
 
 
 ext_modules, cmdclass = extensions()

@@ -170,27 +170,23 @@ def token_norm_rows_triton(
 # ----------------------------------------------------------------------------- torch backend
 
 
-def token_norm_rows_torch(
-    x: torch.Tensor, t: torch.Tensor, eps: float, acc_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalized rows and their per-token statistics in ``acc_dtype``.
+def layer_norm_rows(x: torch.Tensor, eps: float, acc_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Rows of ``x (M, D)`` normalized over ``D`` without affine, in ``acc_dtype``: ATen's fused layer
+    norm, the kernel ``F.layer_norm`` runs (statistics in ``acc_dtype``).
 
-    Returns ``(x_hat, rstd_x, t_hat, rstd_t)``; x_hat ``(M, D)``, rstd ``(M, 1)``.
+    Returns ``(x_hat (M, D), mean (M, 1), rstd (M, 1))``; :func:`layer_norm_rows_backward` takes them.
     """
     x = x.to(acc_dtype)
-    t = t.to(acc_dtype)
-    x_centered = x - x.mean(dim=-1, keepdim=True)
-    t_centered = t - t.mean(dim=-1, keepdim=True)
-    rstd_x = torch.rsqrt(x_centered.square().mean(dim=-1, keepdim=True) + eps)
-    rstd_t = torch.rsqrt(t_centered.square().mean(dim=-1, keepdim=True) + eps)
-    return x_centered * rstd_x, rstd_x, t_centered * rstd_t, rstd_t
+    return torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)
 
 
-def token_norm_input_grad(g: torch.Tensor, x_hat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """Backward of the affine-free row normalization: ``dL/dx`` from ``g = dL/dx_hat``."""
-    g_mean = g.mean(dim=-1, keepdim=True)
-    proj = (g * x_hat).mean(dim=-1, keepdim=True)
-    return rstd * (g - g_mean - x_hat * proj)
+def layer_norm_rows_backward(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """``dL/dx (M, D)`` of the affine-free row normalization from ``g = dL/dx_hat``, in ``g``'s dtype:
+    ``rstd * (g - mean(g) - x_hat * mean(g * x_hat))`` per row, ATen's fused layer-norm backward."""
+    grads = torch.ops.aten.native_layer_norm_backward(
+        g, x.to(g.dtype), (x.shape[-1],), mean, rstd, None, None, [True, False, False]
+    )
+    return grads[0]
 
 
 # ----------------------------------------------------------------------------- compiled rows (leap_kernels._C)

@@ -19,15 +19,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .. import _backends, _checks
 from ._rows import (
     RowBuffers,
+    layer_norm_rows,
+    layer_norm_rows_backward,
     reduce_rows,
     row_grad_scale,
-    token_norm_input_grad,
     token_norm_rows_compiled,
-    token_norm_rows_torch,
     token_norm_rows_triton,
 )
 from ._triton_common import HAS_TRITON, accumulation_dtype
@@ -56,7 +57,8 @@ def _token_normalized_mse_op(input: torch.Tensor, target: torch.Tensor, reductio
     elif backend in COMPILED:
         row_loss, _, _ = token_norm_rows_compiled(input, target, eps, want_loss=True)
     else:
-        x_hat, _, t_hat, _ = token_norm_rows_torch(input, target, eps, acc_dtype)
+        x_hat = layer_norm_rows(input, eps, acc_dtype)[0]
+        t_hat = layer_norm_rows(target, eps, acc_dtype)[0]
         row_loss = (x_hat - t_hat).square().sum(dim=-1)
     return reduce_rows(row_loss.to(acc_dtype), reduction, d)
 
@@ -92,12 +94,13 @@ def _token_normalized_mse_backward_op(
         )
         return grad_input, grad_target
     acc_dtype = accumulation_dtype(input.dtype, target.dtype)
-    x_hat, rstd_x, t_hat, rstd_t = token_norm_rows_torch(input, target, eps, acc_dtype)
+    x_hat, mean_x, rstd_x = layer_norm_rows(input, eps, acc_dtype)
+    t_hat, mean_t, rstd_t = layer_norm_rows(target, eps, acc_dtype)
     g = 2.0 * (x_hat - t_hat) * row_scale.to(acc_dtype)[:, None]
     if need_input:
-        grad_input.copy_(token_norm_input_grad(g, x_hat, rstd_x))
+        grad_input.copy_(layer_norm_rows_backward(g, input, mean_x, rstd_x))
     if need_target:
-        grad_target.copy_(token_norm_input_grad(-g, t_hat, rstd_t))
+        grad_target.copy_(layer_norm_rows_backward(-g, target, mean_t, rstd_t))
     return grad_input, grad_target
 
 
@@ -160,5 +163,25 @@ def token_normalized_mse(
     _checks.check_token_mse_inputs(input, target, reduction, eps)
     lead_shape = input.shape[:-1]
     d = input.shape[-1]
-    loss = _token_normalized_mse_op(input.reshape(-1, d), target.reshape(-1, d), reduction, float(eps))
+    rows, target_rows = input.reshape(-1, d), target.reshape(-1, d)
+    if _rows_backend(rows, target_rows) == "torch":
+        loss = _token_normalized_mse_eager(rows, target_rows, reduction, float(eps))
+    else:
+        loss = _token_normalized_mse_op(rows, target_rows, reduction, float(eps))
     return loss.reshape(lead_shape) if reduction == "none" else loss
+
+
+def _token_normalized_mse_eager(input: torch.Tensor, target: torch.Tensor, reduction: str, eps: float) -> torch.Tensor:
+    """The torch backend: the eager formula under autograd, ``F.mse_loss(F.layer_norm(x), F.layer_norm(t))``.
+
+    A row op has nothing to chunk, and ATen's fused layer norm and MSE kernels with autograd's saved
+    ``x_hat``/``t_hat`` beat recomputing the rows in backward: this is exactly what a user would write
+    (in the accumulation dtype, like the other backends), so the torch backend never costs more than it.
+    """
+    acc_dtype = accumulation_dtype(input.dtype, target.dtype)
+    d = input.shape[-1]
+    x_hat = F.layer_norm(input.to(acc_dtype), (d,), eps=eps)
+    t_hat = F.layer_norm(target.to(acc_dtype), (d,), eps=eps)
+    if reduction == "none":
+        return F.mse_loss(x_hat, t_hat, reduction="none").mean(dim=-1)
+    return F.mse_loss(x_hat, t_hat, reduction=reduction)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from .._rows import RowBuffers, reduce_rows, token_norm_input_grad, token_norm_rows_torch, token_norm_rows_triton
+from .._rows import RowBuffers, layer_norm_rows, layer_norm_rows_backward, reduce_rows, token_norm_rows_triton
 from .._triton_common import HAS_TRITON, INTERPRETED, accumulation_dtype, dot_precision, m_bucket, upcast_dot
 
 if HAS_TRITON:
@@ -453,24 +453,30 @@ def chunks_torch(ops: Operands, opts: LossOptions) -> LoopResult:
     for start in range(0, m, chunk):
         stop = min(m, start + chunk)
         s_chunk = student[start:stop].to(acc)
-        projection = s_chunk @ weight_acc.T
         if bias_acc is not None:
-            projection += bias_acc
+            projection = torch.addmm(bias_acc, s_chunk, weight_acc.T)
+        else:
+            projection = s_chunk @ weight_acc.T
         if opts.normalize:
-            p_hat, rstd_p, t_hat, _ = token_norm_rows_torch(projection, target[start:stop], opts.eps, acc)
+            p_hat, mean_p, rstd_p = layer_norm_rows(projection, opts.eps, acc)
+            t_hat = layer_norm_rows(target[start:stop], opts.eps, acc)[0]
             diff = p_hat - t_hat
         else:
             diff = projection - target[start:stop].to(acc)
-        row_loss[start:stop] = diff.square().sum(dim=-1)
+        # One pass over diff (square().sum() would write the squares first), then G in place of diff.
+        row_loss[start:stop] = torch.linalg.vector_norm(diff, dim=-1).square_()
         if grad_student is None or grad_weight is None:
             continue
-        grad = (2.0 * opts.kept_scale) * diff
+        grad = diff.mul_(2.0 * opts.kept_scale)
         if opts.row_scale is not None:
-            grad *= opts.row_scale[start:stop].to(acc)[:, None]
+            grad.mul_(opts.row_scale[start:stop].to(acc)[:, None])
         if opts.normalize:
-            grad = token_norm_input_grad(grad, p_hat, rstd_p)
-        grad_student[start:stop] = grad @ weight_acc
-        grad_weight += grad.T @ s_chunk
+            grad = layer_norm_rows_backward(grad, projection, mean_p, rstd_p)
+        if grad_student.dtype == acc:
+            torch.mm(grad, weight_acc, out=grad_student[start:stop])
+        else:
+            grad_student[start:stop] = grad @ weight_acc
+        grad_weight.addmm_(grad.T, s_chunk)
         if grad_bias is not None:
             grad_bias += grad.sum(dim=0)
     return row_loss, grad_student, grad_weight, grad_bias
