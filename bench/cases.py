@@ -166,11 +166,30 @@ def feature_loss_variants(
 
 @dataclasses.dataclass(frozen=True)
 class AttentionCase:
+    """One attention benchmark; ``rope``: DINOv3's rotary embedding (CLS + 4 storage tokens unrotated,
+    ``n - 5`` patch tokens on a square grid), ours fused in the kernel, the SDPA variants with timm's
+    separate rotation of q and k (``timm.models.eva.EvaAttention``)."""
+
     name: str
     batch: int
     heads: int
     n: int
     head_dim: int
+    rope: bool = False
+
+
+#: DINOv3 prefix tokens (CLS + 4 storage tokens): not rotated.
+DINOV3_PREFIX = 5
+
+
+def _dinov3_cases(batch: int) -> list[AttentionCase]:
+    """DINOv3 attention at 224 px (N = 201) and 512 px (N = 1029) for ViT-S/16 (H = 6), ViT-L/16 (H = 16,
+    d = 64) and ViT-7B/16 (H = 32, d = 128)."""
+    return [
+        AttentionCase(f"dinov3-rope-B{batch}-H{h}-N{n}-d{d}", batch, h, n, d, rope=True)
+        for n in (201, 1029)
+        for h, d in ((6, 64), (16, 64), (32, 128))
+    ]
 
 
 ATTENTION_CASES = {
@@ -178,10 +197,39 @@ ATTENTION_CASES = {
         AttentionCase("vitg-reg4-224-B128-H24-N261-d64", 128, 24, 261, 64),
         AttentionCase("vits-224-B128-H6-N257-d64", 128, 6, 257, 64),
         AttentionCase("vitg-448-B32-H24-N1025-d64", 32, 24, 1025, 64),
+        *_dinov3_cases(64),
     ],
     "small": [],  # GPU only: attention at CPU sizes says nothing about the kernels
-    "smoke": [AttentionCase("smoke-B2-H2-N37-d64", 2, 2, 37, 64)],
+    "smoke": [
+        AttentionCase("smoke-B2-H2-N37-d64", 2, 2, 37, 64),
+        AttentionCase("smoke-dinov3-rope-B2-H2-N21-d64", 2, 2, 21, 64, rope=True),
+    ],
 }
+
+
+def dinov3_rope(n: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's DINOv3 rotary embedding of an ``n - 5`` token square grid as the op's ``(sin, cos)``
+    tables, each ``(n - 5, d/2)`` (views of timm's ``(n - 5, 2d)`` embedding, as the teacher passes them)."""
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+
+    from leap.vit import rope_tables
+
+    side = int(round((n - DINOV3_PREFIX) ** 0.5))
+    if side * side != n - DINOV3_PREFIX:
+        raise ValueError(f"n - {DINOV3_PREFIX} must be a square patch grid, got n = {n}")
+    emb = RotaryEmbeddingDinoV3(head_dim, temperature=100, feat_shape=[side, side], rotate_half=True).get_embed()
+    return rope_tables(emb, head_dim)
+
+
+def timm_rotate(t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], prefix: int = DINOV3_PREFIX) -> torch.Tensor:
+    """What timm's ``EvaAttention`` does to q or k ``(B, H, N, d)`` before SDPA: rotate the patch tokens
+    with ``apply_rot_embed_cat`` (half layout) and concatenate the prefix tokens back (new tensors)."""
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    sin, cos = rope
+    emb = torch.cat([sin, sin, cos, cos], dim=-1)  # timm's (N - P, 2d) [sin | cos] half layout
+    rotated = apply_rot_embed_cat(t[:, :, prefix:, :], emb, half=True)
+    return torch.cat([t[:, :, :prefix, :], rotated], dim=2).type_as(t)
 
 
 def attention_flops(batch: int, heads: int, n: int, d: int) -> float:
@@ -211,10 +259,18 @@ def sdpa_context(name: str | None):
     return sdpa_kernel([_sdpa_backends()[name]])
 
 
-def attention_variants(qkv: torch.Tensor, heads: int, compile_backend: str = "inductor") -> dict[str, Callable]:
+def attention_variants(
+    qkv: torch.Tensor,
+    heads: int,
+    compile_backend: str = "inductor",
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Callable]:
     """name -> factory returning ``(fn, context)``: ``fn()`` computes the ``(B, N, H*d)`` output of
     attention on the packed ``qkv (B, N, 3*H*d)`` and is timed inside ``context`` (an SDPA backend
-    selection, entered once around the timing).
+    selection, entered once around the timing). With ``rope`` (the DINOv3 tables, :func:`dinov3_rope`),
+    ``ours`` rotates q and k inside the kernel, the ``sdpa-*`` variants rotate them first as timm does
+    (:func:`timm_rotate`), and the ``eager``/``compile`` reference rotates them too; the prepermuted and
+    xformers variants are not built.
 
     ``ours``: leap_kernels.teacher_attention; ``eager``: the plain PyTorch reference (matmul,
     softmax, matmul); ``compile``: torch.compile of it; ``sdpa-default`` / ``sdpa-<backend>``: what timm
@@ -228,6 +284,8 @@ def attention_variants(qkv: torch.Tensor, heads: int, compile_backend: str = "in
     d = c // (3 * heads)
     scale = d**-0.5
     none = contextlib.nullcontext
+    if rope is not None:
+        return _rope_attention_variants(qkv, heads, rope, compile_backend)
 
     def packed(backend):
         return lambda: (lambda: teacher_attention_torch(qkv, heads, scale), sdpa_context(backend))
@@ -259,6 +317,44 @@ def attention_variants(qkv: torch.Tensor, heads: int, compile_backend: str = "in
     for backend in ("cudnn", "flash", "efficient"):
         variants[f"sdpa-{backend}"] = packed(backend)
         variants[f"sdpa-{backend}-prepermuted"] = prepermuted(backend)
+    return variants
+
+
+def _rope_attention_variants(
+    qkv: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Tensor], compile_backend: str
+) -> dict[str, Callable]:
+    import contextlib
+
+    batch, n, c = qkv.shape
+    none = contextlib.nullcontext
+    sin, cos = rope
+
+    def timm_path(backend):
+        def run():
+            q, k, v = split_qkv(qkv, heads)
+            out = F.scaled_dot_product_attention(timm_rotate(q, rope), timm_rotate(k, rope), v)
+            return out.transpose(1, 2).reshape(batch, n, c // 3)
+
+        return lambda: (run, sdpa_context(backend))
+
+    def reference(t, s, co):
+        return teacher_attention_reference(t, heads, rope=(s, co), rope_prefix=DINOV3_PREFIX)
+
+    def compiled():
+        fn = torch.compile(reference, fullgraph=True, backend=compile_backend)
+        return (lambda: fn(qkv, sin, cos)), none()
+
+    variants = {
+        "ours": lambda: (
+            (lambda: leap_kernels.teacher_attention(qkv, heads, rope=rope, rope_prefix=DINOV3_PREFIX)),
+            none(),
+        ),
+        "eager": lambda: ((lambda: reference(qkv, sin, cos)), none()),
+        "compile": compiled,
+        "sdpa-default": timm_path(None),
+    }
+    for backend in ("cudnn", "flash", "efficient"):
+        variants[f"sdpa-{backend}"] = timm_path(backend)
     return variants
 
 
@@ -295,6 +391,23 @@ MODEL_SIZES = {
         dict(depth=2, embed_dim=64, num_heads=1),
         (1, 4),
         (1, 2, 4),
+    ),
+}
+
+
+#: The DINOv3 truncated-teacher benchmark (bench_attention.py --teacher --model vit_7b_patch16_dinov3):
+#: ViT-7B/16 at 224 px (N = 201), batch 64, k = 10, 20, 40; smoke: a 7B-shaped two-block toy.
+DINOV3_SIZES = {
+    "full": ModelSize("vit_7b_patch16_dinov3", "vit_small_patch16_dinov3", 224, 64, {}, {}, (10, 20, 40), (10, 20, 40)),
+    "smoke": ModelSize(
+        "vit_7b_patch16_dinov3",
+        "vit_small_patch16_dinov3",
+        48,
+        2,
+        dict(depth=2, embed_dim=128, num_heads=1, mlp_ratio=2, swiglu_align_to=8),
+        dict(depth=1, embed_dim=64, num_heads=1),
+        (1, 2),
+        (1, 2),
     ),
 }
 
@@ -348,17 +461,19 @@ def regional_compiled_teacher(teacher, compile_backend: str = "inductor") -> Cal
     stay eager (they run once per forward). The same computation as ``TruncatedTeacher(x, k)``
     with timm's attention.
     """
+    from leap import vit
+
     model = teacher.model
-    blocks = [torch.compile(block, dynamic=False, backend=compile_backend) for block in model.blocks]
+    family = vit.family_of(model)
+    blocks = [torch.compile(block, dynamic=False, backend=compile_backend) for block in family.blocks(model)]
     prefix = teacher.num_prefix_tokens
 
     @torch.no_grad()
     def forward(images: torch.Tensor, k: int):
-        x = model.patch_embed(images.to(teacher.dtype))
-        x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
-        for block in blocks[:k]:
-            x = block(x)
-        x = model.norm(x)
+        x, pos = family.embed_with_pos(model, images.to(teacher.dtype))  # (tokens, rope): DINOv3's blocks take rope
+        for i, block in enumerate(blocks[:k]):
+            x = block(x, **family.block_kwargs(model, i, pos))
+        x = family.final_norm(model, x)
         return x[:, prefix:], x[:, 0]
 
     return forward
@@ -388,7 +503,7 @@ class LeapStep:
     """One LEAP training step at target block ``k``, built once per variant and called with ``k``.
 
     ``ours`` is the trainer's step (as :func:`leap.run.timing.measure_step_times` runs it): the truncated
-    teacher with the attention kernel, :class:`leap.distill.DistillModule` (student + head +
+    teacher with the attention kernel, :class:`leap.objective.DistillModule` (student + head +
     ``leap_kernels.fused_feature_loss``, patch loss + 0.05 x CLS loss), backward, the per-step CKA
     on the re-projected student and a fused AdamW step.
 
@@ -413,7 +528,7 @@ class LeapStep:
     ):
         from leap.cka import linear_cka
         from leap.cost import pair
-        from leap.distill import DistillModule
+        from leap.objective import DistillModule
 
         if variant not in self.VARIANTS:
             raise ValueError(f"variant: expected one of {self.VARIANTS}, got {variant!r}")

@@ -85,14 +85,16 @@ def test_token_normalized_mse(run_bench, loss_case, variant):
 
 
 def test_teacher_attention(run_bench, attention_case, variant, request):
-    """teacher_attention on a packed qkv (B, N, 3*H*d) -> (B, N, H*d), inference (bf16 on GPU)."""
+    """teacher_attention on a packed qkv (B, N, 3*H*d) -> (B, N, H*d), inference (bf16 on GPU); the
+    ``dinov3-rope`` cases with DINOv3's rotary embedding (ours fused, SDPA after timm's rotation)."""
     gpu_only(request.config)
     runner = run_bench
     c = attention_case
     dtype = torch.bfloat16 if runner.device.type == "cuda" else torch.float32
     gen = torch.Generator(device="cpu").manual_seed(0)
     qkv = torch.randn(c.batch, c.n, 3 * c.heads * c.head_dim, generator=gen).to(runner.device, dtype)
-    factories = cases.attention_variants(qkv, c.heads, runner.compile_backend)
+    rope = tuple(t.to(runner.device) for t in cases.dinov3_rope(c.n, c.head_dim)) if c.rope else None
+    factories = cases.attention_variants(qkv, c.heads, runner.compile_backend, rope=rope)
     name = "ours" if variant.startswith("ours-") else variant
     make = factories[name]
 

@@ -186,6 +186,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> feature_loss_chunks(const Tensor& stu
 Tensor teacher_attention_cuda(const Tensor& qkv, int64_t num_heads, double scale) {
   return cuda::teacher_attention(qkv, num_heads, scale);
 }
+
+Tensor teacher_attention_rope_cuda(const Tensor& qkv, int64_t num_heads, double scale, const Tensor& sin,
+                                   const Tensor& cos, int64_t rope_prefix) {
+  return cuda::teacher_attention_rope(qkv, num_heads, scale, sin, cos, rope_prefix);
+}
 #endif
 
 }  // namespace
@@ -199,6 +204,11 @@ TORCH_LIBRARY_FRAGMENT(leap_kernels, m) {
       "feature_loss_chunks(Tensor student, Tensor weight, Tensor? bias, Tensor target, bool normalize, float eps, "
       "bool want_grads, Tensor? row_scale, int chunk_tokens) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("teacher_attention_fwd(Tensor qkv, int num_heads, float scale) -> Tensor");
+  // Added without a version bump (no existing schema changed): the Python side checks that the loaded
+  // build has it (leap_kernels._backends, OpSupport.ext_op).
+  m.def(
+      "teacher_attention_rope_fwd(Tensor qkv, int num_heads, float scale, Tensor sin, Tensor cos, "
+      "int rope_prefix) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(leap_kernels, CPU, m) {
@@ -211,6 +221,7 @@ TORCH_LIBRARY_IMPL(leap_kernels, CUDA, m) {
   m.impl("rows_loss_grad", &leap_kernels::rows_loss_grad_op);
   m.impl("feature_loss_chunks", &leap_kernels::feature_loss_chunks);
   m.impl("teacher_attention_fwd", &leap_kernels::teacher_attention_cuda);
+  m.impl("teacher_attention_rope_fwd", &leap_kernels::teacher_attention_rope_cuda);
 }
 #endif
 

@@ -51,7 +51,10 @@ __all__ = [
     "atomic_save",
     "read_torch_file",
     "check_finite_weights",
+    "check_float_weights",
     "load_checkpoint",
+    "validate_checkpoint",
+    "state_tensors",
     "build_checkpoint",
     "restore_modules",
     "all_finite",
@@ -105,6 +108,8 @@ _SILENT_KEYS = (
     "keep_checkpoints",
     "divergence_factor",
     "log_every",
+    "save_every_epochs",
+    "tensorboard",
 )
 
 
@@ -127,7 +132,9 @@ def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     if not os.path.isfile(path):
         raise InputNotFoundError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about pickle protocols: the verdict below is ours
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
         text = str(e)
         # torch's wording differs between versions ("Unsupported global: GLOBAL x.y was not an allowed
@@ -140,9 +147,25 @@ def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
                 "it was not written by leap and may be malicious: do not load it elsewhere unless you trust "
                 "its source"
             )
+        elif "weights only load failed" in text.lower() and _starts_like_pickle(path):  # refused by the safe unpickler
+            why = (
+                "refused: it is a raw Python pickle (not written by torch.save), which can hold Python objects; leap "
+                "reads only torch.save files of tensors and plain values (where you trust the file, re-save it with "
+                "torch.save(state_dict, path))"
+            )
         else:
             why = "the file is corrupt, truncated or not a PyTorch checkpoint (write it again, or check the path)"
         raise CheckpointError(f"could not read {what} {path}: {why} ({type(e).__name__})") from None
+
+
+def _starts_like_pickle(path: str) -> bool:
+    """True if the file begins as a pickle of protocol 2 or later (``torch.save`` writes a zip archive)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def check_finite_weights(state: dict[str, Any], path: str | os.PathLike, what: str = "weights") -> None:
@@ -160,6 +183,26 @@ def check_finite_weights(state: dict[str, Any], path: str | os.PathLike, what: s
         raise CheckpointError(
             f"{what} {os.fspath(path)}: {len(bad)} of {len(state)} tensors hold NaN/Inf (e.g. {bad[0]!r}); the file "
             "comes from a diverged run: retrain it (e.g. with a lower --lr)"
+        )
+
+
+def check_float_weights(state: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a state dict whose tensors are integers (e.g. int8) where the model's are floating point:
+    ``load_state_dict`` would cast them silently into garbage weights.
+
+    Raises:
+        CheckpointError: names the file, the dtype, how many tensors and one of them.
+    """
+    bad = [
+        k
+        for k, v in expected.items()
+        if k in state and isinstance(v, torch.Tensor) and v.is_floating_point() and not state[k].is_floating_point()
+    ]
+    if bad:
+        raise CheckpointError(
+            f"teacher checkpoint {os.fspath(path)}: {len(bad)} weight tensor(s) are {state[bad[0]].dtype}, not "
+            f"floating point (e.g. {bad[0]!r}): a quantized checkpoint in no format leap reads; give the float weights "
+            "(fp32/bf16/fp16; --teacher-precision fp8 quantizes them itself)"
         )
 
 
@@ -188,7 +231,84 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
+    validate_checkpoint(ckpt, path)
     return ckpt
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def state_tensors(tree: Any, prefix: str = "") -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every tensor in nested dicts/lists (a state dict, an optimizer state)."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from state_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from state_tensors(v, f"{prefix}[{i}]")
+
+
+def validate_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """Check the type and range of every field of a LEAP training checkpoint, and that its weights
+    and optimizer state are finite: a tampered or damaged file is refused with one line, before
+    anything is restored from it.
+
+    Raises:
+        CheckpointError: ``PATH: FIELD ... (expected ..., got ...)``.
+    """
+    path = os.fspath(path)
+
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; the file is damaged or was not written by leap distill")
+
+    for key in ("student", "head", "optimizer", "scheduler", "curriculum", "config", "dims"):
+        if not isinstance(ckpt.get(key), dict):
+            raise refuse(f"{key!r} is {type(ckpt.get(key)).__name__}, expected a dict")
+    for key in ("block_heads", "resolved", "flops", "epoch_stats", "totals"):
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            raise refuse(f"{key!r} is {type(ckpt[key]).__name__}, expected a dict")
+    if ckpt.get("scaler") is not None and not isinstance(ckpt["scaler"], dict):
+        raise refuse(f"'scaler' is {type(ckpt['scaler']).__name__}, expected a dict or None")
+    for key in ("epoch", "step", "step_in_epoch"):
+        if not (_is_int(ckpt[key]) and ckpt[key] >= 0):
+            raise refuse(f"{key!r} is {ckpt[key]!r}, expected an integer >= 0")
+    epochs = ckpt["config"].get("epochs")
+    if _is_int(epochs) and ckpt["epoch"] > epochs:
+        raise refuse(f"'epoch' is {ckpt['epoch']}, beyond the run's {epochs} epochs")
+    per_epoch = (ckpt.get("resolved") or {}).get("steps_per_epoch")
+    if _is_int(per_epoch) and ckpt["step_in_epoch"] > per_epoch:
+        raise refuse(f"'step_in_epoch' is {ckpt['step_in_epoch']}, beyond the {per_epoch} steps of an epoch")
+    if ckpt["step_in_epoch"] > ckpt["step"]:
+        raise refuse(f"'step_in_epoch' {ckpt['step_in_epoch']} is larger than 'step' {ckpt['step']}")
+    sched = ckpt["scheduler"]
+    restart = sched.get("restart_step")
+    if not (_is_int(sched.get("last_step")) and sched["last_step"] >= 0) or not (
+        restart is None or (_is_int(restart) and restart >= 0)
+    ):
+        raise refuse(f"'scheduler' holds {sched!r}, expected last_step and restart_step as integers >= 0")
+    rng = ckpt.get("rng")
+    if rng is not None and not (isinstance(rng, list) and all(isinstance(r, dict) for r in rng)):
+        raise refuse(f"'rng' is {type(rng).__name__}, expected a list of per-rank RNG states")
+    for key in ("epoch_stats", "totals"):
+        for name, value in (ckpt.get(key) or {}).items():
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            ok = ok or (isinstance(value, list) and all(_is_int(v) for v in value))
+            if not ok:
+                raise refuse(f"{key}.{name} is {value!r}, expected a number")
+    for key in ("student", "head", "block_heads", "optimizer"):
+        bad = [
+            name
+            for name, t in state_tensors(ckpt.get(key))
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if bad:
+            raise CheckpointError(
+                f"{path}: {len(bad)} tensor(s) of the {key} hold NaN/Inf (e.g. {bad[0]!r}): the run had diverged when "
+                "it was written; resume from an earlier checkpoint (checkpoint-stepN.pt) with a lower --lr"
+            )
 
 
 def build_checkpoint(
@@ -210,7 +330,7 @@ def build_checkpoint(
 ) -> dict[str, Any]:
     """The checkpoint dict of the layout above, from the trainer's parts.
 
-    ``module`` is the :class:`leap.distill.DistillModule` (``.student``, ``.head``);
+    ``module`` is the :class:`leap.objective.DistillModule` (``.student``, ``.head``);
     ``stats`` is ``RunStats.state_dict()`` (``epoch_stats`` and ``totals``).
     """
     return {
@@ -258,9 +378,13 @@ def restore_modules(
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        curriculum.load_state_dict(ckpt["curriculum"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"cannot resume from {path}: {e}") from None
+        with warnings.catch_warnings():
+            # A changed --tau/--alpha/...: the trainer names every changed setting in one line already.
+            warnings.filterwarnings("ignore", message="Curriculum.load_state_dict: config differs")
+            curriculum.load_state_dict(ckpt["curriculum"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        why = " ".join(line.strip() for line in str(e).splitlines()[:3]) or type(e).__name__
+        raise CheckpointError(f"cannot resume from {path}: {why}") from None
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:

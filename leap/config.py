@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from .config_checks import check_kernel_environment, check_model_overrides
 from .config_schema import FieldSpec, dataclass_fields
 from .config_schema import coerce as _coerce_to_spec
 from .config_schema import field_specs as _specs_of
@@ -51,13 +52,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data_source": DATA_SOURCES,
     "optimizer": ("lars", "adamw"),
     "loss": ("mse", "token-mse"),
-    "curriculum": ("cka", "off", "one-to-one"),
+    "curriculum": ("cka", "off", "fixed", "one-to-one"),
+    "lr_reset": ("none", "peak", "envelope", "current"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "teacher_dtype": ("auto", "fp32", "bf16", "fp16"),
     "teacher_precision": ("auto", "fp8"),
     "teacher_pos_embed": ("auto", "bicubic", "bicubic-antialias", "bicubic-offset"),
     "curriculum_sync": ("mean", "per-rank"),
     "curriculum_metric": ("cka", "cosine"),
+    "data_pipeline": ("cpu", "device"),
 }
 
 #: Default ``--lr`` per optimizer: LARS 6.0 (the paper's base lr, before sqrt batch scaling), AdamW 5e-4.
@@ -157,10 +160,19 @@ class TrainConfig:
         metavar="N",
         min=0,
     )
+    data_pipeline: str = _opt(
+        "cpu",
+        "where images are decoded and augmented: cpu = PIL in the DataLoader workers; device = the workers only "
+        "read the files, --device decodes (nvjpeg on CUDA) and augments each batch (image folders only)",
+        group="data",
+    )
     # schedule
     epochs: int = _opt(100, "number of epochs", group="schedule", metavar="N", min=1)
     batch_size: int = _opt(
         64, "batch size per process (global batch = this x number of processes)", group="schedule", metavar="N", min=1
+    )
+    global_batch: int | None = _opt(
+        None, "the per-process batch is N / processes (replaces --batch-size)", group="schedule", metavar="N", min=1
     )
     max_steps: int | None = _opt(
         None,
@@ -187,8 +199,8 @@ class TrainConfig:
     )
     momentum: float = _opt(0.9, "LARS momentum", group="optimization", metavar="BETA")
     trust_coefficient: float = _opt(0.001, "LARS trust coefficient (eta)", group="optimization", metavar="ETA")
-    warmup_epochs: float = _opt(
-        10.0, "linear warmup length in epochs (fractions allowed)", group="optimization", metavar="EPOCHS"
+    warmup_epochs: float | None = _opt(
+        None, "linear warmup epochs (fractions allowed); min(10, epochs/10)", group="optimization", metavar="EPOCHS"
     )
     min_lr_ratio: float = _opt(
         0.001, "final lr of the cosine decay, as a fraction of the peak", group="optimization", metavar="RATIO"
@@ -215,6 +227,12 @@ class TrainConfig:
         "e.g. on a CPU, an emulated path with the same numerics that is slower than auto, with a warning)",
         group="optimization",
     )
+    teacher_offload: bool = _opt(
+        False,
+        "keep the teacher blocks past the deepest target block reached so far in pinned CPU memory until a "
+        "level-up needs them (a ViT-7B teacher is 13.4 GB in bf16); no effect on a CPU device",
+        group="optimization",
+    )
     # loss
     loss: str = _opt(
         "mse",
@@ -228,8 +246,8 @@ class TrainConfig:
     # curriculum
     curriculum: str = _opt(
         "cka",
-        "cka = LEAP adaptive target block; off = baseline, always the last teacher "
-        "block; one-to-one = ablation baseline: student block i (0-indexed) aligned to teacher "
+        "cka = LEAP adaptive target block; off = baseline, always the last teacher block; fixed = always "
+        "--start-block K; one-to-one = ablation baseline: student block i (0-indexed) aligned to teacher "
         "block round((i+1)*L_t/L_s), each through its own projector",
         group="curriculum",
     )
@@ -253,8 +271,8 @@ class TrainConfig:
         metavar="TAU",
     )
     alpha: float = _opt(1.0, "EMA weight of each new CKA value (1 = no smoothing)", group="curriculum", metavar="A")
-    max_epochs_per_block: int = _opt(
-        5, "move on after this many epochs on one block (0 = never)", group="curriculum", metavar="M", min=0
+    max_epochs_per_block: float = _opt(
+        5, "move on after M epochs on a block (fractions: in steps; 0 = never)", group="curriculum", metavar="M", min=0
     )
     cosine_tau: float = _opt(0.6, "threshold of --curriculum-metric cosine", group="curriculum", metavar="TAU")
     cka_every: int | None = _opt(
@@ -267,25 +285,19 @@ class TrainConfig:
         show_default=False,
     )
     start_block: int | None = _opt(
-        None,
-        "start at this teacher block (1-indexed) instead of the CKA calibration",
-        group="curriculum",
-        metavar="K",
-        min=1,
+        None, "start at teacher block K (1-indexed), no CKA calibration", group="curriculum", metavar="K", min=1
     )
     snap_to_last: int | None = _opt(
-        None,
-        "once the target reaches block S, jump to the last block and restart "
-        "the lr schedule as a cosine without warmup over the remaining steps",
-        group="curriculum",
-        metavar="S",
-        min=1,
+        None, "once the target reaches block S, jump to the last (lr restart)", group="curriculum", metavar="S", min=1
+    )
+    lr_reset: str = _opt(
+        "none", "at level-ups after warmup: restart a cosine from the peak, envelope or current lr", group="curriculum"
     )
     reset_head_on_level_up: bool = _opt(
-        False,
-        "re-initialise the projection head (and clear its optimizer "
-        "state) whenever the target block changes (paper ablation)",
-        group="curriculum",
+        False, "re-initialise the head and its optimizer state at every level-up (ablation)", group="curriculum"
+    )
+    concat_teacher_last: bool = _opt(
+        False, "target [t_k ; t_L] via one Linear(D_s -> 2 D_t); the teacher runs to L", group="curriculum"
     )
     # run
     out: str = _opt(
@@ -300,6 +312,9 @@ class TrainConfig:
         group="run",
         metavar="N",
         min=1,
+    )
+    save_every_epochs: int = _opt(
+        0, "keep every Nth epoch's checkpoint, and the last, as checkpoint-epochE.pt", group="run", metavar="N", min=0
     )
     divergence_factor: float = _opt(
         100.0,
@@ -329,6 +344,12 @@ class TrainConfig:
         "auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)", group="run", metavar="DEVICE"
     )
     progress: bool = _opt(True, "tqdm progress bar per epoch (only on a terminal)", group="run")
+    tensorboard: bool = _opt(
+        False,
+        "also write log.jsonl's loss, lr, target block, CKA, teacher FLOPs and step time as TensorBoard "
+        "events in RUN_DIR/tensorboard (needs the tensorboard package)",
+        group="run",
+    )
 
     # ------------------------------------------------------------------ construction
 
@@ -365,16 +386,17 @@ class TrainConfig:
         for name in ("teacher_overrides", "student_overrides"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, f"expected a JSON object, got {getattr(self, name)!r}")
+            check_model_overrides(getattr(self, name), "--" + name.replace("_", "-"))
         for name, spec in field_specs().items():
             v = getattr(self, name)
             if spec.min is not None and v is not None and v < spec.min:
                 raise bad(name, f"must be >= {spec.min:g}, got {v}")
-        non_negative = ("warmup_epochs", "clip_grad", "cls_weight", "momentum")
+        non_negative = ("max_epochs_per_block", "clip_grad", "cls_weight", "momentum")
         for name in non_negative:
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise bad(name, f"must be a finite number >= 0, got {v}")
-        for name in ("lr", "weight_decay"):
+        for name in ("lr", "weight_decay", "warmup_epochs"):
             v = getattr(self, name)
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise bad(name, f"must be a finite number >= 0, got {v}")
@@ -396,8 +418,8 @@ class TrainConfig:
             raise bad("cosine_tau", f"must be finite, got {self.cosine_tau}")
         if self.curriculum_sync == "per-rank":
             # Both would change the shared weights or lr on one rank only: the replicas would diverge.
-            for name in ("snap_to_last", "reset_head_on_level_up"):
-                if getattr(self, name):
+            for name in ("snap_to_last", "reset_head_on_level_up", "lr_reset"):
+                if getattr(self, name) not in (None, False, "none"):
                     raise bad(
                         name,
                         "cannot be combined with --curriculum-sync per-rank (ranks level up at "
@@ -405,8 +427,22 @@ class TrainConfig:
                     )
         if not 0 < self.alpha <= 1:
             raise bad("alpha", f"must be in (0, 1], got {self.alpha}")
+        if self.curriculum != "cka":  # the baselines have no curriculum: the value would be ignored silently
+            for name in ("start_block", "snap_to_last", "lr_reset", "concat_teacher_last"):
+                fixed_start = name == "start_block" and self.curriculum == "fixed"
+                if getattr(self, name) not in (None, False, "none") and not fixed_start:
+                    raise bad(name, f"applies to --curriculum cka only (the run has --curriculum {self.curriculum})")
+        if self.curriculum == "fixed" and self.start_block is None:
+            raise bad("start_block", "--curriculum fixed needs the block to train against, e.g. --start-block 6")
+        if self.data_source == "synthetic" and self.data is not None:
+            raise bad(
+                "data",
+                f"{self.data!r} is not read with --data-source synthetic (generated images); drop --data, or "
+                "choose --data-source auto, folder or fashion-mnist to train on it",
+            )
         if not self.out:
             raise bad("out", "a run directory is required")
+        check_kernel_environment()
         return self
 
     # ------------------------------------------------------------------ derived values

@@ -5,20 +5,25 @@ Nothing here runs a model: costs are read from module shapes (``meta``-device mo
 
 Conventions
 -----------
-* Costs are **per image** and counted analytically from a timm ``VisionTransformer``'s
-  configuration (module shapes; works on ``meta``-device models, so a ViT-g never has to be
-  allocated). ``*_macs`` functions return multiply-accumulates, ``*_flops`` return
-  ``FLOPs = 2 * MACs``.
+* Costs are **per image** and counted analytically from a timm ``VisionTransformer``'s or
+  ``Eva``'s (DINOv3) configuration (module shapes; works on ``meta``-device models, so a ViT-g or
+  a ViT-7B never has to be allocated). ``*_macs`` functions return multiply-accumulates, ``*_flops``
+  return ``FLOPs = 2 * MACs``.
 * Only matrix products are counted: every ``nn.Linear`` (qkv, attention output projection,
-  MLP ``fc1``/``fc2``; a packed SwiGLU ``fc1`` is ``D -> 2H``, an unpacked one is two
-  ``D -> H`` layers), the patch-embedding convolution, and the two attention products
-  ``Q K^T`` and ``A V`` (``N^2 * D_attn`` MACs each, summed over heads). Norms, softmax,
-  activations, the GLU gate multiply, LayerScale, residual adds and biases are elementwise
+  MLP ``fc1``/``fc2``; a packed SwiGLU ``fc1`` is ``D -> 2H``, an unpacked one (the DINOv3 7B and
+  H+) is two ``D -> H`` layers ``fc1_g``, ``fc1_x``), the patch-embedding convolution, and the two
+  attention products ``Q K^T`` and ``A V`` (``N^2 * D_attn`` MACs each, summed over heads). Norms,
+  softmax, activations, the GLU gate multiply, LayerScale, residual adds and biases are elementwise
   and not counted (about 1% of a ViT block). This is the same convention as
   :class:`torch.utils.flop_counter.FlopCounterMode`, which the tests check it against.
   The teacher's final LayerNorm (applied after block ``k``) is therefore 0 here too.
+* The one elementwise exception is the rotary position embedding of a DINOv3 block (``rope`` in the
+  block breakdown): ``x cos + rot(x) sin`` on every channel of q and k of the ``N - P`` patch tokens,
+  counted as 2 MACs per rotated element, ``4 (N - P) D_attn`` per block (0.1% of a ViT-7B block;
+  FlopCounterMode does not count it).
 * A ViT at image size ``H x W`` with patch ``p`` runs ``N = P + (H/p)(W/p)`` tokens, where
-  ``P = num_prefix_tokens`` (CLS + registers; a ViT-g/14 reg4 at 224 px: N = 5 + 256 = 261).
+  ``P = num_prefix_tokens`` (CLS + registers; a ViT-g/14 reg4 at 224 px: N = 5 + 256 = 261; a DINOv3
+  ViT/16 at 224 px, CLS + 4 storage tokens: N = 5 + 196 = 201).
 
 Savings formula (spec section 6)
 --------------------------------
@@ -68,7 +73,7 @@ from torch import nn
 
 from .errors import ModelError, RunLogError
 from .runlog import Trajectory
-from .vit import unwrap_vit
+from .vit import FAMILIES, unwrap_vit
 
 __all__ = ["ViTCost", "vit_cost", "pair", "head_macs", "cka_macs", "CostModel", "savings", "TeacherFlopsTracker"]
 
@@ -79,7 +84,7 @@ __all__ = ["ViTCost", "vit_cost", "pair", "head_macs", "cka_macs", "CostModel", 
 
 @dataclass(frozen=True)
 class ViTCost:
-    """Configuration and analytic per-image MACs of one timm ``VisionTransformer``.
+    """Configuration and analytic per-image MACs of one timm ``VisionTransformer`` or ``Eva``.
 
     Attributes:
         depth, embed_dim, num_heads: as in the model (``num_heads`` of the first block).
@@ -94,7 +99,9 @@ class ViTCost:
         patch_embed_macs: patch-embedding conv (or linear) MACs.
         block_macs: MACs of each block, in order.
         block_breakdown: MACs of the first block by part (``qkv``, ``attn_scores`` (QK^T),
-            ``attn_values`` (AV), ``attn_proj``, ``mlp``, ``other``).
+            ``attn_values`` (AV), ``attn_proj``, ``mlp``, ``rope`` (rotary embedding, DINOv3),
+            ``other``).
+        rope: the blocks rotate q and k (DINOv3).
     """
 
     depth: int
@@ -111,6 +118,7 @@ class ViTCost:
     patch_embed_macs: int
     block_macs: tuple[int, ...]
     block_breakdown: dict[str, int] = field(default_factory=dict)
+    rope: bool = False
 
     def forward_macs(self, blocks: int | None = None) -> int:
         """Patch embed + the first ``blocks`` blocks (all if None)."""
@@ -140,9 +148,10 @@ def _patch_embed_macs(vit: nn.Module, num_patches: int) -> int:
     raise TypeError(f"unsupported patch_embed.proj {type(proj).__name__}: expected Conv2d or Linear")
 
 
-def _block_breakdown(block: nn.Module, tokens: int) -> dict[str, int]:
-    """MACs of one transformer block on ``tokens`` tokens, by part."""
-    parts = {"qkv": 0, "attn_scores": 0, "attn_values": 0, "attn_proj": 0, "mlp": 0, "other": 0}
+def _block_breakdown(block: nn.Module, tokens: int, rotated: int = 0) -> dict[str, int]:
+    """MACs of one transformer block on ``tokens`` tokens, by part; ``rotated``: tokens whose q and k
+    are rotated (the patch tokens of a DINOv3 block, else 0)."""
+    parts = {"qkv": 0, "attn_scores": 0, "attn_values": 0, "attn_proj": 0, "mlp": 0, "rope": 0, "other": 0}
     for name, mod in block.named_modules():
         if isinstance(mod, nn.Linear):
             macs = tokens * mod.in_features * mod.out_features
@@ -164,6 +173,7 @@ def _block_breakdown(block: nn.Module, tokens: int) -> dict[str, int]:
             inner = int(mod.num_heads) * int(mod.head_dim)
             parts["attn_scores"] += tokens * tokens * inner
             parts["attn_values"] += tokens * tokens * inner
+            parts["rope"] += 2 * 2 * rotated * inner  # q and k, 2 MACs per element
     return parts
 
 
@@ -183,9 +193,9 @@ def vit_cost(model: Any) -> ViTCost:
     """Read the configuration of a timm ViT and count its per-image MACs.
 
     Args:
-        model: a timm ``VisionTransformer`` (any device, ``meta`` included), a wrapper holding
-            it as ``.model`` (:class:`leap.teacher.TruncatedTeacher`), or a :class:`ViTCost`
-            (returned unchanged).
+        model: a timm ``VisionTransformer`` or ``Eva`` (DINOv3; any device, ``meta`` included), a
+            wrapper holding it as ``.model`` (:class:`leap.teacher.TruncatedTeacher`), or a
+            :class:`ViTCost` (returned unchanged).
     """
     if isinstance(model, ViTCost):
         return model
@@ -200,7 +210,8 @@ def vit_cost(model: Any) -> ViTCost:
     blocks = list(vit.blocks)
     if not blocks:
         raise ValueError("model has no transformer blocks")
-    per_block = [_block_breakdown(b, tokens) for b in blocks]
+    rope = any(f.matches(vit) and f.has_rope(vit) for f in FAMILIES)
+    per_block = [_block_breakdown(b, tokens, num_patches if rope else 0) for b in blocks]
     hidden, kind = _mlp_info(blocks[0])
     attn = getattr(blocks[0], "attn", None)
     return ViTCost(
@@ -218,6 +229,7 @@ def vit_cost(model: Any) -> ViTCost:
         patch_embed_macs=_patch_embed_macs(vit, num_patches),
         block_macs=tuple(sum(p.values()) for p in per_block),
         block_breakdown=per_block[0],
+        rope=rope,
     )
 
 
@@ -278,6 +290,8 @@ class CostModel:
         tokens_per_image: patch tokens per image ``T`` (default: the student's patch count).
             The head runs on ``T + 1`` tokens (patches + CLS), CKA on ``T``.
         include_cka: count the per-step CKA (``F_cka``).
+        concat_teacher_last: ``--concat-teacher-last``: the teacher runs to block ``L`` at every
+            step whatever ``k`` (``C(k) = C(L)``) and the head is ``Linear(D_s -> 2 D_t)``.
 
     All ``*_flops`` attributes are per image in FLOPs (2 x MACs).
     """
@@ -290,6 +304,7 @@ class CostModel:
     img_size: int = 224
     teacher_overrides: Mapping[str, Any] | None = field(default=None, repr=False)
     student_overrides: Mapping[str, Any] | None = field(default=None, repr=False)
+    concat_teacher_last: bool = False
 
     def __post_init__(self) -> None:
         self.teacher_cost: ViTCost = _as_cost(self.teacher, self.img_size, self.teacher_overrides)
@@ -323,8 +338,8 @@ class CostModel:
 
     @property
     def head_forward_macs(self) -> int:
-        """Head forward on ``T + 1`` tokens (patch tokens + CLS)."""
-        return head_macs(self.d_s, self.d_t, self.tokens_per_image + 1)
+        """Head forward on ``T + 1`` tokens (patch tokens + CLS); ``2 D_t`` wide for the concat target."""
+        return head_macs(self.d_s, self.d_t * (2 if self.concat_teacher_last else 1), self.tokens_per_image + 1)
 
     @property
     def student_step_macs(self) -> int:
@@ -339,9 +354,14 @@ class CostModel:
             return 0
         return cka_macs(self.tokens_per_image, self.d_t) + head_macs(self.d_s, self.d_t, self.tokens_per_image)
 
-    def teacher_macs(self, k: float) -> float:
-        """Teacher forward to block ``k`` per image: ``F_embed + k F_block``."""
+    def teacher_blocks(self, k: float) -> float:
+        """Teacher blocks run per image at target block ``k``: ``k``, or ``L`` with ``concat_teacher_last``."""
         k = self._check_k(k)
+        return self.num_blocks if self.concat_teacher_last else k
+
+    def teacher_macs(self, k: float) -> float:
+        """Teacher forward to block ``k`` per image: ``F_embed + k F_block`` (``k = L`` for the concat target)."""
+        k = self.teacher_blocks(k)
         per_block = self.teacher_cost.block_macs
         if float(k).is_integer():
             blocks = sum(per_block[: int(k)])
@@ -432,7 +452,7 @@ def savings(
         dict with ``num_blocks`` (L), ``mean_block``, ``entries``, the per-image FLOPs
         ``teacher_flops`` / ``baseline_teacher_flops`` (teacher forward, mean over the
         trajectory / at L), ``step_flops`` / ``baseline_step_flops`` (``C``), and the savings
-        ``teacher_only_saving = 1 - mean(k)/L`` (the paper's number),
+        ``teacher_only_saving = 1 - mean(k)/L`` (the paper's number; 0 with ``concat_teacher_last``),
         ``teacher_saving`` (teacher incl. patch embedding) and ``total_saving``
         (``1 - C(mean k)/C(L)``, student step, head and CKA included).
     """
@@ -457,7 +477,7 @@ def savings(
         "baseline_teacher_flops": t_full,
         "step_flops": c,
         "baseline_step_flops": c_full,
-        "teacher_only_saving": 1.0 - mean_k / L,
+        "teacher_only_saving": 1.0 - cost_model.teacher_blocks(mean_k) / L,
         "teacher_saving": 1.0 - t / t_full,
         "total_saving": 1.0 - c / c_full,
     }

@@ -15,6 +15,10 @@ Typical trainer use::
                 cur.observe(linear_cka(s_proj.detach(), t_k), step=step, epoch=epoch)
         cur.epoch_end(epoch=epoch)
 
+The trainer calls :meth:`Curriculum.step_end` after every step instead: it also counts the steps
+on the block, for the step form of the timeout (``max_steps_per_block``: a fractional
+``--max-epochs-per-block``, :func:`block_timeout`).
+
 DDP: every rank must call :meth:`Curriculum.calibrate`, :meth:`Curriculum.observe` (and
 :meth:`Curriculum.epoch_end`) at the same points, because ``calibrate``/``observe``
 all-reduce their inputs when a process group is initialised. All ranks then see the same
@@ -28,13 +32,31 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from .distributed import all_reduce_mean, distributed
+from .level_up import LR_RESETS, LevelUpEffects
 
-__all__ = ["Curriculum", "LevelUp", "LevelUpEffects", "RankSync"]
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+__all__ = ["Curriculum", "LevelUp", "LevelUpEffects", "LR_RESETS", "RankSync", "block_timeout"]
+
+
+def block_timeout(max_epochs_per_block: float | None, steps_per_epoch: int) -> tuple[int | None, int | None]:
+    """The curriculum timeout ``--max-epochs-per-block M`` as ``(whole epochs, steps)`` for :class:`Curriculum`:
+    a whole ``M`` keeps the reference's epoch-end count, ``(M, None)``; a fractional ``M`` counts the
+    steps on the block, ``(None, max(1, round(M * steps_per_epoch)))``; ``M = 0``: ``(None, None)``, none."""
+    m = float(max_epochs_per_block or 0)
+    if not math.isfinite(m) or m < 0:
+        raise ValueError(f"max_epochs_per_block must be a finite number >= 0, got {max_epochs_per_block!r}")
+    if m == 0:
+        return None, None
+    if m.is_integer():
+        return int(m), None
+    return None, max(1, round(m * steps_per_epoch))
 
 
 class LevelUp(NamedTuple):
@@ -71,11 +93,14 @@ class Curriculum:
     """Adaptive target-block controller of LEAP (spec section 3).
 
     State: ``block`` (current teacher target k, 1-indexed, 1..num_blocks), ``ema``
-    (smoothed CKA), ``epochs_on_block``. Level-up rule, checked once after every
-    :meth:`observe` and once at every :meth:`epoch_end` (after ``epochs_on_block += 1``)::
+    (smoothed CKA), ``epochs_on_block``, ``steps_on_block``. Level-up rule, checked once after
+    every :meth:`observe` and once at every :meth:`epoch_end` (after ``epochs_on_block += 1``)::
 
-        if k < L and (ema >= tau or epochs_on_block >= M):
-            k += 1; ema = 0; epochs_on_block = 0
+        if k < L and (ema >= tau or epochs_on_block >= M or steps_on_block >= N):
+            k += 1; ema = 0; epochs_on_block = 0; steps_on_block = 0
+
+    ``steps_on_block`` counts the calls of :meth:`step_end` (one per training step); on a step
+    without a score, :meth:`step_end` checks the ``N`` clause alone.
 
     One check per call means at most one regular level-up per call, but consecutive
     steps can each level up.
@@ -85,13 +110,18 @@ class Curriculum:
         tau: CKA threshold (paper: 0.85 on ImageNet-100, 0.80 on ImageNet-1K).
             A value above 1 effectively disables the CKA trigger.
         alpha: EMA weight of the new CKA value, in (0, 1] (paper: 1, no smoothing).
-        max_epochs_per_block: M, the timeout in epochs; ``None`` disables it.
-        start_block: if given, :meth:`calibrate` uses it instead of the argmax.
+        max_epochs_per_block: M, the timeout in whole epochs, counted at epoch ends (a block
+            reached mid-epoch gets its first count at that epoch's end, as in the reference);
+            ``None`` disables it.
+        max_steps_per_block: N, the timeout in training steps on the block (:meth:`step_end`);
+            ``None`` (default) disables it.
+        start_block: if given, :meth:`calibrate` uses it instead of the argmax; with
+            ``enabled=False``, the block the target stays at (the fixed-block ablation).
         snap_to_last: S (optional). Once k reaches a block >= S (by a level-up or at
             calibration) it jumps straight to the last block, recorded as an extra
             "snap" level-up. Use it to skip a slow tail of timeout-driven level-ups.
-        enabled: ``False`` is the baseline: the target is always the last block and it
-            never moves (CKA is still tracked in ``ema`` for logging).
+        enabled: ``False``: the target never moves: it is the last block (the baseline), or
+            ``start_block`` when given (``--curriculum fixed``); CKA is still tracked in ``ema``.
         sync: ``"mean"`` (default): scores are averaged over the ranks under DDP;
             ``"per-rank"``: never reduced (the reference's behaviour).
         process_group: group used for the all-reduces under DDP (default: world).
@@ -111,6 +141,7 @@ class Curriculum:
         tau: float = 0.85,
         alpha: float = 1.0,
         max_epochs_per_block: int | None = 5,
+        max_steps_per_block: int | None = None,
         start_block: int | None = None,
         snap_to_last: int | None = None,
         enabled: bool = True,
@@ -125,12 +156,9 @@ class Curriculum:
             raise ValueError(f"tau must be finite, got {tau!r}")
         if not (0.0 < float(alpha) <= 1.0):
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-        if max_epochs_per_block is not None and (
-            isinstance(max_epochs_per_block, bool)
-            or not isinstance(max_epochs_per_block, int)
-            or max_epochs_per_block < 1
-        ):
-            raise ValueError(f"max_epochs_per_block must be an int >= 1 or None, got {max_epochs_per_block!r}")
+        for name, v in (("max_epochs_per_block", max_epochs_per_block), ("max_steps_per_block", max_steps_per_block)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
         for name, v in (("start_block", start_block), ("snap_to_last", snap_to_last)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= num_blocks):
                 raise ValueError(f"{name} must be None or an int in [1, {num_blocks}], got {v!r}")
@@ -139,16 +167,18 @@ class Curriculum:
         self.tau = float(tau)
         self.alpha = float(alpha)
         self.max_epochs_per_block = max_epochs_per_block
+        self.max_steps_per_block = max_steps_per_block
         self.start_block = start_block
         self.snap_to_last = snap_to_last
         self.enabled = bool(enabled)
         self.process_group = process_group
         self.sync = sync
 
-        # Before calibrate(): the configured start (or block 1); baseline is always L.
-        self.block: int = num_blocks if not self.enabled else (start_block or 1)
+        # Before calibrate(): the configured start (or block 1); the baseline is always L.
+        self.block: int = start_block or (1 if self.enabled else num_blocks)
         self.ema: float = 0.0
         self.epochs_on_block: int = 0
+        self.steps_on_block: int = 0
         self.level_ups: list[LevelUp] = []
         self.calibrated: bool = False
         self.calibration_scores: list[float] | None = None
@@ -158,9 +188,30 @@ class Curriculum:
         self.last_step: int = 0
 
     # ----------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, num_blocks: int, steps_per_epoch: int) -> Curriculum:
+        """The controller of a run (``--curriculum fixed`` pins ``--start-block``); timeout: :func:`block_timeout`."""
+        epochs, steps = block_timeout(cfg.max_epochs_per_block, steps_per_epoch)
+        return cls(
+            num_blocks,
+            tau=cfg.resolved_threshold,
+            alpha=cfg.alpha,
+            max_epochs_per_block=epochs,
+            max_steps_per_block=steps,
+            start_block=cfg.start_block,
+            snap_to_last=cfg.snap_to_last,
+            enabled=cfg.curriculum == "cka",
+            sync=cfg.curriculum_sync,
+        )
+
     @property
     def at_last_block(self) -> bool:
         return self.block >= self.num_blocks
+
+    @property
+    def pinned_block(self) -> int:
+        """The block a disabled controller stays at: ``start_block`` (fixed) or the last (baseline)."""
+        return self.start_block or self.num_blocks
 
     def calibrate(self, scores: torch.Tensor | None = None, *, step: int = 0, epoch: int = 0) -> int:
         """Pick the starting block and reset ``ema``/``epochs_on_block``.
@@ -173,14 +224,15 @@ class Curriculum:
             step, epoch: only used to label a "snap" entry in ``level_ups``.
 
         Returns the 1-indexed start block: ``start_block`` if given (no host read, no
-        collective), else argmax + 1 (a single host read of the reduced vector). The
-        baseline (``enabled=False``) always returns ``num_blocks``.
+        collective), else argmax + 1 (a single host read of the reduced vector). A disabled
+        controller returns its :attr:`pinned_block` (``num_blocks`` for the baseline).
         """
         self.ema = 0.0
         self.epochs_on_block = 0
+        self.steps_on_block = 0
         self.calibrated = True
         if not self.enabled:
-            self.block = self.num_blocks
+            self.block = self.pinned_block
             return self.block
         if self.start_block is not None:
             start = self.start_block
@@ -232,6 +284,18 @@ class Curriculum:
             self.nonfinite_observations += 1
         return self._maybe_level_up(step=int(step), epoch=int(epoch))
 
+    def step_end(self, *, step: int, epoch: int, score: float | None = None) -> list[tuple[int, int]]:
+        """After every training step: count it on the current block, then :meth:`observe` ``score``
+        (the step's score as the controller sees it, already rank-reduced: no collective) if the step
+        measured one, else check the ``max_steps_per_block`` timeout alone. Returns the level-ups
+        as :meth:`observe` does."""
+        self.steps_on_block += 1
+        if score is not None:
+            return self.observe(score, step=step, epoch=epoch, already_reduced=True)
+        if self.max_steps_per_block is None:
+            return []
+        return self._maybe_level_up(step=int(step), epoch=int(epoch), by_score=False)
+
     def epoch_end(self, *, epoch: int, step: int | None = None) -> list[tuple[int, int]]:
         """Count a finished epoch on the current block, then run one level-up check.
 
@@ -261,12 +325,14 @@ class Curriculum:
     def _reduce(self) -> bool:
         return distributed() and self.sync == "mean"
 
-    def _maybe_level_up(self, *, step: int, epoch: int) -> list[tuple[int, int]]:
+    def _maybe_level_up(self, *, step: int, epoch: int, by_score: bool = True) -> list[tuple[int, int]]:
         if not self.enabled or self.at_last_block:
             return []
-        if self.ema >= self.tau:
+        if by_score and self.ema >= self.tau:
             reason = "cka"
-        elif self.max_epochs_per_block is not None and self.epochs_on_block >= self.max_epochs_per_block:
+        elif by_score and self.max_epochs_per_block is not None and self.epochs_on_block >= self.max_epochs_per_block:
+            reason = "timeout"
+        elif self.max_steps_per_block is not None and self.steps_on_block >= self.max_steps_per_block:
             reason = "timeout"
         else:
             return []
@@ -274,6 +340,7 @@ class Curriculum:
         self.block = old + 1
         self.ema = 0.0
         self.epochs_on_block = 0
+        self.steps_on_block = 0
         self.level_ups.append(LevelUp(step, epoch, old, self.block, reason))
         return [(old, self.block)] + self._maybe_snap(step=step, epoch=epoch)
 
@@ -285,12 +352,13 @@ class Curriculum:
         self.block = self.num_blocks
         self.ema = 0.0
         self.epochs_on_block = 0
+        self.steps_on_block = 0
         self.level_ups.append(LevelUp(step, epoch, old, self.block, "snap"))
         return [(old, self.block)]
 
     # ----------------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
-        return {
+        config = {
             "tau": self.tau,
             "alpha": self.alpha,
             "max_epochs_per_block": self.max_epochs_per_block,
@@ -299,6 +367,9 @@ class Curriculum:
             "enabled": self.enabled,
             "sync": self.sync,
         }
+        if self.max_steps_per_block is not None:  # only when set: older checkpoints compare equal
+            config["max_steps_per_block"] = self.max_steps_per_block
+        return config
 
     def state_dict(self) -> dict[str, Any]:
         """Controller state as plain Python types (JSON / ``torch.load(weights_only=True)`` safe)."""
@@ -308,6 +379,7 @@ class Curriculum:
             "block": self.block,
             "ema": self.ema,
             "epochs_on_block": self.epochs_on_block,
+            "steps_on_block": self.steps_on_block,
             "level_ups": [list(e) for e in self.level_ups],
             "calibrated": self.calibrated,
             "calibration_scores": None if self.calibration_scores is None else list(self.calibration_scores),
@@ -338,10 +410,10 @@ class Curriculum:
         block = int(state["block"])
         if not 1 <= block <= self.num_blocks:
             raise ValueError(f"Curriculum.load_state_dict: block={block} outside [1, {self.num_blocks}]")
-        if not self.enabled and block != self.num_blocks:
+        if not self.enabled and block != self.pinned_block:
             raise ValueError(
-                f"Curriculum.load_state_dict: this Curriculum is disabled (baseline, always block "
-                f"{self.num_blocks}) but the checkpoint is at block {block}"
+                f"Curriculum.load_state_dict: this Curriculum is disabled (always block "
+                f"{self.pinned_block}) but the checkpoint is at block {block}"
             )
         saved_cfg = state.get("config")
         if isinstance(saved_cfg, dict) and saved_cfg != self._config():
@@ -353,6 +425,7 @@ class Curriculum:
         self.block = block
         self.ema = float(state["ema"])
         self.epochs_on_block = int(state["epochs_on_block"])
+        self.steps_on_block = int(state.get("steps_on_block", 0))  # absent before the step timeout existed
         self.level_ups = [LevelUp(int(s), int(e), int(a), int(b), str(r)) for s, e, a, b, r in state["level_ups"]]
         self.calibrated = bool(state.get("calibrated", True))
         scores = state.get("calibration_scores")
@@ -364,54 +437,11 @@ class Curriculum:
         self.last_step = int(state.get("last_step", 0))
 
     def __repr__(self) -> str:
-        mode = "" if self.enabled else ", baseline"
+        mode = "" if self.enabled else (", baseline" if self.pinned_block == self.num_blocks else ", fixed")
         return (
             f"Curriculum(block={self.block}/{self.num_blocks}, ema={self.ema:.4f}, "
             f"epochs_on_block={self.epochs_on_block}, tau={self.tau}{mode})"
         )
-
-
-class LevelUpEffects:
-    """What a change of the target block does besides the target (the paper's ablation variants).
-
-    - ``restart_on_snap`` (``--snap-to-last``): a "snap" to the last block restarts the lr
-      schedule as a cosine from the peak without warmup over the remaining steps
-      (:meth:`leap.optim.WarmupCosine.restart`), as the reference does;
-    - ``reset_head`` (``--reset-head-on-level-up``): after any level-up, every projection head is
-      re-initialised (from a generator seeded by ``seed`` and the step, identical on every rank)
-      and its optimizer state (momentum, Adam moments) cleared.
-
-    Call :meth:`apply` with the controller's ``level_ups`` entries added by the last call.
-    """
-
-    def __init__(
-        self, *, module: Any, optimizer: Any, scheduler: Any, reset_head: bool, restart_on_snap: bool, seed: int = 0
-    ):
-        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
-        self.reset_head = bool(reset_head)
-        self.restart_on_snap = bool(restart_on_snap)
-        self.seed = int(seed)
-
-    def apply(self, level_ups: list[LevelUp]) -> list[dict[str, Any]]:
-        """Apply the effects of ``level_ups`` (after the optimizer and scheduler steps of their
-        step); returns log records of what was done."""
-        records: list[dict[str, Any]] = []
-        if not level_ups:
-            return records
-        last = level_ups[-1]
-        step, epoch = last.step, last.epoch
-        if self.restart_on_snap and any(u.reason == "snap" for u in level_ups):
-            self.scheduler.restart()
-            records.append(
-                {"type": "lr_restart", "step": step, "epoch": epoch, "from_step": self.scheduler.restart_step}
-            )
-        if self.reset_head:
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + 1) % 2**63)
-            params = self.module.reset_heads(gen)
-            for p in params:
-                self.optimizer.state.pop(p, None)
-            records.append({"type": "head_reset", "step": step, "epoch": epoch, "block": last.to_block})
-        return records
 
 
 class RankSync:

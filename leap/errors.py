@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "RunLogError",
     "MissingDependencyError",
+    "RunDirError",
     "TrainingError",
     "NonFiniteLossError",
     "RunInterrupted",
@@ -81,6 +82,14 @@ class RunLogError(LeapError, ValueError):
 
 class MissingDependencyError(LeapError, ImportError):
     """An optional dependency of the trainer is not installed (the message names the extra)."""
+
+
+class RunDirError(LeapError, OSError):
+    """A file could not be written (a full disk or quota, a file-size limit, a read-only file system,
+    missing permissions): the message names the file, the reason and the free space. Exit status 1:
+    the input was fine, the machine was not."""
+
+    exit_code = EXIT_FAILURE
 
 
 class TrainingError(LeapError, RuntimeError):

@@ -29,7 +29,12 @@ __all__ = [
     "peak_lr",
     "LARS_REFERENCE_BATCH",
     "WarmupCosine",
+    "RESTART_STARTS",
 ]
+
+#: Where a restarted cosine starts (:meth:`WarmupCosine.restart`): the peak, the warmup-cosine
+#: envelope at the restart step, or the lr in force there.
+RESTART_STARTS = ("peak", "envelope", "current")
 
 #: The paper scales the base lr by sqrt(global_batch / 1536).
 LARS_REFERENCE_BATCH = 1536
@@ -189,8 +194,14 @@ class WarmupCosine:
     :meth:`step` after every optimizer step (like torch schedulers).
 
     :meth:`restart` (``--snap-to-last``, as the LEAP reference does when it jumps to the last
-    block) replaces the rest of the schedule from step ``R`` on by a cosine from the peak without
-    warmup: ``i >= R: r + (1 - r) * 0.5 * (1 + cos(pi * min(1, (i - R) / max(1, T - R))))``.
+    block, and ``--lr-reset``) replaces the rest of the schedule from step ``R`` on by a cosine
+    without warmup from a start factor ``f`` down to ``r``::
+
+        i >= R: r + (f - r) * 0.5 * (1 + cos(pi * min(1, (i - R) / max(1, T - R))))
+
+    where ``f`` is 1 (``"peak"``), the warmup-cosine above at step ``R`` ignoring any earlier
+    restart (``"envelope"``), or the factor in force at step ``R``, earlier restarts included
+    (``"current"``). With ``f = 1`` this is the same formula, bit for bit, as a restart from the peak.
     """
 
     def __init__(
@@ -208,11 +219,18 @@ class WarmupCosine:
             group.setdefault("peak_lr", group["lr"])
         self.last_step = 0
         self.restart_step: int | None = None
+        self.restart_from = 1.0  # start factor of the restarted cosine (1 = the peak)
         self._apply()
 
-    def restart(self, step: int | None = None) -> None:
-        """From 0-based step ``step`` (default: the next step) on, a cosine from the peak without warmup."""
-        self.restart_step = self.last_step if step is None else int(step)
+    def restart(self, step: int | None = None, *, start: str = "peak") -> None:
+        """From 0-based step ``step`` (default: the next step) on, a cosine without warmup from the
+        ``start`` factor: ``"peak"`` (1), ``"envelope"`` (the warmup-cosine's value at ``step``) or
+        ``"current"`` (the schedule's value at ``step``, earlier restarts included)."""
+        if start not in RESTART_STARTS:
+            raise ValueError(f"restart: start must be one of {', '.join(RESTART_STARTS)}, got {start!r}")
+        at = self.last_step if step is None else int(step)
+        f = 1.0 if start == "peak" else (self.envelope(at) if start == "envelope" else self.factor(at))
+        self.restart_step, self.restart_from = at, f
         self._apply()
 
     def factor(self, i: int) -> float:
@@ -220,7 +238,11 @@ class WarmupCosine:
         r = self.min_lr_ratio
         if self.restart_step is not None and i >= self.restart_step:
             progress = min(1.0, (i - self.restart_step) / max(1, self.total_steps - self.restart_step))
-            return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return r + (self.restart_from - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.envelope(i)
+
+    def envelope(self, i: int) -> float:
+        """The warmup-cosine factor at 0-based step ``i``, ignoring restarts."""
         if i < self.warmup_steps:
             return (i + 1) / self.warmup_steps
         progress = min(1.0, (i - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
@@ -247,6 +269,7 @@ class WarmupCosine:
             "total_steps": self.total_steps,
             "min_lr_ratio": self.min_lr_ratio,
             "restart_step": self.restart_step,
+            "restart_from": self.restart_from,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -255,4 +278,5 @@ class WarmupCosine:
         self.last_step = int(state["last_step"])
         restart = state.get("restart_step")
         self.restart_step = None if restart is None else int(restart)
+        self.restart_from = float(state.get("restart_from", 1.0))  # checkpoints before --lr-reset: the peak
         self._apply()

@@ -39,17 +39,19 @@ module parses the log.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from .errors import InputNotFoundError, RunLogError
+from .errors import ConfigError, InputNotFoundError, RunDirError, RunLogError
 
 __all__ = [
     "LOG_NAME",
@@ -59,6 +61,8 @@ __all__ = [
     "sanitize",
     "TEMP_FILE_RE",
     "atomic_write",
+    "describe_write_failure",
+    "check_writable_dir",
     "write_json",
     "read_json",
     "open_run_file",
@@ -102,6 +106,55 @@ def sanitize(value: Any) -> Any:
 TEMP_FILE_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it, else set briefly and back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, ValueError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _reason(error: BaseException) -> str:
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "unexpected pos" in str(error):  # torch.save's zip writer
+        return "no space left (the disk, a quota or the file-size limit is full)"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "the file system is read-only" if code == errno.EROFS else "permission denied"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return "a regular file is in the way of the directory"
+    return str(getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0])
+
+
+def describe_write_failure(path: str | os.PathLike, error: BaseException) -> str:
+    """``could not write PATH: REASON (N MiB free there)``: one line for a failed write."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while directory and not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    try:
+        free = f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"could not write {os.fspath(path)}: {_reason(error)} ({free})"
+
+
+def check_writable_dir(path: str | os.PathLike, option: str) -> None:
+    """Create the directory ``path`` if needed and write (and remove) a probe file in it, so a run that could
+    not save its results fails before it starts: :class:`ConfigError` ``OPTION PATH: cannot write there: ...``."""
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)  # FileExistsError when a regular file is there
+        fd, tmp = tempfile.mkstemp(prefix=".leap-write-check.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(
+            f"{option} {path}: cannot write there: {_reason(e)}; choose another {option.split('/')[0].strip()}"
+        ) from None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = True) -> None:
     """Call ``write(file)`` on a temp file in the same directory, fsync, then ``os.replace``.
 
@@ -112,19 +165,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        # mkstemp creates 0600; a run's files get the mode any file gets here (0644 under umask 022).
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError as e:
+        raise RunDirError(describe_write_failure(path, e)) from None
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, RunDirError):  # a full disk, ...: one line
+            raise RunDirError(describe_write_failure(path, e) + "; the previous file was left intact") from None
         raise
     try:  # persist the rename itself (best effort; not all filesystems allow it)
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -201,10 +261,13 @@ class JsonlWriter:
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (a dict with a ``"type"`` key) as one complete line."""
         if self._f is not None:
-            self._f.write(json.dumps(sanitize(record), allow_nan=False) + "\n")
-            self._f.flush()
-            if self._fsync:
-                os.fsync(self._f.fileno())
+            try:
+                self._f.write(json.dumps(sanitize(record), allow_nan=False) + "\n")
+                self._f.flush()
+                if self._fsync:
+                    os.fsync(self._f.fileno())
+            except OSError as e:  # a full disk, ...: one line, not a traceback
+                raise RunDirError(describe_write_failure(self.path or "", e)) from None
 
     def close(self) -> None:
         if self._f is not None:

@@ -36,8 +36,11 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 #: Head dims of the Triton attention kernel (one ``tl.dot`` over the whole head dim).
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
-#: Head dims of the CUDA attention kernel.
+#: Head dims of the CUDA attention kernel (with and without rotary embedding).
 CUDA_HEAD_DIMS = (64, 128)
+#: Head dims of the Triton attention kernel with rotary embedding: ``Q K^T`` is two dots over the
+#: channel halves, and a 16-bit tensor-core dot needs a k extent of at least 16 (d = 16 gives 8).
+TRITON_ROPE_HEAD_DIMS = (32, 64, 128)
 
 NOT_VERIFIED = "not yet verified on a GPU (force it with {env}={name})"
 
@@ -56,6 +59,11 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def _ext_has_op(name: str) -> bool:
+    """The loaded ``leap_kernels._C`` registered ``leap_kernels::<name>``."""
+    return _ext.available() and hasattr(torch.ops.leap_kernels, name)
+
+
 def _sample_span(t: torch.Tensor) -> int:
     """Elements spanned by one sample (dims 1..) of ``t``: the kernels index inside it with int32."""
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
@@ -66,7 +74,9 @@ class OpSupport:
     """What one backend's kernels of one op accept.
 
     ``verified=False`` marks kernels that were compiled but never checked on the hardware:
-    automatic dispatch does not choose them; forcing the backend does run them.
+    automatic dispatch does not choose them; forcing the backend does run them. ``ext_op`` names
+    the compiled op of ``leap_kernels._C`` the kernels are (an extension built from older sources
+    may lack it: the backend then says so instead of failing at the call).
     """
 
     devices: tuple[str, ...]
@@ -76,6 +86,7 @@ class OpSupport:
     positive_scale: bool = False
     max_sample_span: int | None = None
     verified: bool = True
+    ext_op: str | None = None
 
 
 class Backend:
@@ -108,6 +119,10 @@ class Backend:
         if support is None:
             reasons.append(f"the {self.name} backend has no {op} kernel")
             return reasons
+        if support.ext_op is not None and not reasons and not _ext_has_op(support.ext_op):
+            reasons.append(
+                f"{op}: leap_kernels._C has no {support.ext_op} kernel (built from older sources); {_ext.REBUILD}"
+            )
         for device_type in sorted({t.device.type for t in tensors}):
             if device_type not in support.devices:
                 reasons.append(
@@ -180,6 +195,13 @@ class TritonBackend(Backend):
         "teacher_attention": OpSupport(
             ("cuda", "cpu"), dtypes=HALF_DTYPES, head_dims=TRITON_HEAD_DIMS, positive_scale=True, max_sample_span=2**31
         ),
+        "teacher_attention_rope": OpSupport(
+            ("cuda", "cpu"),
+            dtypes=HALF_DTYPES,
+            head_dims=TRITON_ROPE_HEAD_DIMS,
+            positive_scale=True,
+            max_sample_span=2**31,
+        ),
     }
 
     def availability_reasons(self) -> list[str]:
@@ -198,7 +220,8 @@ class TritonBackend(Backend):
 
 
 class CppBackend(Backend):
-    """The compiled C++ CPU kernels of ``leap_kernels._C`` (ATen GEMMs, at::vec row kernels)."""
+    """The compiled C++ CPU kernels of ``leap_kernels._C`` (ATen GEMMs, at::vec row kernels; no
+    attention kernel: attention on CPU tensors is the torch backend's)."""
 
     name = "cpp"
     ops = {
@@ -223,6 +246,14 @@ class CudaBackend(Backend):
         "feature_loss_rescale": OpSupport(("cuda",), verified=False),
         "teacher_attention": OpSupport(
             ("cuda",), dtypes=HALF_DTYPES, head_dims=CUDA_HEAD_DIMS, positive_scale=True, verified=False
+        ),
+        "teacher_attention_rope": OpSupport(
+            ("cuda",),
+            dtypes=HALF_DTYPES,
+            head_dims=CUDA_HEAD_DIMS,
+            positive_scale=True,
+            verified=False,
+            ext_op="teacher_attention_rope_fwd",
         ),
     }
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 from PIL import Image
 from test_eval_linear import tiny_run
+from torchvision import transforms as T
 
 from leap.cli.evaluate import main as eval_main
+from leap.data.transforms import IMAGENET_MEAN as MEAN
+from leap.data.transforms import IMAGENET_STD as STD
 from leap.evaluation import EvaluationError
 from leap.evaluation.records import report_lines
 from leap.evaluation.retrieval import RevisitopImages, find_dataset, retrieval_transform
@@ -55,6 +58,9 @@ def test_retrieval_end_to_end(tmp_path, capsys):
     assert n["hard"]["skipped"] == 1 and n["hard"]["queries"] == 1
     assert n["medium"]["skipped"] == 0 and n["easy"]["mP@1"] == pytest.approx(1.0)
     assert rec["data"]["database_images"] == 6 and rec["data"]["queries"] == 2
+    # The transform is recorded: the paper's by default.
+    assert rec["settings"]["transform"] == "center-crop"
+    assert rec["data"]["transform"] == "resize32-centercrop28-bicubic-imagenet-norm"
     recs = [json.loads(line) for line in open(f"{run}/eval.jsonl")]
     assert recs[-1]["protocol"] == "retrieval" and recs[-1]["numbers"]["easy"]["mAP"] == pytest.approx(1.0)
     # The command prints the three settings; the second run reads cached features.
@@ -87,12 +93,44 @@ def test_retrieval_end_to_end(tmp_path, capsys):
 def test_query_crop_and_transform(tmp_path):
     data = _dataset(tmp_path)
     folder, gnd = find_dataset(data, "roxford5k")
+    for mode in ("center-crop", "keep-aspect"):
+        transform, tid = retrieval_transform(28, 7, mode)
+        q = RevisitopImages(folder, ["img_2"], transform, bbxs=[(8.0, 4.0, 48.0, 34.0)])
+        db = RevisitopImages(folder, ["img_5", "img_2"], transform)
+        assert torch.equal(q[0][0], db[0][0])  # the crop is exactly the stored region
+    # keep-aspect: 60 x 45 -> longer side 28, shorter 21 (a multiple of 7)
+    assert db[1][0].shape == (3, 21, 28) and tid == "revisitop-long28-snap7-bicubic-imagenet-norm"
+    # The default is the paper's: Resize 256 -> CenterCrop 224, scaled to 28 px (Resize 32 -> CenterCrop 28).
     transform, tid = retrieval_transform(28, 7)
-    q = RevisitopImages(folder, ["img_2"], transform, bbxs=[(8.0, 4.0, 48.0, 34.0)])
-    db = RevisitopImages(folder, ["img_5", "img_2"], transform)
-    assert torch.equal(q[0][0], db[0][0])  # the crop is exactly the stored region
-    assert db[1][0].shape == (3, 21, 28)  # 60 x 45 -> longer side 28, shorter 21 (a multiple of 7)
+    assert tid == "resize32-centercrop28-bicubic-imagenet-norm"
+    img = Image.open(f"{folder}/jpg/img_2.jpg").convert("RGB")
+    bicubic = T.InterpolationMode.BICUBIC
+    paper = T.Compose([T.Resize(32, interpolation=bicubic), T.CenterCrop(28), T.ToTensor(), T.Normalize(MEAN, STD)])
+    assert torch.equal(transform(img), paper(img)) and transform(img).shape == (3, 28, 28)
+    with pytest.raises(EvaluationError, match="--transform: expected one of center-crop, keep-aspect"):
+        retrieval_transform(28, 7, "multi-scale")
     with pytest.raises(EvaluationError, match="no gnd_rparis6k"):
         find_dataset(data, "rparis6k")
     with pytest.raises(EvaluationError, match="--dataset"):
         find_dataset(data, "holidays")
+
+
+def test_retrieval_keep_aspect_option_is_recorded_and_cached_apart(tmp_path):
+    run = tiny_run(tmp_path, step=1)
+    data = _dataset(tmp_path)
+    cache = str(tmp_path / "cache")
+    kw = dict(cache_dir=cache, workers=0, batch_size=4, progress=False)
+    crop = evaluate_retrieval({"model": run}, data, "roxford5k", **kw)
+    aspect = evaluate_retrieval({"model": run}, data, "roxford5k", transform="keep-aspect", **kw)
+    assert aspect["settings"]["transform"] == "keep-aspect"
+    assert aspect["data"]["transform"] == "revisitop-long28-snap7-bicubic-imagenet-norm"
+    assert aspect["numbers"]["easy"]["mAP"] == pytest.approx(1.0)  # query 0's crop is db 5's pixels either way
+    recs = [json.loads(line) for line in open(f"{run}/eval.jsonl")]
+    assert [r["settings"]["transform"] for r in recs] == ["center-crop", "keep-aspect"]
+    assert crop["data"]["transform"] != aspect["data"]["transform"]
+    with pytest.raises(EvaluationError, match="--transform"):
+        evaluate_retrieval({"model": run}, data, "roxford5k", transform="long-side", **kw)
+    # The command takes the option.
+    args = ["retrieval", "--model", run, "--data", data, "--dataset", "roxford5k", "--workers", "0"]
+    assert eval_main([*args, "--cache-dir", cache, "--no-progress", "--transform", "keep-aspect"]) == 0
+    assert json.loads(open(f"{run}/eval.jsonl").readlines()[-1])["settings"]["transform"] == "keep-aspect"

@@ -19,9 +19,9 @@ from test_leap_train import read_log, records, tiny_config
 
 from leap.cka import linear_cka, mean_token_cosine, similarity_fn
 from leap.config import TrainConfig
-from leap.distill import OneToOneDistillModule, one_to_one_pairs, teacher_targets
 from leap.errors import ConfigError
 from leap.models import build_model
+from leap.objective import OneToOneDistillModule, one_to_one_pairs, teacher_targets
 from leap.optim import WarmupCosine
 from leap.precision import resolve_teacher_dtype, teacher_autocast
 from leap.run.loop import Trainer, train

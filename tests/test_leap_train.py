@@ -13,8 +13,8 @@ from torch import nn
 
 from leap.checkpoint import atomic_save, load_checkpoint
 from leap.config import TrainConfig
-from leap.distill import DistillModule
 from leap.errors import CheckpointError, ConfigError, InputNotFoundError, NonFiniteLossError
+from leap.objective import DistillModule
 from leap.optim import LARS, WarmupCosine, build_optimizer, param_groups, peak_lr
 from leap.run.loop import Trainer, train
 

@@ -15,7 +15,9 @@ compiles that, once per autotune config a GPU could choose:
   ``x[:, 5:]`` of (128, 261, D) tensors (read in place: other strides), forward only and the
   recomputing backward (reduction none); bf16, fp16, fp32;
 - token-normalized MSE: (32768, 1536) forward and backward; bf16, fp16, fp32;
-- teacher attention: B = 128, N = 261, H = 24 x d = 64 and H = 12 x d = 128; bf16, fp16.
+- teacher attention: B = 128, N = 261, H = 24 x d = 64 and H = 12 x d = 128; bf16, fp16;
+- teacher attention with rotary embedding (DINOv3): B = 128, N = 201 (196 patches + CLS + 4 storage
+  tokens at 224 px, 5 unrotated), H = 6 x d = 64 (ViT-S/16) and H = 32 x d = 128 (ViT-7B/16); bf16, fp16.
 
 Pointers count as 16-byte aligned (``meta`` tensors have address 0): the caching allocator returns
 512-byte aligned blocks and every chunk offset at these shapes is a multiple of 16 bytes.
@@ -91,6 +93,9 @@ SM90_LIMITS = dict(
 )
 
 PAPER = dict(M=128 * 256, D_S=384, D_T=1536, B=128, N=261, H=24)
+#: DINOv3 at 224 px: 196 patches + CLS + 4 storage tokens, the first 5 not rotated; (heads, head dim) of
+#: ViT-S/16 and ViT-7B/16.
+DINOV3 = dict(B=128, N=201, PREFIX=5, SHAPES=((6, 64), (32, 128)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("feature_loss", "token_mse", "attention")
 
@@ -172,6 +177,7 @@ def workloads(dtypes: list[str], ops: set[str]) -> Iterator[tuple[str, str, Call
     rescale = op_impl("feature_loss_rescale")
     tmse, tmse_bwd = op_impl("token_normalized_mse"), op_impl("token_normalized_mse_backward")
     attention = op_impl("teacher_attention")
+    attention_rope = op_impl("teacher_attention_rope")
 
     def loss_inputs(dt, prefix=0):
         """student (M, D_s), weight (D_t, D_s), bias (D_t,), target (M, D_t); with a prefix, the token
@@ -231,6 +237,16 @@ def workloads(dtypes: list[str], ops: set[str]) -> Iterator[tuple[str, str, Call
                     attention(qkv, heads, head_dim**-0.5)
 
                 yield "attention", f"{name} B={PAPER['B']} N={PAPER['N']} H={heads} d={head_dim}", attn
+            for heads, head_dim in DINOV3["SHAPES"]:
+
+                def attn_rope(dt=dt, heads=heads, head_dim=head_dim):
+                    b, n, prefix = DINOV3["B"], DINOV3["N"], DINOV3["PREFIX"]
+                    qkv = meta(b, n, 3 * heads * head_dim, dtype=dt)
+                    sin = meta(n - prefix, head_dim // 2, dtype=torch.float32)
+                    attention_rope(qkv, heads, head_dim**-0.5, sin, meta(*sin.shape, dtype=torch.float32), prefix)
+
+                case = f"{name} rope B={DINOV3['B']} N={DINOV3['N']} H={heads} d={head_dim}"
+                yield "attention", case, attn_rope
 
 
 def launched_kernels() -> dict[str, JITFunction]:

@@ -18,10 +18,14 @@
 #             at N=261 and N=1025; each against eager, torch.compile, the GEMM floor and (attention) SDPA's
 #             cuDNN, flash and efficient backends, with peak memory -> bench-<device>.json; then
 #             bench/compare.py against bench/baselines/<device>.json when there is one -> compare.log.
+#             The DINOv3 cases come with them: attention with RoPE, B=64, N=201 and 1029, H=6/16/32,
+#             d=64/64/128, ours (rotation fused in the kernel) vs SDPA after timm's separate rotation.
 #             GPU_CHECK_BENCH_ALL=1 adds the other cases (the 192-wide student, ViT-S attention)
 #   teacher   the truncated teacher forward (ViT-g/14 reg4, B=128, bf16) at k = 20,40 (GPU_CHECK_TEACHER_KS):
 #             timm eager, timm with regional torch.compile (one compiled block reused), ours per attention
-#             backend -> teacher-<device>.json
+#             backend; and the DINOv3 ViT-7B/16 (random init, bf16, B=64, 224 px) at k = 10,20,40: timm,
+#             ours, and ours with the blocks past k offloaded, with the peak GPU memory of each forward
+#             (peak_total_mb) -> teacher-<device>.json
 #   step      one full LEAP training step at k = 10,40 (GPU_CHECK_STEP_KS): ours vs stock timm + PyTorch, eager
 #             and compiled (regional) -> step-<device>.json; then bench/whole_run.py: the whole-run time
 #             over the paper's trajectory -> whole-run-<device>.json, table in the summary
@@ -60,9 +64,12 @@ ALL_SECTIONS="install,env,smoke,bench,teacher,step,fp8,tests"
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
 # Seconds each section is expected to take on an H100/H200 from a fresh machine (cold caches), and
 # the most it may take.
-declare -A ESTIMATE=([install]=120 [env]=5 [smoke]=45 [bench]=150 [teacher]=60 [step]=90 [fp8]=40 [tests]=300)
-declare -A LIMIT=([install]=240 [env]=60 [smoke]=120 [bench]=240 [teacher]=150 [step]=180 [fp8]=120 [tests]=400)
-GPU_TEST_FILES="tests/test_gpu.py tests/test_leap_fp8.py"
+# bench and teacher include their DINOv3 cases (about 60 s and 90 s: the RoPE shapes, the 7B's init and forwards).
+declare -A ESTIMATE=([install]=120 [env]=5 [smoke]=45 [bench]=210 [teacher]=150 [step]=90 [fp8]=40 [tests]=300)
+declare -A LIMIT=([install]=240 [env]=60 [smoke]=120 [bench]=300 [teacher]=300 [step]=180 [fp8]=120 [tests]=400)
+# GPU_CHECK_TEST_FILES replaces the list, e.g. with tests/test_teacher_attention_rope.py tests/test_dinov3.py
+# (the DINOv3 GPU checks: the RoPE kernels, the offloaded teacher).
+GPU_TEST_FILES=${GPU_CHECK_TEST_FILES:-"tests/test_gpu.py tests/test_leap_fp8.py tests/test_teacher_attention_rope.py tests/test_dinov3.py tests/test_device_pipeline.py"}
 # The GPU tests must run the compiled kernels, not the interpreter; the source tree is importable
 # even when the editable install fails.
 export TRITON_INTERPRET=0

@@ -46,6 +46,10 @@ LK_HD constexpr int swizzled_chunk(int row, int chunk) { return chunk ^ (row & 7
 LK_HD constexpr int smem_offset(int row, int chunk, int head_dim) {
   return row * head_dim + swizzled_chunk(row, chunk) * kChunkElems;
 }
+// Element (row, col) of such a tile (the rotary embedding rotates channel pairs col, col + d/2 in place).
+LK_HD constexpr int smem_element(int row, int col, int head_dim) {
+  return smem_offset(row, col / kChunkElems, head_dim) + col % kChunkElems;
+}
 
 // ---- ldmatrix addressing (lane = 0..31; lanes 8i..8i+7 give the 8 row addresses of matrix i) ----
 // Q (A operand of S = Q K^T, row-major 16x16 per k-step kk): matrices (rows 0-7, k 0-7),

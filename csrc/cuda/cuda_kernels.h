@@ -33,5 +33,13 @@ void rows_loss_grad(const at::Tensor& x, const at::Tensor& t, bool normalize, do
 // Input validation happens in Python before this is called; TORCH_CHECK the preconditions anyway.
 at::Tensor teacher_attention(const at::Tensor& qkv, int64_t num_heads, double scale);
 
+// The same with rotary position embedding (DINOv3; timm's EvaAttention, half layout): q and k of token
+// t >= rope_prefix are rotated, channel j < d/2 paired with j + d/2, by the angle of row t - rope_prefix
+// of sin, cos ((N - rope_prefix, d/2) float32 CUDA tensors, unit column stride, equal strides):
+// a cos - b sin, b cos + a sin in fp32, rounded to the input dtype. The rotation happens on the q and
+// k tiles in shared memory; nothing rotated is written to global memory.
+at::Tensor teacher_attention_rope(const at::Tensor& qkv, int64_t num_heads, double scale, const at::Tensor& sin,
+                                  const at::Tensor& cos, int64_t rope_prefix);
+
 }  // namespace cuda
 }  // namespace leap_kernels

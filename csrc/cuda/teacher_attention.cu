@@ -47,6 +47,14 @@
 //     reduced over the 4 lanes of a group with two xor-shuffles (l only once, at the end).
 // Shared memory is swizzled (16-byte chunk c of row r at c ^ (r % 8)) so each 8-row ldmatrix
 // phase hits 32 distinct banks.
+//
+// Rotary position embedding (teacher_attention_rope: DINOv3, timm's EvaAttention, half layout): once a
+// Q or K tile has landed in shared memory, the CTA rotates it in place before any ldmatrix reads it:
+// each thread takes channel pairs (j, j + d/2) of token t >= rope_prefix and writes back
+// a cos - b sin, b cos + a sin (fp32, rounded to the input dtype as timm rounds the rotated q and k),
+// with sin, cos the fp32 tables (N - rope_prefix, d/2) read through the read-only cache (they are a
+// few KB shared by every CTA). q and k are never written rotated to global memory. One extra
+// __syncthreads per key tile; tokens before rope_prefix (CLS, registers) and past N are left alone.
 
 #include "attention_tiling.h"
 #include "cuda_kernels.h"
@@ -80,6 +88,11 @@ struct AttnParams {
   int64_t out_stride_b;
   int64_t out_stride_n;
   float qk_scale_log2;  // scale * log2(e)
+  // Rotary embedding (the ROPE kernels only): fp32 tables (n - rope_prefix, d/2), unit column stride.
+  const float* rope_sin;
+  const float* rope_cos;
+  int64_t rope_stride;
+  int rope_prefix;
 };
 
 // ---------------------------------------------------------------------------- PTX wrappers
@@ -125,6 +138,8 @@ struct Mma<__nv_bfloat16> {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
     return *reinterpret_cast<const uint32_t*>(&v);
   }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
 
 template <>
@@ -139,6 +154,8 @@ struct Mma<__half> {
     const __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
   }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 };
 
 // ---------------------------------------------------------------------------- kernel pieces
@@ -154,6 +171,28 @@ __device__ __forceinline__ void load_tile(T* smem, const T* head_base, int64_t s
     const bool valid = row0 + r < n;
     const T* src = valid ? head_base + static_cast<int64_t>(row0 + r) * stride_n + c * kChunkElems : head_base;
     cp_async_16(smem_u32(smem + smem_offset(r, c, D)), src, valid);
+  }
+}
+
+// Rotates `rows` rows (tokens row0..) of a swizzled q or k tile in place: channel pairs (j, j + D/2) of
+// tokens in [rope_prefix, n). Pairs are disjoint, so the threads never touch the same element.
+template <typename T, int D, int THREADS>
+__device__ __forceinline__ void rope_tile(T* smem, int row0, int rows, int n, const AttnParams& p) {
+  constexpr int kHalf = D / 2;
+  for (int i = threadIdx.x; i < rows * kHalf; i += THREADS) {
+    const int r = i / kHalf;
+    const int j = i % kHalf;
+    const int token = row0 + r;
+    if (token < p.rope_prefix || token >= n) continue;
+    const int64_t t = static_cast<int64_t>(token - p.rope_prefix) * p.rope_stride + j;
+    const float c = __ldg(p.rope_cos + t);
+    const float s = __ldg(p.rope_sin + t);
+    T* pa = smem + smem_element(r, j, D);
+    T* pb = smem + smem_element(r, j + kHalf, D);
+    const float a = Mma<T>::to_float(*pa);
+    const float b = Mma<T>::to_float(*pb);
+    *pa = Mma<T>::from_float(a * c - b * s);
+    *pb = Mma<T>::from_float(b * c + a * s);
   }
 }
 
@@ -248,7 +287,7 @@ __device__ __forceinline__ void attend_tile(const T* sK, const T* sV, const uint
 template <int D, int WARPS>
 constexpr int min_ctas_per_sm() { return (D == 64 && WARPS == 4) ? 3 : 1; }
 
-template <typename T, int D, int WARPS>
+template <typename T, int D, int WARPS, bool ROPE>
 __global__ void __launch_bounds__(WARPS * 32, min_ctas_per_sm<D, WARPS>())
     teacher_attention_kernel(const AttnParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -304,6 +343,11 @@ __global__ void __launch_bounds__(WARPS * 32, min_ctas_per_sm<D, WARPS>())
       cp_async_wait<0>();
     }
     __syncthreads();
+    if constexpr (ROPE) {  // rotate the landed tiles in place before any fragment is read
+      if (j == 0) rope_tile<T, D, THREADS>(sQ, q0, BM, n, p);
+      rope_tile<T, D, THREADS>(sK + stage * kBlockN * D, key_tile_start(j), key_tile_rows(n, j), n, p);
+      __syncthreads();
+    }
     if (j == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
@@ -361,11 +405,11 @@ __global__ void __launch_bounds__(WARPS * 32, min_ctas_per_sm<D, WARPS>())
 
 // ---------------------------------------------------------------------------- host side
 
-template <typename T, int D, int WARPS>
+template <typename T, int D, int WARPS, bool ROPE>
 void launch_attention(const AttnParams& p, int64_t batch_heads, cudaStream_t stream) {
   constexpr int BM = WARPS * kWarpRows;
   constexpr size_t smem = sizeof(T) * static_cast<size_t>(BM * D + 4 * kBlockN * D);
-  auto kernel = teacher_attention_kernel<T, D, WARPS>;
+  auto kernel = teacher_attention_kernel<T, D, WARPS, ROPE>;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(smem <= prop->sharedMemPerBlockOptin, "teacher_attention: the kernel needs ", smem,
               " bytes of shared memory per block, the device allows ", prop->sharedMemPerBlockOptin);
@@ -379,16 +423,27 @@ void launch_attention(const AttnParams& p, int64_t batch_heads, cudaStream_t str
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int D>
+template <typename T, int D, bool ROPE>
 void launch_for_dim(AttnParams& p, int64_t batch_heads, cudaStream_t stream) {
   // 128-row query tiles (8 warps) halve the K/V traffic per query on long sequences; 64-row
   // tiles give short sequences (N ~ 257) more CTAs and less waste in the last query tile.
   if (p.n >= 512) {
     p.num_q_tiles = num_query_tiles(p.n, 128);
-    launch_attention<T, D, 8>(p, batch_heads, stream);
+    launch_attention<T, D, 8, ROPE>(p, batch_heads, stream);
   } else {
     p.num_q_tiles = num_query_tiles(p.n, 64);
-    launch_attention<T, D, 4>(p, batch_heads, stream);
+    launch_attention<T, D, 4, ROPE>(p, batch_heads, stream);
+  }
+}
+
+template <bool ROPE>
+void launch_for_dtype(AttnParams& p, at::ScalarType dtype, int64_t d, int64_t batch_heads, cudaStream_t stream) {
+  if (dtype == at::kBFloat16) {
+    if (d == 64) launch_for_dim<__nv_bfloat16, 64, ROPE>(p, batch_heads, stream);
+    else launch_for_dim<__nv_bfloat16, 128, ROPE>(p, batch_heads, stream);
+  } else {
+    if (d == 64) launch_for_dim<__half, 64, ROPE>(p, batch_heads, stream);
+    else launch_for_dim<__half, 128, ROPE>(p, batch_heads, stream);
   }
 }
 
@@ -400,9 +455,10 @@ bool aligned16(const at::Tensor& qkv) {
   return true;
 }
 
-}  // namespace
-
-at::Tensor teacher_attention(const at::Tensor& qkv_in, int64_t num_heads, double scale) {
+// Checks, output allocation and parameters shared by both entry points; returns false when the
+// output is empty (nothing to launch).
+bool prepare(const at::Tensor& qkv_in, int64_t num_heads, double scale, at::Tensor& qkv, at::Tensor& out,
+             AttnParams& p, int64_t& d) {
   TORCH_CHECK(qkv_in.defined(), "teacher_attention: qkv must be a defined tensor");
   TORCH_CHECK(qkv_in.is_cuda(), "teacher_attention: qkv must be a CUDA tensor, got device ", qkv_in.device());
   TORCH_CHECK(qkv_in.dim() == 3, "teacher_attention: qkv must be 3-D (B, N, 3*H*d), got shape ", qkv_in.sizes());
@@ -412,7 +468,7 @@ at::Tensor teacher_attention(const at::Tensor& qkv_in, int64_t num_heads, double
   const int64_t batch = qkv_in.size(0), n = qkv_in.size(1), c = qkv_in.size(2);
   TORCH_CHECK(c % (3 * num_heads) == 0, "teacher_attention: qkv's last dim must be 3 * num_heads * head_dim, got ",
               c, " with num_heads = ", num_heads);
-  const int64_t d = c / (3 * num_heads);
+  d = c / (3 * num_heads);
   TORCH_CHECK(d == 64 || d == 128, "teacher_attention: head dim must be 64 or 128, got ", d, " (qkv last dim ", c,
               ", num_heads ", num_heads, ")");
   TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "teacher_attention: scale must be finite and > 0, got ", scale);
@@ -420,18 +476,15 @@ at::Tensor teacher_attention(const at::Tensor& qkv_in, int64_t num_heads, double
               "teacher_attention: qkv must have unit stride along its last dim, got strides ", qkv_in.strides());
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max() / 2, "teacher_attention: N must be below 2^30, got ", n);
 
-  const c10::cuda::CUDAGuard device_guard(qkv_in.device());
-  at::Tensor out = at::empty({batch, n, num_heads * d}, qkv_in.options());
-  if (out.numel() == 0) return out;
+  out = at::empty({batch, n, num_heads * d}, qkv_in.options());
+  if (out.numel() == 0) return false;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(prop->major >= 8, "teacher_attention: the CUDA kernel needs compute capability >= 8.0, got ",
               prop->major, ".", prop->minor);
 
   // cp.async moves 16-byte chunks: a view whose rows are not 16-byte aligned is copied once.
-  const at::Tensor qkv =
-      aligned16(qkv_in) ? qkv_in : at::empty_like(qkv_in, at::MemoryFormat::Contiguous).copy_(qkv_in);
+  qkv = aligned16(qkv_in) ? qkv_in : at::empty_like(qkv_in, at::MemoryFormat::Contiguous).copy_(qkv_in);
 
-  AttnParams p;
   p.qkv = qkv.data_ptr();
   p.out = out.data_ptr();
   p.n = static_cast<int>(n);
@@ -442,16 +495,53 @@ at::Tensor teacher_attention(const at::Tensor& qkv_in, int64_t num_heads, double
   p.out_stride_b = out.stride(0);
   p.out_stride_n = out.stride(1);
   p.qk_scale_log2 = static_cast<float>(scale * 1.4426950408889634);  // log2(e): exp(x) = exp2(x * log2 e)
-  const int64_t batch_heads = batch * num_heads;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  p.rope_sin = nullptr;
+  p.rope_cos = nullptr;
+  p.rope_stride = 0;
+  p.rope_prefix = 0;
+  return true;
+}
 
-  if (qkv.scalar_type() == at::kBFloat16) {
-    if (d == 64) launch_for_dim<__nv_bfloat16, 64>(p, batch_heads, stream);
-    else launch_for_dim<__nv_bfloat16, 128>(p, batch_heads, stream);
-  } else {
-    if (d == 64) launch_for_dim<__half, 64>(p, batch_heads, stream);
-    else launch_for_dim<__half, 128>(p, batch_heads, stream);
+}  // namespace
+
+at::Tensor teacher_attention(const at::Tensor& qkv_in, int64_t num_heads, double scale) {
+  const c10::cuda::CUDAGuard device_guard(qkv_in.device());
+  at::Tensor qkv, out;
+  AttnParams p;
+  int64_t d = 0;
+  if (!prepare(qkv_in, num_heads, scale, qkv, out, p, d)) return out;
+  launch_for_dtype<false>(p, qkv.scalar_type(), d, qkv.size(0) * num_heads, at::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+at::Tensor teacher_attention_rope(const at::Tensor& qkv_in, int64_t num_heads, double scale, const at::Tensor& sin,
+                                  const at::Tensor& cos, int64_t rope_prefix) {
+  const c10::cuda::CUDAGuard device_guard(qkv_in.device());
+  at::Tensor qkv, out;
+  AttnParams p;
+  int64_t d = 0;
+  const bool launch = prepare(qkv_in, num_heads, scale, qkv, out, p, d);
+  const int64_t n = qkv_in.size(1);
+  TORCH_CHECK(0 <= rope_prefix && rope_prefix <= n, "teacher_attention_rope: rope_prefix must be in [0, N = ", n,
+              "], got ", rope_prefix);
+  for (const at::Tensor* t : {&sin, &cos}) {
+    TORCH_CHECK(t->defined() && t->is_cuda() && t->device() == qkv_in.device(),
+                "teacher_attention_rope: sin and cos must be CUDA tensors on the device of qkv");
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "teacher_attention_rope: sin and cos must be float32, got ",
+                t->scalar_type());
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == n - rope_prefix && t->size(1) == d / 2,
+                "teacher_attention_rope: sin and cos must be (N - rope_prefix, d/2) = (", n - rope_prefix, ", ",
+                d / 2, "), got ", t->sizes());
   }
+  if (!launch) return out;
+  const at::Tensor s = sin.stride(1) == 1 && sin.strides() == cos.strides() ? sin : sin.contiguous();
+  const at::Tensor c = s.strides() == cos.strides() ? cos : cos.contiguous();
+  TORCH_CHECK(s.strides() == c.strides(), "teacher_attention_rope: sin and cos must share their strides");
+  p.rope_sin = s.data_ptr<float>();
+  p.rope_cos = c.data_ptr<float>();
+  p.rope_stride = s.stride(0);
+  p.rope_prefix = static_cast<int>(rope_prefix);
+  launch_for_dtype<true>(p, qkv.scalar_type(), d, qkv.size(0) * num_heads, at::cuda::getCurrentCUDAStream());
   return out;
 }
 

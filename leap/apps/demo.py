@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from ..errors import CheckpointError, InputNotFoundError
-from ..runlog import CHECKPOINT_NAME, load_run, run_file
+from ..runlog import load_run
 
 # Package data (see pyproject.toml), so `leap demo` works from an installed wheel too.
 DEFAULT_TEACHER = str(importlib.resources.files("leap").joinpath("assets").joinpath("teacher_fashion_mnist.pth"))
@@ -104,6 +104,7 @@ def run_demo(
 
     from .. import data as leap_data
     from ..run.loop import train
+    from ..run.resume import previous_run_files
     from .pretrain import read_teacher_meta
 
     if threads:
@@ -130,8 +131,8 @@ def run_demo(
     results = {}
     for mode in ("baseline", "leap"):
         run_dir = os.path.join(out, mode)
-        if os.path.exists(run_file(run_dir, CHECKPOINT_NAME)):
-            os.remove(run_file(run_dir, CHECKPOINT_NAME))  # a demo always starts fresh
+        for path in previous_run_files(run_dir):  # a demo always starts fresh (a new run never overwrites one)
+            os.remove(path)
         cfg = dict(
             teacher=meta["model"],
             teacher_weights=teacher,

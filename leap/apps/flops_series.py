@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..runlog import RunLog
 from ..runlog import number as _num
 
-__all__ = ["FlopsSeries", "calibration_blocks", "cost_model_for", "flops_series"]
+__all__ = ["FlopsSeries", "calibration_blocks", "cost_model_for", "flops_series", "teacher_flops_at_step"]
 
 
 @dataclass
@@ -69,6 +69,7 @@ def cost_model_for(run: RunLog, teacher: str | None, student: str | None, img_si
             img_size=int(img_size or cfg.get("img_size") or 224),
             teacher_overrides=t_ov or None,
             student_overrides=s_ov or None,
+            concat_teacher_last=bool(cfg.get("concat_teacher_last")),
         ), None
     except Exception as e:  # noqa: BLE001 - reported in the Markdown, falls back to block counts
         return None, f"could not build a cost model for {teacher} / {student}: {type(e).__name__}: {e}"
@@ -171,3 +172,12 @@ def flops_series(run: RunLog, cost_model=None, cost_note: str | None = None) -> 
         "full teacher passes",
         f"logged teacher block counts{scan} / L = {L}{note}",
     )
+
+
+def teacher_flops_at_step(run: RunLog, step: float) -> float | None:
+    """Teacher FLOPs spent by the end of ``step``: the ``cumulative_teacher_flops`` of the epoch record logged at
+    that step (an epoch end, where ``--save-every-epochs`` keeps its checkpoints), else ``None``."""
+    for r in run.epochs:
+        if _num(r.get("step")) == step and _num(r.get("cumulative_teacher_flops")) is not None:
+            return _num(r.get("cumulative_teacher_flops"))
+    return None

@@ -24,10 +24,11 @@ from torch import nn
 from .. import data as leap_data
 from ..checkpoint import TEACHER_META_KEY, atomic_save, read_torch_file
 from ..config import TeacherTrainConfig
+from ..config_checks import check_model_overrides
 from ..errors import ConfigError, DataError, InputNotFoundError, NonFiniteLossError
 from ..models import build_model
 from ..optim import WarmupCosine, build_optimizer
-from ..runlog import write_json
+from ..runlog import check_writable_dir, write_json
 
 __all__ = [
     "TEACHER_META_KEY",
@@ -78,6 +79,9 @@ def validate_teacher_config(cfg: TeacherTrainConfig) -> TeacherTrainConfig:
             f"--out {cfg.out} is a directory; give the path of the teacher file to write "
             f"(e.g. {os.path.join(cfg.out, 'teacher.pth')})"
         )
+    check_model_overrides(cfg.model_overrides, "--model-overrides")
+    # Before training, not after it: a whole run would be lost at the save.
+    check_writable_dir(os.path.dirname(os.path.abspath(cfg.out)), "--out")
     return cfg
 
 

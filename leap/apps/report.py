@@ -10,7 +10,10 @@ matplotlib's Agg canvas (no display, no global pyplot state):
 * ``cka.png`` -- CKA vs step with the threshold tau (only if CKA was logged);
 * ``blocks.png`` -- target block vs step and vs epoch;
 * ``flops.png`` -- cumulative teacher FLOPs vs the full-depth baseline;
-* ``report.md`` -- blocks trajectory, final loss, FLOPs saved, time.
+* ``learning_curves.png`` -- the ``leap eval`` numbers of the run's checkpoints (``--save-every-epochs`` and
+  ``leap eval ... --all-checkpoints``) vs epoch and vs teacher FLOPs spent, one line per run (this run and
+  the ``compare`` runs), one row per metric (:func:`learning_curves`);
+* ``report.md`` -- blocks trajectory, final loss, FLOPs saved, time, evaluations, learning curves.
 
 Teacher FLOPs come from, in order: the epoch records' ``teacher_flops`` /
 ``baseline_teacher_flops``; a :class:`leap.cost.CostModel` built (on the meta device) from
@@ -27,12 +30,13 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import InputNotFoundError, LeapError
 from ..runlog import RunLog, load_run
 from ..runlog import number as _num
-from .flops_series import FlopsSeries, calibration_blocks, cost_model_for, flops_series
-from .report_plots import plot_blocks, plot_cka, plot_flops, plot_loss
+from .flops_series import FlopsSeries, calibration_blocks, cost_model_for, flops_series, teacher_flops_at_step
+from .report_plots import plot_blocks, plot_cka, plot_flops, plot_learning_curves, plot_loss
 
-__all__ = ["RunLog", "load_run", "make_report", "DEFAULT_OUT_SUBDIR"]
+__all__ = ["RunLog", "load_run", "make_report", "learning_curves", "DEFAULT_OUT_SUBDIR"]
 
 DEFAULT_OUT_SUBDIR = "report"
 
@@ -92,8 +96,25 @@ def _mean_block(run: RunLog) -> float | None:
     return sum(b * w for b, w in xs) / sum(w for _, w in xs) if xs else None
 
 
+def _curve_lines(curves: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
+    """Markdown of the learning curves: per metric, each run's value at each evaluated epoch."""
+    lines = ["## Learning curves", ""]
+    for metric, runs in curves.items():
+        lines += [f"{metric}:", ""]
+        for name, points in runs.items():
+            values = ", ".join(f"epoch {p['epoch']}: {100 * p['value']:.2f}%" for p in points)
+            lines.append(f"- `{name}`: {values}")
+        lines.append("")
+    return lines
+
+
 def render_markdown(
-    run: RunLog, series: FlopsSeries | None, plots: dict[str, str], cost_model=None, cost_note: str | None = None
+    run: RunLog,
+    series: FlopsSeries | None,
+    plots: dict[str, str],
+    cost_model=None,
+    cost_note: str | None = None,
+    curves: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
 ) -> str:
     cfg, summ = run.config, run.summary
     L = cost_model.num_blocks if cost_model is not None else run.num_blocks
@@ -170,7 +191,9 @@ def render_markdown(
 
     # ---- FLOPs
     lines += ["## Teacher FLOPs", ""]
-    if mean_k is not None and L:
+    if cfg.get("concat_teacher_last"):  # the teacher ran to block L at every step, whatever k
+        lines.append("- concat target `[t_k ; t_L]`: the teacher ran to the last block at every step (no saving)")
+    elif mean_k is not None and L:
         lines.append(
             f"- teacher-only saving `1 - mean(k)/L` = 1 - {mean_k:.4g}/{L} = **{100 * (1 - mean_k / L):.1f}%**"
             " (the paper's measure)"
@@ -235,6 +258,8 @@ def render_markdown(
     evals = report_lines(run.run_dir)
     if evals:
         lines += ["## Evaluations", "", *evals, ""]
+    if curves:
+        lines += _curve_lines(curves)
 
     # ---- plots
     if plots:
@@ -252,6 +277,46 @@ def render_markdown(
 
 
 # --------------------------------------------------------------------------------------
+# Learning curves
+# --------------------------------------------------------------------------------------
+
+
+def _labels(run_dirs: Sequence[str]) -> list[str]:
+    """Short distinct names of runs: the folder name, the path where two share one."""
+    names = [os.path.basename(os.path.normpath(d)) or d for d in run_dirs]
+    return [n if names.count(n) == 1 else os.path.normpath(d) for n, d in zip(names, run_dirs)]
+
+
+def learning_curves(run_dirs: Sequence[str | os.PathLike]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{metric: {run: [{"epoch", "step", "teacher_flops", "value"}, ...]}}``, by epoch, from the ``eval.jsonl``
+    records of each run's ``leap distill`` checkpoints (the records with ``model.training``: written by
+    ``leap eval ... --all-checkpoints``). Metrics: :func:`leap.evaluation.records.curve_metrics`. The teacher
+    FLOPs spent are the checkpoint's, else the run log's at that step. For a checkpoint evaluated twice, the
+    newer record wins."""
+    from ..evaluation.records import curve_metrics, read_records
+
+    dirs = [os.fspath(d) for d in run_dirs]
+    curves: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for name, run_dir in zip(_labels(dirs), dirs):
+        try:
+            log = load_run(run_dir, require_records=False)
+        except LeapError:
+            log = None
+        for rec in read_records(run_dir):
+            point = (rec.get("model") or {}).get("training") or {}
+            epoch = point.get("epoch")
+            if not isinstance(epoch, int):
+                continue
+            flops = _num(point.get("teacher_flops"))
+            if flops is None and log is not None and _num(point.get("step")) is not None:
+                flops = teacher_flops_at_step(log, _num(point.get("step")))
+            for metric, value in curve_metrics(rec).items():
+                by_epoch = curves.setdefault(metric, {}).setdefault(name, {})
+                by_epoch[epoch] = {"epoch": epoch, "step": point.get("step"), "teacher_flops": flops, "value": value}
+    return {m: {r: [pts[e] for e in sorted(pts)] for r, pts in runs.items()} for m, runs in curves.items()}
+
+
+# --------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------
 
@@ -264,6 +329,7 @@ def make_report(
     student: str | None = None,
     img_size: int | None = None,
     use_cost_model: bool = True,
+    compare: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Render the plots and ``report.md`` of a run.
 
@@ -273,10 +339,12 @@ def make_report(
         teacher, student, img_size: model names for the FLOPs cost model when the run's
             config does not name them (or to override it).
         use_cost_model: set False to skip building models and count teacher blocks only.
+        compare: other run directories drawn beside this one in the learning curves.
 
     Returns:
         ``{"report": path of report.md, "plots": {name: png path}, "flops_source": str | None,
-        "saved_fraction": float | None, "total_saved_fraction": float | None}``.
+        "saved_fraction": float | None, "total_saved_fraction": float | None, "curves": the learning
+        curves (:func:`learning_curves`)}``.
 
     Raises:
         FileNotFoundError: no run directory / ``log.jsonl`` (the message names the path).
@@ -302,7 +370,14 @@ def make_report(
         path = fn(os.path.join(out, f"{name}.png"))
         if path:
             plots[name] = path
-    md = render_markdown(run, series, plots, cost_model, cost_note)
+    for other in compare:
+        if not os.path.isdir(other):
+            raise InputNotFoundError(f"--compare {os.fspath(other)}: no such run directory")
+    curves = learning_curves([run.run_dir, *compare])
+    path = plot_learning_curves(curves, os.path.join(out, "learning_curves.png"))
+    if path:
+        plots["learning_curves"] = path
+    md = render_markdown(run, series, plots, cost_model, cost_note, curves)
     report_path = os.path.join(out, "report.md")
     with open(report_path, "w", encoding="utf-8") as f:
         f.write(md)
@@ -312,4 +387,5 @@ def make_report(
         "flops_source": series.source if series else None,
         "saved_fraction": series.saved_fraction if series else None,
         "total_saved_fraction": series.total_saved_fraction if series else None,
+        "curves": curves,
     }

@@ -1,6 +1,6 @@
-"""The four figures of ``leap report`` (loss, CKA, target block, cumulative teacher FLOPs), drawn
-from a parsed run (:class:`leap.runlog.RunLog`) with the Agg helpers of :mod:`leap.apps.plotting`.
-Each returns the PNG's path, or ``None`` when the run logged nothing to plot."""
+"""The figures of ``leap report`` (loss, CKA, target block, cumulative teacher FLOPs, and the learning curves
+of evaluated checkpoints), drawn from a parsed run (:class:`leap.runlog.RunLog`) with the Agg helpers of
+:mod:`leap.apps.plotting`. Each returns the PNG's path, or ``None`` when there is nothing to plot."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..runlog import number as _num
 from .flops_series import FlopsSeries
 from .plotting import new_figure, save_figure
 
-__all__ = ["plot_loss", "plot_cka", "plot_blocks", "plot_flops"]
+__all__ = ["plot_loss", "plot_cka", "plot_blocks", "plot_flops", "plot_learning_curves"]
 
 
 def _mark_level_ups(ax, run: RunLog, max_marks: int = 60) -> None:
@@ -138,4 +138,46 @@ def plot_flops(series: FlopsSeries | None, path: str) -> str | None:
     ax.set_ylabel(f"cumulative {series.units}")
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_learning_curves(
+    curves: dict[str, dict[str, list[dict[str, Any]]]], path: str, max_metrics: int = 4
+) -> str | None:
+    """One row per metric (the first ``max_metrics``), accuracy vs epoch (left) and vs teacher FLOPs spent
+    (right), one line per run. ``curves``: :func:`leap.apps.report.learning_curves`."""
+    metrics = list(curves)[:max_metrics]
+    if not metrics:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.4 * len(metrics)), dpi=100)
+    FigureCanvasAgg(fig)
+    for row, metric in enumerate(metrics):
+        by_epoch = fig.add_subplot(len(metrics), 2, 2 * row + 1)
+        by_flops = fig.add_subplot(len(metrics), 2, 2 * row + 2)
+        for run, points in curves[metric].items():
+            line = by_epoch.plot(
+                [p["epoch"] for p in points], [100 * p["value"] for p in points], "o-", ms=3, label=run
+            )[0]
+            costed = [p for p in points if p.get("teacher_flops") is not None]
+            if costed:
+                by_flops.plot(
+                    [p["teacher_flops"] for p in costed],
+                    [100 * p["value"] for p in costed],
+                    "o-",
+                    ms=3,
+                    color=line.get_color(),
+                    label=run,
+                )
+        by_epoch.set_xlabel("epoch")
+        by_flops.set_xlabel("teacher FLOPs spent")
+        for ax in (by_epoch, by_flops):
+            ax.set_ylabel(f"{metric} (%)")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(loc="lower right", fontsize=8)
+        by_epoch.set_title(f"{metric} vs epoch")
+        by_flops.set_title(f"{metric} vs teacher compute")
     return save_figure(fig, path)

@@ -1,5 +1,6 @@
 """The ``leap`` command (also ``python -m leap``): ``leap distill``, ``leap flops``,
-``leap report``, ``leap train-teacher``, ``leap eval``, ``leap demo``, ``leap experiment``.
+``leap report``, ``leap train-teacher``, ``leap eval``, ``leap export``, ``leap demo``,
+``leap experiment``.
 
 Every command is a module of this package of the one shape :mod:`leap.cli.command` describes
 (``NAME``, ``HELP``, ``add_parser(subparsers)``, ``run(args) -> int``), listed in
@@ -21,14 +22,14 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import EXIT_USAGE
-from . import demo, distill, evaluate, experiment, flops, report, train_teacher
+from . import demo, distill, evaluate, experiment, export, flops, report, train_teacher
 from .command import PROG, TRAIN_EXTRA_MODULES, execute, parse_and_run
 from .options import Formatter
 
 __all__ = ["main", "build_parser", "COMMANDS", "TRAIN_EXTRA_MODULES"]
 
 #: The commands, in the order ``leap --help`` lists them.
-COMMANDS = (distill, flops, report, train_teacher, evaluate, demo, experiment)
+COMMANDS = (distill, flops, report, train_teacher, evaluate, export, demo, experiment)
 
 
 def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import TrainConfig, config_fields, normalize_mapping
 from ..config_schema import load_config_file
+from ..errors import ConfigError
 from .command import run_alone
 from .options import Formatter, config_groups
 
@@ -88,7 +89,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     config_path = getattr(args, "config", None)
     if config_path:
-        values.update(normalize_mapping(load_config_file(config_path), source=f"config file {config_path}"))
+        try:
+            raw = load_config_file(config_path)
+        except ConfigError as e:  # YAML's own message spans several lines, with the source quoted
+            yaml_error = e.__context__
+            mark = getattr(yaml_error, "problem_mark", None)
+            if mark is None:
+                raise ConfigError(" ".join(str(e).split())) from None
+            raise ConfigError(
+                f"could not parse config file {config_path}: {getattr(yaml_error, 'problem', None) or 'invalid YAML'} "
+                f"at line {mark.line + 1}, column {mark.column + 1}"
+            ) from None
+        values.update(normalize_mapping(raw, source=f"config file {config_path}"))
     fields = config_fields()
     values.update({k: v for k, v in vars(args).items() if k in fields})
     return TrainConfig(**values).validate()
@@ -132,9 +144,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    from ..run import loop
+    from ..apps import api
 
-    summary = loop.train(config)
+    summary = api.distill(config=config)  # the Python API's code path (leap.distill)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
     return 0

@@ -1,8 +1,12 @@
-"""``leap eval linear | retrieval | knn``: the command line of :mod:`leap.evaluation`.
+"""``leap eval linear | retrieval | knn | robustness | segmentation``: the command line of :mod:`leap.evaluation`.
 
-The ``eval`` parser holds the three protocols as sub-commands (each one's handler is in
-``args.handler``; :func:`run` calls it). Exit codes as for every command (:mod:`leap.cli.command`):
-0 success, 2 bad input (one line on stderr, ``leap: error: eval: ...``), 130 interrupted.
+The ``eval`` parser holds the protocols as sub-commands (each one's handler is in ``args.handler``;
+:func:`run` calls it, once per checkpoint with ``--all-checkpoints``). Exit codes as for every command
+(:mod:`leap.cli.command`): 0 success, 2 bad input (one line on stderr, ``leap: error: eval: ...``), 130
+interrupted.
+
+Why this module is long: five protocols, each with its options, help text and printed summary, share one
+parser and one set of model and run options.
 """
 
 from __future__ import annotations
@@ -19,13 +23,17 @@ from .options import Formatter
 __all__ = ["NAME", "HELP", "add_parser", "run", "main"]
 
 NAME = "eval"
-HELP = "evaluate frozen features: linear probe, revisitop retrieval mAP, kNN (`leap eval PROTOCOL --help`)"
+HELP = (
+    "evaluate frozen features: linear probe, revisitop retrieval, kNN, corruption robustness, linear "
+    "segmentation (`leap eval PROTOCOL --help`)"
+)
 
 _EVAL_DESCRIPTION = """\
 Evaluate the frozen features of a student, a teacher (optionally cut at block K) or any
 `leap train-teacher` model. Features are extracted once (CLS token and mean of the patch
 tokens, after the final norm) and cached on disk by checkpoint hash, data and transform;
-each evaluation appends a JSON record to RUN_DIR/eval.jsonl."""
+each evaluation appends a JSON record to RUN_DIR/eval.jsonl (one per checkpoint with
+--all-checkpoints: learning curves, plotted by `leap report`)."""
 
 _MODEL_HELP = """\
 model (exactly one of):
@@ -34,7 +42,9 @@ model (exactly one of):
   --teacher NAME --teacher-weights FILE [--block K]
                                a teacher (official DINOv2, Hugging Face or timm weights), cut after
                                block K (patch embed, blocks 1..K, final norm); default: all blocks
-  --pixels                     raw pixels (a baseline)"""
+  --pixels                     raw pixels (a baseline)
+  --all-checkpoints            with --model RUN_DIR: every checkpoint-epochE.pt kept by
+                               `leap distill --save-every-epochs N`, then checkpoint.pt, one record each"""
 
 _LINEAR_EPILOG = (
     _MODEL_HELP
@@ -56,8 +66,9 @@ _RETRIEVAL_EPILOG = (
     _MODEL_HELP
     + """
 
-protocol (revisitop): L2-normalized CLS features, single scale (longer side = the model's resolution,
-or --img-size), queries cropped to their bounding box, cosine ranking; mAP and mP@1/5/10 at Easy
+protocol (revisitop, the paper's): L2-normalized CLS features, single scale (--transform center-crop:
+Resize 256 -> CenterCrop 224 at the model's resolution; keep-aspect: longer side = the resolution, aspect
+kept), queries cropped to their bounding box, cosine ranking; mAP and mP@1/5/10 at Easy
 (easy positives, hard ignored), Medium (easy + hard positives) and Hard (hard positives, easy
 ignored); junk always ignored; queries without positives in a setting are left out of its mean.
 data: ROOT/roxford5k/jpg/*.jpg and ROOT/roxford5k/gnd_roxford5k.pkl (or .json), the layout of
@@ -76,6 +87,34 @@ images with weights exp(sim / T); features L2-normalized.
 
 example:
   leap eval knn --model runs/vits-leap --data /data/imagenet100 --features both"""
+)
+
+_ROBUSTNESS_EPILOG = (
+    _MODEL_HELP
+    + """
+
+protocol (ImageNet-C): the 15 corruptions of imagecorruptions-imaug at severities 1-5 applied to the
+validation images after Resize 256 -> CenterCrop 224, seeded per image and cached as PNG under the
+cache directory; the paper's linear probe trained on the clean training features is applied to each
+corrupted set. Reported: clean top-1, top-1 per corruption and severity, the mean per corruption and
+over all of them. Needs: pip install "leap-kernels[robustness]".
+
+example:
+  leap eval robustness --model runs/vits-leap --data /data/imagenet100 --features cls"""
+)
+
+_SEGMENTATION_EPILOG = (
+    _MODEL_HELP
+    + """
+
+protocol (DINOv2's linear head): images resized to the model's resolution, frozen patch tokens (cached),
+BatchNorm + linear (or --head linear), logits upsampled bilinearly to the label size, cross-entropy
+over the labelled pixels; mIoU (with aAcc, mAcc) on the validation split.
+data: ROOT/ADEChallengeData2016/images/{training,validation} + annotations/... (ADE20K: 150 classes,
+0 = ignored), or ROOT/images/{train,val} + ROOT/masks/{train,val} (class indices, --ignore-index).
+
+example:
+  leap eval segmentation --model runs/vits-leap --data /data/ade20k --img-size 448"""
 )
 
 
@@ -126,6 +165,11 @@ def _add_common(p: argparse.ArgumentParser, *, batch_size: int) -> None:
         help="features after block K (1-indexed) and the final norm (default: the last block)",
     )
     g.add_argument("--pixels", action="store_true", help="raw pixels instead of a model (a baseline)")
+    g.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="evaluate every kept checkpoint of --model RUN_DIR (checkpoint-epochE.pt, then checkpoint.pt)",
+    )
     g.add_argument(
         "--img-size", type=_int_min(1), metavar="PX", help="input resolution (default: the model's training resolution)"
     )
@@ -185,8 +229,36 @@ def _add_labelled_data(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_probe(p: argparse.ArgumentParser) -> None:
+    """The linear probe's options (``linear``, ``robustness``)."""
+    g = p.add_argument_group("probe")
+    g.add_argument(
+        "--features",
+        default="both",
+        choices=("cls", "patch", "both"),
+        help="CLS token, mean of the patch tokens, or a probe on each (default: both)",
+    )
+    g.add_argument("--epochs", type=_int_min(1), default=100, help="(default: 100)")
+    g.add_argument("--probe-batch-size", type=_int_min(1), default=256, help="(default: 256)")
+    g.add_argument("--lr", type=float, default=0.1, help="SGD peak learning rate, cosine to 0 (default: 0.1)")
+    g.add_argument("--momentum", type=float, default=0.9, help="(default: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0)")
+    g.add_argument("--seed", type=int, default=0, help="shuffling seed (default: 0)")
+
+
+def _csv(parse):
+    def split(text: str) -> list:
+        try:
+            return [parse(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+    return split
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``eval`` (with ``linear``, ``retrieval``, ``knn``) to an argparse sub-parsers object.
+    """Add ``eval`` (with ``linear``, ``retrieval``, ``knn``, ``robustness``, ``segmentation``) to an argparse
+    sub-parsers object.
 
     The parsed namespace has ``handler``: :func:`run` calls ``args.handler(args)`` -> exit code.
     """
@@ -201,19 +273,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=Formatter,
     )
     _add_labelled_data(lin)
-    g = lin.add_argument_group("probe")
-    g.add_argument(
-        "--features",
-        default="both",
-        choices=("cls", "patch", "both"),
-        help="CLS token, mean of the patch tokens, or a probe on each (default: both)",
-    )
-    g.add_argument("--epochs", type=_int_min(1), default=100, help="(default: 100)")
-    g.add_argument("--probe-batch-size", type=_int_min(1), default=256, help="(default: 256)")
-    g.add_argument("--lr", type=float, default=0.1, help="SGD peak learning rate, cosine to 0 (default: 0.1)")
-    g.add_argument("--momentum", type=float, default=0.9, help="(default: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0)")
-    g.add_argument("--seed", type=int, default=0, help="shuffling seed (default: 0)")
+    _add_probe(lin)
     _add_common(lin, batch_size=256)
     lin.set_defaults(handler=_run_linear)
 
@@ -228,6 +288,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--data", required=True, metavar="ROOT", help="folder holding roxford5k/ and/or rparis6k/")
     g.add_argument("--dataset", required=True, choices=("roxford5k", "rparis6k"))
     g.add_argument("--gnd", metavar="FILE", help="ground truth .pkl or .json (default: ROOT/DATASET/gnd_DATASET.pkl)")
+    g.add_argument(
+        "--transform",
+        default="center-crop",
+        choices=("center-crop", "keep-aspect"),
+        help="center-crop: Resize 256 -> CenterCrop 224 (the paper's); keep-aspect: longer side = the model's "
+        "resolution, aspect kept (default: center-crop)",
+    )
     _add_common(ret, batch_size=32)
     ret.set_defaults(handler=_run_retrieval)
 
@@ -245,12 +312,67 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.07, help="(default: 0.07)")
     _add_common(knn, batch_size=256)
     knn.set_defaults(handler=_run_knn)
+
+    rob = sub.add_parser(
+        "robustness",
+        help="linear-probe top-1 under the 15 ImageNet-C corruptions",
+        description="Accuracy under common corruptions (ImageNet-C protocol) of the clean-trained linear probe.",
+        epilog=_ROBUSTNESS_EPILOG,
+        formatter_class=Formatter,
+    )
+    _add_labelled_data(rob)
+    _add_probe(rob)
+    g = rob.add_argument_group("corruptions")
+    g.add_argument("--corruptions", type=_csv(str), metavar="LIST", help="comma-separated subset (default: all 15)")
+    g.add_argument("--severities", type=_csv(int), metavar="LIST", help="comma-separated subset of 1-5 (default: all)")
+    g.add_argument("--corruption-seed", type=int, default=0, help="seed of the corrupted images (default: 0)")
+    _add_common(rob, batch_size=256)
+    rob.set_defaults(handler=_run_robustness)
+
+    seg = sub.add_parser(
+        "segmentation",
+        help="linear segmentation probe on frozen patch tokens (mIoU)",
+        description="Linear semantic segmentation on frozen patch tokens (DINOv2's linear protocol).",
+        epilog=_SEGMENTATION_EPILOG,
+        formatter_class=Formatter,
+    )
+    g = seg.add_argument_group("data")
+    g.add_argument("--data", required=True, metavar="ROOT", help="ADE20K or images/ + masks/ folders")
+    g.add_argument("--layout", default="auto", choices=("auto", "ade20k", "folders"), help="(default: auto)")
+    g.add_argument("--num-classes", type=_int_min(1), metavar="C", help="(default: 150 for ADE20K, else from masks)")
+    g.add_argument("--ignore-index", type=int, default=255, help="ignored mask value, folders layout (default: 255)")
+    g.add_argument("--limit-train", type=_int_min(1), metavar="N", help="first N training images only")
+    g.add_argument("--limit-val", type=_int_min(1), metavar="N", help="first N validation images only")
+    g = seg.add_argument_group("head")
+    g.add_argument("--head", default="bn-linear", choices=("bn-linear", "linear"), help="(default: bn-linear)")
+    g.add_argument("--epochs", type=_int_min(1), default=30, help="(default: 30)")
+    g.add_argument("--probe-batch-size", type=_int_min(1), default=16, help="images per step (default: 16)")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default: 0.001)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 0.0001)")
+    g.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    _add_common(seg, batch_size=64)
+    seg.set_defaults(handler=_run_segmentation)
     return ev
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the protocol parsed into ``args``; the exit code."""
-    return int(args.handler(args) or 0)
+    """Run the protocol parsed into ``args`` (on each checkpoint with ``--all-checkpoints``); the exit code."""
+    if not getattr(args, "all_checkpoints", False):
+        return int(args.handler(args) or 0)
+    from ..evaluation.common import run_checkpoints
+
+    if not args.model:
+        raise EvaluationError("--all-checkpoints needs --model RUN_DIR")
+    paths = run_checkpoints(args.model)
+    if not args.json:
+        print(f"{len(paths)} checkpoint(s) of {args.model}: " + ", ".join(os.path.basename(p) for p in paths))
+    for path in paths:
+        if not args.json:
+            print(f"-- {os.path.basename(path)}")
+        code = int(args.handler(argparse.Namespace(**{**vars(args), "model": path})) or 0)
+        if code:
+            return code
+    return 0
 
 
 def main(argv=None) -> int:
@@ -292,6 +414,12 @@ def _pct(x) -> str:
 
 
 def _emit(args: argparse.Namespace, record: dict[str, Any], lines: list[str]) -> int:
+    skipped = {k: v for k, v in (record.get("data", {}).get("skipped_images") or {}).items() if v}
+    if skipped:
+        lines = [
+            *lines,
+            "  undecodable images skipped (not counted): " + ", ".join(f"{v} {k}" for k, v in skipped.items()),
+        ]
     if args.json:
         print(json.dumps(record))
         return 0
@@ -338,15 +466,15 @@ def _run_linear(args: argparse.Namespace) -> int:
 def _run_retrieval(args: argparse.Namespace) -> int:
     from ..evaluation.run import evaluate_retrieval
 
-    if args.pixels:
-        raise EvaluationError("--pixels does not apply to retrieval (images differ in size)")
     opts = _model_options(args)
     img_size = opts.pop("img_size")
-    rec = evaluate_retrieval(opts, args.data, args.dataset, gnd=args.gnd, img_size=img_size, **_run_options(args))
+    rec = evaluate_retrieval(
+        opts, args.data, args.dataset, gnd=args.gnd, img_size=img_size, transform=args.transform, **_run_options(args)
+    )
     n = rec["numbers"]
     lines = [
         f"{args.dataset} retrieval [{rec['model']['description']}], {rec['data']['database_images']} "
-        f"database images, {rec['data']['queries']} queries:",
+        f"database images, {rec['data']['queries']} queries, transform {args.transform}:",
         "  mAP  E: {}  M: {}  H: {}".format(*(_pct(n[s]["mAP"]) for s in ("easy", "medium", "hard"))),
         "  mP@10 E: {}  M: {}  H: {}".format(*(_pct(n[s].get("mP@10")) for s in ("easy", "medium", "hard"))),
     ]
@@ -377,4 +505,68 @@ def _run_knn(args: argparse.Namespace) -> int:
         f"training / {d['val_images']} {d['val_split']} images:"
     ]
     lines += [f"  {names[kind]:>10}: top-1 {_pct(v)}" for kind, v in rec["numbers"].items()]
+    return _emit(args, rec, lines)
+
+
+def _run_robustness(args: argparse.Namespace) -> int:
+    from ..evaluation.run import evaluate_robustness
+
+    rec = evaluate_robustness(
+        _model_options(args),
+        args.data,
+        corruptions=args.corruptions,
+        severities=args.severities,
+        corruption_seed=args.corruption_seed,
+        features=args.features,
+        data_source=args.data_source,
+        epochs=args.epochs,
+        probe_batch_size=args.probe_batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        limit_train=args.limit_train,
+        limit_val=args.limit_val,
+        **_run_options(args),
+    )
+    d, levels = rec["data"], rec["settings"]["severities"]
+    lines = [
+        f"corruption robustness [{rec['model']['description']}], {d['train_images']} training / {d['val_images']} "
+        f"{d['val_split']} images, {len(rec['settings']['corruptions'])} corruptions x {len(levels)} severities:"
+    ]
+    for kind, r in rec["numbers"].items():
+        name = {"cls": "pixels" if rec["model"]["kind"] == "pixels" else "CLS", "patch": "mean-patch"}[kind]
+        lines.append(f"  {name}: clean top-1 {_pct(r['clean_top1'])}, corrupted mean {_pct(r['mean_top1'])}")
+        for corruption, c in r["corruptions"].items():
+            per = "  ".join(f"s{s} {_pct(c['top1'][str(s)])}" for s in levels)
+            lines.append(f"    {corruption:<18} {per}  mean {_pct(c['mean_top1'])}")
+    return _emit(args, rec, lines)
+
+
+def _run_segmentation(args: argparse.Namespace) -> int:
+    from ..evaluation.run import evaluate_segmentation
+
+    rec = evaluate_segmentation(
+        _model_options(args),
+        args.data,
+        layout=args.layout,
+        num_classes=args.num_classes,
+        ignore_index=args.ignore_index,
+        head=args.head,
+        epochs=args.epochs,
+        probe_batch_size=args.probe_batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        limit_train=args.limit_train,
+        limit_val=args.limit_val,
+        **_run_options(args),
+    )
+    d, n = rec["data"], rec["numbers"]
+    lines = [
+        f"linear segmentation [{rec['model']['description']}], {d['layout']}, {d['train_images']} training / "
+        f"{d['val_images']} validation images, {d['classes']} classes, head {args.head}:",
+        f"  mIoU {_pct(n['mIoU'])}  aAcc {_pct(n['aAcc'])}  mAcc {_pct(n['mAcc'])} "
+        f"({n['classes_scored']} classes scored)",
+    ]
     return _emit(args, rec, lines)

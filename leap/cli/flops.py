@@ -28,7 +28,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "nothing is allocated unless --measure).",
     )
     add_config_options(
-        p, ["teacher", "student", "img_size", "teacher_overrides", "student_overrides"], required=("teacher", "student")
+        p,
+        ["teacher", "student", "img_size", "teacher_overrides", "student_overrides", "concat_teacher_last"],
+        required=("teacher", "student"),
     )
     p.add_argument(
         "--trajectory",
@@ -71,10 +73,13 @@ def run(args: argparse.Namespace) -> int:
         img_size=args.img_size,
         teacher_overrides=args.teacher_overrides,
         student_overrides=args.student_overrides,
+        concat_teacher_last=args.concat_teacher_last,
     )
     traj = load_trajectory(args.trajectory) if args.trajectory else None
     if args.measure and traj is None:
         args.parser.error("--measure needs --trajectory")
+    if args.measure and args.concat_teacher_last:  # its step time does not depend on k: nothing to measure
+        args.parser.error("--measure times the plain target; it does not model --concat-teacher-last")
 
     result: dict[str, Any] = {
         "teacher": args.teacher,

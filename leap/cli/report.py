@@ -17,7 +17,8 @@ HELP = "plots and a Markdown summary of a run directory"
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """``leap report RUN_DIR [--out DIR] [--teacher NAME --student NAME] [--img-size N] [--no-cost-model]``."""
+    """``leap report RUN_DIR [--out DIR] [--compare RUN_DIR ...] [--teacher NAME --student NAME] [--img-size N]
+    [--no-cost-model]``."""
     p = sub.add_parser(
         NAME,
         help=HELP,
@@ -27,6 +28,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help=f"run directory holding {LOG_NAME} (or the log file)")
     p.add_argument("--out", help=f"output directory (default: RUN_DIR/{DEFAULT_OUT_SUBDIR})")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="RUN_DIR",
+        help="other runs drawn beside this one in the learning curves (their leap eval --all-checkpoints records)",
+    )
     add_config_options(
         p,
         ["teacher", "student", "img_size"],
@@ -58,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         student=args.student,
         img_size=args.img_size,
         use_cost_model=not args.no_cost_model,
+        compare=args.compare,
     )
     print(f"wrote {res['report']}")
     for path in res["plots"].values():

@@ -8,7 +8,9 @@ mid-epoch resumes):
   :func:`build_dataset`, shared decode-failure accounting;
 - :mod:`~leap.data.transforms`: the training/eval transforms and :func:`mixup`;
 - :mod:`~leap.data.loaders`: :class:`ResumableSampler` (its :class:`SeededIndex` carries each
-  sample's augmentation seed), :func:`build_loader`, :func:`set_loader_epoch`.
+  sample's augmentation seed), :func:`build_loader`, :func:`set_loader_epoch`;
+- :mod:`~leap.data.device_pipeline`: ``--data-pipeline device``: workers read file bytes, the batch is
+  decoded and augmented on the device (:func:`build_device_loader`).
 
 The names below are the package's public API (``from leap.data import build_dataset``).
 """
@@ -23,6 +25,7 @@ from .datasets import (
     SyntheticDataset,
     build_dataset,
 )
+from .device_pipeline import DeviceAugment, DeviceBatchLoader, EncodedImages, build_device_loader
 from .loaders import ResumableSampler, SeededIndex, build_loader, default_num_workers, set_loader_epoch
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, mixup
 
@@ -44,4 +47,8 @@ __all__ = [
     "set_loader_epoch",
     "default_num_workers",
     "SOURCES",
+    "EncodedImages",
+    "DeviceAugment",
+    "DeviceBatchLoader",
+    "build_device_loader",
 ]

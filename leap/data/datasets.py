@@ -21,6 +21,13 @@ Conventions
 
 * Augmentation seeds: an index that is a :class:`leap.data.loaders.SeededIndex` (as the
   ``ResumableSampler`` yields) runs the sample's transform under its seed.
+
+* What is read: regular files only (a named pipe called ``x.jpg`` would block the run), decoded
+  in full; 16-bit images are scaled to 8 bits (:func:`to_rgb`), not clipped; Fashion-MNIST labels
+  outside the 10 classes and truncated or corrupt IDX files are refused with one line.
+
+Why this module is long: three sources with one sample contract, and the image folder's
+listing, decode probe and shared failure mask that training and evaluation both rely on.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import stat
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,9 +88,15 @@ class _LeapDataset(Dataset):
         """Number of distinct files that failed to decode (0 for in-memory sources)."""
         return 0
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def failed_indices(self) -> list[int]:
+        """Indices of the files found undecodable so far (by any worker); none for in-memory sources."""
+        return []
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
         seed = getattr(index, "seed", None)
         img, label = self._load(int(index))
+        if img is None:  # an undecodable file of a dataset that skips them (evaluation): no sample
+            return None
         transform = self.transform if self.transform is not None else TF.to_tensor
         if seed is None:
             return transform(img), label
@@ -123,6 +138,10 @@ class FirstN(Dataset):
     def decode_failures(self) -> int:
         return getattr(self.dataset, "decode_failures", 0)
 
+    def failed_indices(self) -> list[int]:
+        inner = getattr(self.dataset, "failed_indices", None)
+        return inner() if inner is not None else []
+
     @property
     def classes(self):
         return getattr(self.dataset, "classes", None)
@@ -130,6 +149,47 @@ class FirstN(Dataset):
 
 def _is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+#: Integer modes of PIL that hold more than 8 bits per pixel (16-bit PNGs open as one of them).
+_WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """An opened image as 8-bit RGB, decoded in full.
+
+    16-bit images (``I;16*``, and ``I`` as 16-bit PNGs open) are scaled from [0, 65535] to [0, 255]
+    (``convert("RGB")`` would clip them, so that anything above 255 became white); float images
+    (``F``) are scaled from [0, 1]. Values outside those ranges are refused.
+
+    Raises:
+        DataError: naming ``path``, for a wide image whose values are outside the supported range.
+    """
+    if im.mode in _WIDE_INT_MODES or im.mode == "F":
+        arr = np.asarray(im)
+        if im.mode == "F":
+            scale, top, what = 255.0, 1.0, "a float image with values outside [0, 1]"
+        else:
+            scale, top, what = 255.0 / 65535.0, 65535, "a 32-bit integer image with values outside [0, 65535]"
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= top):
+            raise DataError(f"{os.fspath(path)}: {what} (mode {im.mode}); convert it to 8- or 16-bit")
+        gray = np.rint(arr.astype(np.float64) * scale).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Decode the regular file ``path`` in full as 8-bit RGB (:func:`to_rgb`).
+
+    Raises:
+        DataError: ``path`` is not a regular file (a named pipe, a device: opening it could block
+            forever), or its pixel values are not supported; PIL's errors for undecodable files.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{os.fspath(path)} is not a regular file (a named pipe or a device); it is not read")
+    with Image.open(path) as im:
+        return to_rgb(im, path)
 
 
 class ImageFolderDataset(_LeapDataset):
@@ -164,6 +224,10 @@ class ImageFolderDataset(_LeapDataset):
         self.root = folder
         self.split = split
         self.transform = transform
+        #: False (training): an undecodable file is replaced by the next one that decodes, so batches keep
+        #: their size. True (evaluation): ``dataset[i]`` is None for it (the caller drops and counts it:
+        #: a stand-in would duplicate another image and its label).
+        self.skip_undecodable = False
 
         self.classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
@@ -171,6 +235,7 @@ class ImageFolderDataset(_LeapDataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
         samples: list[tuple[str, int]] = []
+        special: list[str] = []
         # Symbolic links are followed, but each real directory is listed once: a link
         # loop would otherwise repeat files under wrong labels or never end.
         # A link into another class's folder is skipped too (its files keep their own label).
@@ -185,9 +250,24 @@ class ImageFolderDataset(_LeapDataset):
                         continue
                     visited.add(real)
                 dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in visited)
-                samples.extend(
-                    (os.path.join(dirpath, f), self.class_to_idx[c]) for f in sorted(filenames) if _is_image_file(f)
-                )
+                for f in sorted(filenames):
+                    if not _is_image_file(f):
+                        continue
+                    path = os.path.join(dirpath, f)
+                    # Regular files only: opening a named pipe called x.jpg would block the run forever.
+                    if os.path.isfile(path):
+                        samples.append((path, self.class_to_idx[c]))
+                    else:
+                        special.append(path)
+        self.special_files = special
+        if special:
+            log.warning(
+                "skipping %d image name(s) under %s that are not regular files (named pipes, devices or "
+                "dangling links), e.g. %s",
+                len(special),
+                folder,
+                special[0],
+            )
         if not samples:
             raise DataError(f"no images found under {folder} (extensions {IMAGE_EXTENSIONS}); {layout}")
         self.samples = samples
@@ -202,10 +282,11 @@ class ImageFolderDataset(_LeapDataset):
         decodes is refused here, in the main process, with one line, before training starts."""
         for i, (path, _) in enumerate(self.samples):
             try:
-                with Image.open(path) as im:
-                    im.convert("RGB")
+                open_image(path)
                 return
-            except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
+                # Named and counted like the files found bad later (decode_failures reads the mask).
+                log.warning("skipping undecodable image %s: %s: %s", path, type(e).__name__, e)
                 self._bad[i] = 1
         example = self.samples[0][0]
         raise DataError(
@@ -220,23 +301,29 @@ class ImageFolderDataset(_LeapDataset):
     def decode_failures(self) -> int:
         return int(self._bad.sum())
 
+    def failed_indices(self) -> list[int]:
+        """Indices of the files found undecodable so far (by any worker)."""
+        return torch.nonzero(self._bad).flatten().tolist()
+
     def failed_paths(self) -> list[str]:
         """Paths of the files found undecodable so far (by any worker)."""
-        return [self.samples[i][0] for i in torch.nonzero(self._bad).flatten().tolist()]
+        return [self.samples[i][0] for i in self.failed_indices()]
 
     def _decode(self, i: int) -> Image.Image | None:
         path = self.samples[i][0]
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")  # forces the full decode inside the try
+            return open_image(path)  # forces the full decode inside the try
         except Exception as e:  # PIL raises many types for corrupt data
             if not self._bad[i]:
                 log.warning("skipping undecodable image %s: %s: %s", path, type(e).__name__, e)
             self._bad[i] = 1
             return None
 
-    def _load(self, index: int) -> tuple[Image.Image, int]:
+    def _load(self, index: int) -> tuple[Image.Image | None, int]:
         n = len(self.samples)
+        if self.skip_undecodable:  # evaluation: no stand-in, the caller drops and counts the sample
+            img = None if self._bad[index] else self._decode(index)
+            return img, self.samples[index][1]
         # Deterministic fallback: the next index (wrapping) that decodes.
         for k in range(n):
             i = (index + k) % n
@@ -251,14 +338,24 @@ class ImageFolderDataset(_LeapDataset):
 def _read_idx(path: Path, expect_magic: int) -> np.ndarray:
     """Read one IDX file (raw or .gz): big-endian magic, dims, then uint8 data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # a truncated or corrupt .gz (BadGzipFile is an OSError)
+        raise DataError(
+            f"{path}: could not read the file ({type(e).__name__}: {e}); it is truncated or corrupt: download it again"
+        ) from None
     if len(data) < 4:
-        raise DataError(f"{path}: truncated IDX header")
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes); download the file again")
     magic = struct.unpack(">I", data[:4])[0]
     if magic != expect_magic:
         raise DataError(f"{path}: bad IDX magic 0x{magic:08x}, expected 0x{expect_magic:08x}")
     ndim = magic & 0xFF
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(
+            f"{path}: truncated IDX header: {ndim} dimension sizes expected, the file has {len(data)} bytes; "
+            "download the file again"
+        )
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     offset = 4 + 4 * ndim
     count = int(np.prod(dims))
@@ -312,6 +409,13 @@ class FashionMNIST(_LeapDataset):
         if self.images.shape[0] != self.labels.shape[0]:
             raise DataError(
                 f"{img_path} has {self.images.shape[0]} images but {lbl_path} has {self.labels.shape[0]} labels"
+            )
+        bad = np.flatnonzero(self.labels >= len(self.classes))  # uint8 on disk: never negative
+        if bad.size:
+            raise DataError(
+                f"{lbl_path}: label {int(self.labels[bad[0]])} at index {int(bad[0])} is outside the "
+                f"{len(self.classes)} Fashion-MNIST classes (0..{len(self.classes) - 1}; {bad.size} such labels); "
+                "the file is corrupt or not a Fashion-MNIST label file"
             )
         self.targets = self.labels.tolist()
 

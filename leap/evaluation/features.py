@@ -28,23 +28,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
 from .. import vit
 from ..checkpoint import CHECKPOINT_FORMAT, TEACHER_META_KEY, check_finite_weights
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..config_checks import check_model_overrides
 from ..distributed import resolve_device
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..models import build_model, load_teacher_weights
 from ..precision import DTYPES, resolve_precision
-from .cache import FeatureCache, file_sha256
+from .cache import FeatureCache, read_hashed
 from .errors import EvaluationError
+from .transforms import eval_transform
 
 __all__ = [
     "ALLOWED_MODEL_KEYS",
@@ -109,6 +109,9 @@ class LoadedModel:
         identity: what the features depend on (goes into the cache key and the records):
             kind, name, recipe, block, checkpoint path and SHA-256.
         run_dir: the run directory the model belongs to (records go there), or ``None``.
+        training: for a ``leap distill`` checkpoint, where the run was when it was written: ``epoch``
+            (completed epochs), ``step``, ``teacher_flops`` (teacher FLOPs spent so far), each ``None``
+            when the checkpoint does not say; the learning curves of ``leap report`` read it.
     """
 
     extractor: nn.Module
@@ -117,6 +120,7 @@ class LoadedModel:
     description: str
     identity: dict[str, Any]
     run_dir: str | None = None
+    training: dict[str, Any] | None = None
 
     def record_info(self) -> dict[str, Any]:
         """The ``model`` part of an evaluation record."""
@@ -128,6 +132,7 @@ class LoadedModel:
             "name": self.identity.get("name"),
             "block": self.identity.get("block"),
             "img_size": self.img_size,
+            **({"training": self.training} if self.training else {}),
         }
 
 
@@ -150,15 +155,19 @@ class TokenFeatures(nn.Module):
         self.block = None if block in (None, depth) else int(block)
         self.prefix = self._family.num_prefix_tokens(model)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token after the final norm (block K's when cut), ``(B, prefix + H/p * W/p, D)``."""
         m, family = self.vit, self._family
         if self.block is None:
-            tokens = m.forward_features(x)
-        else:  # timm's forward_features, stopped after block K
-            x = family.embed(m, x)
-            for blk in family.blocks(m)[: self.block]:
-                x = blk(x)
-            tokens = family.final_norm(m, x)
+            return m.forward_features(x)
+        return family.final_norm(m, family.run_blocks(m, x, self.block))  # forward_features, stopped after block K
+
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch tokens alone (CLS and registers dropped), row-major over the grid: ``(B, H/p * W/p, D)``."""
+        return self.tokens(x)[:, self.prefix :]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokens(x)
         return tokens[:, 0], tokens[:, self.prefix :].mean(dim=1)
 
 
@@ -168,6 +177,10 @@ class PixelFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.mean(dim=1).flatten(1)
         return flat, flat
+
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Each pixel a token of its normalized channels: ``(B, C, H, W)`` -> ``(B, H * W, C)``."""
+        return x.flatten(2).transpose(1, 2)
 
 
 def sanitize_model_kwargs(kwargs: Any, source: str) -> dict[str, Any]:
@@ -214,23 +227,43 @@ def _check_img_size(size: Any, source: str) -> int:
     return size
 
 
+def _check_recipe_fits(name: str, img_size: int, kwargs: dict[str, Any], state: Any, source: str) -> None:
+    """Refuse a checkpoint's recipe before any model is built for real: its sizes must be sane
+    (:func:`leap.config_checks.check_model_overrides`) and the model it builds (on the ``meta`` device: shapes
+    only, nothing allocated) must have the shapes of the weights stored beside it. A crafted
+    ``embed_dim: 200000`` would otherwise allocate hundreds of GB before any check."""
+    try:
+        check_model_overrides(kwargs, f"model arguments in {source}")
+    except ConfigError as exc:
+        raise EvaluationError(str(exc)) from None
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise EvaluationError(f"{source}: no stored weights (expected a state dict of tensors)")
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_model(name, img_size=img_size, **kwargs).state_dict().items()}
+    except (ValueError, TypeError) as exc:
+        raise EvaluationError(f"cannot build model {name!r} from {source}: {exc}") from None
+    stored = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
+    # pos_embed is resampled to another resolution on load; every other shape must match.
+    bad = [k for k in shapes if k in stored and k != "pos_embed" and stored[k] != shapes[k]]
+    missing, unexpected = sorted(set(shapes) - set(stored)), sorted(set(stored) - set(shapes))
+    if bad or missing or unexpected:
+        if bad:
+            detail = f"{bad[0]}: stored {stored[bad[0]]}, recipe {shapes[bad[0]]}"
+        else:
+            detail = f"{len(missing)} recipe tensor(s) not stored, {len(unexpected)} stored tensor(s) not in the recipe"
+            detail += f", e.g. {(missing or unexpected)[0]}"
+        raise EvaluationError(
+            f"{source}: the model recipe ({name}, {kwargs}) does not fit the stored weights ({detail}); the "
+            "checkpoint is damaged or was edited"
+        )
+
+
 def _build(name: str, img_size: int, kwargs: dict[str, Any], source: str) -> nn.Module:
     try:
         return build_model(name, img_size=img_size, **kwargs)
     except (ValueError, TypeError) as exc:
         raise EvaluationError(f"cannot build model {name!r} from {source}: {exc}") from None
-
-
-def _read_checkpoint(path: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on bad files
-        why = (
-            "it holds Python objects other than tensors and plain values"
-            if "Unsupported global" in str(exc)
-            else "the file is corrupt, truncated or not a PyTorch checkpoint"
-        )
-        raise EvaluationError(f"could not read checkpoint {path}: {why} ({type(exc).__name__})") from None
 
 
 def load_model(
@@ -256,7 +289,7 @@ def load_model(
             files without a recipe; 28 for ``pixels``).
         pixels: the raw-pixel baseline instead of a model.
         dynamic_size: build the ViT for variable input sizes (retrieval at the images' aspect ratio).
-        cache_dir: where the checkpoint hashes are memoized (see :func:`file_sha256`).
+        cache_dir: where the checkpoint hashes are memoized (see :func:`leap.evaluation.cache.file_sha256`).
 
     Raises:
         EvaluationError: conflicting or missing options, an unreadable or unknown checkpoint, a
@@ -278,7 +311,7 @@ def load_model(
         )
     extra = {"dynamic_img_size": True, "dynamic_img_pad": True} if dynamic_size else {}
 
-    run_dir = None
+    run_dir, training = None, None
     if model is not None:
         path = os.fspath(model)
         if os.path.isdir(path):
@@ -287,7 +320,7 @@ def load_model(
                 raise EvaluationError(f"--model {model}: the run directory has no checkpoint.pt")
         elif not os.path.isfile(path):
             raise EvaluationError(f"--model {model}: no such run directory or checkpoint file")
-        obj = _read_checkpoint(path)
+        obj, digest = read_hashed(path, cache_dir)
         source = f"checkpoint {path}"
         if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
             cfg = obj.get("config")
@@ -296,6 +329,7 @@ def load_model(
             name = _check_name(cfg.get("student"), source)
             kwargs = sanitize_model_kwargs(cfg.get("student_overrides"), source)
             size = img_size or _check_img_size(cfg.get("img_size"), source)
+            _check_recipe_fits(name, size, {**kwargs, **extra}, obj["student"], source)
             net = _build(name, size, {**kwargs, **extra}, source)
             try:
                 if size != cfg.get("img_size") or dynamic_size:
@@ -307,6 +341,7 @@ def load_model(
                     f"{source}: student weights do not fit {name}: {str(exc).splitlines()[0]}"
                 ) from None
             kind, what = "student", f"student {name} (leap distill checkpoint, step {obj.get('step')})"
+            training = _training_point(obj)
             if run_dir is None:
                 run_dir = os.path.dirname(os.path.abspath(path))
         elif isinstance(obj, dict) and isinstance(obj.get(TEACHER_META_KEY), dict):
@@ -314,6 +349,7 @@ def load_model(
             name = _check_name(meta.get("model"), source)
             kwargs = sanitize_model_kwargs(meta.get("model_overrides"), source)
             size = img_size or _check_img_size(meta.get("img_size"), source)
+            _check_recipe_fits(name, size, {**kwargs, **extra}, obj.get("model"), source)
             net = _build(name, size, {**kwargs, **extra}, source)
             _load_weights(net, obj, source)
             kind, what = "trained-teacher", f"{name} (leap train-teacher checkpoint)"
@@ -329,15 +365,17 @@ def load_model(
         if not os.path.isfile(path):
             raise EvaluationError(f"--teacher-weights {path}: no such file")
         source = f"teacher weights {path}"
-        obj = None if path.endswith(".safetensors") else _read_checkpoint(path)
+        obj, digest = read_hashed(path, cache_dir)
         meta = obj.get(TEACHER_META_KEY) if isinstance(obj, dict) else None
         meta = meta if isinstance(meta, dict) else {}
         name = _check_name(teacher or meta.get("model"), "--teacher")
         recipe = teacher_overrides if teacher_overrides is not None else meta.get("model_overrides")
         kwargs = sanitize_model_kwargs(recipe, "--teacher-overrides" if teacher_overrides is not None else source)
         size = img_size or (_check_img_size(meta["img_size"], source) if "img_size" in meta else 224)
+        if teacher_overrides is None and meta:  # the file's own recipe: untrusted, checked against its weights
+            _check_recipe_fits(name, size, {**kwargs, **extra}, obj.get("model"), source)
         net = _build(name, size, {**kwargs, **extra}, source)
-        _load_weights(net, obj if obj is not None else path, source)
+        _load_weights(net, obj, source)
         kind, what = "teacher", f"teacher {name}"
 
     try:  # a model saved after a diverged run: say so instead of reporting NaN accuracies
@@ -357,12 +395,32 @@ def load_model(
         "depth": depth,
         "block": block if block is not None else depth,
         "checkpoint": os.path.abspath(path),
-        "checkpoint_sha256": file_sha256(path, cache_dir),
+        "checkpoint_sha256": digest,  # of the bytes loaded above, not of the file as it is now
     }
-    return LoadedModel(extractor.eval(), size, patch, what, identity, run_dir)
+    return LoadedModel(extractor.eval(), size, patch, what, identity, run_dir, training)
+
+
+def _training_point(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """``epoch``, ``step`` and cumulative ``teacher_flops`` of a distill checkpoint (untrusted: numbers only)."""
+
+    def number(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
+
+    flops = ckpt.get("flops")
+    total = flops.get("total") if isinstance(flops, dict) else None
+    epoch, step = number(ckpt.get("epoch")), number(ckpt.get("step"))
+    return {
+        "epoch": None if epoch is None else int(epoch),
+        "step": None if step is None else int(step),
+        "teacher_flops": number(total.get("teacher_flops")) if isinstance(total, dict) else None,
+    }
 
 
 def _load_weights(net: nn.Module, obj: Any, source: str) -> None:
+    if not isinstance(obj, dict):
+        raise EvaluationError(
+            f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
     try:
         load_teacher_weights(net, obj)
     except (CheckpointError, FileNotFoundError) as exc:
@@ -370,27 +428,7 @@ def _load_weights(net: nn.Module, obj: Any, source: str) -> None:
         raise EvaluationError(f"{source}: " + " ".join(s.strip() for s in lines[:3])) from None
 
 
-# ----------------------------------------------------------------------------- transforms, extraction
-
-
-def eval_transform(img_size: int, *, small_images: bool = False, resize: int | None = None) -> tuple[Callable, str]:
-    """Evaluation transform for PIL RGB images; returns ``(transform, description)``.
-
-    Default: Resize(``resize``, default ``round(img_size * 256 / 224)``, bicubic, shorter side) ->
-    CenterCrop(``img_size``), i.e. Resize 256 -> CenterCrop 224 at 224 px. With ``small_images``
-    (e.g. 28 px Fashion-MNIST) the whole image is resized to ``img_size`` (no border to crop).
-    Then ToTensor and ImageNet mean/std normalization. Output ``(3, img_size, img_size)`` float32.
-    """
-    bicubic = T.InterpolationMode.BICUBIC
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if small_images:
-        return T.Compose(
-            [T.Resize((img_size, img_size), interpolation=bicubic), *norm]
-        ), f"resize{img_size}x{img_size}-bicubic-imagenet-norm"
-    resize = resize or int(round(img_size * 256 / 224))
-    return T.Compose(
-        [T.Resize(resize, interpolation=bicubic), T.CenterCrop(img_size), *norm]
-    ), f"resize{resize}-centercrop{img_size}-bicubic-imagenet-norm"
+# ----------------------------------------------------------------------------- extraction
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -400,11 +438,16 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def _default_collate_or_list(batch):
-    """Stack ``(image, label)`` pairs when all images have one shape; else keep lists (retrieval)."""
-    images, labels = zip(*batch)
+    """``(images, labels, skipped)``: the ``(image, label)`` pairs stacked when all images have one shape,
+    else lists (retrieval); ``None`` samples (undecodable images) are dropped and counted in ``skipped``."""
+    kept = [b for b in batch if b is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return [], torch.zeros(0, dtype=torch.long), skipped
+    images, labels = zip(*kept)
     if all(im.shape == images[0].shape for im in images):
-        return torch.stack(images), torch.as_tensor(labels)
-    return list(images), torch.as_tensor(labels)
+        return torch.stack(images), torch.as_tensor(labels), skipped
+    return list(images), torch.as_tensor(labels), skipped
 
 
 def _storage(x: torch.Tensor) -> torch.Tensor:
@@ -446,8 +489,10 @@ def extract_features(
         progress: show a progress bar (only on a terminal).
 
     Returns:
-        ``{"cls": (N, D), "patch": (N, D), "labels": (N,) int64}``; features are not normalized and
-        stored as fp16 (fp32 where a value does not fit fp16); the same tensors on a cache hit.
+        ``{"cls": (N, D), "patch": (N, D), "labels": (N,) int64, "skipped": int}``; features are not
+        normalized and stored as fp16 (fp32 where a value does not fit fp16); the same tensors on a cache
+        hit. ``N`` counts the images that decoded: a sample the dataset gives as ``None`` (an undecodable
+        image) is dropped and counted in ``skipped``.
     """
     if batch_size < 1:
         raise EvaluationError(f"--batch-size: expected >= 1, got {batch_size}")
@@ -466,8 +511,10 @@ def extract_features(
     }
     key = FeatureCache.key(parts)
     hit = cache.load(key)
-    if hit is not None and all(k in hit for k in ("cls", "patch", "labels")) and len(hit["labels"]) == len(dataset):
-        return {k: hit[k] for k in ("cls", "patch", "labels")}
+    if hit is not None and all(k in hit for k in ("cls", "patch", "labels", "skipped")):
+        skipped = int(hit["skipped"])
+        if len(hit["labels"]) + skipped == len(dataset):
+            return {**{k: hit[k] for k in ("cls", "patch", "labels")}, "skipped": skipped}
 
     net = loaded.extractor.to(dev).eval()
     loader = DataLoader(
@@ -489,7 +536,13 @@ def extract_features(
         tqdm = None
     show = progress and tqdm is not None and sys.stderr.isatty()
     bar = tqdm(total=len(dataset), desc=desc or f"features ({split})", unit="img", leave=False) if show else None
-    for images, labels in loader:
+    skipped = 0
+    for images, labels, n_skipped in loader:
+        skipped += n_skipped
+        if bar is not None:
+            bar.update(n_skipped)
+        if not len(labels):
+            continue
         groups = [images] if torch.is_tensor(images) else _same_size_groups(images)
         for group in groups:
             x = group.to(dev, in_dtype, non_blocking=True)
@@ -512,14 +565,16 @@ def extract_features(
     if bar is not None:
         bar.close()
     if not labels_out:
-        raise EvaluationError(f"no images in the {split} split")
+        why = f" ({skipped} could not be decoded)" if skipped else ""
+        raise EvaluationError(f"no images in the {split} split{why}")
     out = {
         "cls": _storage(torch.cat(cls_out)),
         "patch": _storage(torch.cat(patch_out)),
         "labels": torch.cat(labels_out),
+        "skipped": torch.tensor(skipped),
     }
     cache.save(key, out, parts)
-    return out
+    return {**out, "skipped": skipped}
 
 
 def _same_size_order(images: Sequence[torch.Tensor]) -> list[int]:

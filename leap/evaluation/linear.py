@@ -32,7 +32,15 @@ from ..data import FashionMNIST, ImageFolderDataset
 from .errors import EvaluationError
 from .features import eval_transform
 
-__all__ = ["ProbeResult", "train_linear_probe", "LabelledSplits", "open_splits", "limit"]
+__all__ = [
+    "ProbeResult",
+    "train_linear_probe",
+    "probe_top1",
+    "LabelledSplits",
+    "open_splits",
+    "limit",
+    "folder_fingerprint",
+]
 
 _VAL_NAMES = ("val", "test")
 
@@ -49,9 +57,12 @@ class ProbeResult:
     val_images: int
     dim: int
     num_classes: int
+    #: The classifier after the last epoch (``leap eval robustness`` applies it to corrupted features).
+    linear: torch.nn.Linear | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The numbers (every field but the classifier)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "linear"}
 
 
 def _check_features(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
@@ -166,7 +177,15 @@ def train_linear_probe(
         val_images=int(xv.shape[0]),
         dim=int(x.shape[1]),
         num_classes=num_classes,
+        linear=linear.eval(),
     )
+
+
+def probe_top1(linear: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 of a trained probe (:attr:`ProbeResult.linear`) on features ``x (M, D)`` with labels ``y (M,)``."""
+    _check_features(x, y, "evaluation")
+    weight = linear.weight
+    return _top1(linear, x.to(weight.device, torch.float32), y.to(weight.device, torch.long))
 
 
 @dataclasses.dataclass
@@ -228,9 +247,28 @@ def _fashion_dir(data: str | None) -> tuple[Any, Any] | None:
     return tuple(found) if any(found) else None
 
 
+def folder_fingerprint(root: str, datasets: list) -> str:
+    """SHA-256 over every file of ``datasets`` (image folders): its path relative to ``root``, label,
+    size and modification time in ns. Images changed in place (same names) change it, so the feature
+    cache never serves the features of the old images."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ds in datasets:
+        for path, label in ds.samples:
+            try:
+                st = os.stat(path)
+                stamp = f"{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\t{st.st_ctime_ns}"
+            except OSError:  # gone since the listing: it will not decode either
+                stamp = "missing"
+            h.update(f"{os.path.relpath(path, root)}\t{label}\t{stamp}\n".encode())
+    return h.hexdigest()
+
+
 def _stat_id(path) -> list:
     st = os.stat(path)
-    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+    # ctime too: a same-size replacement stamped with the old mtime (touch -r) still changes it.
+    return [os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def open_splits(data: str | None, img_size: int, *, source: str = "auto") -> LabelledSplits:
@@ -293,6 +331,8 @@ def open_splits(data: str | None, img_size: int, *, source: str = "auto") -> Lab
         val = ImageFolderDataset(data, val_split, transform=transform)
     except (ValueError, FileNotFoundError) as exc:
         raise EvaluationError(str(exc).splitlines()[0]) from None
+    for ds in (train, val):  # an undecodable image is dropped and counted, never replaced by a duplicate
+        ds.skip_undecodable = True
     if train.classes != val.classes:
         only_t = sorted(set(train.classes) - set(val.classes))[:5]
         only_v = sorted(set(val.classes) - set(train.classes))[:5]
@@ -300,13 +340,12 @@ def open_splits(data: str | None, img_size: int, *, source: str = "auto") -> Lab
             f"--data {data}: train/ and {val_split}/ have different class folders "
             f"(only in train: {only_t}; only in {val_split}: {only_v})"
         )
-    import hashlib
-
-    h = hashlib.sha256()
-    for ds in (train, val):
-        for path, label in ds.samples:
-            h.update(f"{os.path.relpath(path, data)}\t{label}\n".encode())
-    identity = {"kind": "folder", "root": os.path.realpath(data), "val_split": val_split, "files_sha256": h.hexdigest()}
+    identity = {
+        "kind": "folder",
+        "root": os.path.realpath(data),
+        "val_split": val_split,
+        "files_sha256": folder_fingerprint(data, [train, val]),
+    }
     return LabelledSplits("folder", train, val, val_split, list(train.classes), identity, transform_id)
 
 

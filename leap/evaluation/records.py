@@ -2,10 +2,11 @@
 
 A record (all values plain JSON)::
 
-    {"type": "eval", "protocol": "linear" | "retrieval" | "knn",
+    {"type": "eval", "protocol": "linear" | "retrieval" | "knn" | "robustness" | "segmentation",
      "time": "2026-12-01T06:00:00Z",        # UTC, when the evaluation finished
      "elapsed_s": 12.3,                      # wall time of the evaluation
-     "model": {"description": ..., "source": ..., "checkpoint_sha256": ..., "block": ...},
+     "model": {"description": ..., "source": ..., "checkpoint_sha256": ..., "block": ...,
+               "training": {"epoch": ..., "step": ..., "teacher_flops": ...}},  # distill checkpoints
      "data": {...},                          # path, splits, image counts
      "settings": {...},                      # protocol parameters
      "numbers": {...}}                       # the results (fractions in [0, 1])
@@ -23,7 +24,15 @@ import os
 import time
 from typing import Any
 
-__all__ = ["EVAL_LOG", "make_record", "append_record", "read_records", "summary_line", "report_lines"]
+__all__ = [
+    "EVAL_LOG",
+    "make_record",
+    "append_record",
+    "read_records",
+    "summary_line",
+    "report_lines",
+    "curve_metrics",
+]
 
 EVAL_LOG = "eval.jsonl"
 
@@ -103,6 +112,14 @@ def summary_line(record: dict[str, Any]) -> str:
     elif p == "knn":
         parts = [f"{kind}: {_pct(v)}" for kind, v in n.items()]
         head = f"kNN top-1 (k={record.get('settings', {}).get('k')})"
+    elif p == "robustness":
+        s = record.get("settings", {})
+        parts = [f"{kind}: {_pct(r.get('mean_top1'))} (clean {_pct(r.get('clean_top1'))})" for kind, r in n.items()]
+        grid = f"{len(s.get('corruptions', []))} corruptions x {len(s.get('severities', []))} severities"
+        head = f"corruption top-1 ({grid})"
+    elif p == "segmentation":
+        parts = [f"mIoU {_pct(n.get('mIoU'))}", f"aAcc {_pct(n.get('aAcc'))}", f"mAcc {_pct(n.get('mAcc'))}"]
+        head = f"linear segmentation ({record.get('data', {}).get('layout', '?')})"
     else:
         head, parts = str(p), [json.dumps(n)]
     return f"{head}: " + "; ".join(parts)
@@ -120,3 +137,23 @@ def report_lines(run_dir: str | os.PathLike) -> list[str]:
             f"- {rec.get('time', '?')}: {summary_line(rec)} [{model.get('description', '?')}{block}; data {where}]"
         )
     return lines
+
+
+def curve_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of a record by name, for learning curves: ``linear top-1 (cls)`` (best over the
+    probe's epochs), ``kNN top-1 (cls)``, ``roxford5k mAP (medium)``, ``corruption top-1 (cls)`` (the mean),
+    ``segmentation mIoU``; numbers that are missing or not finite are left out."""
+    p, n = record.get("protocol"), record.get("numbers") or {}
+    out: dict[str, Any] = {}
+    if p == "linear":
+        out = {f"linear top-1 ({k})": r.get("best_top1") for k, r in n.items() if isinstance(r, dict)}
+    elif p == "knn":
+        out = {f"kNN top-1 ({k})": v for k, v in n.items()}
+    elif p == "retrieval":
+        dataset = record.get("data", {}).get("dataset", "retrieval")
+        out = {f"{dataset} mAP (medium)": (n.get("medium") or {}).get("mAP")}
+    elif p == "robustness":
+        out = {f"corruption top-1 ({k})": r.get("mean_top1") for k, r in n.items() if isinstance(r, dict)}
+    elif p == "segmentation":
+        out = {"segmentation mIoU": n.get("mIoU")}
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}

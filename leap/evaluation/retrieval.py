@@ -1,9 +1,13 @@
 """Revisited Oxford / Paris retrieval (``leap eval retrieval``): the revisitop protocol.
 
-Features: the model's CLS token after the final norm, L2-normalized, one scale (the image resized so
-its longer side is the model's resolution, both sides snapped to the patch size, aspect ratio kept);
-the 70 queries are cropped to their bounding box first. Ranking: cosine similarity (dot product of the
-normalized features), database images in decreasing order.
+Features: the model's CLS token after the final norm, L2-normalized, one scale; the 70 queries are
+cropped to their bounding box first. Ranking: cosine similarity (dot product of the normalized features),
+database images in decreasing order. The transform (:func:`retrieval_transform`, recorded in each record):
+
+- ``center-crop`` (the default, the paper's): Resize 256 -> CenterCrop 224 at the model's resolution
+  (bicubic, shorter side), as the linear probe;
+- ``keep-aspect``: the longer side resized to the model's resolution, both sides snapped to the patch
+  size, aspect ratio kept (the whole image or box is seen; the model runs at the image's own grid).
 
 Scores: mAP (and mP@1, 5, 10) in the three revisitop settings, with each query's lists from the
 ground truth (``easy``, ``hard``, ``junk``):
@@ -34,6 +38,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
+import math
 import os
 import pickle
 from collections.abc import Sequence
@@ -43,10 +49,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.datasets import open_image
 from .errors import EvaluationError
+from .transforms import eval_transform, normalize
+
+log = logging.getLogger("leap.eval")
 
 __all__ = [
     "DATASETS",
@@ -62,12 +70,15 @@ __all__ = [
     "revisitop_scores",
     "RevisitopImages",
     "retrieval_transform",
+    "RETRIEVAL_TRANSFORMS",
     "find_dataset",
 ]
 
 DATASETS = ("roxford5k", "rparis6k")
 SETTINGS = ("easy", "medium", "hard")
 KAPPAS = (1, 5, 10)
+#: The named transforms of :func:`retrieval_transform`; the first is the default (the paper's).
+RETRIEVAL_TRANSFORMS = ("center-crop", "keep-aspect")
 
 
 # ----------------------------------------------------------------------------- ground truth
@@ -173,9 +184,22 @@ def _validate(obj: Any, source: str) -> GroundTruth:
             raise EvaluationError(f"{source}: gnd[{i}] must be a dict, got {type(g).__name__}")
         bbx = g.get("bbx")
         if bbx is not None:
-            bbx = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
+            try:
+                bbx = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
+            except (TypeError, ValueError):
+                raise EvaluationError(
+                    f"{source}: gnd[{i}].bbx must hold 4 numbers (x1, y1, x2, y2), got {bbx!r}"
+                ) from None
             if len(bbx) != 4:
                 raise EvaluationError(f"{source}: gnd[{i}].bbx must hold 4 numbers (x1, y1, x2, y2)")
+            x1, y1, x2, y2 = bbx
+            if not all(np.isfinite(bbx)):
+                raise EvaluationError(f"{source}: gnd[{i}].bbx holds a non-finite number: {bbx}")
+            if not (x2 > x1 and y2 > y1):
+                raise EvaluationError(
+                    f"{source}: gnd[{i}].bbx {bbx} is empty or inverted: expected (x1, y1, x2, y2) with x2 > x1 and "
+                    "y2 > y1 (the query's bounding box in pixels)"
+                )
         entry = {"bbx": None if bbx is None else tuple(bbx)}
         for key in ("easy", "hard", "junk"):
             entry[key] = _int_list(g.get(key), f"{source}: gnd[{i}].{key}", len(imlist))
@@ -288,9 +312,12 @@ def compute_map(
     return out
 
 
-def rank_database(query_features: torch.Tensor, db_features: torch.Tensor) -> np.ndarray:
+def rank_database(
+    query_features: torch.Tensor, db_features: torch.Tensor, exclude: torch.Tensor | None = None
+) -> np.ndarray:
     """Cosine ranking: ``query (Q, D)``, ``db (N, D)`` (any float dtype; normalized here in fp32) ->
-    ``(Q, N)`` database indices, most similar first (ties: lower index first)."""
+    ``(Q, N)`` database indices, most similar first (ties: lower index first). ``exclude (N,)`` bool:
+    database images ranked last whatever their feature (the undecodable ones)."""
     if query_features.ndim != 2 or db_features.ndim != 2 or query_features.shape[1] != db_features.shape[1]:
         raise EvaluationError(
             f"features: expected (Q, D) and (N, D), got {tuple(query_features.shape)} and {tuple(db_features.shape)}"
@@ -298,6 +325,8 @@ def rank_database(query_features: torch.Tensor, db_features: torch.Tensor) -> np
     q = torch.nn.functional.normalize(query_features.float(), dim=1)
     x = torch.nn.functional.normalize(db_features.float(), dim=1)
     sim = q @ x.T
+    if exclude is not None:  # images without a feature (undecodable) rank last
+        sim[:, exclude.to(torch.bool)] = -math.inf
     return torch.argsort(-sim, dim=1, stable=True).numpy()
 
 
@@ -311,10 +340,22 @@ def revisitop_scores(ranks: np.ndarray, gt: GroundTruth, kappas: Sequence[int] =
 # ----------------------------------------------------------------------------- images
 
 
-def retrieval_transform(img_size: int, patch_size: int) -> tuple[Any, str]:
-    """Single-scale transform: longer side -> ``img_size``, each side rounded to a multiple of the
-    patch size (at least one patch), bicubic, aspect ratio kept; ToTensor, ImageNet normalization."""
-    norm = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def retrieval_transform(img_size: int, patch_size: int, mode: str = "center-crop") -> tuple[Any, str]:
+    """The single-scale transform named ``mode`` (:data:`RETRIEVAL_TRANSFORMS`): ``(transform, id)``.
+
+    ``center-crop`` (the paper's): Resize ``round(img_size * 256 / 224)`` (shorter side, bicubic) ->
+    CenterCrop ``img_size``, output ``(3, img_size, img_size)``. ``keep-aspect``: longer side ->
+    ``img_size``, each side rounded to a multiple of the patch size (at least one patch), bicubic, aspect
+    ratio kept, output ``(3, H, W)``. Both end with ToTensor and ImageNet normalization.
+
+    Raises:
+        EvaluationError: an unknown ``mode``.
+    """
+    if mode not in RETRIEVAL_TRANSFORMS:
+        raise EvaluationError(f"--transform: expected one of {', '.join(RETRIEVAL_TRANSFORMS)}, got {mode!r}")
+    if mode == "center-crop":
+        return eval_transform(img_size)
+    norm = normalize()
 
     def transform(img: Image.Image) -> torch.Tensor:
         w, h = img.size
@@ -346,8 +387,13 @@ class RevisitopImages(Dataset):
         return len(self.names)
 
     def __getitem__(self, i: int):
-        with Image.open(self.path(self.names[i])) as im:
-            img = im.convert("RGB")
+        path = self.path(self.names[i])
+        try:
+            img = open_image(path)  # regular files only, 16-bit images scaled, decoded in full
+        except Exception as exc:  # noqa: BLE001 - truncated, empty, a decompression bomb: PIL raises many types
+            # As image folders do: skipped (None) and counted by the extraction, named here.
+            log.warning("skipping undecodable image %s: %s: %s", path, type(exc).__name__, exc)
+            return None
         if self.bbxs is not None and self.bbxs[i] is not None:
             x1, y1, x2, y2 = (int(round(v)) for v in self.bbxs[i])
             w, h = img.size

@@ -1,6 +1,7 @@
-"""The three evaluations end to end: load the model, extract (or read cached) features, score,
-append a record to ``RUN_DIR/eval.jsonl``. The ``leap eval`` sub-commands call these; so can code
-(e.g. the demo).
+"""The evaluations end to end: load the model, extract (or read cached) features, score, append a record
+to ``RUN_DIR/eval.jsonl``. The ``leap eval`` sub-commands call these; so can code (e.g. the demo). Linear,
+kNN and retrieval are here; :func:`evaluate_robustness` (:mod:`.robustness`) and :func:`evaluate_segmentation`
+(:mod:`.segmentation`) are re-exported, so every protocol is an ``evaluate_NAME`` of this module.
 
 ``model_options`` are the keyword arguments of :func:`leap.evaluation.features.load_model`
 (``{"model": RUN_DIR}``, ``{"teacher": NAME, "teacher_weights": FILE, "block": K}``, ``{"pixels": True}``).
@@ -10,6 +11,7 @@ log under ``"log"`` (``None`` when no run directory is known and none was given)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -19,34 +21,35 @@ import torch
 
 from ..distributed import resolve_device
 from . import records
-from .cache import FeatureCache, default_cache_dir
+from .common import check_record_dir as _check_record_dir
+from .common import feature_kinds
+from .common import finish as _finish
+from .common import load as _load
+from .common import open_cache as _cache
 from .errors import EvaluationError
-from .features import LoadedModel, extract_features, load_model
+from .features import extract_features
+from .robustness import evaluate_robustness
+from .segmentation import evaluate_segmentation
 
-__all__ = ["evaluate_linear", "evaluate_retrieval", "evaluate_knn", "feature_kinds"]
-
-_KINDS = {"cls": ("cls",), "patch": ("patch",), "both": ("cls", "patch")}
-
-
-def feature_kinds(features: str) -> tuple[str, ...]:
-    """``cls`` | ``patch`` | ``both`` -> the feature kinds to evaluate."""
-    if features not in _KINDS:
-        raise EvaluationError(f"--features: expected cls, patch or both, got {features!r}")
-    return _KINDS[features]
-
-
-def _cache(cache_dir: str | None, no_cache: bool) -> FeatureCache:
-    return FeatureCache(None if no_cache else (cache_dir or default_cache_dir()))
+__all__ = [
+    "evaluate_linear",
+    "evaluate_retrieval",
+    "evaluate_knn",
+    "evaluate_robustness",
+    "evaluate_segmentation",
+    "feature_kinds",
+]
 
 
-def _finish(record: dict[str, Any], loaded: LoadedModel, run_dir: str | None, write: bool) -> dict[str, Any]:
-    target = run_dir or loaded.run_dir
-    log = records.append_record(target, record) if (write and target) else None
-    return {**record, "log": log}
-
-
-def _load(model_options: dict[str, Any], cache_dir: str | None, **extra) -> LoadedModel:
-    return load_model(**model_options, cache_dir=cache_dir, **extra)
+def _by_index(features: dict[str, Any], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cls (n, D), missing (n,) bool)``: the CLS features placed at their labels (image indices);
+    zeros, and ``missing``, where an image was skipped."""
+    cls = features["cls"].float()
+    full = torch.zeros(n, cls.shape[1])
+    missing = torch.ones(n, dtype=torch.bool)
+    full[features["labels"]] = cls
+    missing[features["labels"]] = False
+    return full, missing
 
 
 def evaluate_linear(
@@ -84,6 +87,7 @@ def evaluate_linear(
     start = time.time()
     cache = _cache(cache_dir, no_cache)
     loaded = _load(model_options, cache.directory)
+    _check_record_dir(loaded, run_dir, write_record)
     if loaded.identity["kind"] == "pixels":
         kinds = ("cls",)  # both "features" of the pixel baseline are the pixels: one probe, under "cls"
     splits = open_splits(data, loaded.img_size, source=data_source)
@@ -133,8 +137,9 @@ def evaluate_linear(
             "path": None if data is None else os.path.abspath(data),
             "kind": splits.kind,
             "val_split": splits.val_split,
-            "train_images": len(train_ds),
-            "val_images": len(val_ds),
+            "train_images": len(train_f["labels"]),
+            "val_images": len(val_f["labels"]),
+            "skipped_images": {"train": train_f["skipped"], "val": val_f["skipped"]},
             "classes": len(splits.classes),
             "transform": splits.transform_id,
         },
@@ -190,6 +195,7 @@ def evaluate_knn(
     start = time.time()
     cache = _cache(cache_dir, no_cache)
     loaded = _load(model_options, cache.directory)
+    _check_record_dir(loaded, run_dir, write_record)
     splits = open_splits(data, loaded.img_size, source=data_source)
     train_ds, val_ds = limit(splits.train, limit_train), limit(splits.val, limit_val)
     common = dict(
@@ -223,8 +229,9 @@ def evaluate_knn(
             "path": None if data is None else os.path.abspath(data),
             "kind": splits.kind,
             "val_split": splits.val_split,
-            "train_images": len(train_ds),
-            "val_images": len(val_ds),
+            "train_images": len(train_f["labels"]),
+            "val_images": len(val_f["labels"]),
+            "skipped_images": {"train": train_f["skipped"], "val": val_f["skipped"]},
             "transform": splits.transform_id,
         },
         settings={"features": list(kinds), "k": k, "temperature": temperature, "precision": precision},
@@ -251,11 +258,14 @@ def evaluate_retrieval(
     write_record: bool = True,
     progress: bool = True,
     kappas: Sequence[int] = (1, 5, 10),
+    transform: str = "center-crop",
 ) -> dict[str, Any]:
     """Revisitop retrieval (:mod:`leap.evaluation.retrieval`): ``numbers`` = ``{"easy"|"medium"|"hard":
     {"mAP", "mP@1", "mP@5", "mP@10", "skipped", "queries"}}`` (fractions; ``skipped`` = queries without
-    positives in that setting)."""
+    positives in that setting). ``transform``: ``center-crop`` (Resize 256 -> CenterCrop 224, the paper's)
+    or ``keep-aspect`` (:func:`leap.evaluation.retrieval.retrieval_transform`)."""
     from .retrieval import (
+        RETRIEVAL_TRANSFORMS,
         RevisitopImages,
         find_dataset,
         load_ground_truth,
@@ -264,6 +274,10 @@ def evaluate_retrieval(
         revisitop_scores,
     )
 
+    if transform not in RETRIEVAL_TRANSFORMS:
+        raise EvaluationError(f"--transform: expected one of {', '.join(RETRIEVAL_TRANSFORMS)}, got {transform!r}")
+    if transform == "keep-aspect" and model_options.get("pixels"):
+        raise EvaluationError("--pixels needs --transform center-crop (keep-aspect images differ in size)")
     start = time.time()
     folder, gnd_path = find_dataset(data, dataset, gnd)
     gt = load_ground_truth(gnd_path)
@@ -271,10 +285,11 @@ def evaluate_retrieval(
     options = dict(model_options)
     if img_size is not None:
         options["img_size"] = img_size
-    loaded = _load(options, cache.directory, dynamic_size=not options.get("pixels"))
-    transform, transform_id = retrieval_transform(loaded.img_size, loaded.patch_size)
-    db = RevisitopImages(folder, gt.imlist, transform)
-    queries = RevisitopImages(folder, gt.qimlist, transform, bbxs=[g["bbx"] for g in gt.gnd])
+    loaded = _load(options, cache.directory, dynamic_size=transform == "keep-aspect")
+    _check_record_dir(loaded, run_dir, write_record)
+    image_transform, transform_id = retrieval_transform(loaded.img_size, loaded.patch_size, transform)
+    db = RevisitopImages(folder, gt.imlist, image_transform)
+    queries = RevisitopImages(folder, gt.qimlist, image_transform, bbxs=[g["bbx"] for g in gt.gnd])
     from .cache import file_sha256
 
     data_id = {
@@ -295,7 +310,14 @@ def evaluate_retrieval(
     )
     db_f = extract_features(loaded, db, split="database", desc="features (database)", **common)
     q_f = extract_features(loaded, queries, split="queries-bbx", desc="features (queries)", **common)
-    ranks = rank_database(q_f["cls"], db_f["cls"])
+    # Undecodable images were dropped by the extraction (the labels are the images' indices): database
+    # images without a feature rank last, queries without one have no positives (left out, "skipped").
+    db_cls, db_missing = _by_index(db_f, len(db))
+    q_cls, q_missing = _by_index(q_f, len(queries))
+    ranks = rank_database(q_cls, db_cls, exclude=db_missing)
+    if q_missing.any():
+        gnd = [{**g, "easy": [], "hard": []} if bad else g for g, bad in zip(gt.gnd, q_missing.tolist())]
+        gt = dataclasses.replace(gt, gnd=gnd)
     scores = revisitop_scores(ranks, gt, kappas)
     numbers = {s: {k: v for k, v in r.items() if k != "aps"} for s, r in scores.items()}
     record = records.make_record(
@@ -307,11 +329,13 @@ def evaluate_retrieval(
             "gnd": os.path.abspath(gnd_path),
             "database_images": len(db),
             "queries": len(queries),
+            "skipped_images": {"database": db_f["skipped"], "queries": q_f["skipped"]},
             "transform": transform_id,
         },
         settings={
             "features": "cls, L2-normalized",
             "scales": [1.0],
+            "transform": transform,
             "query_crop": "bbx",
             "ranking": "cosine",
             "precision": precision,

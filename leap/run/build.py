@@ -8,6 +8,7 @@ initial weights identical for a given ``--seed``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,19 +22,41 @@ from leap_kernels.ops.fp8_linear import emulation_warning, fp8_linears
 
 from ..config import TrainConfig
 from ..cost import CostModel, TeacherFlopsTracker
-from ..data import FirstN, build_dataset, build_loader
-from ..distill import CountingTeacher, DistillModule, OneToOneDistillModule
+from ..data import DeviceBatchLoader, FirstN, build_dataset, build_device_loader, build_loader
 from ..distributed import ProcessGroup
 from ..errors import ConfigError, ModelError
 from ..models import build_model, check_compatible, load_teacher_weights
+from ..objective import ConcatDistillModule, CountingTeacher, DistillModule, OneToOneDistillModule
 from ..optim import WarmupCosine, build_optimizer, peak_lr
 from ..precision import amp_dtype, resolve_teacher_dtype
 
-__all__ = ["Models", "Optimization", "build_data", "build_models", "build_optimization"]
+__all__ = ["Models", "Optimization", "build_data", "build_models", "build_optimization", "resolve_config"]
 
 
-def build_data(cfg: TrainConfig, group: ProcessGroup, device: torch.device) -> tuple[Dataset, DataLoader]:
-    """The training set and its loader (sharded over the ranks under DDP, whole batches only).
+def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """``cfg`` with the values that follow from others filled in, as the run saves them: ``warmup_epochs``
+    (unset: the reference's ``min(10, epochs / 10)``) and ``batch_size`` (``--global-batch`` / ``world_size``).
+
+    Raises:
+        ConfigError: ``--global-batch`` is not a multiple of ``world_size``.
+    """
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else min(10.0, cfg.epochs / 10)
+    batch = cfg.batch_size
+    if cfg.global_batch is not None:
+        if cfg.global_batch % world_size:
+            raise ConfigError(
+                f"--global-batch {cfg.global_batch}: not divisible by the {world_size} processes of the run; "
+                f"give a multiple of {world_size} (e.g. {world_size * max(1, cfg.global_batch // world_size)})"
+            )
+        batch = cfg.global_batch // world_size
+    return dataclasses.replace(cfg, warmup_epochs=warmup, batch_size=batch)
+
+
+def build_data(
+    cfg: TrainConfig, group: ProcessGroup, device: torch.device
+) -> tuple[Dataset, DataLoader | DeviceBatchLoader]:
+    """The training set and its loader (sharded over the ranks under DDP, whole batches only); with
+    ``--data-pipeline device`` a :class:`~leap.data.DeviceBatchLoader` that yields augmented batches on ``device``.
 
     Raises:
         ConfigError: the dataset holds fewer images than one global batch.
@@ -42,16 +65,12 @@ def build_data(cfg: TrainConfig, group: ProcessGroup, device: torch.device) -> t
     dataset = build_dataset(cfg.data_source, cfg.data, "train", cfg.img_size, augment=cfg.augment, **data_kw)
     if cfg.limit_images is not None:
         dataset = FirstN(dataset, cfg.limit_images)
-    loader = build_loader(
-        dataset,
-        cfg.batch_size,
-        shuffle=True,
-        num_workers=cfg.workers,
-        seed=cfg.seed,
-        distributed=group.enabled,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-    )
+    loader_kw = {"shuffle": True, "num_workers": cfg.workers, "seed": cfg.seed, "distributed": group.enabled}
+    if cfg.data_pipeline == "device":  # workers read the files; decode + augmentation run on `device`
+        kw = {"img_size": cfg.img_size, "augment": cfg.augment, "drop_last": True, **loader_kw}
+        loader: DataLoader | DeviceBatchLoader = build_device_loader(dataset, cfg.batch_size, device, **kw)
+    else:
+        loader = build_loader(dataset, cfg.batch_size, drop_last=True, pin_memory=device.type == "cuda", **loader_kw)
     if len(loader) == 0:
         raise ConfigError(
             f"the dataset has {len(dataset)} images, fewer than one global batch "
@@ -82,13 +101,20 @@ def build_models(
     by default bf16 for bf16 runs, fp32 for fp32 and fp16 runs, the latter under the step's autocast).
     ``--teacher-precision fp8`` puts the teacher's block linears in FP8 (:mod:`leap_kernels.ops.fp8_linear`), with a
     warning where they run the emulated path (no FP8 tensor cores on ``device``).
-    ``--curriculum one-to-one`` builds a :class:`~leap.distill.OneToOneDistillModule`.
+    ``--curriculum one-to-one`` builds a :class:`~leap.objective.OneToOneDistillModule`.
 
     Raises:
         ModelError: unknown models, mismatched patch grids, a student without a CLS token.
         CheckpointError, InputNotFoundError: unreadable or missing ``--teacher-weights``.
     """
     teacher_model = build_model(cfg.teacher, img_size=cfg.img_size, **cfg.teacher_overrides)
+    depth = len(teacher_model.blocks)
+    for name in ("start_block", "snap_to_last"):  # blocks are 1..depth: a larger one would never be reached
+        if getattr(cfg, name) is not None and getattr(cfg, name) > depth:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {getattr(cfg, name)}: the teacher {cfg.teacher} has {depth} blocks; "
+                f"give a block in 1..{depth}"
+            )
     if cfg.teacher_weights:
         fmt = load_teacher_weights(teacher_model, cfg.teacher_weights, pos_embed_interpolation=cfg.teacher_pos_embed)
         info(f"loaded teacher weights from {cfg.teacher_weights} ({fmt} layout)")
@@ -106,19 +132,36 @@ def build_models(
     # per-step CKA only counts when the run measures it (the baselines by default do not). Read
     # before the teacher is built: --teacher-precision fp8 replaces its nn.Linear layers, and the
     # FLOPs are the same whatever the precision.
-    flops = TeacherFlopsTracker(CostModel(teacher_model, student, include_cka=cfg.resolved_cka_every is not None))
+    flops = TeacherFlopsTracker(
+        CostModel(
+            teacher_model,
+            student,
+            include_cka=cfg.resolved_cka_every is not None,
+            concat_teacher_last=cfg.concat_teacher_last,
+        )
+    )
 
     teacher_dtype = resolve_teacher_dtype(cfg.teacher_dtype, precision)
-    teacher = CountingTeacher(teacher_model.to(device), dtype=teacher_dtype, precision=cfg.teacher_precision)
+    if cfg.teacher_offload and device.type != "cpu":
+        # Only the embedding, tokens and final norm move now; blocks follow the deepest target reached.
+        teacher = CountingTeacher(
+            teacher_model, dtype=teacher_dtype, precision=cfg.teacher_precision, offload=True, device=device
+        )
+        info(f"teacher offload: blocks stay in pinned CPU memory until a target block reaches them on {device}")
+    else:
+        teacher = CountingTeacher(teacher_model.to(device), dtype=teacher_dtype, precision=cfg.teacher_precision)
     if teacher.precision == "fp8":
         warning = emulation_warning(teacher.model, device)
         if warning is not None:
             info(warning, level=logging.WARNING)
         else:
             info(f"FP8 teacher: {len(fp8_linears(teacher.model))} block linears on torch._scaled_mm")
-    head = FeatureDistillationHead(int(student.embed_dim), teacher.embed_dim, normalize=cfg.loss == "token-mse")
-    if cfg.curriculum == "one-to-one":
-        module: DistillModule = OneToOneDistillModule(
+    width = teacher.embed_dim * (2 if cfg.concat_teacher_last else 1)  # the concat target [t_k ; t_L]: 2 D_t
+    head = FeatureDistillationHead(int(student.embed_dim), width, normalize=cfg.loss == "token-mse")
+    if cfg.concat_teacher_last:
+        module: DistillModule = ConcatDistillModule(student, head, cfg.cls_weight, compute_dtype=amp_dtype(precision))
+    elif cfg.curriculum == "one-to-one":
+        module = OneToOneDistillModule(
             student, head, cfg.cls_weight, amp_dtype(precision), teacher_blocks=teacher.num_blocks
         )
     else:
@@ -130,6 +173,7 @@ def build_models(
         "student_blocks": len(student.blocks),
         "student_dim": int(student.embed_dim),
         "patch_grid": list(teacher.patch_grid),
+        **({"target": "concat"} if cfg.concat_teacher_last else {}),  # the head is 2 D_t wide: no resume across
     }
     return Models(teacher, module, flops, dims)
 
@@ -165,7 +209,7 @@ def build_optimization(
         trust_coefficient=cfg.trust_coefficient,
     )
     total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))  # resolved (resolve_config)
     scheduler = WarmupCosine(
         optimizer, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio
     )

@@ -21,6 +21,15 @@ divergence stops, leftovers of interrupted writes, and a log that holds each ste
 - :meth:`RunGuard.keep_previous` (before each checkpoint write): the checkpoint about to be
   replaced is kept as ``checkpoint-stepNNNNNNNNN.pt`` (a hard link, no copy), the newest
   ``--keep-checkpoints - 1`` of them are kept, so ``--resume`` can go back one.
+
+The lock dies with the run: forked children (DataLoader workers) close their copy of its
+descriptor at once, and a lock whose writer is dead is taken over even when orphans still hold
+the old file. A stop signal starts a watchdog: a step that stays blocked (a hung read) for
+``LEAP_STOP_GRACE_S`` seconds (60) ends the process without writing anything new.
+
+Why this module is long: each guard is small, but the lock (flock, its fallbacks, the take-over),
+the signals with their watchdog, the divergence checks and the kept checkpoints all hold the
+run directory's invariants and share its state.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, RunInterrupted, TrainingError
-from ..runlog import TEMP_FILE_RE, atomic_write
+from ..runlog import TEMP_FILE_RE, atomic_write, check_writable_dir, run_file
 
 __all__ = [
     "LOCK_NAME",
@@ -75,6 +84,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+#: Descriptors of the run-directory locks this process holds. A forked child (a DataLoader worker)
+#: closes its copies at once: the ``flock`` belongs to the open file, so a worker that outlived a
+#: killed run would otherwise keep the run directory locked.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)  # only this process's copy: the parent's lock stays
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class RunDirLock:
@@ -126,6 +154,26 @@ class RunDirLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 200).decode("utf-8", "replace")
+                parts = holder.split()
+                if (
+                    len(parts) >= 2
+                    and parts[1] == socket.gethostname()
+                    and parts[0].isdigit()
+                    and int(parts[0]) != os.getpid()
+                    and not _pid_alive(int(parts[0]))
+                ):
+                    # The run that wrote the lock is dead; processes that inherited its descriptor (e.g.
+                    # orphaned workers of a killed run) still hold the flock. Take over with a new lock file.
+                    try:
+                        if os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False)):
+                            os.unlink(self.path)
+                    except FileNotFoundError:
+                        pass
+                    os.close(fd)
+                    log.warning(
+                        "%s: the run that held it (pid %s) is gone; its lock is taken over", self.path, parts[0]
+                    )
+                    continue
                 os.close(fd)
                 raise self._refuse(self._describe(holder)) from None
             except OSError:  # no flock on this filesystem: decide by pid and host
@@ -156,6 +204,7 @@ class RunDirLock:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode())
             self._fd = fd
+            _HELD_LOCK_FDS.add(fd)
             return
         raise self._refuse("the lock file keeps changing")
 
@@ -167,6 +216,7 @@ class RunDirLock:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        _HELD_LOCK_FDS.discard(self._fd)
         os.close(self._fd)  # closing the descriptor releases the flock
         self._fd = None
 
@@ -206,8 +256,9 @@ def truncate_log(path: str | os.PathLike, step: int) -> int:
     """Drop the records of the JSON-lines log ``path`` written after optimizer step ``step``.
 
     A record is dropped when its ``"step"`` is larger than ``step`` (steps, level-ups, epochs,
-    checkpoints, errors of the lost steps). Records without a step and unreadable lines are
-    kept as they are. The file is rewritten atomically. Returns the number of records dropped.
+    checkpoints, errors of the lost steps), and so is a ``summary`` record (the run goes on: it is
+    no longer the run's outcome). Records without a step and unreadable lines are kept as they
+    are. The file is rewritten atomically. Returns the number of records dropped.
     """
     import json
 
@@ -226,7 +277,9 @@ def truncate_log(path: str | os.PathLike, step: int) -> int:
                 kept.append(line)
                 continue
             s = rec.get("step") if isinstance(rec, dict) else None
-            if isinstance(s, (int, float)) and not isinstance(s, bool) and s > step:
+            if (isinstance(s, (int, float)) and not isinstance(s, bool) and s > step) or (
+                isinstance(rec, dict) and rec.get("type") == "summary"
+            ):
                 dropped += 1
                 continue
             kept.append(line)
@@ -299,6 +352,7 @@ class RunGuard:
         self.signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self._on_error = on_error  # called with the "error" log record before a divergence stop
+        self._watchdog: threading.Timer | None = None  # exits a run whose step blocks after a stop signal
 
     def _diverged(self, msg: str, step: int) -> TrainingError:
         if self._on_error is not None:
@@ -323,6 +377,7 @@ class RunGuard:
                 )
             else:
                 try:
+                    check_writable_dir(self.run_dir, "--out")  # read-only, under a file, ...: before any work
                     self.lock.acquire()
                     removed = clean_stale_temp_files(self.run_dir)
                 except ConfigError as e:
@@ -373,8 +428,32 @@ class RunGuard:
             )
             # A second signal acts at once.
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            # A step blocked for good (a hung network file system, a pipe) would absorb the signal:
+            # after a grace period the process exits anyway, without writing anything new.
+            self._watchdog = threading.Timer(stop_grace_s(), self._blocked_exit, args=(signum,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def _blocked_exit(self, signum: int) -> None:
+        name = _SIGNAL_NAMES.get(signum, f"signal {signum}")
+        ckpt = run_file(self.run_dir, "checkpoint.pt")
+        msg = (
+            f"stopped by {name}: the current step did not finish within {stop_grace_s():g} s (blocked, e.g. reading "
+            f"data), so no new checkpoint was written. Last good checkpoint: "
+            f"{ckpt if os.path.isfile(ckpt) else 'none'}; continue with --resume auto (same --out)"
+        )
+        try:
+            if self._on_error is not None and self.is_main:
+                self._on_error({"type": "error", "signal": int(signum), "message": msg})
+        except Exception:  # noqa: BLE001 - the exit must happen whatever the log does
+            pass
+        os.write(2, f"leap: error: {msg}\n".encode())
+        os._exit(RunInterrupted.exit_code_of(signum))
 
     def restore_signals(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for sig, handler in self._old_handlers.items():
             try:
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
@@ -476,6 +555,16 @@ class RunGuard:
         if earlier:
             text += f" (earlier: {', '.join(earlier)})"
         return text + "."
+
+
+def stop_grace_s() -> float:
+    """Seconds a run may take to finish its step after SIGTERM/SIGINT before it exits without a new
+    checkpoint: ``LEAP_STOP_GRACE_S``, default 60."""
+    try:
+        value = float(os.environ.get("LEAP_STOP_GRACE_S", "60"))
+    except ValueError:
+        value = 60.0
+    return value if value > 0 else 60.0
 
 
 def _step_of(path: str, default: int) -> int:

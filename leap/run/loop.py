@@ -13,18 +13,18 @@ One step (:meth:`Trainer.train_step`), identical for ``curriculum="cka"`` (LEAP)
 3. teacher forward up to ``k = curriculum.block`` only (early exit), no grad;
 4. student forward (autocast), loss = fused projection+MSE on the patch tokens
    ``+ cls_weight *`` the same on the CLS token, through one shared head
-   (:class:`leap.distill.DistillModule`);
+   (:class:`leap.objective.DistillModule`);
 5. backward, grad-norm clipping, optimizer + lr-schedule step;
 6. every ``cka_every`` steps (LEAP: every step; the baselines: only when ``--cka-every`` is
    given): CKA (or ``--curriculum-metric cosine``) of the detached projected student vs the
-   target, ``curriculum.observe`` (may level up for the next step; ``--snap-to-last`` and
+   target, ``curriculum.step_end`` (may level up for the next step; ``--snap-to-last`` and
    ``--reset-head-on-level-up`` act through :class:`leap.curriculum.LevelUpEffects`).
 
 Run directory (rank 0 writes it, through :mod:`leap.runlog`): ``log.jsonl``,
 ``checkpoint.pt`` (layout in :mod:`leap.checkpoint`), ``summary.json``.
 
 DDP (:mod:`leap.distributed`): launched by ``torchrun``, NCCL on CUDA and gloo on CPU. The
-student and head live in one :class:`~leap.distill.DistillModule` wrapped in DDP; every
+student and head live in one :class:`~leap.objective.DistillModule` wrapped in DDP; every
 rank calls the curriculum at the same points (it all-reduces the CKA), so all ranks always
 target the same block (``--curriculum-sync per-rank``: each rank decides on its own batch, as
 the reference does; :class:`leap.curriculum.RankSync`). :func:`train` owns the process group for the whole run; a
@@ -54,16 +54,26 @@ from ..cka import similarity_fn
 from ..config import TrainConfig
 from ..curriculum import Curriculum, LevelUp, LevelUpEffects, RankSync
 from ..data import mixup, set_loader_epoch
-from ..distill import teacher_targets
-from ..distributed import ProcessGroup, all_reduce_sum, reduce_step_values, resolve_device
+from ..distributed import ProcessGroup, reduce_step_values, resolve_device
 from ..errors import ConfigError, NonFiniteLossError
+from ..objective import teacher_targets
 from ..precision import amp_dtype, configure_matmul_precision, resolve_precision, teacher_autocast
 from ..runlog import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME, JsonlWriter, run_file, sanitize, write_json
-from .build import build_data, build_models, build_optimization
-from .guard import RunGuard, config_warnings, truncate_log
+from .build import build_data, build_models, build_optimization, resolve_config
+from .guard import RunGuard, config_warnings
 from .progress import Progress
-from .resume import read_resume_checkpoint, resume_from, save_checkpoint
+from .resume import (
+    keep_epoch_checkpoint,
+    kernel_backend,
+    merge_decode_failures,
+    read_resume_checkpoint,
+    resume_from,
+    resume_log,
+    save_checkpoint,
+    worker_lost,
+)
 from .stats import EpochStats, RunStats, StepResult
+from .tensorboard import open_log
 
 __all__ = ["Trainer", "train"]
 
@@ -119,7 +129,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
-        cfg, group = self.cfg, self.group
+        group = self.group
+        cfg = self.cfg = resolve_config(self.cfg, group.world_size)  # warmup, per-process batch: saved resolved
         self.device = resolve_device(cfg.device, group)
         self.precision = _resolve_precision(cfg.precision, self.device)
         self.amp_dtype = amp_dtype(self.precision)
@@ -140,6 +151,7 @@ class Trainer:
         self.dataset, self.loader = build_data(cfg, group, self.device)
         self.steps_per_epoch = len(self.loader)
         self.global_batch = cfg.batch_size * group.world_size
+        self._info(f"global batch {self.global_batch} ({cfg.batch_size} per process x {group.world_size} process(es))")
         models = build_models(cfg, self.device, self.precision, info=self._info)
         self.teacher, self.module, self.flops = models.teacher, models.module, models.flops
         self.num_blocks = self.teacher.num_blocks
@@ -159,26 +171,10 @@ class Trainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 
         # ---- curriculum (baseline = disabled controller: pinned to the last block)
-        self.curriculum = Curriculum(
-            self.num_blocks,
-            tau=cfg.resolved_threshold,
-            alpha=cfg.alpha,
-            max_epochs_per_block=cfg.max_epochs_per_block or None,
-            start_block=cfg.start_block,
-            snap_to_last=cfg.snap_to_last,
-            enabled=cfg.curriculum == "cka",
-            sync=cfg.curriculum_sync,
-        )
+        self.curriculum = Curriculum.from_config(cfg, self.num_blocks, self.steps_per_epoch)  # fixed: pinned
         # Similarity of the curriculum (--curriculum-metric) and its cadence (None: never measured).
         self.score_fn, self.cka_every = similarity_fn(cfg.curriculum_metric), cfg.resolved_cka_every
-        self.effects = LevelUpEffects(
-            module=self.module,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            reset_head=cfg.reset_head_on_level_up,
-            restart_on_snap=cfg.snap_to_last is not None,
-            seed=cfg.seed,
-        )
+        self.effects = LevelUpEffects.from_config(cfg, self.module, self.optimizer, self.scheduler)
         self.rank_sync = RankSync(cfg.curriculum_sync, group.rank, group.world_size)
         self._step_extra: dict[str, Any] = {}
         self._effect_records: list[dict[str, Any]] = []
@@ -193,7 +189,6 @@ class Trainer:
         self.block_history: list[int] = []
         self.last_good: str | None = None
         self._last_saved_step = -1
-        self._decode_seen = 0
         self.resolved = {
             "device": str(self.device),
             "precision": self.precision,
@@ -208,7 +203,9 @@ class Trainer:
             "teacher_dtype": str(self.teacher.dtype).replace("torch.", ""),
             "tf32": self.tf32,
             "cka_every": self.cka_every,
+            "max_steps_per_block": self.curriculum.max_steps_per_block,  # a fractional --max-epochs-per-block
             "teacher_precision": self.teacher.precision,
+            "kernel_backend": kernel_backend(self.device),  # a resume under another one warns
         }
         if self.teacher.precision == "fp8":
             from leap_kernels.ops.fp8_linear import describe_paths
@@ -221,9 +218,11 @@ class Trainer:
         if resume is not None:
             resume_from(self, *resume)
         if group.is_main:
-            if resume is not None:  # the steps after the checkpoint are run again: log them once
-                truncate_log(run_file(cfg.out, LOG_NAME), self.step)
-            self._log_file = JsonlWriter(run_file(cfg.out, LOG_NAME), truncate=resume is None)
+            if resume is not None:  # steps after the checkpoint run again: logged once; no stale summary
+                warning = resume_log(cfg.out, resume[0], self.step)
+                if warning:
+                    self._info(warning, level=logging.WARNING)
+            self._log_file = open_log(cfg, run_file(cfg.out, LOG_NAME), truncate=resume is None)  # + --tensorboard
         if resume is None:
             self._log({"type": "config", "config": cfg.to_dict(), "resolved": self.resolved, "dims": self.dims})
         else:
@@ -279,7 +278,7 @@ class Trainer:
         if cur.enabled and cur.start_block is None:
             with torch.no_grad(), self._autocast():
                 s_patch, _ = self.module.features(images)
-                s_proj = self.module.head.project(s_patch)
+                s_proj = self.module.project(s_patch)
             before = self.teacher.blocks_run
             with teacher_autocast(self.device, self.amp_dtype, self.teacher.dtype):
                 scores = self.teacher.scan(images, lambda k, patch, cls: self.score_fn(s_proj, patch))
@@ -335,7 +334,7 @@ class Trainer:
         if self.cka_every and step % self.cka_every == 0:
             # Detached projected student (head before this step's update) vs the current target.
             with torch.no_grad():
-                cka_t = self.score_fn(self.module.head.project(s_patch), self.module.final_target(t_patch))
+                cka_t = self.score_fn(self.module.project(s_patch), self.module.final_target(t_patch))
 
         grad_norm_t = None
         if cfg.clip_grad > 0:
@@ -381,12 +380,11 @@ class Trainer:
             grad_norm=grad_norm,
         )
         cka_v, self._step_extra = self.rank_sync.outputs(cka_v, gathered)  # per-rank: this rank's own
-        if cka_t is not None:
-            n_before = len(cur.level_ups)
-            cur.observe(cka_v, step=step, epoch=self.epoch, already_reduced=True)
-            result.cka = cur.last_cka
-            result.level_ups = cur.level_ups[n_before:]
-            self._effect_records = self.effects.apply(cur.level_ups[n_before:])
+        n_before = len(cur.level_ups)
+        cur.step_end(step=step, epoch=self.epoch, score=cka_v if cka_t is not None else None)  # + step timeout
+        result.cka = cur.last_cka if cka_t is not None else None
+        result.level_ups = cur.level_ups[n_before:]
+        self._effect_records = self.effects.apply(result.level_ups)
         return result
 
     # ------------------------------------------------------------------ loop
@@ -403,7 +401,6 @@ class Trainer:
         """Train the rest of ``self.epoch``. False if stopped early by ``max_steps``."""
         cfg = self.cfg
         set_loader_epoch(self.loader, self.epoch, start_batch=self.step_in_epoch)
-        self._decode_seen = self.dataset.decode_failures
         self._progress.start_epoch(self.epoch, self.step_in_epoch)
         t_last = time.perf_counter()
         try:
@@ -446,13 +443,8 @@ class Trainer:
         for record in self.effects.apply(cur.level_ups[n_before:]):
             self._log(record)
 
-        # Each rank's dataset counts the bad files of its own shard: sum over ranks.
-        new_failures = self.dataset.decode_failures - self._decode_seen
-        if self.group.enabled:
-            # NCCL reduces device tensors only.
-            t = torch.tensor([new_failures], dtype=torch.float32, device=self.device)
-            new_failures = int(all_reduce_sum(t).item())
-        tot.decode_failures += new_failures
+        merge_decode_failures(self)  # found by any rank or the start-up probe, each file counted once per run
+        new_failures = ep.decode_failures
         mean_loss = ep.mean(ep.loss_sum)
         record = ep.record(
             self.epoch,
@@ -474,6 +466,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.stats.epoch = EpochStats()
         self.save_checkpoint()
+        keep_epoch_checkpoint(self)  # --save-every-epochs: learning curves (leap eval --all-checkpoints)
 
     def fit(self) -> dict[str, Any]:
         """Train until ``epochs`` (or ``max_steps``); return the summary (also in summary.json).
@@ -497,6 +490,11 @@ class Trainer:
                 write_json(run_file(self.run_dir, SUMMARY_NAME), summary)
             self._log({"type": "summary", **{k: v for k, v in summary.items() if k != "config"}})
             return summary
+        except RuntimeError as e:  # a DataLoader worker killed (e.g. by the OOM killer): one line, an error record
+            lost = worker_lost(self, e)
+            if lost is None:
+                raise
+            raise lost from None
         finally:
             self.close()
 
@@ -534,9 +532,7 @@ class Trainer:
         return sanitize(
             {
                 "status": status,
-                "mode": "leap"
-                if cur.enabled
-                else ("one-to-one" if self.cfg.curriculum == "one-to-one" else "baseline"),
+                "mode": {"cka": "leap", "off": "baseline"}.get(self.cfg.curriculum, self.cfg.curriculum),
                 # Whether the per-step CKA (or cosine) was computed: the baselines skip it unless --cka-every.
                 "cka_computed": self.cka_every is not None,
                 "curriculum_sync": self.cfg.curriculum_sync,

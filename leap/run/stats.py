@@ -69,6 +69,7 @@ class EpochStats:
     time_s: float = 0.0
     cka_sum: float = 0.0
     cka_count: int = 0
+    decode_failures: int = 0  # undecodable files new to the run found in this epoch
 
     def mean(self, total: float) -> float | None:
         return total / self.steps if self.steps else None
@@ -92,6 +93,7 @@ class EpochStats:
             "block": curriculum.block,
             "mean_block": self.mean(self.block_sum),
             "epochs_on_block": curriculum.epochs_on_block,
+            "steps_on_block": curriculum.steps_on_block,
             "decode_failures": decode_failures[0],
             "decode_failures_total": decode_failures[1],
             "teacher_blocks_run_total": self.teacher_blocks_run,
@@ -112,7 +114,8 @@ class RunTotals:
     block_sum: int = 0
     images: int = 0
     time_s: float = 0.0
-    decode_failures: int = 0
+    decode_failures: int = 0  # distinct undecodable files of the run (all ranks, across resumes)
+    failed_images: list[int] = field(default_factory=list)  # their dataset indices, sorted
     start_block: int | None = None
     last_loss: float | None = None
     last_epoch_mean_loss: float | None = None
@@ -168,6 +171,20 @@ class RunStats:
         training steps vs. the same steps at full depth (see :mod:`leap.cost`)."""
         self.total.start_block = start_block
         self.total.calibration_blocks += scan_blocks
+
+    def add_decode_failures(self, indices: list[int]) -> int:
+        """Merge the dataset indices of the files found undecodable (by any rank, the start-up probe
+        included); returns how many are new to the run (also added to this epoch's count). A file is
+        counted once per run, however often it is met again, after a resume too (the indices travel in
+        the checkpoint: the trainer merges them before every checkpoint)."""
+        tot = self.total
+        known = set(tot.failed_images)
+        new = {int(i) for i in indices} - known
+        if new:
+            tot.failed_images = sorted(known | new)
+            tot.decode_failures += len(new)
+            self.epoch.decode_failures += len(new)
+        return len(new)
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """The ``epoch_stats`` and ``totals`` entries of a checkpoint."""

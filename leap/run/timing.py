@@ -1,7 +1,7 @@
 """Wall-clock time of one LEAP training step per target block, and the realized time saving
 of a trajectory (``leap flops --measure``).
 
-The step timed is the trainer's own: :class:`leap.distill.DistillModule` (student + head +
+The step timed is the trainer's own: :class:`leap.objective.DistillModule` (student + head +
 fused loss), the truncated teacher, the per-step CKA and an optimizer step. The analytic
 counterpart is :mod:`leap.cost`; the measured saving is lower, because data loading, the
 optimizer and kernel overheads do not shrink with ``k``.
@@ -23,7 +23,7 @@ from leap_kernels import FeatureDistillationHead
 
 from ..cka import linear_cka
 from ..cost import pair
-from ..distill import DistillModule
+from ..objective import DistillModule
 from ..precision import DTYPES, auto_precision
 from ..runlog import Trajectory
 from ..teacher import TruncatedTeacher

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from typing import Any
 
 import torch
@@ -49,6 +52,42 @@ def _squeeze_interpreter_index() -> bool:
 
 if HAS_TRITON and INTERPRETED:
     _squeeze_interpreter_index()
+
+
+#: ``full``: the autotuner tries every config of a kernel; ``table`` (default): on a GPU listed in
+#: :data:`AUTOTUNE_TABLE`, only that card's shortlist (every GPU machine starts with a cold cache, and
+#: each config tried is one more compile on the first call).
+ENV_AUTOTUNE = "LEAP_KERNELS_AUTOTUNE"
+#: Per compute capability and kernel, the configs worth trying: ``{"sm_90": {"<kernel>": ["BLOCK_M=128
+#: BLOCK_N=128 ... warps=8 stages=3", ...]}}`` (keys as :func:`config_key` writes them).
+AUTOTUNE_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "autotune_table.json")
+
+
+def config_key(config: Any) -> str:
+    """A Triton config as the table names it: its block sizes, then ``warps=`` and ``stages=``."""
+    blocks = " ".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()) if k.startswith("BLOCK_"))
+    return f"{blocks} warps={config.num_warps} stages={config.num_stages}"
+
+
+@functools.cache
+def _autotune_table() -> dict[str, dict[str, list[str]]]:
+    with open(AUTOTUNE_TABLE, encoding="utf-8") as f:
+        table: dict[str, dict[str, list[str]]] = json.load(f)
+    return table
+
+
+def autotune_shortlist(kernel: str, configs: list[Any], device: torch.device) -> list[Any]:
+    """The configs of ``kernel`` to try on ``device``: the card's committed shortlist unless
+    ``LEAP_KERNELS_AUTOTUNE=full`` (or the card, or the kernel, has none). Never empty."""
+    mode = os.environ.get(ENV_AUTOTUNE, "table").strip().lower()
+    if mode not in ("table", "full"):
+        raise ValueError(f"{ENV_AUTOTUNE}: expected 'table' or 'full', got {mode!r}")
+    if mode == "full" or device.type != "cuda":
+        return configs
+    major, minor = torch.cuda.get_device_capability(device)
+    wanted = set(_autotune_table().get(f"sm_{major}{minor}", {}).get(kernel, ()))
+    kept = [c for c in configs if config_key(c) in wanted]
+    return kept or configs
 
 
 def dot_precision(dtype: torch.dtype) -> str:

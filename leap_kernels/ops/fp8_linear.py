@@ -35,6 +35,9 @@ out-of-range values (torch 2.14 saturates them on CPU, inf included).
 
 :class:`Fp8Linear` is inference-only (the teacher is frozen): an input that requires grad while
 grad mode is on is refused.
+
+Why this module is long: the quantization math, two backends with their declarations, the layer, and
+converting a teacher's blocks (ViT and DINOv3 Eva) belong together.
 """
 
 from __future__ import annotations
@@ -494,8 +497,11 @@ def convert_teacher_linears(model: nn.Module, *, backend: str = "auto", use_fast
     """Replace every ``nn.Linear`` inside ``model.blocks`` with :meth:`Fp8Linear.from_linear`, in place.
 
     For timm DINOv2 blocks these are ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` (SwiGLU
-    blocks: their gate/value projections as well). Patch embedding, norms, tokens and anything
-    outside the blocks stay as they are. Layers already converted are left alone.
+    blocks: their gate/value projections as well; the DINOv3 7B and H+ blocks: ``mlp.fc1_g``,
+    ``mlp.fc1_x``, ``mlp.fc2``). Patch embedding, norms, tokens and anything outside the blocks stay as
+    they are. Layers already converted are left alone. A timm ``EvaAttention`` with q/v biases
+    (DINOv3 ``_qkvb`` models) first gets them folded into its ``qkv`` layer's bias (timm then calls
+    ``qkv(x)``, which the FP8 layer computes; it would otherwise read ``qkv.weight``).
 
     Args:
         model: a timm ``VisionTransformer`` (anything with ``blocks``) with its weights loaded.
@@ -512,6 +518,7 @@ def convert_teacher_linears(model: nn.Module, *, backend: str = "auto", use_fast
         raise ValueError(f"convert_teacher_linears: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     converted = []
     for i, block in enumerate(blocks):
+        _fold_qkv_biases(block)
         for name, mod in list(block.named_modules()):
             if type(mod) is not nn.Linear:
                 continue
@@ -520,6 +527,26 @@ def convert_teacher_linears(model: nn.Module, *, backend: str = "auto", use_fast
             setattr(parent, leaf, Fp8Linear.from_linear(mod, backend=backend, use_fast_accum=use_fast_accum))
             converted.append(f"blocks.{i}.{name}")
     return converted
+
+
+def _fold_qkv_biases(block: nn.Module) -> None:
+    """``q_bias``/``k_bias``/``v_bias`` of timm ``EvaAttention`` modules in ``block`` -> the bias of their
+    ``qkv`` ``nn.Linear`` (same output: timm adds ``cat(q_bias, k_bias, v_bias)`` to ``qkv(x)``)."""
+    for mod in block.modules():
+        linear = getattr(mod, "qkv", None)
+        q_bias = getattr(mod, "q_bias", None)
+        if not isinstance(q_bias, torch.Tensor) or type(linear) is not nn.Linear or linear.bias is not None:
+            continue
+        with torch.no_grad():
+            bias = torch.cat((q_bias, mod.k_bias, mod.v_bias)).detach().to(linear.weight.dtype)
+            folded = nn.Linear(
+                linear.in_features, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype
+            )
+            folded.weight.copy_(linear.weight)
+            folded.bias.copy_(bias)
+        folded.requires_grad_(linear.weight.requires_grad)
+        mod.qkv = folded
+        mod.q_bias = mod.k_bias = mod.v_bias = None
 
 
 def fp8_linears(model: nn.Module) -> list[tuple[str, Fp8Linear]]:

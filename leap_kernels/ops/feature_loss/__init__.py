@@ -3,8 +3,8 @@ token-normalized MSE against the teacher's features, forward and backward fused.
 
 Room layout: :mod:`.triton` (the Triton kernels: projection GEMM with a loss epilogue; split
 weight/bias gradient GEMM; one rescale kernel for backward) -> :mod:`.loops` (the chunk loop of
-each backend: Triton and torch; cpp and cuda: one call of the C++ loop in csrc/ops.cpp; the
-backward rescale) -> here: the backend choice, the torch.library ops with their fake
+each backend: Triton and torch; cpp and cuda: one call of the C++ loop in csrc/ops.cpp) and
+:mod:`.rescale` (the backward of ``mean``/``sum``) -> here: the backend choice, the torch.library ops with their fake
 implementations and autograd, and the functional API.
 
 The backend is chosen once per call, by the caller of each op (:func:`fused_feature_loss` for the
@@ -71,18 +71,15 @@ from .loops import (
     MIN_ROWS_PER_SPLIT,
     LossOptions,
     Operands,
-    RescaleRequest,
     chunk_tokens,
     kept_grad_scale,
     kept_splits,
     loss_scale,
-    rescale_aten,
-    rescale_fits_triton,
-    rescale_triton,
     run,
     token_rows,
     weight_grad_splits,
 )
+from .rescale import RescaleRequest, rescale_aten, rescale_fits_triton, rescale_triton
 
 if HAS_TRITON:  # the kernels, listed with this op (tests and tools/compile_check.py find them here)
     from .triton import (  # noqa: F401

@@ -17,9 +17,10 @@ costs at most a compile per distinct value (the autotuner's choice is keyed sepa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from .._triton_common import HAS_TRITON, INTERPRETED
+from .._triton_common import HAS_TRITON, INTERPRETED, autotune_shortlist
 
 if HAS_TRITON:
     import triton
@@ -56,7 +57,19 @@ if HAS_TRITON:
 
     check_partial_slots(_PROJECTION_CONFIGS, PARTIAL_BLOCK_N)
 
-    @triton.autotune(configs=_PROJECTION_CONFIGS, key=["M_BUCKET", "N", "K", "MODE", "WRITE_LOSS", "WRITE_GRAD"])
+    def _shortlist(kernel: str, tensor_arg: str) -> Callable[..., list[triton.Config]]:
+        """The autotuner's config pruning: the card's committed shortlist (:func:`autotune_shortlist`)."""
+
+        def prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+            return autotune_shortlist(kernel, configs, named_args[tensor_arg].device)
+
+        return prune
+
+    @triton.autotune(
+        configs=_PROJECTION_CONFIGS,
+        key=["M_BUCKET", "N", "K", "MODE", "WRITE_LOSS", "WRITE_GRAD"],
+        prune_configs_by={"early_config_prune": _shortlist("_projection_loss_kernel", "S")},
+    )
     @triton.jit(do_not_specialize=["M_BUCKET"])
     def _projection_loss_kernel(  # type: ignore[no-untyped-def]
         S,
@@ -171,6 +184,7 @@ if HAS_TRITON:
     @triton.autotune(
         configs=_gemm_configs(INTERPRETED),
         key=["M_BUCKET", "N", "K", "HAS_BIAS_GRAD", "ACCUMULATE"],
+        prune_configs_by={"early_config_prune": _shortlist("_grad_weight_kernel", "G")},
         restore_value=["DW", "DB"],  # ACCUMULATE adds to them: benchmarking a config must not
     )
     @triton.jit(do_not_specialize=["M_BUCKET"])

@@ -1,7 +1,8 @@
 """What one distillation step computes: the student, the projection head and the loss in one
 module (:class:`DistillModule`, the unit DDP wraps; :class:`OneToOneDistillModule` for the
-ablation's one-to-one baseline, with :func:`teacher_targets` giving either its targets), and a
-truncated teacher that counts the blocks it runs (:class:`CountingTeacher`).
+ablation's one-to-one baseline, :class:`ConcatDistillModule` for the concatenated target
+``[t_k ; t_L]``, with :func:`teacher_targets` giving each its targets), and a truncated teacher
+that counts the blocks it runs (:class:`CountingTeacher`).
 
 Used by the trainer (:mod:`leap.run.loop`) and by the step timing (:mod:`leap.run.timing`), so both
 run the same step.
@@ -17,7 +18,14 @@ from leap_kernels import FeatureDistillationHead
 from . import vit
 from .teacher import TruncatedTeacher
 
-__all__ = ["DistillModule", "OneToOneDistillModule", "CountingTeacher", "one_to_one_pairs", "teacher_targets"]
+__all__ = [
+    "DistillModule",
+    "OneToOneDistillModule",
+    "ConcatDistillModule",
+    "CountingTeacher",
+    "one_to_one_pairs",
+    "teacher_targets",
+]
 
 
 class DistillModule(nn.Module):
@@ -70,6 +78,11 @@ class DistillModule(nn.Module):
     def final_target(target: torch.Tensor) -> torch.Tensor:
         """The target the (final) student features are measured against (CKA/cosine)."""
         return target
+
+    def project(self, student: torch.Tensor) -> torch.Tensor:
+        """``(..., D_s) -> (..., D_t)``: the projected student that calibration and the per-step
+        CKA compare with the teacher target (:meth:`final_target`)."""
+        return self.head.project(student)
 
     def heads(self) -> list[nn.Module]:
         """Every projection head (one here)."""
@@ -143,10 +156,8 @@ class OneToOneDistillModule(DistillModule):
         """Student tokens after every block, through the final norm: ``L_s`` x ``(B, P + N, D_s)``."""
         m = self.student
         family = vit.family_of(m, "OneToOneDistillModule")
-        x = family.embed(m, images)
         outs = []
-        for block in family.blocks(m):
-            x = block(x)
+        for x in family.block_outputs(m, images):  # each block called as timm calls it (rope for Eva)
             y = family.final_norm(m, x)
             if self.compute_dtype is not None and torch.is_autocast_enabled(y.device.type):
                 y = y.to(self.compute_dtype)
@@ -169,13 +180,44 @@ class OneToOneDistillModule(DistillModule):
         return target[-1]
 
 
+class ConcatDistillModule(DistillModule):
+    """The reference's ``--curriculum-concat-teacher-last`` (``--concat-teacher-last``): the target is
+    the concatenation ``[t_k ; t_L]`` of the current block and the last block on the channel axis,
+    ``(B, N, 2 D_t)``, reached through one ``Linear(D_s -> 2 D_t)`` head (``head``, built that wide):
+    with the paper's MSE the loss is the mean of the two halves' MSEs. The teacher runs to the last
+    block every step (:func:`teacher_targets`), so this mode saves no teacher FLOPs.
+
+    The curriculum measures the first half only: :meth:`project` is the head's first ``D_t`` outputs
+    and :meth:`final_target` the block-``k`` half of the target.
+    """
+
+    @property
+    def target_dim(self) -> int:
+        """``D_t``: half the head's output width."""
+        return self.head.weight.shape[0] // 2
+
+    def project(self, student: torch.Tensor) -> torch.Tensor:
+        d = self.target_dim
+        w, b = self.head.weight[:d], self.head.bias
+        return nn.functional.linear(student, w.to(student.dtype), None if b is None else b[:d].to(student.dtype))
+
+    @staticmethod
+    def final_target(target: torch.Tensor) -> torch.Tensor:
+        return target[..., : target.shape[-1] // 2]
+
+
 def teacher_targets(
     teacher: TruncatedTeacher, module: DistillModule, images: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's teacher targets: block ``k`` for LEAP/the baseline, every paired block (in one
-    pass, up to the last) for :class:`OneToOneDistillModule`."""
+    """The step's teacher targets ``(patch (B, N, D), cls (B, D))``: block ``k`` for LEAP/the baseline;
+    every paired block (in one pass, up to the last; ``(P, B, N, D_t)``, ``(P, B, D_t)``) for
+    :class:`OneToOneDistillModule`; ``[t_k ; t_L]`` (one pass to the last block, ``D = 2 D_t``) for
+    :class:`ConcatDistillModule`."""
     if isinstance(module, OneToOneDistillModule):
         return teacher.collect(images, module.teacher_blocks)
+    if isinstance(module, ConcatDistillModule):
+        patch, cls = teacher.collect(images, [k, teacher.num_blocks])
+        return torch.cat([patch[0], patch[1]], dim=-1), torch.cat([cls[0], cls[1]], dim=-1)
     return teacher(images, k)
 
 
@@ -185,6 +227,6 @@ class CountingTeacher(TruncatedTeacher):
 
     blocks_run: int = 0
 
-    def block_forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def block_forward(self, block: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
         self.blocks_run += 1
-        return super().block_forward(block, x)
+        return super().block_forward(block, x, **kwargs)

@@ -1,0 +1,93 @@
+"""What every evaluation protocol does alike (:mod:`.run`, :mod:`.robustness`, :mod:`.segmentation`):
+open the feature cache, load the model, check the record's directory before any work, append the
+record, and list a run's checkpoints for ``--all-checkpoints``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import LeapError
+from ..run.resume import epoch_checkpoints
+from ..runlog import CHECKPOINT_NAME, check_writable_dir
+from . import records
+from .cache import FeatureCache, default_cache_dir
+from .errors import EvaluationError
+from .features import LoadedModel, load_model
+
+__all__ = [
+    "feature_kinds",
+    "open_cache",
+    "writable",
+    "check_record_dir",
+    "finish",
+    "load",
+    "run_checkpoints",
+]
+
+_KINDS = {"cls": ("cls",), "patch": ("patch",), "both": ("cls", "patch")}
+
+
+def feature_kinds(features: str) -> tuple[str, ...]:
+    """``cls`` | ``patch`` | ``both`` -> the feature kinds to evaluate."""
+    if features not in _KINDS:
+        raise EvaluationError(f"--features: expected cls, patch or both, got {features!r}")
+    return _KINDS[features]
+
+
+def open_cache(cache_dir: str | None, no_cache: bool) -> FeatureCache:
+    """The feature cache (``FeatureCache(None)`` with ``no_cache``), its directory checked for writability."""
+    if no_cache:
+        return FeatureCache(None)
+    directory = cache_dir or default_cache_dir()
+    where = "LEAP_CACHE_DIR" if not cache_dir and os.environ.get("LEAP_CACHE_DIR") else "--cache-dir"
+    writable(directory, where + " (or --no-cache)")
+    return FeatureCache(directory)
+
+
+def writable(directory: str, what: str) -> None:
+    """Refuse an unwritable directory before the evaluation runs (not after it)."""
+    try:
+        check_writable_dir(directory, what)
+    except LeapError as e:
+        raise EvaluationError(str(e)) from None
+
+
+def check_record_dir(loaded: LoadedModel, run_dir: str | None, write: bool) -> None:
+    """The run directory the record goes to must be writable: checked before the features are extracted."""
+    if write and (run_dir or loaded.run_dir):
+        writable(run_dir or loaded.run_dir, "--run-dir (or --no-record)")
+
+
+def finish(record: dict[str, Any], loaded: LoadedModel, run_dir: str | None, write: bool) -> dict[str, Any]:
+    """Append ``record`` to the run's ``eval.jsonl`` (when there is one and ``write``); the record with ``log``."""
+    target = run_dir or loaded.run_dir
+    log = records.append_record(target, record) if (write and target) else None
+    return {**record, "log": log}
+
+
+def load(model_options: dict[str, Any], cache_dir: str | None, **extra) -> LoadedModel:
+    """:func:`leap.evaluation.features.load_model` with the cache directory for the checkpoint hashes."""
+    return load_model(**model_options, cache_dir=cache_dir, **extra)
+
+
+def run_checkpoints(run_dir: str) -> list[str]:
+    """The checkpoints of a ``leap distill`` run to evaluate one by one (``--all-checkpoints``), oldest first:
+    the kept per-epoch ``checkpoint-epochE.pt`` by epoch, then ``checkpoint.pt`` unless it is the same file
+    as the last of them (they are hard links until the next write).
+
+    Raises:
+        EvaluationError: ``run_dir`` is not a run directory, or holds no checkpoint.
+    """
+    if not os.path.isdir(run_dir):
+        raise EvaluationError(f"--all-checkpoints: expected --model RUN_DIR (a run directory), got {run_dir!r}")
+    paths = [p for _, p in epoch_checkpoints(run_dir)]
+    last = os.path.join(run_dir, CHECKPOINT_NAME)
+    if os.path.isfile(last) and not (paths and os.path.samefile(paths[-1], last)):
+        paths.append(last)
+    if not paths:
+        raise EvaluationError(
+            f"--all-checkpoints: {run_dir} holds no checkpoint-epochE.pt nor checkpoint.pt "
+            "(train with --save-every-epochs N to keep one per epoch)"
+        )
+    return paths
