@@ -102,7 +102,7 @@ def test_all_sections_in_order_with_results_under_out(fake):
     pip = [c for c in calls if c.startswith("-m pip")]
     assert pip == ["-m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -e ."], calls
     # The headline numbers first, the full GPU test matrix last, one pytest call per test file.
-    bench, teacher, step, tests_gpu, tests_fp8, tests_rope, tests_dinov3, tests_data = _pytest_calls(calls)
+    bench, teacher, step, tests_gpu, tests_fp8, tests_rope, tests_dinov3, tests_data, tests_syncs = _pytest_calls(calls)
     assert bench.startswith("-m pytest bench/test_bench_ops.py -k not 192x1536 and not vits ")
     assert f"--benchmark-json={out}/bench-fake-gpu.json" in bench
     assert teacher.startswith("-m pytest bench/test_bench_teacher.py --teacher-ks=20,40 ")
@@ -118,6 +118,7 @@ def test_all_sections_in_order_with_results_under_out(fake):
         (tests_rope, "test_teacher_attention_rope"),
         (tests_dinov3, "test_dinov3"),
         (tests_data, "test_device_pipeline"),
+        (tests_syncs, "test_host_syncs"),
     ):
         assert call.startswith(f"-m pytest -m gpu tests/{name}.py ") and f"junit-gpu-{name}.xml" in call, call
     # The build is checked for its CUDA kernels; the smoke runs before any benchmark.
@@ -155,7 +156,7 @@ def test_all_sections_in_order_with_results_under_out(fake):
     assert "smoke: ok" in summary and "smoke: 9 passed, 0 failed" in summary
     # The plan with each section's estimate comes first.
     assert summary.startswith("gpu_check plan (budget 540 s") and "  smoke    ~45 s" in summary
-    assert "tests: 15 passed, 5 failed, 0 errors, 10 skipped" in summary  # five files, one fake XML each
+    assert "tests: 18 passed, 6 failed, 0 errors, 12 skipped" in summary  # six files, one fake XML each
     assert "FAILED test_b[cuda]: relative error 3e-1 > 1e-2" in summary
     assert "bench: 4 passed in 1.00s" in summary and "compare: OK" in summary
     assert "whole run over the trajectory" in summary and "| ours | 2.00x |" in summary

@@ -69,7 +69,7 @@ declare -A ESTIMATE=([install]=120 [env]=5 [smoke]=45 [bench]=210 [teacher]=150 
 declare -A LIMIT=([install]=240 [env]=60 [smoke]=120 [bench]=300 [teacher]=300 [step]=180 [fp8]=120 [tests]=400)
 # GPU_CHECK_TEST_FILES replaces the list, e.g. with tests/test_teacher_attention_rope.py tests/test_dinov3.py
 # (the DINOv3 GPU checks: the RoPE kernels, the offloaded teacher).
-GPU_TEST_FILES=${GPU_CHECK_TEST_FILES:-"tests/test_gpu.py tests/test_leap_fp8.py tests/test_teacher_attention_rope.py tests/test_dinov3.py tests/test_device_pipeline.py"}
+GPU_TEST_FILES=${GPU_CHECK_TEST_FILES:-"tests/test_gpu.py tests/test_leap_fp8.py tests/test_teacher_attention_rope.py tests/test_dinov3.py tests/test_device_pipeline.py tests/test_host_syncs.py"}
 # The GPU tests must run the compiled kernels, not the interpreter; the source tree is importable
 # even when the editable install fails.
 export TRITON_INTERPRET=0

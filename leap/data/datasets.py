@@ -100,12 +100,17 @@ class _LeapDataset(Dataset):
         transform = self.transform if self.transform is not None else TF.to_tensor
         if seed is None:
             return transform(img), label
-        # fork_rng so that seeding here never disturbs the caller's RNG stream
-        # (matters with num_workers=0, where this runs in the training process).
-        # torchvision's v1 transforms draw only from torch's global CPU generator.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # torchvision's v1 transforms draw only from torch's global CPU generator: seed that one alone
+        # (torch.manual_seed would also queue a lazy CUDA seeding, with a stack trace, on every item) and
+        # put its state back after, so that seeding here never disturbs the caller's RNG stream (matters
+        # with num_workers=0, where this runs in the training process).
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
             return transform(img), label
+        finally:
+            generator.set_state(state)
 
 
 # --------------------------------------------------------------------------- sources

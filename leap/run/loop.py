@@ -54,14 +54,15 @@ from ..cka import similarity_fn
 from ..config import TrainConfig
 from ..curriculum import Curriculum, LevelUp, LevelUpEffects, RankSync
 from ..data import mixup, set_loader_epoch
-from ..distributed import ProcessGroup, reduce_step_values, resolve_device
+from ..distributed import ProcessGroup, resolve_device
 from ..errors import ConfigError, NonFiniteLossError
 from ..objective import teacher_targets
 from ..precision import amp_dtype, configure_matmul_precision, resolve_precision, teacher_autocast
-from ..runlog import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME, JsonlWriter, run_file, sanitize, write_json
+from ..runlog import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME, JsonlWriter, run_file, write_json
 from .build import build_data, build_models, build_optimization, resolve_config
 from .guard import RunGuard, config_warnings
 from .progress import Progress
+from .readback import PendingStep, StepReadback, step_values
 from .resume import (
     keep_epoch_checkpoint,
     kernel_backend,
@@ -72,7 +73,7 @@ from .resume import (
     save_checkpoint,
     worker_lost,
 )
-from .stats import EpochStats, RunStats, StepResult
+from .stats import EpochStats, RunStats, StepResult, run_summary
 from .tensorboard import open_log
 
 __all__ = ["Trainer", "train"]
@@ -177,7 +178,9 @@ class Trainer:
         self.effects = LevelUpEffects.from_config(cfg, self.module, self.optimizer, self.scheduler)
         self.rank_sync = RankSync(cfg.curriculum_sync, group.rank, group.world_size)
         self._step_extra: dict[str, Any] = {}
-        self._effect_records: list[dict[str, Any]] = []
+        # Steps whose statistics stay on the device until the next read point (leap.run.readback).
+        self.readback = StepReadback(distributed=group.enabled)
+        self._read_every = max(1, cfg.log_every or self.steps_per_epoch)
         # Mixup draws from its own CPU generator (no device sync), different per rank.
         self.mixup_gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + group.rank * 7919 + 17) % 2**63)
 
@@ -340,54 +343,76 @@ class Trainer:
         if cfg.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             grad_norm_t = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
-        stats = [loss.detach(), patch_loss.detach(), cls_loss.detach()]
-        if grad_norm_t is not None:
-            stats.append(grad_norm_t.detach().to(torch.float32))
-        if cka_t is not None:
-            stats.append(cka_t.detach().reshape(()).to(torch.float32))
-        # One small all-reduce + one host read per step, CKA included: the logged loss is the
-        # global mean, a NaN on any rank is seen by all ranks, which then stop together, and
-        # every rank hands the curriculum the same rank-mean CKA.
-        values, gathered = reduce_step_values(stats, self.rank_sync.inputs(cka_t, k, self.device))
-        loss_v, patch_v, cls_v = values[:3]
-        grad_norm = values[3] if grad_norm_t is not None else None
-        cka_v = values[-1] if cka_t is not None else None
-        bad_grad = grad_norm is not None and not math.isfinite(grad_norm) and not self.scaler.is_enabled()
-        if not math.isfinite(loss_v) or bad_grad:
-            what = f"loss is {loss_v}" if not math.isfinite(loss_v) else f"gradient norm is {grad_norm}"
-            raise self._stop(
-                f"{what} at step {step} (epoch {self.epoch + 1}); training stopped before applying it. "
-                f"Last good checkpoint: {self._last_good_text()}. Try a lower --lr, --precision fp32, "
-                f"or --clip-grad, then --resume from that checkpoint.",
-                step,
-            )
-
         lr = self.optimizer.param_groups[0]["lr"]
+        pending = PendingStep(
+            StepResult(step, self.epoch, math.nan, math.nan, math.nan, k, lr, blocks_run, lam),
+            step_values(loss, patch_loss, cls_loss, grad_norm_t, cka_t),
+            has_grad_norm=grad_norm_t is not None,
+            has_score=cka_t is not None,
+            per_rank=self.rank_sync.inputs(cka_t, k, self.device),
+        )
+        self.readback.add(pending)
+        if cka_t is not None or self.readback.distributed:
+            # The controller decides on this step's score before the next step (the reference's order):
+            # one host read, which also checks this step's loss before its update is applied.
+            self._read_back()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        pending.applied = True
 
-        result = StepResult(
-            step=step,
-            epoch=self.epoch,
-            loss=loss_v,
-            patch_loss=patch_v,
-            cls_loss=cls_v,
-            block=k,
-            lr=lr,
-            teacher_blocks_run=blocks_run,
-            mixup_lambda=lam,
-            grad_norm=grad_norm,
-        )
-        cka_v, self._step_extra = self.rank_sync.outputs(cka_v, gathered)  # per-rank: this rank's own
+        result = pending.result
+        score = None
+        if pending.read:  # per-rank sync: this rank's own score; DDP: the per-rank fields of the record
+            score, pending.extra = self.rank_sync.outputs(result.cka, pending.gathered)
         n_before = len(cur.level_ups)
-        cur.step_end(step=step, epoch=self.epoch, score=cka_v if cka_t is not None else None)  # + step timeout
+        cur.step_end(step=step, epoch=self.epoch, score=score if cka_t is not None else None)  # + step timeout
         result.cka = cur.last_cka if cka_t is not None else None
         result.level_ups = cur.level_ups[n_before:]
-        self._effect_records = self.effects.apply(result.level_ups)
+        pending.effect_records = self.effects.apply(result.level_ups)
         return result
 
     # ------------------------------------------------------------------ loop
+
+    def _read_back(self) -> None:
+        """One host read of the pending steps' values; stops the run at the first non-finite one."""
+        bad = self.readback.read(self.scaler.is_enabled())
+        if bad is None:
+            return
+        self._publish(self.readback.take(before=bad))  # the good steps before it, in order
+        r = bad.result
+        if bad.applied:
+            when = (
+                f"its update was applied before the read at step {self.step}, and nothing after step "
+                f"{self._last_saved_step} was saved"
+            )
+        else:
+            when = "training stopped before applying it"
+        raise self._stop(
+            f"{bad.nonfinite(self.scaler.is_enabled())} at step {r.step} (epoch {r.epoch + 1}); {when}. "
+            f"Last good checkpoint: {self._last_good_text()}. Try a lower --lr, --precision fp32, "
+            f"or --clip-grad, then --resume from that checkpoint.",
+            r.step,
+        )
+
+    def flush_steps(self) -> None:
+        """Read back and publish every pending step (before a checkpoint, an epoch record or the summary)."""
+        self._read_back()
+        self._publish(self.readback.take())
+
+    def _publish(self, steps: list[PendingStep]) -> None:
+        """Log, check and count read steps, in order: the divergence check, the step record, its
+        level-ups and their effects, the run statistics and the progress display."""
+        for p in steps:
+            r = p.result
+            self._guard.check_step(r.loss, r.step, self._guard.last_good_text(self.last_good), block=r.block)
+            self._log({**r.record(), **p.extra})
+            self._log_level_ups(r.level_ups, r.cka)
+            for record in p.effect_records:  # lr restart / head reset of this step's level-ups
+                self._log(record)
+            self._step_extra = p.extra
+            self.stats.add_step(r, self.global_batch, p.dt)
+            self._progress.show(r, r.step, p.step_in_epoch)
 
     def _log_level_ups(self, level_ups: list[LevelUp], cka: float | None) -> None:
         for u in level_ups:
@@ -406,27 +431,35 @@ class Trainer:
         try:
             for images, _labels in self.loader:
                 result = self.train_step(images)
-                self._guard.check_step(
-                    result.loss, result.step, self._guard.last_good_text(self.last_good), block=result.block
-                )
-                now = time.perf_counter()
-                dt, t_last = now - t_last, now
                 self.step += 1
                 self.step_in_epoch += 1
-                result.images_per_s = self.global_batch / dt if dt > 0 else None
-                self._log({**result.record(), **self._step_extra})
-                self._log_level_ups(result.level_ups, result.cka)
-                for record in self._effect_records:  # lr restart / head reset of this step's level-ups
-                    self._log(record)
-                self._effect_records = []
-                self.stats.add_step(result, self.global_batch, dt)
                 self.block_history.append(result.block)
-                self._progress.step(result, self.step, self.step_in_epoch)
+                self._progress.tick()
+                end = self.step_in_epoch >= self.steps_per_epoch
+                checkpoint_due = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0
+                read_point = (
+                    end
+                    or checkpoint_due
+                    or self.step % self._read_every == 0
+                    or self._max_steps_reached()
+                    or bool(self._guard.signal)
+                )
+                if read_point:
+                    self._read_back()  # before the clock: a step that waits for the device pays for it
+                # Host time between step ends: on a GPU a step between read points shows the time to queue
+                # it, and a read point the wait for the queue; their sum is the run's time.
+                now = time.perf_counter()
+                pending = self.readback.last
+                pending.dt, t_last = now - t_last, now
+                pending.step_in_epoch = self.step_in_epoch
+                result.images_per_s = self.global_batch / pending.dt if pending.dt > 0 else None
+                if read_point:
+                    self._publish(self.readback.take())
 
-                if self.step_in_epoch >= self.steps_per_epoch:
+                if end:
                     continue  # the epoch end (below) checkpoints
                 self._stop_if_signalled()
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                if checkpoint_due:
                     self.save_checkpoint()
                 if self._max_steps_reached():
                     return False
@@ -436,6 +469,7 @@ class Trainer:
         return True
 
     def _end_epoch(self) -> None:
+        self.flush_steps()
         cur, ep, tot = self.curriculum, self.stats.epoch, self.stats.total
         n_before = len(cur.level_ups)
         cur.epoch_end(epoch=self.epoch, step=self.step)
@@ -483,6 +517,7 @@ class Trainer:
                     status = "stopped_at_max_steps"
                     break
                 self._stop_if_signalled()
+            self.flush_steps()
             if self._last_saved_step != self.step:
                 self.save_checkpoint()
             summary = self.summary(status)
@@ -527,33 +562,8 @@ class Trainer:
     # ------------------------------------------------------------------ summary
 
     def summary(self, status: str) -> dict[str, Any]:
-        tot, cur = self.stats.total, self.curriculum
-        steps = self.step
-        return sanitize(
-            {
-                "status": status,
-                "mode": {"cka": "leap", "off": "baseline"}.get(self.cfg.curriculum, self.cfg.curriculum),
-                # Whether the per-step CKA (or cosine) was computed: the baselines skip it unless --cka-every.
-                "cka_computed": self.cka_every is not None,
-                "curriculum_sync": self.cfg.curriculum_sync,
-                "blocks_per_rank": self._step_extra.get("blocks_per_rank"),
-                "run_dir": self.run_dir,
-                "checkpoint": self.last_good,
-                "steps": steps,
-                "epochs": self.cfg.epochs,
-                "epochs_completed": self.epoch,
-                "num_blocks": self.num_blocks,
-                "start_block": tot.start_block,
-                "final_block": cur.block,
-                "mean_block": tot.block_sum / steps if steps else None,
-                "level_ups": [{k: v for k, v in u.record().items() if k != "type"} for u in cur.level_ups],
-                "calibration_scores": cur.calibration_scores,
-                **tot.summary(steps, self.num_blocks),
-                "flops": {k: v for k, v in self.flops.totals().items() if k not in ("steps", "images")},
-                "resolved": self.resolved,
-                "config": self.cfg.to_dict(),
-            }
-        )
+        """The run's ``summary.json`` (:func:`leap.run.stats.run_summary`)."""
+        return run_summary(self, status)
 
 
 def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """What a training run shows while it trains (rank 0, with ``--progress``): on a terminal a tqdm
-bar per epoch with the loss, block, CKA and throughput; otherwise one log line every
-``--log-every`` steps and at each epoch end."""
+bar per epoch with the loss, block, CKA and throughput (the bar counts every step; its values are the
+last ones read back, every ``--log-every`` steps: :mod:`leap.run.readback`); otherwise one log line
+every ``--log-every`` steps and at each epoch end."""
 
 from __future__ import annotations
 
@@ -51,10 +52,14 @@ class Progress:
             file=sys.stderr,
         )
 
-    def step(self, result: StepResult, step: int, step_in_epoch: int) -> None:
-        """Show the step just done (``step`` in total, ``step_in_epoch`` in its epoch)."""
+    def tick(self) -> None:
+        """One more step done (its values are shown when they are read back: :meth:`show`)."""
         if self._bar is not None:
             self._bar.update(1)
+
+    def show(self, result: StepResult, step: int, step_in_epoch: int) -> None:
+        """Show a step whose values were read back (``step`` in total, ``step_in_epoch`` in its epoch)."""
+        if self._bar is not None:
             post = {"loss": f"{result.loss:.4g}", "block": f"{result.block}/{self.num_blocks}"}
             if result.cka is not None:
                 post["cka"] = f"{result.cka:.3f}"

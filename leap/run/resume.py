@@ -247,6 +247,7 @@ def save_checkpoint(self: Any) -> str:
         NonFiniteLossError: the weights hold NaN/Inf; nothing is written, the last good
             checkpoint stays on disk.
     """
+    self.flush_steps()  # every checkpoint is a read point: a non-finite or diverged step is never saved
     if not all_finite(self.params) or not all_finite(t for _, t in state_tensors(self.optimizer.state_dict()["state"])):
         raise self._stop(
             f"student/head weights became non-finite by step {self.step} (epoch {self.epoch + 1}); "

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..curriculum import LevelUp
+from ..runlog import sanitize
 
-__all__ = ["StepResult", "EpochStats", "RunTotals", "RunStats"]
+__all__ = ["StepResult", "EpochStats", "RunTotals", "RunStats", "run_summary"]
 
 
 @dataclass
@@ -195,3 +196,34 @@ class RunStats:
         self.epoch = EpochStats(**{k: v for k, v in ckpt.get("epoch_stats", {}).items() if k in names})
         names = {f.name for f in dataclasses.fields(RunTotals)}
         self.total = RunTotals(**{k: v for k, v in ckpt.get("totals", {}).items() if k in names})
+
+
+def run_summary(self: Any, status: str) -> dict[str, Any]:
+    """The summary of a run (``summary.json``) from its trainer ``self`` (:class:`leap.run.loop.Trainer`)."""
+    tot, cur = self.stats.total, self.curriculum
+    steps = self.step
+    return sanitize(
+        {
+            "status": status,
+            "mode": {"cka": "leap", "off": "baseline"}.get(self.cfg.curriculum, self.cfg.curriculum),
+            # Whether the per-step CKA (or cosine) was computed: the baselines skip it unless --cka-every.
+            "cka_computed": self.cka_every is not None,
+            "curriculum_sync": self.cfg.curriculum_sync,
+            "blocks_per_rank": self._step_extra.get("blocks_per_rank"),
+            "run_dir": self.run_dir,
+            "checkpoint": self.last_good,
+            "steps": steps,
+            "epochs": self.cfg.epochs,
+            "epochs_completed": self.epoch,
+            "num_blocks": self.num_blocks,
+            "start_block": tot.start_block,
+            "final_block": cur.block,
+            "mean_block": tot.block_sum / steps if steps else None,
+            "level_ups": [{k: v for k, v in u.record().items() if k != "type"} for u in cur.level_ups],
+            "calibration_scores": cur.calibration_scores,
+            **tot.summary(steps, self.num_blocks),
+            "flops": {k: v for k, v in self.flops.totals().items() if k not in ("steps", "images")},
+            "resolved": self.resolved,
+            "config": self.cfg.to_dict(),
+        }
+    )
