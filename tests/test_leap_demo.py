@@ -97,6 +97,14 @@ def test_demo_pipeline_on_sample(tmp_path, capsys):
         in table.split("| baseline |")[1].split("\n")[0]
     )
     assert "after the last epoch" in table
+    # Training time: wall and the process's CPU time, the LEAP row with its change against the baseline's.
+    assert "training time: wall / CPU" in header and "CPU time is the measure that holds" in table
+    leap_row, base_row = table.split("| leap |")[1].split("\n")[0], table.split("| baseline |")[1].split("\n")[0]
+    for summary in (base["summary"], leap["summary"]):
+        assert summary["train_cpu_time_s"] > 0 and summary["mean_step_cpu_time_s"] > 0
+    change = 100 * (leap["summary"]["train_cpu_time_s"] / base["summary"]["train_cpu_time_s"] - 1)
+    assert f"{leap['summary']['train_cpu_time_s']:.0f} s ({change:+.0f}%)" in leap_row, leap_row
+    assert "%)" not in base_row.split("|")[5], base_row  # the baseline is the reference: no change of its own
     # Each student's evaluations are recorded in its run directory and listed by its report.
     report = (tmp_path / "demo" / "leap" / "report" / "report.md").read_text()
     assert "## Evaluations" in report and "linear probe top-1" in report and "kNN top-1" in report

@@ -411,7 +411,7 @@ class Trainer:
             for record in p.effect_records:  # lr restart / head reset of this step's level-ups
                 self._log(record)
             self._step_extra = p.extra
-            self.stats.add_step(r, self.global_batch, p.dt)
+            self.stats.add_step(r, self.global_batch, p.dt, p.cpu_dt)
             self._progress.show(r, r.step, p.step_in_epoch)
 
     def _log_level_ups(self, level_ups: list[LevelUp], cka: float | None) -> None:
@@ -427,7 +427,7 @@ class Trainer:
         cfg = self.cfg
         set_loader_epoch(self.loader, self.epoch, start_batch=self.step_in_epoch)
         self._progress.start_epoch(self.epoch, self.step_in_epoch)
-        t_last = time.perf_counter()
+        t_last, cpu_last = time.perf_counter(), time.process_time()
         try:
             for images, _labels in self.loader:
                 result = self.train_step(images)
@@ -448,9 +448,10 @@ class Trainer:
                     self._read_back()  # before the clock: a step that waits for the device pays for it
                 # Host time between step ends: on a GPU a step between read points shows the time to queue
                 # it, and a read point the wait for the queue; their sum is the run's time.
-                now = time.perf_counter()
+                now, cpu_now = time.perf_counter(), time.process_time()
                 pending = self.readback.last
                 pending.dt, t_last = now - t_last, now
+                pending.cpu_dt, cpu_last = cpu_now - cpu_last, cpu_now
                 pending.step_in_epoch = self.step_in_epoch
                 result.images_per_s = self.global_batch / pending.dt if pending.dt > 0 else None
                 if read_point:

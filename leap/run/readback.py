@@ -62,6 +62,7 @@ class PendingStep:
     applied: bool = False  # its optimizer update was applied
     step_in_epoch: int = 0
     dt: float = 0.0  # seconds from the previous step's end to this step's end (host clock)
+    cpu_dt: float = 0.0  # this process's CPU time over the same span
 
     @property
     def read(self) -> bool:

@@ -68,6 +68,7 @@ class EpochStats:
     teacher_blocks_run: int = 0
     images: int = 0
     time_s: float = 0.0
+    cpu_s: float = 0.0  # this process's CPU time (all its threads): robust to other jobs on the machine
     cka_sum: float = 0.0
     cka_count: int = 0
     decode_failures: int = 0  # undecodable files new to the run found in this epoch
@@ -100,6 +101,7 @@ class EpochStats:
             "teacher_blocks_run_total": self.teacher_blocks_run,
             "teacher_block_savings": 1.0 - self.teacher_blocks_run / (max(1, self.steps) * num_blocks),
             "time_s": self.time_s,
+            "cpu_time_s": self.cpu_s,
             "images_per_s": self.images / self.time_s if self.time_s > 0 else None,
             "lr": lr,
             "step": step,
@@ -115,6 +117,7 @@ class RunTotals:
     block_sum: int = 0
     images: int = 0
     time_s: float = 0.0
+    cpu_s: float = 0.0  # the training process's CPU time of the steps (DataLoader workers not included)
     decode_failures: int = 0  # distinct undecodable files of the run (all ranks, across resumes)
     failed_images: list[int] = field(default_factory=list)  # their dataset indices, sorted
     start_block: int | None = None
@@ -136,6 +139,8 @@ class RunTotals:
             "images_per_s": self.images / self.time_s if self.time_s > 0 else None,
             "decode_failures": self.decode_failures,
             "mean_step_time_s": self.time_s / steps if steps else None,
+            "train_cpu_time_s": self.cpu_s,
+            "mean_step_cpu_time_s": self.cpu_s / steps if steps else None,
         }
 
 
@@ -146,8 +151,9 @@ class RunStats:
     epoch: EpochStats = field(default_factory=EpochStats)
     total: RunTotals = field(default_factory=RunTotals)
 
-    def add_step(self, result: StepResult, images: int, dt: float) -> None:
-        """Account one step on ``images`` images (global batch) that took ``dt`` seconds."""
+    def add_step(self, result: StepResult, images: int, dt: float, cpu_dt: float = 0.0) -> None:
+        """Account one step on ``images`` images (global batch) that took ``dt`` seconds (``cpu_dt`` seconds
+        of this process's CPU time)."""
         ep, tot = self.epoch, self.total
         ep.steps += 1
         ep.loss_sum += result.loss
@@ -157,6 +163,7 @@ class RunStats:
         ep.teacher_blocks_run += result.teacher_blocks_run
         ep.images += images
         ep.time_s += dt
+        ep.cpu_s += cpu_dt
         if result.cka is not None and math.isfinite(result.cka):
             ep.cka_sum += result.cka
             ep.cka_count += 1
@@ -164,6 +171,7 @@ class RunStats:
         tot.block_sum += result.block
         tot.images += images
         tot.time_s += dt
+        tot.cpu_s += cpu_dt
         tot.last_loss = result.loss
 
     def add_calibration(self, start_block: int, scan_blocks: int) -> None:
