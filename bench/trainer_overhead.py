@@ -129,6 +129,8 @@ def run_plain(spec: dict, steps: int, k: int | None, device: str) -> list[float]
                             num_images=spec["batch"] * (steps + 1), seed=0)  # fmt: skip
     loader = torch.utils.data.DataLoader(dataset, batch_size=spec["batch"], shuffle=True, drop_last=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    teacher_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # as leap's teacher: bf16 weights on a GPU
+    teacher.to(teacher_dtype)
     n_prefix = teacher.num_prefix_tokens
 
     def teacher_tokens(images: torch.Tensor) -> torch.Tensor:
@@ -145,8 +147,8 @@ def run_plain(spec: dict, steps: int, k: int | None, device: str) -> list[float]
         if step >= steps:
             break
         images = images.to(dev, non_blocking=True)
-        with torch.no_grad(), amp:
-            t = teacher_tokens(images)
+        with torch.no_grad():
+            t = teacher_tokens(images.to(teacher_dtype))
         t_patch, t_cls = t[:, n_prefix:].float(), t[:, 0].float()
         with amp:
             s = student.forward_features(images)

@@ -132,6 +132,7 @@ def test_all_sections_in_order_with_results_under_out(fake):
         f"tools/gpu_smoke.py --out {out}/smoke.json",
         f"bench/compare.py --baseline-dir bench/baselines --threshold 1.25 {out}/bench-fake-gpu.json",
         f"bench/whole_run.py {out}/step-fake-gpu.json --out {out}/whole-run-fake-gpu.json",
+        f"bench/trainer_overhead.py --size vitg --rounds 1 --steps 6 --out {out}/trainer-overhead-fake-gpu.csv",
         f"tools/fp8_teacher.py --model vit_giant_patch14_reg4_dinov2 --images 8 --batch 8 --time-batch 32 "
         f"--out {out}/fp8_teacher-fake-gpu.csv",
     ]

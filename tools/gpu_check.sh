@@ -29,6 +29,9 @@
 #   step      one full LEAP training step at k = 10,40 (GPU_CHECK_STEP_KS): ours vs stock timm + PyTorch, eager
 #             and compiled (regional) -> step-<device>.json; then bench/whole_run.py: the whole-run time
 #             over the paper's trajectory -> whole-run-<device>.json, table in the summary
+#   overhead  bench/trainer_overhead.py: leap distill's step against the plain timm + PyTorch loop a user would
+#             write, ViT-g/14 reg4 -> ViT-S/14, bf16, batch 128, baseline and LEAP held at k = 10, 40
+#             -> trainer-overhead-<device>.csv
 #   fp8       tools/fp8_teacher.py: ViT-g/14 reg4 (random init, built on the GPU) with --teacher-precision
 #             fp8 vs bf16 vs fp32 on the Fashion-MNIST sample committed under tests/data: relative error
 #             and CKA per block, the truncated teacher's time in bf16 and fp8 -> fp8_teacher-<device>.csv
@@ -60,13 +63,13 @@ PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 DRY=${GPU_CHECK_DRY_RUN:-0}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
-ALL_SECTIONS="install,env,smoke,bench,teacher,step,fp8,tests"
+ALL_SECTIONS="install,env,smoke,bench,teacher,step,overhead,fp8,tests"
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
 # Seconds each section is expected to take on an H100/H200 from a fresh machine (cold caches), and
 # the most it may take.
 # bench and teacher include their DINOv3 cases (about 60 s and 90 s: the RoPE shapes, the 7B's init and forwards).
-declare -A ESTIMATE=([install]=120 [env]=5 [smoke]=45 [bench]=210 [teacher]=150 [step]=90 [fp8]=40 [tests]=300)
-declare -A LIMIT=([install]=240 [env]=60 [smoke]=120 [bench]=300 [teacher]=300 [step]=180 [fp8]=120 [tests]=400)
+declare -A ESTIMATE=([install]=120 [env]=5 [smoke]=45 [bench]=210 [teacher]=150 [step]=90 [overhead]=90 [fp8]=40 [tests]=300)
+declare -A LIMIT=([install]=240 [env]=60 [smoke]=120 [bench]=300 [teacher]=300 [step]=180 [overhead]=180 [fp8]=120 [tests]=400)
 # GPU_CHECK_TEST_FILES replaces the list, e.g. with tests/test_teacher_attention_rope.py tests/test_dinov3.py
 # (the DINOv3 GPU checks: the RoPE kernels, the offloaded teacher).
 GPU_TEST_FILES=${GPU_CHECK_TEST_FILES:-"tests/test_gpu.py tests/test_leap_fp8.py tests/test_teacher_attention_rope.py tests/test_dinov3.py tests/test_device_pipeline.py tests/test_host_syncs.py"}
@@ -261,6 +264,17 @@ if wanted step; then
         (( RAN )) && grep -E "^(\||whole run)" "$OUT/whole_run.log" | sed 's/^/  /' | tee -a "$SUMMARY"
     fi
 fi
+if wanted overhead; then
+    # leap distill's step against the loop a user would write (ViT-g/14 -> ViT-S/14, bf16, batch 128).
+    if [[ "$DRY" == 1 ]]; then
+        OVERHEAD_ARGS=(--size small --smoke)
+    else
+        OVERHEAD_ARGS=(--size vitg --rounds 1 --steps 6)
+    fi
+    run_section overhead "$PY" bench/trainer_overhead.py "${OVERHEAD_ARGS[@]}" --out "$OUT/trainer-overhead-$DEVICE.csv"
+    (( RAN )) && grep -E "^\|" "$OUT/overhead.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+fi
+
 if wanted fp8; then
     if [[ "$DRY" == 1 ]]; then
         FP8_ARGS=(--images 4 --batch 4)  # the bundled demo teacher, CPU emulation
