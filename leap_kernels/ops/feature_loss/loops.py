@@ -348,9 +348,14 @@ def forward_triton(ops: Operands, opts: LossOptions, splits: int) -> LoopResult:
     chunk = chunk_tokens(m, DEFAULT_TRITON_CHUNK_TOKENS)
 
     # Every buffer once per call, sized by the shapes only.
-    g_buf = None
+    g_buf = p_buf = None
     if want_grads or normalize:  # G, and for the token-normalized loss first P, in the compute dtype
         g_buf = torch.empty(chunk, n, dtype=compute_dtype, device=device)
+    if normalize and compute_dtype == torch.float16:
+        # An fp16 P overflows where the fp32 accumulator (and the float64 reference) does not: |P| > 65504
+        # would turn the token's statistics into NaN. P stays fp32 here; G (bounded by the normalization)
+        # still goes to the fp16 buffer the gradient GEMMs read. bf16 has fp32's range: no second buffer.
+        p_buf = torch.empty(chunk, n, dtype=torch.float32, device=device)
     row_loss = partial = None
     if reduction is not None:
         if normalize:
@@ -385,9 +390,10 @@ def forward_triton(ops: Operands, opts: LossOptions, splits: int) -> LoopResult:
         scale_chunk = row_scale[start:stop] if row_scale is not None else None
         if normalize:
             assert g is not None  # allocated for the token-normalized loss
-            _launch_projection(call, start, rows, g, None, None, mode=0)
+            p = p_buf[:rows] if p_buf is not None else g
+            _launch_projection(call, start, rows, p, None, None, mode=0)
             token_norm_rows_triton(
-                g,
+                p,
                 target,
                 opts.eps,
                 row_scale=scale_chunk,
