@@ -39,7 +39,6 @@ Writes bench/results/attention[-dinov3|-teacher]-<device>.csv (or --out) and pri
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import math
 import os
@@ -155,18 +154,7 @@ def run_kernel_cases(case_list, wanted, device, dtype, iters, warmup) -> list[Ro
                     median, p20, p80 = time_fn(fn, device, iters, warmup)
                 rows.append(Row(name, variant, median, p20, p80, flops / (median * 1e-3) / 1e12, err))
             except Exception as exc:  # report and go on: one broken variant must not hide the others
-                rows.append(
-                    Row(
-                        name,
-                        variant,
-                        math.nan,
-                        math.nan,
-                        math.nan,
-                        math.nan,
-                        None,
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
-                    )
-                )
+                rows.append(_failed(name, variant, exc))
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -182,17 +170,6 @@ def _failed(name: str, variant: str, exc: Exception) -> Row:
     return Row(name, variant, math.nan, math.nan, math.nan, math.nan, None, f"{type(exc).__name__}: {first}")
 
 
-def _peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak GPU memory (MiB, everything allocated: weights included) during one call of ``fn``."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
-
-
 def run_teacher_cases(model_name, img_size, batch, ks, overrides, wanted, device, iters, warmup, memory=False):
     """Rows of the truncated-teacher forward per k and variant; ``ours-offload`` (run last) needs ``memory``."""
     from leap.teacher import TruncatedTeacher
@@ -206,7 +183,7 @@ def run_teacher_cases(model_name, img_size, batch, ks, overrides, wanted, device
         err = ((out - ref).norm() / ref.norm()).item()
         median, p20, p80 = time_fn(fn, device, iters, warmup, rep_ms=1500)
         flops = teacher_flops(teacher, batch, k)
-        peak = _peak_mb(fn, device) if memory else None
+        peak = harness.peak_total_mb(fn, device) if memory else None
         return Row(name, variant, median, p20, p80, flops / (median * 1e-3) / 1e12, err, peak_mb=peak)
 
     with torch.no_grad():
@@ -258,44 +235,26 @@ def _speedups(rows: list[Row], baseline: str) -> dict[tuple[str, str], str]:
 
 
 def write_csv(path: str, rows: list[Row], env: dict, baseline: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     speedup = _speedups(rows, baseline)
-    fields = [
-        "date",
-        "device",
-        "torch",
-        "triton",
-        "git_sha",
-        "case",
-        "variant",
-        "median_ms",
-        "p20_ms",
-        "p80_ms",
-        "tflops",
-        "rel_err",
-        f"speedup_vs_{baseline}",
-        "peak_mb",
-        "error",
-    ]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(
-                {
-                    **env,
-                    "case": r.case,
-                    "variant": r.variant,
-                    "median_ms": f"{r.median_ms:.4f}",
-                    "p20_ms": f"{r.p20_ms:.4f}",
-                    "p80_ms": f"{r.p80_ms:.4f}",
-                    "tflops": f"{r.tflops:.4g}",
-                    "rel_err": "" if r.rel_err is None else f"{r.rel_err:.2e}",
-                    f"speedup_vs_{baseline}": speedup[(r.case, r.variant)],
-                    "peak_mb": "" if r.peak_mb is None else f"{r.peak_mb:.0f}",
-                    "error": r.error,
-                }
-            )
+    fields = [*harness.CSV_FIELDS, "tflops", "rel_err", f"speedup_vs_{baseline}", "peak_mb", "error"]
+    harness.write_csv_rows(
+        path,
+        fields,
+        (
+            {
+                **env,
+                "case": r.case,
+                "variant": r.variant,
+                **harness.csv_times(r.median_ms, r.p20_ms, r.p80_ms),
+                "tflops": f"{r.tflops:.4g}",
+                "rel_err": "" if r.rel_err is None else f"{r.rel_err:.2e}",
+                f"speedup_vs_{baseline}": speedup[(r.case, r.variant)],
+                "peak_mb": "" if r.peak_mb is None else f"{r.peak_mb:.0f}",
+                "error": r.error,
+            }
+            for r in rows
+        ),
+    )
 
 
 def markdown_table(rows: list[Row], env: dict, baseline: str) -> str:

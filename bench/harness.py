@@ -18,7 +18,8 @@ not counted on either device.
 
 The same functions serve the pytest-benchmark suite (``pytest bench/``, see bench/conftest.py) and
 the CSV scripts (bench_feature_loss.py, bench_attention.py, bench_cpu.py): :class:`RoundTimer` is
-one timed round, :func:`peak_extra_mb` the memory figure, :func:`environment` and
+one timed round, :func:`peak_extra_mb` the memory figure (:func:`peak_total_mb`
+the whole of it), :func:`environment` and
 :func:`device_class` what identifies the machine.
 """
 
@@ -31,7 +32,7 @@ import os
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -157,6 +158,18 @@ def peak_extra_mb(fn: Callable[[], None], device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def peak_total_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak GPU memory (MiB, everything allocated: weights included) during one call of ``fn``; ``None`` off
+    CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 def finish(out: str, rows: list[Measurement], env: dict) -> int:
     """Write the CSV, print the markdown table and where the CSV went; the script's exit code."""
     write_csv(out, rows, env)
@@ -248,28 +261,18 @@ def run_variants(
         try:
             fn = factory()
             times, peak = measure(fn, iters=iters, warmup=warmup, device=device)
-            rows.append(
-                Measurement(
-                    case, name, statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), peak, iters
-                )
-            )
+            rows.append(_measured(case, name, times, peak, iters))
         except Exception as exc:  # report and go on: one broken variant must not hide the others
-            rows.append(
-                Measurement(
-                    case,
-                    name,
-                    float("nan"),
-                    float("nan"),
-                    float("nan"),
-                    None,
-                    0,
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                )
-            )
+            rows.append(_failed(case, name, exc))
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def _measured(case: str, name: str, times: list[float], peak: float | None, iters: int) -> Measurement:
+    """The row of a variant timed ``times`` (ms): median, 20th and 80th percentiles."""
+    return Measurement(case, name, statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), peak, iters)
 
 
 def _failed(case: str, name: str, exc: Exception) -> Measurement:
@@ -310,46 +313,45 @@ def _run_interleaved(case, variants, *, iters, warmup, device) -> list[Measureme
             continue
         fn = fns[name]
         peak = peak_extra_mb(fn, device)
-        t = times[name]
-        rows.append(Measurement(case, name, statistics.median(t), _quantile(t, 0.2), _quantile(t, 0.8), peak, len(t)))
+        rows.append(_measured(case, name, times[name], peak, len(times[name])))
     return rows
 
 
-def write_csv(path: str, rows: list[Measurement], env: dict, baselines=("eager", "compile")) -> None:
+#: The first columns of every benchmark CSV: the machine and code (:func:`environment`), the case, the variant and
+#: its times (:func:`csv_times`).
+CSV_FIELDS = ("date", "device", "torch", "triton", "git_sha", "case", "variant", "median_ms", "p20_ms", "p80_ms")
+
+
+def csv_times(median_ms: float, p20_ms: float, p80_ms: float) -> dict[str, str]:
+    """The time columns of a CSV row (ms, 4 decimals)."""
+    return {"median_ms": f"{median_ms:.4f}", "p20_ms": f"{p20_ms:.4f}", "p80_ms": f"{p80_ms:.4f}"}
+
+
+def write_csv_rows(path: str, fields: Sequence[str], rows: Iterable[dict]) -> None:
+    """Write ``rows`` under the header ``fields`` to ``path`` (its folder made if needed)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_csv(path: str, rows: list[Measurement], env: dict, baselines=("eager", "compile")) -> None:
     by_case: dict[str, dict[str, Measurement]] = {}
     for r in rows:
         by_case.setdefault(r.case, {})[r.variant] = r
-    fields = [
-        "date",
-        "device",
-        "torch",
-        "triton",
-        "git_sha",
-        "case",
-        "variant",
-        "median_ms",
-        "p20_ms",
-        "p80_ms",
-        "peak_extra_mb",
-        "iters",
-        *[f"speedup_vs_{b}" for b in baselines],
-        "error",
-    ]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            row = {**env, **dataclasses.asdict(r)}
-            for b in baselines:
-                base = by_case[r.case].get(b)
-                ok = base is not None and base.median_ms == base.median_ms and r.median_ms == r.median_ms
-                row[f"speedup_vs_{b}"] = f"{base.median_ms / r.median_ms:.3f}" if ok and r.median_ms > 0 else ""
-            row["median_ms"] = f"{r.median_ms:.4f}"
-            row["p20_ms"] = f"{r.p20_ms:.4f}"
-            row["p80_ms"] = f"{r.p80_ms:.4f}"
-            row["peak_extra_mb"] = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.1f}"
-            writer.writerow(row)
+    fields = [*CSV_FIELDS, "peak_extra_mb", "iters", *[f"speedup_vs_{b}" for b in baselines], "error"]
+    out = []
+    for r in rows:
+        row = {**env, **dataclasses.asdict(r)}
+        for b in baselines:
+            base = by_case[r.case].get(b)
+            ok = base is not None and base.median_ms == base.median_ms and r.median_ms == r.median_ms
+            row[f"speedup_vs_{b}"] = f"{base.median_ms / r.median_ms:.3f}" if ok and r.median_ms > 0 else ""
+        row.update(csv_times(r.median_ms, r.p20_ms, r.p80_ms))
+        row["peak_extra_mb"] = "n/a" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.1f}"
+        out.append(row)
+    write_csv_rows(path, fields, out)
 
 
 def _speedup(base: Measurement | None, r: Measurement) -> str:

@@ -54,34 +54,21 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def _run_loss(runner, case: cases.LossCase, variant: str, **widths) -> None:
+    """Time one loss case's variant; ``widths``: the case's sizes recorded between ``tokens`` and ``d_t``."""
+    factory = _loss_factory(case, variant, runner.device, runner.compile_backend)
+    runner(case.name, variant, factory, op=case.op, tokens=case.m, **widths, d_t=case.d_t, dtype=str(case.dtype))
+
+
 def test_fused_loss(run_bench, loss_case, variant):
     """fused_feature_loss (student (M, D_s), W (D_t, D_s), b (D_t,), target (M, D_t)) forward + backward
     to student, W and b."""
-    runner = run_bench
-    runner(
-        loss_case.name,
-        variant,
-        _loss_factory(loss_case, variant, runner.device, runner.compile_backend),
-        op=loss_case.op,
-        tokens=loss_case.m,
-        d_s=loss_case.d_s,
-        d_t=loss_case.d_t,
-        dtype=str(loss_case.dtype),
-    )
+    _run_loss(run_bench, loss_case, variant, d_s=loss_case.d_s)
 
 
 def test_token_normalized_mse(run_bench, loss_case, variant):
     """token_normalized_mse (input, target (M, D)) forward + backward to input."""
-    runner = run_bench
-    runner(
-        loss_case.name,
-        variant,
-        _loss_factory(loss_case, variant, runner.device, runner.compile_backend),
-        op=loss_case.op,
-        tokens=loss_case.m,
-        d_t=loss_case.d_t,
-        dtype=str(loss_case.dtype),
-    )
+    _run_loss(run_bench, loss_case, variant)
 
 
 def test_teacher_attention(run_bench, attention_case, variant, request):

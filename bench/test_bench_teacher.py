@@ -7,6 +7,7 @@ each with the peak GPU memory of one forward (``peak_total_mb``, weights include
 from __future__ import annotations
 
 import cases
+import harness
 import pytest
 import torch
 from suite import bench_device, bench_size, gpu_only, ks_option, ours_backends
@@ -32,14 +33,27 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("k,variant", params, ids=[f"k{k}-{v}" for k, v in params])
 
 
+def _teacher_and_images(spec, device: torch.device):
+    """The spec's teacher (random weights) on ``device`` and a seeded batch of images ``(B, 3, S, S)``."""
+    teacher = cases.build_teacher(spec.teacher, spec.img_size, device, spec.teacher_overrides)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(spec.batch, 3, spec.img_size, spec.img_size, generator=gen).to(device, teacher.dtype)
+    return teacher, x
+
+
+def _run_teacher(runner, spec, teacher, k: int, variant: str, factory) -> None:
+    """Time one teacher forward to block ``k``."""
+    name = f"teacher-{spec.teacher}-B{spec.batch}-k{k}"
+    flops = cases.teacher_flops(teacher, spec.batch, k)
+    runner(name, variant, factory, kind="model", flops=flops, k=k, batch=spec.batch, model=spec.teacher)
+
+
 @pytest.fixture(scope="module")
 def teacher_and_images(request):
     gpu_only(request.config)
     device, size = bench_device(request.config), bench_size(request.config)
     spec = cases.MODEL_SIZES[size]
-    teacher = cases.build_teacher(spec.teacher, spec.img_size, device, spec.teacher_overrides)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(spec.batch, 3, spec.img_size, spec.img_size, generator=gen).to(device, teacher.dtype)
+    teacher, x = _teacher_and_images(spec, device)
     yield spec, teacher, x
     del teacher, x
     if device.type == "cuda":
@@ -57,17 +71,7 @@ def test_teacher_forward(run_bench, teacher_and_images, k, variant):
         factory = cases.forced(factories["ours"], variant[len("ours-") :])
     else:
         factory = factories[variant]
-    name = f"teacher-{spec.teacher}-B{spec.batch}-k{k}"
-    runner(
-        name,
-        variant,
-        factory,
-        kind="model",
-        flops=cases.teacher_flops(teacher, spec.batch, k),
-        k=k,
-        batch=spec.batch,
-        model=spec.teacher,
-    )
+    _run_teacher(runner, spec, teacher, k, variant, factory)
 
 
 @pytest.fixture(scope="module")
@@ -75,24 +79,12 @@ def dinov3_teacher(request):
     gpu_only(request.config)
     device, size = bench_device(request.config), bench_size(request.config)
     spec = cases.DINOV3_SIZES["smoke" if size == "smoke" else "full"]
-    teacher = cases.build_teacher(spec.teacher, spec.img_size, device, spec.teacher_overrides)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(spec.batch, 3, spec.img_size, spec.img_size, generator=gen).to(device, teacher.dtype)
+    teacher, x = _teacher_and_images(spec, device)
     state = {"spec": spec, "teacher": teacher, "x": x, "offloaded": None}
     yield state
     state.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _peak_total_mb(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def test_dinov3_teacher_forward(run_bench, dinov3_teacher, dinov3_k, variant):
@@ -117,15 +109,5 @@ def test_dinov3_teacher_forward(run_bench, dinov3_teacher, dinov3_k, variant):
             pytest.skip("the model's blocks were offloaded by an earlier ours-offload case")
         factories = cases.teacher_variants(teacher, x, k, runner.compile_backend)
         factory = factories["timm"] if variant == "timm" else cases.forced(factories["ours"], variant[len("ours-") :])
-    name = f"teacher-{spec.teacher}-B{spec.batch}-k{k}"
-    runner(
-        name,
-        variant,
-        factory,
-        kind="model",
-        flops=cases.teacher_flops(teacher, spec.batch, k),
-        k=k,
-        batch=spec.batch,
-        model=spec.teacher,
-    )
-    runner.benchmark.extra_info["peak_total_mb"] = _peak_total_mb(factory(), runner.device)
+    _run_teacher(runner, spec, teacher, k, variant, factory)
+    runner.benchmark.extra_info["peak_total_mb"] = harness.peak_total_mb(factory(), runner.device)

@@ -20,7 +20,7 @@ import traceback
 
 import pytest
 import torch
-from test_leap_train import tiny_config
+from tiny import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from leap.run.loop import Trainer

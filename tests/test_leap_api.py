@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from tiny import STUDENT, as_argv, fast_cpu, tiny_options
 
 import leap
 from leap.cli import main
@@ -18,20 +19,7 @@ from leap.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "tests" / "data" / "fashion-mnist-sample")
-TEACHER = {"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7}
-STUDENT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7}
-OPTIONS = dict(
-    teacher_overrides=TEACHER,
-    student_overrides=STUDENT,
-    img_size=28,
-    batch_size=4,
-    workers=0,
-    progress=False,
-    data_source="synthetic",
-    synthetic_size=16,
-    epochs=1,
-    warmup_epochs=0.5,
-)
+OPTIONS = tiny_options(teacher_depth=3)  # teacher, student, data and schedule of the tiny run
 
 
 @pytest.fixture(autouse=True)
@@ -40,16 +28,11 @@ def _fast_cpu(monkeypatch, one_thread):
 
 
 def cli_argv(out) -> list[str]:
-    argv = ["distill", "--teacher", "vit_small_patch14_dinov2", "--student", "vit_small_patch14_dinov2"]
-    argv += ["--teacher-overrides", json.dumps(TEACHER), "--student-overrides", json.dumps(STUDENT)]
-    argv += ["--img-size", "28", "--batch-size", "4", "--workers", "0", "--no-progress", "--data-source", "synthetic"]
-    return argv + ["--synthetic-size", "16", "--epochs", "1", "--warmup-epochs", "0.5", "--out", str(out)]
+    return ["distill", *as_argv(**OPTIONS, out=out)]
 
 
 def test_distill_runs_the_same_tiny_run_as_the_command(tmp_path, capsys):
-    summary = leap.distill(
-        teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2", out=tmp_path / "api", **OPTIONS
-    )
+    summary = leap.distill(out=tmp_path / "api", **OPTIONS)
     assert main(cli_argv(tmp_path / "cli")) == 0, capsys.readouterr().err
     cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["status"] == cli["status"] == "completed" and summary["steps"] == cli["steps"] == 4
@@ -121,14 +104,8 @@ def test_the_command_is_a_layer_over_the_api(tmp_path, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def api_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("api") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("LEAP_KERNELS_BACKEND", "torch")
-            leap.distill(teacher="vit_small_patch14_dinov2", student="vit_small_patch14_dinov2", out=run, **OPTIONS)
-    finally:
-        torch.set_num_threads(threads)
+    with fast_cpu():
+        leap.distill(out=run, **OPTIONS)
     return run
 
 

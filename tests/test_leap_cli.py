@@ -9,27 +9,12 @@ import sys
 
 import pytest
 import yaml
+from tiny import as_argv, tiny_argv
 
 from leap.cli import build_parser, main
 from leap.cli.distill import config_from_args
 
-TINY = [
-    "--teacher",
-    "vit_small_patch14_dinov2",
-    "--teacher-overrides",
-    '{"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7}',
-    "--student",
-    "vit_small_patch14_dinov2",
-    "--student-overrides",
-    '{"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7}',
-    "--img-size",
-    "28",
-    "--batch-size",
-    "4",
-    "--workers",
-    "0",
-    "--no-progress",
-]
+TINY = tiny_argv(teacher_depth=3)
 
 
 @pytest.fixture(autouse=True)
@@ -76,25 +61,8 @@ def test_help_lists_the_distill_options(capsys):
 
 def test_two_step_run_writes_log_and_summary(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    code, out, err = run_cli(
-        [
-            "distill",
-            *TINY,
-            "--data-source",
-            "synthetic",
-            "--synthetic-size",
-            "16",
-            "--max-steps",
-            "2",
-            "--start-block",
-            "1",
-            "--tau",
-            "0",
-            "--out",
-            str(out_dir),
-        ],
-        capsys,
-    )
+    argv = ["distill", *TINY, *as_argv(data_source="synthetic", synthetic_size=16, start_block=1, tau=0, out=out_dir)]
+    code, out, err = run_cli([*argv, "--max-steps", "2"], capsys)
     assert code == 0, err
     log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if r["type"] == "step"]
@@ -106,27 +74,7 @@ def test_two_step_run_writes_log_and_summary(tmp_path, capsys):
     assert "2 steps" in out and "teacher blocks run" in out  # printed summary
 
     # Continue the same run from the CLI.
-    code, out, err = run_cli(
-        [
-            "distill",
-            *TINY,
-            "--data-source",
-            "synthetic",
-            "--synthetic-size",
-            "16",
-            "--max-steps",
-            "3",
-            "--start-block",
-            "1",
-            "--tau",
-            "0",
-            "--out",
-            str(out_dir),
-            "--resume",
-            "auto",
-        ],
-        capsys,
-    )
+    code, out, err = run_cli([*argv, "--max-steps", "3", "--resume", "auto"], capsys)
     assert code == 0, err
     assert json.loads((out_dir / "summary.json").read_text())["steps"] == 3
 

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from spawn import free_port, run_processes, set_ddp_env
+from tiny import tiny_options
 
 WORLD = 2
 
@@ -19,23 +20,15 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     from leap.run.loop import Trainer
 
     cfg = TrainConfig(
-        teacher="vit_small_patch14_dinov2",
-        student="vit_small_patch14_dinov2",
-        teacher_overrides={"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
-        student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28,
-        data_source="synthetic",
-        synthetic_size=16,
-        batch_size=4,
-        epochs=2,
-        workers=0,
-        out=os.path.join(tmp, "run"),
-        progress=False,
-        device="cpu",
-        # Calibration picks the argmax of the rank-averaged scores; tau = 0.3 makes the
-        # level-ups depend on the averaged CKA of each step.
-        tau=0.3,
-        warmup_epochs=0.5,
+        **tiny_options(
+            teacher_depth=3,
+            epochs=2,
+            out=os.path.join(tmp, "run"),
+            device="cpu",
+            # Calibration picks the argmax of the rank-averaged scores; tau = 0.3 makes the
+            # level-ups depend on the averaged CKA of each step.
+            tau=0.3,
+        )
     )
     trainer = Trainer(cfg)
     summary = trainer.fit()

@@ -15,42 +15,22 @@ import pathlib
 
 import pytest
 import torch
+from tiny import STUDENT, fast_cpu, tiny_argv
 from torch import nn
 
 from leap.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "tests" / "data" / "fashion-mnist-sample")
-STUDENT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7}
-TINY = [
-    "--teacher",
-    "vit_small_patch14_dinov2",
-    "--teacher-overrides",
-    '{"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7}',
-    "--student",
-    "vit_small_patch14_dinov2",
-    "--student-overrides",
-    json.dumps(STUDENT),
-    "--img-size",
-    "28",
-    "--batch-size",
-    "4",
-    "--workers",
-    "0",
-    "--no-progress",
-    "--data-source",
-    "synthetic",
-    "--synthetic-size",
-    "16",
-    "--epochs",
-    "2",
-    "--warmup-epochs",
-    "0.5",
-    "--ckpt-every",
-    "3",
-    "--keep-checkpoints",
-    "3",
-]
+TINY = tiny_argv(
+    teacher_depth=3,
+    data_source="synthetic",
+    synthetic_size=16,
+    epochs=2,
+    warmup_epochs=0.5,
+    ckpt_every=3,
+    keep_checkpoints=3,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -62,16 +42,10 @@ def _fast_cpu(monkeypatch, one_thread):
 def run_dir(tmp_path_factory):
     """A tiny `leap distill` run (8 steps, kept checkpoints) with one `leap eval knn` record."""
     run = tmp_path_factory.mktemp("export") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("LEAP_KERNELS_BACKEND", "torch")
-            assert main(["distill", *TINY, "--out", str(run)]) == 0
-            argv = ["eval", "knn", "--model", str(run), "--data", SAMPLE, "--no-cache", "--no-progress"]
-            assert main([*argv, "--limit-train", "64", "--limit-val", "32", "--workers", "0"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    with fast_cpu():
+        assert main(["distill", *TINY, "--out", str(run)]) == 0
+        argv = ["eval", "knn", "--model", str(run), "--data", SAMPLE, "--no-cache", "--no-progress"]
+        assert main([*argv, "--limit-train", "64", "--limit-val", "32", "--workers", "0"]) == 0
     return str(run)
 
 
@@ -227,14 +201,8 @@ def onnx_export(run_dir, tmp_path_factory):
     import io
 
     buf = io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
-            mp.setenv("LEAP_KERNELS_BACKEND", "torch")
-            assert main([*argv, "--eval-limit", "96"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    with fast_cpu(), contextlib.redirect_stdout(buf):
+        assert main([*argv, "--eval-limit", "96"]) == 0
     return out, buf.getvalue()
 
 

@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 from spawn import free_port, run_processes, set_ddp_env
+from tiny import tiny_options
 
 WORLD = 2
 
@@ -24,24 +25,8 @@ def _worker(rank: int, world: int, port: int, tmp: str, sync: str) -> None:
     from leap.distributed import ProcessGroup
     from leap.run.loop import Trainer
 
-    cfg = TrainConfig(
-        teacher="vit_small_patch14_dinov2",
-        student="vit_small_patch14_dinov2",
-        teacher_overrides={"depth": 4, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
-        student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28,
-        data_source="synthetic",
-        synthetic_size=16,
-        batch_size=4,
-        epochs=2,
-        workers=0,
-        out=os.path.join(tmp, "run"),
-        progress=False,
-        device="cpu",
-        tau=0.3,
-        warmup_epochs=0.5,
-        curriculum_sync=sync,
-    )
+    options = tiny_options(epochs=2, out=os.path.join(tmp, "run"), device="cpu", tau=0.3, curriculum_sync=sync)
+    cfg = TrainConfig(**options)
     group = ProcessGroup("cpu")  # one process group for all the runs of this worker
     trainer = Trainer(cfg, group)
     summary = trainer.fit()

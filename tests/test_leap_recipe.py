@@ -15,6 +15,7 @@ import signal
 import pytest
 import torch
 from spawn import free_port, run_processes, set_ddp_env
+from tiny import STUDENT, TEACHER, TEACHER_DEPTH, as_argv, fast_cpu, read_log, records, tiny_config, tiny_models
 
 from leap.checkpoint import load_checkpoint
 from leap.cli import main
@@ -29,45 +30,12 @@ from leap.run.build import resolve_config
 from leap.run.loop import Trainer, train
 from leap_kernels import FeatureDistillationHead
 
-L = 4  # teacher depth of the tiny runs
-TEACHER = {"depth": L, "embed_dim": 48, "num_heads": 3, "patch_size": 7}
-STUDENT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7}
+L = TEACHER_DEPTH  # teacher depth of the tiny runs
 
 
 @pytest.fixture(autouse=True)
 def _fast_cpu(monkeypatch, one_thread):
     monkeypatch.setenv("LEAP_KERNELS_BACKEND", "torch")
-
-
-def tiny_config(out, **kw) -> TrainConfig:
-    """4-block teacher (width 48), 2-block student (width 32), 28 px; 16 images, batch 4 -> 4 steps per epoch."""
-    base = dict(
-        teacher="vit_small_patch14_dinov2",
-        student="vit_small_patch14_dinov2",
-        teacher_overrides=TEACHER,
-        student_overrides=STUDENT,
-        img_size=28,
-        data_source="synthetic",
-        synthetic_size=16,
-        batch_size=4,
-        epochs=1,
-        workers=0,
-        out=str(out),
-        progress=False,
-        warmup_epochs=0.5,
-        ckpt_every=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def read_log(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def records(log, kind):
-    return [r for r in log if r["type"] == kind]
 
 
 def final_params(run_dir) -> dict[str, torch.Tensor]:
@@ -179,14 +147,8 @@ FRACTION_BLOCKS = [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
 @pytest.fixture(scope="module")
 def fraction_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fraction")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("LEAP_KERNELS_BACKEND", "torch")
-            summary = train(tiny_config(run_dir, warmup_epochs=0.25, **FRACTION_KW))
-    finally:
-        torch.set_num_threads(threads)
+    with fast_cpu():
+        summary = train(tiny_config(run_dir, warmup_epochs=0.25, **FRACTION_KW))
     return run_dir, summary
 
 
@@ -474,8 +436,7 @@ def test_cost_model_of_the_concat_target(tmp_path, capsys):
     # `leap flops --concat-teacher-last` and `leap report` of a concat run say the same.
     traj = tmp_path / "blocks.txt"
     traj.write_text("1 2 3 4\n")
-    argv = ["flops", "--teacher", "vit_small_patch14_dinov2", "--student", "vit_small_patch14_dinov2"]
-    argv += ["--teacher-overrides", json.dumps(TEACHER), "--student-overrides", json.dumps(STUDENT), "--img-size", "28"]
+    argv = ["flops", *as_argv(**tiny_models())]
     assert main([*argv, "--trajectory", str(traj), "--json", "--concat-teacher-last"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["savings"]["teacher_only_saving"] == 0.0

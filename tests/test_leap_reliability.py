@@ -16,8 +16,10 @@ import socket
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from PIL import Image
+from tiny import read_log
 
 import leap.data as D
 from leap.cli import main
@@ -43,32 +45,8 @@ def _fast_cpu(monkeypatch, one_thread):
 
 
 def tiny_config(out, **kw) -> TrainConfig:
-    """4-block teacher, 2-block student, 28 px, 16 synthetic images, batch 4 -> 4 steps per epoch."""
-    base = dict(
-        teacher="vit_small_patch14_dinov2",
-        student="vit_small_patch14_dinov2",
-        teacher_overrides={"depth": 4, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
-        student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28,
-        data_source="synthetic",
-        synthetic_size=16,
-        batch_size=4,
-        epochs=1,
-        cka_every=1,
-        workers=0,
-        out=str(out),
-        progress=False,
-        warmup_epochs=0.5,
-        ckpt_every=0,
-        curriculum="off",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def read_log(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """The tiny run without the curriculum, measuring CKA every step."""
+    return tiny.tiny_config(out, **{"cka_every": 1, "curriculum": "off", **kw})
 
 
 def image_folder(root, classes=("a", "b"), per_class=3, bad=False):

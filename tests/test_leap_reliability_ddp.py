@@ -10,13 +10,13 @@ import signal
 import pytest
 import torch
 from spawn import free_port, run_processes, set_ddp_env
+from tiny import tiny_config
 
 WORLD = 2
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     set_ddp_env(rank, world, port)
-    from leap.config import TrainConfig
     from leap.errors import RunInterrupted
     from leap.run.loop import Trainer
 
@@ -29,23 +29,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         return result
 
     Trainer.train_step = step
-    cfg = TrainConfig(
-        teacher="vit_small_patch14_dinov2",
-        student="vit_small_patch14_dinov2",
-        teacher_overrides={"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
-        student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28,
-        data_source="synthetic",
-        synthetic_size=32,
-        batch_size=4,
-        epochs=2,
-        curriculum="off",
-        workers=0,
-        out=os.path.join(tmp, "run"),
-        progress=False,
-        device="cpu",
-        warmup_epochs=0.5,
-        ckpt_every=0,
+    cfg = tiny_config(
+        os.path.join(tmp, "run"), teacher_depth=3, synthetic_size=32, epochs=2, curriculum="off", device="cpu"
     )
     outcome = {"code": None, "steps": None}
     trainer = Trainer(cfg)

@@ -3,44 +3,23 @@ resumed run continues them, and a missing tensorboard package is a one-line erro
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import pytest
+from tiny import as_argv, read_log, tiny_models, tiny_options
 
 from leap.config import TrainConfig
 from leap.errors import MissingDependencyError
 from leap.run.loop import train
 from leap.run.tensorboard import ScalarFeed, require
 
-TINY = dict(
-    teacher="vit_small_patch14_dinov2",
-    student="vit_small_patch14_dinov2",
-    teacher_overrides={"depth": 3, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
-    student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-    img_size=28,
-    data_source="synthetic",
-    synthetic_size=16,
-    batch_size=4,
-    epochs=2,
-    workers=0,
-    progress=False,
-    warmup_epochs=0.5,
-    ckpt_every=0,
-    tau=0.0,
-    tensorboard=True,
-)
+TINY = tiny_options(teacher_depth=3, epochs=2, ckpt_every=0, tau=0.0, tensorboard=True)
 
 
 @pytest.fixture(autouse=True)
 def _fast_cpu(monkeypatch, one_thread):
     monkeypatch.setenv("LEAP_KERNELS_BACKEND", "torch")
-
-
-def read_log(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -102,10 +81,8 @@ def test_missing_tensorboard_is_one_clear_error(tmp_path, monkeypatch, capsys):
         require()
     from leap.cli import main
 
-    argv = ["distill", "--teacher", TINY["teacher"], "--student", TINY["student"], "--tensorboard"]
-    argv += ["--teacher-overrides", json.dumps(TINY["teacher_overrides"]), "--img-size", "28"]
-    argv += ["--student-overrides", json.dumps(TINY["student_overrides"]), "--data-source", "synthetic"]
-    argv += ["--synthetic-size", "8", "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "run")]
+    options = dict(tensorboard=True, data_source="synthetic", synthetic_size=8, batch_size=4, workers=0)
+    argv = ["distill", *as_argv(**tiny_models(teacher_depth=3), **options, out=tmp_path / "run")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "leap-kernels[tensorboard]" in err and "Traceback" not in err

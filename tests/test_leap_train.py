@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from tiny import TEACHER_DEPTH, fast_cpu, read_log, records, tiny_config
 from torch import nn
 
 from leap.checkpoint import atomic_save, load_checkpoint
@@ -18,8 +19,6 @@ from leap.objective import DistillModule
 from leap.optim import LARS, WarmupCosine, build_optimizer, param_groups, peak_lr
 from leap.run.loop import Trainer, train
 
-TEACHER_DEPTH = 4
-
 
 @pytest.fixture(autouse=True)
 def _fast_cpu(monkeypatch, one_thread):
@@ -27,40 +26,6 @@ def _fast_cpu(monkeypatch, one_thread):
     # only need the loss values, so use the (fast) torch backend of leap_kernels. Tiny
     # models: one intra-op thread is faster (no OpenMP wake-ups) and immune to a busy CPU.
     monkeypatch.setenv("LEAP_KERNELS_BACKEND", "torch")
-
-
-def tiny_config(out, **kw) -> TrainConfig:
-    """4-block teacher (width 48), 2-block student (width 32), 28 px / patch 7 -> 4x4 grid.
-
-    16 synthetic images, batch 4 -> 4 steps per epoch.
-    """
-    base = dict(
-        teacher="vit_small_patch14_dinov2",
-        student="vit_small_patch14_dinov2",
-        teacher_overrides={"depth": TEACHER_DEPTH, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
-        student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28,
-        data_source="synthetic",
-        synthetic_size=16,
-        batch_size=4,
-        epochs=1,
-        workers=0,
-        out=str(out),
-        progress=False,
-        warmup_epochs=0.5,
-        ckpt_every=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def read_log(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def records(log, kind):
-    return [r for r in log if r["type"] == kind]
 
 
 def final_params(run_dir) -> dict[str, torch.Tensor]:
@@ -174,14 +139,8 @@ RESUME_KW = dict(tau=0.0, epochs=2, ckpt_every=3)
 def straight_run(tmp_path_factory):
     """The uninterrupted 8-step reference run: (run_dir, summary)."""
     run_dir = tmp_path_factory.mktemp("straight")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("LEAP_KERNELS_BACKEND", "torch")
-            summary = train(tiny_config(run_dir, **RESUME_KW))
-    finally:
-        torch.set_num_threads(threads)
+    with fast_cpu():
+        summary = train(tiny_config(run_dir, **RESUME_KW))
     return run_dir, summary
 
 

@@ -18,35 +18,14 @@ import warnings
 import pytest
 import torch
 from test_reliability2_data import tiny_config
+from tiny import tiny_argv
 
 from leap.cli import main
 from leap.config_checks import KERNEL_BACKENDS
 from leap.errors import CheckpointError, ConfigError
 from leap.run.loop import Trainer
 
-TINY = [
-    "--teacher",
-    "vit_small_patch14_dinov2",
-    "--student",
-    "vit_small_patch14_dinov2",
-    "--teacher-overrides",
-    '{"depth": 4, "embed_dim": 48, "num_heads": 3, "patch_size": 7}',
-    "--student-overrides",
-    '{"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7}',
-    "--img-size",
-    "28",
-    "--data-source",
-    "synthetic",
-    "--synthetic-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--epochs",
-    "1",
-    "--workers",
-    "0",
-    "--no-progress",
-]
+TINY = tiny_argv(batch_size=8, data_source="synthetic", synthetic_size=32, epochs=1)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ Each test failed before its fix (the item numbers are the issue's).
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 import os
 import signal
@@ -19,8 +18,10 @@ import time
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from PIL import Image
+from tiny import read_log
 
 import leap.data as D
 from leap.cli import main
@@ -38,30 +39,7 @@ def _fast_cpu(monkeypatch, one_thread):
 
 def tiny_config(out, **kw) -> TrainConfig:
     """The issue's tiny run: 4-block teacher, 2-block student, 32 synthetic images at 28 px, batch 8."""
-    base = dict(
-        teacher="vit_small_patch14_dinov2",
-        student="vit_small_patch14_dinov2",
-        teacher_overrides={"depth": 4, "embed_dim": 48, "num_heads": 3, "patch_size": 7},
-        student_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 7},
-        img_size=28,
-        data_source="synthetic",
-        synthetic_size=32,
-        batch_size=8,
-        epochs=1,
-        workers=0,
-        out=str(out),
-        progress=False,
-        warmup_epochs=0.5,
-        ckpt_every=0,
-        curriculum="off",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def read_log(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return tiny.tiny_config(out, **{"synthetic_size": 32, "batch_size": 8, "curriculum": "off", **kw})
 
 
 def write_idx(folder, prefix: str, labels, *, gz: bool = True) -> None:

@@ -187,7 +187,7 @@ def test_unwritable_cache_and_run_dirs_are_refused_before_the_evaluation(tmp_pat
     def never(*args, **kw):
         raise AssertionError("the evaluation ran")
 
-    monkeypatch.setattr("leap.evaluation.run.extract_features", never)
+    monkeypatch.setattr("leap.evaluation.linear.extract_features", never)  # where kNN extracts
     with pytest.raises(EvaluationError, match=r"--cache-dir .*file: cannot write there: a regular file"):
         evaluate_knn({"pixels": True}, data, cache_dir=str(a_file), progress=False)
     monkeypatch.setenv("LEAP_CACHE_DIR", str(a_file))

@@ -218,10 +218,15 @@ def _add_labelled_data(p: argparse.ArgumentParser) -> None:
         choices=("auto", "folder", "fashion-mnist"),
         help="how to read --data (default: auto)",
     )
+    _add_limits(g, "--limit-test")
+
+
+def _add_limits(g: Any, *val_aliases: str) -> None:
+    """``--limit-train N`` and ``--limit-val N`` (with ``val_aliases``)."""
     g.add_argument("--limit-train", type=_int_min(1), metavar="N", help="first N training images only")
     g.add_argument(
         "--limit-val",
-        "--limit-test",
+        *val_aliases,
         dest="limit_val",
         type=_int_min(1),
         metavar="N",
@@ -256,35 +261,13 @@ def _csv(parse):
     return split
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``eval`` (with ``linear``, ``retrieval``, ``knn``, ``robustness``, ``segmentation``) to an argparse
-    sub-parsers object.
+def _add_linear(p: argparse.ArgumentParser) -> None:
+    _add_labelled_data(p)
+    _add_probe(p)
 
-    The parsed namespace has ``handler``: :func:`run` calls ``args.handler(args)`` -> exit code.
-    """
-    ev = subparsers.add_parser(NAME, help=HELP, description=_EVAL_DESCRIPTION, formatter_class=Formatter)
-    sub = ev.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
 
-    lin = sub.add_parser(
-        "linear",
-        help="the paper's linear probe (best and last validation top-1)",
-        description="Linear probe on frozen features (the LEAP paper's protocol).",
-        epilog=_LINEAR_EPILOG,
-        formatter_class=Formatter,
-    )
-    _add_labelled_data(lin)
-    _add_probe(lin)
-    _add_common(lin, batch_size=256)
-    lin.set_defaults(handler=_run_linear)
-
-    ret = sub.add_parser(
-        "retrieval",
-        help="Revisited Oxford/Paris mAP (Easy, Medium, Hard)",
-        description="Image retrieval on Revisited Oxford 5k / Paris 6k (revisitop protocol).",
-        epilog=_RETRIEVAL_EPILOG,
-        formatter_class=Formatter,
-    )
-    g = ret.add_argument_group("data")
+def _add_retrieval(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="ROOT", help="folder holding roxford5k/ and/or rparis6k/")
     g.add_argument("--dataset", required=True, choices=("roxford5k", "rparis6k"))
     g.add_argument("--gnd", metavar="FILE", help="ground truth .pkl or .json (default: ROOT/DATASET/gnd_DATASET.pkl)")
@@ -295,63 +278,102 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="center-crop: Resize 256 -> CenterCrop 224 (the paper's); keep-aspect: longer side = the model's "
         "resolution, aspect kept (default: center-crop)",
     )
-    _add_common(ret, batch_size=32)
-    ret.set_defaults(handler=_run_retrieval)
 
-    knn = sub.add_parser(
-        "knn",
-        help="weighted cosine kNN top-1",
-        description="k-nearest-neighbour accuracy of frozen features (DINO's weighted kNN).",
-        epilog=_KNN_EPILOG,
-        formatter_class=Formatter,
-    )
-    _add_labelled_data(knn)
-    g = knn.add_argument_group("kNN")
+
+def _add_knn(p: argparse.ArgumentParser) -> None:
+    _add_labelled_data(p)
+    g = p.add_argument_group("kNN")
     g.add_argument("--features", default="cls", choices=("cls", "patch", "both"), help="(default: cls)")
     g.add_argument("--k", type=_int_min(1), default=20, help="neighbours (default: 20)")
     g.add_argument("--temperature", type=float, default=0.07, help="(default: 0.07)")
-    _add_common(knn, batch_size=256)
-    knn.set_defaults(handler=_run_knn)
 
-    rob = sub.add_parser(
-        "robustness",
-        help="linear-probe top-1 under the 15 ImageNet-C corruptions",
-        description="Accuracy under common corruptions (ImageNet-C protocol) of the clean-trained linear probe.",
-        epilog=_ROBUSTNESS_EPILOG,
-        formatter_class=Formatter,
-    )
-    _add_labelled_data(rob)
-    _add_probe(rob)
-    g = rob.add_argument_group("corruptions")
+
+def _add_robustness(p: argparse.ArgumentParser) -> None:
+    _add_labelled_data(p)
+    _add_probe(p)
+    g = p.add_argument_group("corruptions")
     g.add_argument("--corruptions", type=_csv(str), metavar="LIST", help="comma-separated subset (default: all 15)")
     g.add_argument("--severities", type=_csv(int), metavar="LIST", help="comma-separated subset of 1-5 (default: all)")
     g.add_argument("--corruption-seed", type=int, default=0, help="seed of the corrupted images (default: 0)")
-    _add_common(rob, batch_size=256)
-    rob.set_defaults(handler=_run_robustness)
 
-    seg = sub.add_parser(
-        "segmentation",
-        help="linear segmentation probe on frozen patch tokens (mIoU)",
-        description="Linear semantic segmentation on frozen patch tokens (DINOv2's linear protocol).",
-        epilog=_SEGMENTATION_EPILOG,
-        formatter_class=Formatter,
-    )
-    g = seg.add_argument_group("data")
+
+def _add_segmentation(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="ROOT", help="ADE20K or images/ + masks/ folders")
     g.add_argument("--layout", default="auto", choices=("auto", "ade20k", "folders"), help="(default: auto)")
     g.add_argument("--num-classes", type=_int_min(1), metavar="C", help="(default: 150 for ADE20K, else from masks)")
     g.add_argument("--ignore-index", type=int, default=255, help="ignored mask value, folders layout (default: 255)")
-    g.add_argument("--limit-train", type=_int_min(1), metavar="N", help="first N training images only")
-    g.add_argument("--limit-val", type=_int_min(1), metavar="N", help="first N validation images only")
-    g = seg.add_argument_group("head")
+    _add_limits(g)
+    g = p.add_argument_group("head")
     g.add_argument("--head", default="bn-linear", choices=("bn-linear", "linear"), help="(default: bn-linear)")
     g.add_argument("--epochs", type=_int_min(1), default=30, help="(default: 30)")
     g.add_argument("--probe-batch-size", type=_int_min(1), default=16, help="images per step (default: 16)")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default: 0.001)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 0.0001)")
     g.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    _add_common(seg, batch_size=64)
-    seg.set_defaults(handler=_run_segmentation)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``eval`` (with ``linear``, ``retrieval``, ``knn``, ``robustness``, ``segmentation``) to an argparse
+    sub-parsers object.
+
+    The parsed namespace has ``handler``: :func:`run` calls ``args.handler(args)`` -> exit code.
+    """
+    ev = subparsers.add_parser(NAME, help=HELP, description=_EVAL_DESCRIPTION, formatter_class=Formatter)
+    sub = ev.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
+    # name, help, description, epilog, the protocol's own options, default --batch-size, handler
+    protocols = (
+        (
+            "linear",
+            "the paper's linear probe (best and last validation top-1)",
+            "Linear probe on frozen features (the LEAP paper's protocol).",
+            _LINEAR_EPILOG,
+            _add_linear,
+            256,
+            _run_linear,
+        ),
+        (
+            "retrieval",
+            "Revisited Oxford/Paris mAP (Easy, Medium, Hard)",
+            "Image retrieval on Revisited Oxford 5k / Paris 6k (revisitop protocol).",
+            _RETRIEVAL_EPILOG,
+            _add_retrieval,
+            32,
+            _run_retrieval,
+        ),
+        (
+            "knn",
+            "weighted cosine kNN top-1",
+            "k-nearest-neighbour accuracy of frozen features (DINO's weighted kNN).",
+            _KNN_EPILOG,
+            _add_knn,
+            256,
+            _run_knn,
+        ),
+        (
+            "robustness",
+            "linear-probe top-1 under the 15 ImageNet-C corruptions",
+            "Accuracy under common corruptions (ImageNet-C protocol) of the clean-trained linear probe.",
+            _ROBUSTNESS_EPILOG,
+            _add_robustness,
+            256,
+            _run_robustness,
+        ),
+        (
+            "segmentation",
+            "linear segmentation probe on frozen patch tokens (mIoU)",
+            "Linear semantic segmentation on frozen patch tokens (DINOv2's linear protocol).",
+            _SEGMENTATION_EPILOG,
+            _add_segmentation,
+            64,
+            _run_segmentation,
+        ),
+    )
+    for name, help_text, description, epilog, add_options, batch_size, handler in protocols:
+        p = sub.add_parser(name, help=help_text, description=description, epilog=epilog, formatter_class=Formatter)
+        add_options(p)
+        _add_common(p, batch_size=batch_size)
+        p.set_defaults(handler=handler)
     return ev
 
 
@@ -384,29 +406,33 @@ def main(argv=None) -> int:
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "model": args.model,
-        "teacher": args.teacher,
-        "teacher_weights": args.teacher_weights,
-        "teacher_overrides": args.teacher_overrides,
-        "block": args.block,
-        "img_size": args.img_size,
-        "pixels": args.pixels,
-    }
+    return _pick(args, "model", "teacher", "teacher_weights", "teacher_overrides", "block", "img_size", "pixels")
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-        "device": args.device,
-        "precision": args.precision,
-        "cache_dir": args.cache_dir,
-        "no_cache": args.no_cache,
-        "run_dir": args.run_dir,
+        **_pick(args, "batch_size", "workers", "device", "precision", "cache_dir", "no_cache", "run_dir"),
         "write_record": not args.no_record,
         "progress": not args.no_progress,
     }
+
+
+#: Argument names passed on as they are: the labelled data's (linear, kNN, robustness), the linear probe's
+#: (linear, robustness), the segmentation's.
+_LABELLED = ("data_source", "limit_train", "limit_val")
+_PROBE = ("features", "epochs", "probe_batch_size", "lr", "momentum", "weight_decay", "seed")
+_SEGMENTATION = ("layout", "num_classes", "ignore_index", "head", "epochs", "probe_batch_size", "lr", "weight_decay")
+_SEGMENTATION += ("seed", "limit_train", "limit_val")
+
+
+def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """``{name: args.name}`` for each of ``names``: the keyword arguments of an ``evaluate_*`` function."""
+    return {name: getattr(args, name) for name in names}
+
+
+def _kind_names(rec: dict[str, Any]) -> dict[str, str]:
+    """How the summary names the feature kinds of a probe record."""
+    return {"cls": "pixels" if rec["model"]["kind"] == "pixels" else "CLS", "patch": "mean-patch"}
 
 
 def _pct(x) -> str:
@@ -434,27 +460,13 @@ def _emit(args: argparse.Namespace, record: dict[str, Any], lines: list[str]) ->
 def _run_linear(args: argparse.Namespace) -> int:
     from ..evaluation.run import evaluate_linear
 
-    rec = evaluate_linear(
-        _model_options(args),
-        args.data,
-        features=args.features,
-        data_source=args.data_source,
-        epochs=args.epochs,
-        probe_batch_size=args.probe_batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        limit_train=args.limit_train,
-        limit_val=args.limit_val,
-        **_run_options(args),
-    )
+    rec = evaluate_linear(_model_options(args), args.data, **_pick(args, *_PROBE, *_LABELLED), **_run_options(args))
     d = rec["data"]
     lines = [
         f"linear probe [{rec['model']['description']}], {d['train_images']} training / {d['val_images']} "
         f"{d['val_split']} images, {rec['settings']['epochs']} epochs:"
     ]
-    names = {"cls": "pixels" if rec["model"]["kind"] == "pixels" else "CLS", "patch": "mean-patch"}
+    names = _kind_names(rec)
     for kind, r in rec["numbers"].items():
         lines.append(
             f"  {names[kind]:>10}: best top-1 {_pct(r['best_top1'])} (epoch {r['best_epoch']}, paper "
@@ -487,17 +499,8 @@ def _run_retrieval(args: argparse.Namespace) -> int:
 def _run_knn(args: argparse.Namespace) -> int:
     from ..evaluation.run import evaluate_knn
 
-    rec = evaluate_knn(
-        _model_options(args),
-        args.data,
-        features=args.features,
-        k=args.k,
-        temperature=args.temperature,
-        data_source=args.data_source,
-        limit_train=args.limit_train,
-        limit_val=args.limit_val,
-        **_run_options(args),
-    )
+    options = _pick(args, "features", "k", "temperature", *_LABELLED)
+    rec = evaluate_knn(_model_options(args), args.data, **options, **_run_options(args))
     names = {"cls": "CLS", "patch": "mean-patch"}
     d = rec["data"]
     lines = [
@@ -511,31 +514,15 @@ def _run_knn(args: argparse.Namespace) -> int:
 def _run_robustness(args: argparse.Namespace) -> int:
     from ..evaluation.run import evaluate_robustness
 
-    rec = evaluate_robustness(
-        _model_options(args),
-        args.data,
-        corruptions=args.corruptions,
-        severities=args.severities,
-        corruption_seed=args.corruption_seed,
-        features=args.features,
-        data_source=args.data_source,
-        epochs=args.epochs,
-        probe_batch_size=args.probe_batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        limit_train=args.limit_train,
-        limit_val=args.limit_val,
-        **_run_options(args),
-    )
+    options = _pick(args, "corruptions", "severities", "corruption_seed", *_PROBE, *_LABELLED)
+    rec = evaluate_robustness(_model_options(args), args.data, **options, **_run_options(args))
     d, levels = rec["data"], rec["settings"]["severities"]
     lines = [
         f"corruption robustness [{rec['model']['description']}], {d['train_images']} training / {d['val_images']} "
         f"{d['val_split']} images, {len(rec['settings']['corruptions'])} corruptions x {len(levels)} severities:"
     ]
     for kind, r in rec["numbers"].items():
-        name = {"cls": "pixels" if rec["model"]["kind"] == "pixels" else "CLS", "patch": "mean-patch"}[kind]
+        name = _kind_names(rec)[kind]
         lines.append(f"  {name}: clean top-1 {_pct(r['clean_top1'])}, corrupted mean {_pct(r['mean_top1'])}")
         for corruption, c in r["corruptions"].items():
             per = "  ".join(f"s{s} {_pct(c['top1'][str(s)])}" for s in levels)
@@ -546,22 +533,7 @@ def _run_robustness(args: argparse.Namespace) -> int:
 def _run_segmentation(args: argparse.Namespace) -> int:
     from ..evaluation.run import evaluate_segmentation
 
-    rec = evaluate_segmentation(
-        _model_options(args),
-        args.data,
-        layout=args.layout,
-        num_classes=args.num_classes,
-        ignore_index=args.ignore_index,
-        head=args.head,
-        epochs=args.epochs,
-        probe_batch_size=args.probe_batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        limit_train=args.limit_train,
-        limit_val=args.limit_val,
-        **_run_options(args),
-    )
+    rec = evaluate_segmentation(_model_options(args), args.data, **_pick(args, *_SEGMENTATION), **_run_options(args))
     d, n = rec["data"], rec["numbers"]
     lines = [
         f"linear segmentation [{rec['model']['description']}], {d['layout']}, {d['train_images']} training / "

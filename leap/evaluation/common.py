@@ -1,10 +1,12 @@
 """What every evaluation protocol does alike (:mod:`.run`, :mod:`.robustness`, :mod:`.segmentation`):
-open the feature cache, load the model, check the record's directory before any work, append the
-record, and list a run's checkpoints for ``--all-checkpoints``."""
+open the feature cache, load the model, check the record's directory before any work (:func:`begin`),
+make and append the record (:meth:`Evaluation.write`), and list a run's checkpoints for ``--all-checkpoints``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from typing import Any
 
 from ..errors import LeapError
@@ -16,6 +18,8 @@ from .errors import EvaluationError
 from .features import LoadedModel, load_model
 
 __all__ = [
+    "Evaluation",
+    "begin",
     "feature_kinds",
     "open_cache",
     "writable",
@@ -69,6 +73,68 @@ def finish(record: dict[str, Any], loaded: LoadedModel, run_dir: str | None, wri
 def load(model_options: dict[str, Any], cache_dir: str | None, **extra) -> LoadedModel:
     """:func:`leap.evaluation.features.load_model` with the cache directory for the checkpoint hashes."""
     return load_model(**model_options, cache_dir=cache_dir, **extra)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One protocol's evaluation under way (:func:`begin`): the model, the feature cache, where the record
+    goes and when the evaluation started."""
+
+    loaded: LoadedModel
+    cache: FeatureCache
+    run_dir: str | None
+    write_record: bool
+    start: float
+    hits_before: int  # the cache's hits when the evaluation started
+
+    def extraction(self, batch_size: int, workers: int, device: str, precision: str, progress: bool) -> dict[str, Any]:
+        """The keyword arguments of an extraction pass but the data's (``dataset_id``, ``transform_id``)."""
+        return {
+            "batch_size": batch_size,
+            "workers": workers,
+            "device": device,
+            "precision": precision,
+            "cache": self.cache,
+            "progress": progress,
+        }
+
+    @property
+    def cache_hits(self) -> int:
+        """The feature-cache hits of this evaluation."""
+        return self.cache.hits - self.hits_before
+
+    def write(self, protocol: str, *, data: dict, settings: dict, numbers: Any, **extra: Any) -> dict[str, Any]:
+        """Make the record (:func:`leap.evaluation.records.make_record`, then ``extra`` fields) and append it
+        to the run's ``eval.jsonl`` (:func:`finish`); the record with ``log``."""
+        record = records.make_record(
+            protocol,
+            model=self.loaded.record_info(),
+            data=data,
+            settings=settings,
+            numbers=numbers,
+            elapsed_s=time.time() - self.start,
+        )
+        record.update(extra)
+        return finish(record, self.loaded, self.run_dir, self.write_record)
+
+
+def begin(
+    model_options: dict[str, Any],
+    cache_dir: str | None,
+    no_cache: bool,
+    run_dir: str | None,
+    write_record: bool,
+    start: float | None = None,
+    **load_extra: Any,
+) -> Evaluation:
+    """Start an evaluation: open the feature cache (:func:`open_cache`), load the model (:func:`load`, with
+    ``load_extra``) and check the record's directory (:func:`check_record_dir`), before any other work.
+    ``start``: when the evaluation started (default: now)."""
+    start = time.time() if start is None else start
+    cache = open_cache(cache_dir, no_cache)
+    loaded = load(model_options, cache.directory, **load_extra)
+    check_record_dir(loaded, run_dir, write_record)
+    return Evaluation(loaded, cache, run_dir, write_record, start, cache.hits)
 
 
 def run_checkpoints(run_dir: str) -> list[str]:

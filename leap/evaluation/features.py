@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,12 +37,11 @@ from torch.utils.data import DataLoader, Dataset
 from .. import vit
 from ..checkpoint import CHECKPOINT_FORMAT, TEACHER_META_KEY, check_finite_weights
 from ..config_checks import check_model_overrides
-from ..distributed import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..models import build_model, load_teacher_weights
-from ..precision import DTYPES, resolve_precision
 from .cache import FeatureCache, read_hashed
 from .errors import EvaluationError
+from .extraction import ExtractionPass, to_storage
 from .transforms import eval_transform
 
 __all__ = [
@@ -431,12 +429,6 @@ def _load_weights(net: nn.Module, obj: Any, source: str) -> None:
 # ----------------------------------------------------------------------------- extraction
 
 
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto" and precision not in DTYPES:
-        raise EvaluationError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
-    return resolve_precision(precision, device)
-
-
 def _default_collate_or_list(batch):
     """``(images, labels, skipped)``: the ``(image, label)`` pairs stacked when all images have one shape,
     else lists (retrieval); ``None`` samples (undecodable images) are dropped and counted in ``skipped``."""
@@ -448,15 +440,6 @@ def _default_collate_or_list(batch):
     if all(im.shape == images[0].shape for im in images):
         return torch.stack(images), torch.as_tensor(labels), skipped
     return list(images), torch.as_tensor(labels), skipped
-
-
-def _storage(x: torch.Tensor) -> torch.Tensor:
-    """fp16 for storage when every value fits (|x| < 60000), else fp32."""
-    x = x.float()
-    finite = torch.isfinite(x)
-    if finite.all() and (x.abs().amax() if x.numel() else 0) < 6.0e4:
-        return x.half()
-    return x
 
 
 @torch.no_grad()
@@ -498,44 +481,24 @@ def extract_features(
         raise EvaluationError(f"--batch-size: expected >= 1, got {batch_size}")
     if workers < 0:
         raise EvaluationError(f"--workers: expected >= 0, got {workers}")
-    dev = resolve_device(device)
-    prec = _resolve_precision(precision, dev)
-    cache = cache or FeatureCache(None)
-    parts = {
-        "model": loaded.identity,
-        "data": dataset_id,
-        "split": split,
-        "transform": transform_id,
-        "precision": prec,
-        "images": len(dataset),
-    }
-    key = FeatureCache.key(parts)
-    hit = cache.load(key)
+    run = ExtractionPass(loaded, dataset, split, dataset_id, transform_id, device, precision, cache)
+    hit = run.hit
     if hit is not None and all(k in hit for k in ("cls", "patch", "labels", "skipped")):
         skipped = int(hit["skipped"])
         if len(hit["labels"]) + skipped == len(dataset):
             return {**{k: hit[k] for k in ("cls", "patch", "labels")}, "skipped": skipped}
 
-    net = loaded.extractor.to(dev).eval()
+    net, in_dtype = run.model()
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        pin_memory=dev.type == "cuda",
+        pin_memory=run.dev.type == "cuda",
         collate_fn=_default_collate_or_list,
     )
-    autocast = prec != "fp32" and dev.type == "cuda"
-    if prec != "fp32" and dev.type != "cuda":
-        net = net.to(DTYPES[prec])
-    in_dtype = torch.float32 if (autocast or prec == "fp32") else DTYPES[prec]
     cls_out, patch_out, labels_out = [], [], []
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency of the trainer
-        tqdm = None
-    show = progress and tqdm is not None and sys.stderr.isatty()
-    bar = tqdm(total=len(dataset), desc=desc or f"features ({split})", unit="img", leave=False) if show else None
+    bar = run.progress_bar(progress, len(dataset), desc or f"features ({split})")
     skipped = 0
     for images, labels, n_skipped in loader:
         skipped += n_skipped
@@ -545,8 +508,8 @@ def extract_features(
             continue
         groups = [images] if torch.is_tensor(images) else _same_size_groups(images)
         for group in groups:
-            x = group.to(dev, in_dtype, non_blocking=True)
-            with torch.autocast(dev.type, dtype=DTYPES[prec], enabled=autocast):
+            x = group.to(run.dev, in_dtype, non_blocking=True)
+            with run.autocast():
                 cls, patch = net(x)
             cls_out.append(cls.float().cpu())
             patch_out.append(patch.float().cpu())
@@ -564,17 +527,14 @@ def extract_features(
             bar.update(len(labels))
     if bar is not None:
         bar.close()
-    if not labels_out:
-        why = f" ({skipped} could not be decoded)" if skipped else ""
-        raise EvaluationError(f"no images in the {split} split{why}")
+    run.require_images(bool(labels_out), skipped)
     out = {
-        "cls": _storage(torch.cat(cls_out)),
-        "patch": _storage(torch.cat(patch_out)),
+        "cls": to_storage(torch.cat(cls_out)),
+        "patch": to_storage(torch.cat(patch_out)),
         "labels": torch.cat(labels_out),
         "skipped": torch.tensor(skipped),
     }
-    cache.save(key, out, parts)
-    return {**out, "skipped": skipped}
+    return run.save(out, skipped)
 
 
 def _same_size_order(images: Sequence[torch.Tensor]) -> list[int]:

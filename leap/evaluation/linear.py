@@ -29,15 +29,20 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..data import FashionMNIST, ImageFolderDataset
+from ..distributed import resolve_device
 from .errors import EvaluationError
-from .features import eval_transform
+from .features import LoadedModel, eval_transform, extract_features
 
 __all__ = [
     "ProbeResult",
     "train_linear_probe",
+    "ProbeOptions",
+    "train_probes",
     "probe_top1",
     "LabelledSplits",
+    "LabelledFeatures",
     "open_splits",
+    "labelled_features",
     "limit",
     "folder_fingerprint",
 ]
@@ -179,6 +184,45 @@ def train_linear_probe(
         num_classes=num_classes,
         linear=linear.eval(),
     )
+
+
+@dataclasses.dataclass
+class ProbeOptions:
+    """The settings of :func:`train_linear_probe` that ``leap eval linear`` and ``robustness`` share."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    seed: int
+
+    def record(self, **between: Any) -> dict[str, Any]:
+        """The settings as the records list them: the optimizer's, the cosine schedule, ``between``, the seed."""
+        options = dataclasses.asdict(self)
+        seed = options.pop("seed")
+        return {**options, "schedule": "cosine", **between, "seed": seed}
+
+
+def train_probes(
+    found: LabelledFeatures, kinds: tuple[str, ...], probe: ProbeOptions, device: str, progress: bool
+) -> dict[str, ProbeResult]:
+    """One :func:`train_linear_probe` per feature kind of ``kinds`` on ``found``'s training features, scored on
+    its validation features."""
+    return {
+        kind: train_linear_probe(
+            found.train[kind],
+            found.train["labels"],
+            found.val[kind],
+            found.val["labels"],
+            num_classes=len(found.splits.classes),
+            device=resolve_device(device),
+            progress=progress,
+            desc=f"linear probe ({kind})",
+            **dataclasses.asdict(probe),
+        )
+        for kind in kinds
+    }
 
 
 def probe_top1(linear: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -369,3 +413,50 @@ def limit(dataset: Dataset, n: int | None) -> Dataset:
     if n < 1:
         raise EvaluationError(f"image limit: expected >= 1, got {n}")
     return _FirstN(dataset, n)
+
+
+@dataclasses.dataclass
+class LabelledFeatures:
+    """The features of both splits of a labelled dataset (:func:`labelled_features`): ``train`` and ``val``
+    as :func:`leap.evaluation.features.extract_features` returns them."""
+
+    splits: LabelledSplits
+    dataset_id: dict[str, Any]  # the data's identity in the feature-cache key (with the limits)
+    val_images: int  # images of the (limited) validation split, decoded or not
+    train: dict[str, Any]
+    val: dict[str, Any]
+
+    def record_data(self, data: str | None, *, classes: bool = True) -> dict[str, Any]:
+        """The ``data`` part of an evaluation record (``classes``: with the class count)."""
+        return {
+            "path": None if data is None else os.path.abspath(data),
+            "kind": self.splits.kind,
+            "val_split": self.splits.val_split,
+            "train_images": len(self.train["labels"]),
+            "val_images": len(self.val["labels"]),
+            "skipped_images": {"train": self.train["skipped"], "val": self.val["skipped"]},
+            **({"classes": len(self.splits.classes)} if classes else {}),
+            "transform": self.splits.transform_id,
+        }
+
+
+def labelled_features(
+    loaded: LoadedModel,
+    data: str | None,
+    source: str,
+    limits: tuple[int | None, int | None],
+    extraction: dict[str, Any],
+) -> LabelledFeatures:
+    """Open the labelled splits under ``data`` (:func:`open_splits`), keep the first ``limits`` (training,
+    validation) images of each and extract (or read cached) their features.
+
+    ``extraction``: the keyword arguments of :func:`leap.evaluation.features.extract_features` but the data's
+    (:meth:`leap.evaluation.common.Evaluation.extraction`).
+    """
+    splits = open_splits(data, loaded.img_size, source=source)
+    train_ds, val_ds = limit(splits.train, limits[0]), limit(splits.val, limits[1])
+    dataset_id = {**splits.identity, "limit": list(limits)}
+    common = dict(dataset_id=dataset_id, transform_id=splits.transform_id, **extraction)
+    train = extract_features(loaded, train_ds, split="train", **common)
+    val = extract_features(loaded, val_ds, split=splits.val_split, **common)
+    return LabelledFeatures(splits, dataset_id, len(val_ds), train, val)

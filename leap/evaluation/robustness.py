@@ -28,7 +28,6 @@ import hashlib
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,8 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import MissingDependencyError
-from . import records
-from .common import check_record_dir, feature_kinds, finish, load, open_cache
+from .common import begin, feature_kinds
 from .errors import EvaluationError
 from .features import extract_features
 from .transforms import geometry_transform, normalize
@@ -295,62 +293,32 @@ def evaluate_robustness(
         MissingDependencyError: ``imagecorruptions-imaug`` is not installed.
         EvaluationError: unknown corruptions or severities, and the errors of the linear probe's data.
     """
-    from ..distributed import resolve_device
-    from .linear import limit, open_splits, probe_top1, train_linear_probe
+    from .linear import ProbeOptions, labelled_features, probe_top1, train_probes
 
     kinds = feature_kinds(features)
     names = _choices(corruptions, CORRUPTIONS, "--corruptions")
     levels = _choices(severities, SEVERITIES, "--severities")
     _, backend = corruption_backend()  # a missing package fails before any work
-    start = time.time()
-    cache = open_cache(cache_dir, no_cache)
-    loaded = load(model_options, cache.directory)
-    check_record_dir(loaded, run_dir, write_record)
+    ev = begin(model_options, cache_dir, no_cache, run_dir, write_record)
+    loaded, cache = ev.loaded, ev.cache
     if loaded.identity["kind"] == "pixels":
         kinds = ("cls",)  # one probe on the pixels, under "cls" (as the linear probe)
-    splits = open_splits(data, loaded.img_size, source=data_source)
+    extraction = ev.extraction(batch_size, workers, device, precision, progress)
+    found = labelled_features(loaded, data, data_source, (limit_train, limit_val), extraction)
+    splits = found.splits
     geometry, geometry_id = geometry_transform(loaded.img_size, small_images=splits.kind == "fashion-mnist")
-    train_ds, val_ds = limit(splits.train, limit_train), limit(splits.val, limit_val)
-    dataset_id = {**splits.identity, "limit": [limit_train, limit_val]}
-    common = dict(
-        dataset_id=dataset_id,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        precision=precision,
-        cache=cache,
-        progress=progress,
-    )
-    train_f = extract_features(loaded, train_ds, split="train", transform_id=splits.transform_id, **common)
-    val_f = extract_features(loaded, val_ds, split=splits.val_split, transform_id=splits.transform_id, **common)
-    probes = {}
-    for kind in kinds:
-        probes[kind] = train_linear_probe(
-            train_f[kind],
-            train_f["labels"],
-            val_f[kind],
-            val_f["labels"],
-            num_classes=len(splits.classes),
-            epochs=epochs,
-            batch_size=probe_batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            seed=seed,
-            device=resolve_device(device),
-            progress=progress,
-            desc=f"linear probe ({kind})",
-        )
+    probe = ProbeOptions(epochs, probe_batch_size, lr, momentum, weight_decay, seed)
+    probes = train_probes(found, kinds, probe, device, progress)
     top1: dict[str, dict[str, dict[str, float]]] = {kind: {} for kind in kinds}
     images_dir = os.path.join(cache.directory, "corrupted-images") if cache.directory else None
     made = 0  # corrupted images written to the cache by this evaluation
     for name in names:
         for severity in levels:
             settings = {"geometry": geometry_id, "corruption": name, "severity": severity, "seed": corruption_seed}
-            key = {"data": dataset_id, "split": splits.val_split, "backend": backend, **settings}
+            key = {"data": found.dataset_id, "split": splits.val_split, "backend": backend, **settings}
             image_dir = os.path.join(images_dir, cache.key(key)[:32]) if images_dir else None
             ds = CorruptedImages(
-                splits.val, geometry, name, severity, seed=corruption_seed, n=len(val_ds), image_dir=image_dir
+                splits.val, geometry, name, severity, seed=corruption_seed, n=found.val_images, image_dir=image_dir
             )
             before = _png_count(image_dir)
             transform_id = (
@@ -360,9 +328,10 @@ def evaluate_robustness(
                 loaded,
                 ds,
                 split=f"{splits.val_split}-corrupted",
+                dataset_id=found.dataset_id,
                 transform_id=transform_id,
                 desc=f"features ({name}, severity {severity})",
-                **common,
+                **extraction,
             )
             made += _png_count(image_dir) - before
             for kind in kinds:
@@ -370,18 +339,10 @@ def evaluate_robustness(
                     probes[kind].linear, feats[kind], feats["labels"]
                 )
     numbers = {kind: _summarize(probes[kind].last_top1, top1[kind], levels) for kind in kinds}
-    record = records.make_record(
+    return ev.write(
         "robustness",
-        model=loaded.record_info(),
         data={
-            "path": None if data is None else os.path.abspath(data),
-            "kind": splits.kind,
-            "val_split": splits.val_split,
-            "train_images": len(train_f["labels"]),
-            "val_images": len(val_f["labels"]),
-            "skipped_images": {"train": train_f["skipped"], "val": val_f["skipped"]},
-            "classes": len(splits.classes),
-            "transform": splits.transform_id,
+            **found.record_data(data),
             "corrupted_transform": f"{geometry_id} -> corruption (8-bit RGB, >= 32 px) -> imagenet-norm",
             "corrupted_images": images_dir,
         },
@@ -391,25 +352,13 @@ def evaluate_robustness(
             "severities": list(levels),
             "corruption_seed": corruption_seed,
             "implementation": backend,
-            "probe": {
-                "epochs": epochs,
-                "batch_size": probe_batch_size,
-                "lr": lr,
-                "momentum": momentum,
-                "weight_decay": weight_decay,
-                "schedule": "cosine",
-                "seed": seed,
-                "trained_on": "clean training features",
-                "applied": "after its last epoch",
-            },
+            "probe": {**probe.record(), "trained_on": "clean training features", "applied": "after its last epoch"},
             "precision": precision,
             "reported": "top-1 on the corrupted validation images; mean_top1 = mean over corruptions and severities",
         },
         numbers=numbers,
-        elapsed_s=time.time() - start,
+        corrupted_images_made=made,
     )
-    record["corrupted_images_made"] = made
-    return finish(record, loaded, run_dir, write_record)
 
 
 def _summarize(clean: float, top1: dict[str, dict[str, float]], levels: Sequence[int]) -> dict[str, Any]:

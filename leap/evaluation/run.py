@@ -19,13 +19,7 @@ from typing import Any
 
 import torch
 
-from ..distributed import resolve_device
-from . import records
-from .common import check_record_dir as _check_record_dir
-from .common import feature_kinds
-from .common import finish as _finish
-from .common import load as _load
-from .common import open_cache as _cache
+from .common import begin, feature_kinds
 from .errors import EvaluationError
 from .features import extract_features
 from .robustness import evaluate_robustness
@@ -81,87 +75,33 @@ def evaluate_linear(
     ``numbers`` of the record: per feature kind (``cls``, ``patch``) ``best_top1`` (best validation
     top-1 over epochs, the paper's number), ``best_epoch``, ``last_top1`` (after the last epoch).
     """
-    from .linear import limit, open_splits, train_linear_probe
+    from .linear import ProbeOptions, labelled_features, train_probes
 
     kinds = feature_kinds(features)
-    start = time.time()
-    cache = _cache(cache_dir, no_cache)
-    loaded = _load(model_options, cache.directory)
-    _check_record_dir(loaded, run_dir, write_record)
-    if loaded.identity["kind"] == "pixels":
+    ev = begin(model_options, cache_dir, no_cache, run_dir, write_record)
+    if ev.loaded.identity["kind"] == "pixels":
         kinds = ("cls",)  # both "features" of the pixel baseline are the pixels: one probe, under "cls"
-    splits = open_splits(data, loaded.img_size, source=data_source)
-    train_ds, val_ds = limit(splits.train, limit_train), limit(splits.val, limit_val)
-    common = dict(
-        dataset_id={**splits.identity, "limit": [limit_train, limit_val]},
-        transform_id=splits.transform_id,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        precision=precision,
-        cache=cache,
-        progress=progress,
-    )
-    hits_before = cache.hits
-    train_f = extract_features(loaded, train_ds, split="train", **common)
-    val_f = extract_features(loaded, val_ds, split=splits.val_split, **common)
-    dev = resolve_device(device)
-    numbers = {}
-    for kind in kinds:
-        res = train_linear_probe(
-            train_f[kind],
-            train_f["labels"],
-            val_f[kind],
-            val_f["labels"],
-            num_classes=len(splits.classes),
-            epochs=epochs,
-            batch_size=probe_batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            seed=seed,
-            device=dev,
-            progress=progress,
-            desc=f"linear probe ({kind})",
-        )
-        numbers[kind] = {
-            "best_top1": res.best_top1,
-            "best_epoch": res.best_epoch,
-            "last_top1": res.last_top1,
-            "history": res.history,
-        }
-    record = records.make_record(
+    extraction = ev.extraction(batch_size, workers, device, precision, progress)
+    found = labelled_features(ev.loaded, data, data_source, (limit_train, limit_val), extraction)
+    probe = ProbeOptions(epochs, probe_batch_size, lr, momentum, weight_decay, seed)
+    probes = train_probes(found, kinds, probe, device, progress)
+    numbers = {
+        kind: {"best_top1": r.best_top1, "best_epoch": r.best_epoch, "last_top1": r.last_top1, "history": r.history}
+        for kind, r in probes.items()
+    }
+    return ev.write(
         "linear",
-        model=loaded.record_info(),
-        data={
-            "path": None if data is None else os.path.abspath(data),
-            "kind": splits.kind,
-            "val_split": splits.val_split,
-            "train_images": len(train_f["labels"]),
-            "val_images": len(val_f["labels"]),
-            "skipped_images": {"train": train_f["skipped"], "val": val_f["skipped"]},
-            "classes": len(splits.classes),
-            "transform": splits.transform_id,
-        },
+        data=found.record_data(data),
         settings={
             "features": list(kinds),
-            "epochs": epochs,
-            "batch_size": probe_batch_size,
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "schedule": "cosine",
-            "init": "zeros",
-            "seed": seed,
+            **probe.record(init="zeros"),
             "precision": precision,
             "reported": "best_top1 = best validation top-1 over epochs (paper protocol); "
             "last_top1 = after the last epoch",
         },
         numbers=numbers,
-        elapsed_s=time.time() - start,
+        feature_cache_hits=ev.cache_hits,
     )
-    record["feature_cache_hits"] = cache.hits - hits_before
-    return _finish(record, loaded, run_dir, write_record)
 
 
 def evaluate_knn(
@@ -187,29 +127,15 @@ def evaluate_knn(
     """Weighted cosine kNN top-1 (DINO's: ``k`` neighbours, weights ``exp(sim / T)``) on the same cached
     features as the linear probe; ``numbers`` = ``{kind: top1}``."""
     from .knn import knn_accuracy
-    from .linear import limit, open_splits
+    from .linear import labelled_features
 
     kinds = feature_kinds(features)
     if k < 1 or not temperature > 0:
         raise EvaluationError(f"kNN: expected k >= 1 and temperature > 0, got {k} and {temperature}")
-    start = time.time()
-    cache = _cache(cache_dir, no_cache)
-    loaded = _load(model_options, cache.directory)
-    _check_record_dir(loaded, run_dir, write_record)
-    splits = open_splits(data, loaded.img_size, source=data_source)
-    train_ds, val_ds = limit(splits.train, limit_train), limit(splits.val, limit_val)
-    common = dict(
-        dataset_id={**splits.identity, "limit": [limit_train, limit_val]},
-        transform_id=splits.transform_id,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        precision=precision,
-        cache=cache,
-        progress=progress,
-    )
-    train_f = extract_features(loaded, train_ds, split="train", **common)
-    val_f = extract_features(loaded, val_ds, split=splits.val_split, **common)
+    ev = begin(model_options, cache_dir, no_cache, run_dir, write_record)
+    extraction = ev.extraction(batch_size, workers, device, precision, progress)
+    found = labelled_features(ev.loaded, data, data_source, (limit_train, limit_val), extraction)
+    train_f, val_f = found.train, found.val
     norm = torch.nn.functional.normalize
     numbers = {
         kind: knn_accuracy(
@@ -222,23 +148,12 @@ def evaluate_knn(
         )
         for kind in kinds
     }
-    record = records.make_record(
+    return ev.write(
         "knn",
-        model=loaded.record_info(),
-        data={
-            "path": None if data is None else os.path.abspath(data),
-            "kind": splits.kind,
-            "val_split": splits.val_split,
-            "train_images": len(train_f["labels"]),
-            "val_images": len(val_f["labels"]),
-            "skipped_images": {"train": train_f["skipped"], "val": val_f["skipped"]},
-            "transform": splits.transform_id,
-        },
+        data=found.record_data(data, classes=False),
         settings={"features": list(kinds), "k": k, "temperature": temperature, "precision": precision},
         numbers=numbers,
-        elapsed_s=time.time() - start,
     )
-    return _finish(record, loaded, run_dir, write_record)
 
 
 def evaluate_retrieval(
@@ -281,12 +196,11 @@ def evaluate_retrieval(
     start = time.time()
     folder, gnd_path = find_dataset(data, dataset, gnd)
     gt = load_ground_truth(gnd_path)
-    cache = _cache(cache_dir, no_cache)
     options = dict(model_options)
     if img_size is not None:
         options["img_size"] = img_size
-    loaded = _load(options, cache.directory, dynamic_size=transform == "keep-aspect")
-    _check_record_dir(loaded, run_dir, write_record)
+    ev = begin(options, cache_dir, no_cache, run_dir, write_record, start, dynamic_size=transform == "keep-aspect")
+    loaded = ev.loaded
     image_transform, transform_id = retrieval_transform(loaded.img_size, loaded.patch_size, transform)
     db = RevisitopImages(folder, gt.imlist, image_transform)
     queries = RevisitopImages(folder, gt.qimlist, image_transform, bbxs=[g["bbx"] for g in gt.gnd])
@@ -298,16 +212,8 @@ def evaluate_retrieval(
         "root": os.path.realpath(folder),
         "gnd_sha256": file_sha256(gnd_path),
     }
-    common = dict(
-        dataset_id=data_id,
-        transform_id=transform_id,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        precision=precision,
-        cache=cache,
-        progress=progress,
-    )
+    extraction = ev.extraction(batch_size, workers, device, precision, progress)
+    common = dict(dataset_id=data_id, transform_id=transform_id, **extraction)
     db_f = extract_features(loaded, db, split="database", desc="features (database)", **common)
     q_f = extract_features(loaded, queries, split="queries-bbx", desc="features (queries)", **common)
     # Undecodable images were dropped by the extraction (the labels are the images' indices): database
@@ -320,9 +226,8 @@ def evaluate_retrieval(
         gt = dataclasses.replace(gt, gnd=gnd)
     scores = revisitop_scores(ranks, gt, kappas)
     numbers = {s: {k: v for k, v in r.items() if k != "aps"} for s, r in scores.items()}
-    record = records.make_record(
+    return ev.write(
         "retrieval",
-        model=loaded.record_info(),
         data={
             "path": os.path.abspath(folder),
             "dataset": dataset,
@@ -342,6 +247,4 @@ def evaluate_retrieval(
             "feature_storage": "fp16",
         },
         numbers=numbers,
-        elapsed_s=time.time() - start,
     )
-    return _finish(record, loaded, run_dir, write_record)

@@ -39,8 +39,6 @@ import hashlib
 import logging
 import math
 import os
-import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -52,12 +50,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from ..data.datasets import IMAGE_EXTENSIONS, open_image
-from ..precision import DTYPES
-from . import records
 from .cache import FeatureCache
-from .common import check_record_dir, finish, load, open_cache
+from .common import begin
 from .errors import EvaluationError
-from .features import LoadedModel, _resolve_precision, _storage
+from .extraction import ExtractionPass, to_storage
+from .features import LoadedModel
 from .transforms import normalize
 
 log = logging.getLogger("leap.eval")
@@ -251,43 +248,22 @@ def extract_patch_tokens(
         ``{"tokens": (N, T, D) fp16 (fp32 where a value does not fit), "labels": (N, S, S) int16 or None,
         "index": (N,) int64 (the images that decoded), "skipped": int}``.
     """
-    from ..distributed import resolve_device
-
-    dev = resolve_device(device)
-    prec = _resolve_precision(precision, dev)
-    cache = cache or FeatureCache(None)
-    parts = {
-        "model": loaded.identity,
-        "data": dataset_id,
-        "split": split,
-        "transform": transform_id,
-        "precision": prec,
-        "images": len(dataset),
-        "features": "patch-tokens",
-    }
-    key = FeatureCache.key(parts)
-    hit = cache.load(key)
+    run = ExtractionPass(
+        loaded, dataset, split, dataset_id, transform_id, device, precision, cache, features="patch-tokens"
+    )
+    hit = run.hit
     if hit is not None and all(k in hit for k in ("tokens", "index", "skipped")):
         if len(hit["index"]) + int(hit["skipped"]) == len(dataset):
             return {**hit, "labels": hit.get("labels"), "skipped": int(hit["skipped"])}
-    net = loaded.extractor.to(dev).eval()
-    autocast = prec != "fp32" and dev.type == "cuda"
-    if prec != "fp32" and dev.type != "cuda":
-        net = net.to(DTYPES[prec])
-    in_dtype = torch.float32 if (autocast or prec == "fp32") else DTYPES[prec]
+    net, in_dtype = run.model()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
-    show = progress and sys.stderr.isatty()
-    bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(dataset), desc=f"patch tokens ({split})", unit="img", leave=False)
+    bar = run.progress_bar(progress, len(dataset), f"patch tokens ({split})")
     tokens, labels, index, skipped = [], [], [], 0
     for images, lab, idx, n_skipped in loader:
         skipped += n_skipped
         if images is not None:
-            with torch.autocast(dev.type, dtype=DTYPES[prec], enabled=autocast):
-                out = net.patch_tokens(images.to(dev, in_dtype))
+            with run.autocast():
+                out = net.patch_tokens(images.to(run.dev, in_dtype))
             tokens.append(out.float().cpu())
             index.append(idx)
             if lab is not None:
@@ -296,17 +272,14 @@ def extract_patch_tokens(
             bar.update(len(idx) + n_skipped)
     if bar is not None:
         bar.close()
-    if not index:
-        why = f" ({skipped} could not be decoded)" if skipped else ""
-        raise EvaluationError(f"no images in the {split} split{why}")
+    run.require_images(bool(index), skipped)
     out = {
-        "tokens": _storage(torch.cat(tokens)),
+        "tokens": to_storage(torch.cat(tokens)),
         "labels": torch.cat(labels) if labels else None,
         "index": torch.cat(index),
         "skipped": torch.tensor(skipped),
     }
-    cache.save(key, {k: v for k, v in out.items() if v is not None}, parts)
-    return {**out, "skipped": skipped}
+    return run.save(out, skipped)
 
 
 class LinearSegHead(nn.Module):
@@ -473,10 +446,8 @@ def evaluate_segmentation(
     if data is None:
         raise EvaluationError("--data ROOT is required for segmentation (ADE20K or images/ + masks/ folders)")
     found = find_segmentation_data(data, layout, num_classes=num_classes, ignore_index=ignore_index)
-    start = time.time()
-    cache = open_cache(cache_dir, no_cache)
-    loaded = load(model_options, cache.directory)
-    check_record_dir(loaded, run_dir, write_record)
+    ev = begin(model_options, cache_dir, no_cache, run_dir, write_record)
+    loaded = ev.loaded
     size, patch = loaded.img_size, loaded.patch_size
     if size % patch:
         raise EvaluationError(f"--img-size {size}: expected a multiple of the patch size {patch}")
@@ -492,17 +463,8 @@ def evaluate_segmentation(
         "limit": [limit_train, limit_val],
     }
     transform_id = f"resize{size}x{size}-bicubic-imagenet-norm+labels-nearest{size}x{size}"
-    common = dict(
-        dataset_id=dataset_id,
-        transform_id=transform_id,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        precision=precision,
-        cache=cache,
-        progress=progress,
-    )
-    hits = cache.hits
+    extraction = ev.extraction(batch_size, workers, device, precision, progress)
+    common = dict(dataset_id=dataset_id, transform_id=transform_id, **extraction)
     train_ds = SegmentationImages(train_pairs, found, size, labels=True)
     train_f = extract_patch_tokens(loaded, train_ds, split="train", **common)
     val_f = extract_patch_tokens(
@@ -525,9 +487,8 @@ def evaluate_segmentation(
         device=dev,
     )
     scores = segmentation_scores(_validate(model, val_f["tokens"], val_f["index"], found, grid, classes, dev))
-    record = records.make_record(
+    return ev.write(
         "segmentation",
-        model=loaded.record_info(),
         data={
             "path": os.path.abspath(data),
             "layout": found.layout,
@@ -555,7 +516,5 @@ def evaluate_segmentation(
             "reported": "mIoU over the classes present in the labels or predictions of the validation split",
         },
         numbers=scores,
-        elapsed_s=time.time() - start,
+        feature_cache_hits=ev.cache_hits,
     )
-    record["feature_cache_hits"] = cache.hits - hits
-    return finish(record, loaded, run_dir, write_record)
