@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from leap.apps import experiment as ex
-from leap.apps.experiment_report import column_label
+from leap.apps.experiment_report import METRIC_BY_KEY, column_label
+from leap.apps.experiment_runs import sha256
 from leap.errors import ConfigError, InputNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,12 +100,28 @@ def _own_records(run_dir: Path) -> dict[str, float | None]:
         "teacher_tflops": summary["flops"]["teacher_flops"] / 1e12,
         "train_time_s": summary["train_time_s"],
         "mean_block": summary["mean_block"],
+        "last_block_at": _arrival(summary),
         "_teacher_flops": summary["flops"]["teacher_flops"],
         "_step_flops": summary["flops"]["step_flops"],
     }
 
 
-def _cell(values: list[float], unit: str) -> str:
+def _arrival(summary: dict) -> float | None:
+    """When the target first became the last block, as a fraction of the steps (from the level-ups)."""
+    if summary["start_block"] == summary["num_blocks"]:
+        return 0.0
+    ups = [u["step"] for u in summary["level_ups"] if u["to_block"] == summary["num_blocks"]]
+    return ups[0] / summary["steps"] if ups else None
+
+
+#: No CKA to the teacher and no learning curves in the tiny config: those columns are not shown.
+SHOWN = [m for m in ex.METRICS if m.key != "cka_last_block"]
+
+
+def _cell(values: list[float | None], unit: str) -> str:
+    values = [v for v in values if v is not None]  # a run that never reached the last block has no arrival
+    if not values:
+        return "n/a"
     mean = statistics.fmean(values)
     text = ex.format_value(mean, unit)
     return text if len(values) < 2 else f"{text} ± {ex.format_value(statistics.stdev(values), unit)}"
@@ -118,11 +135,11 @@ def test_results_table_structure(tiny):
     for name in ("results.json", "trajectories.png", "accuracy_vs_flops.png", "teacher_cka.png"):
         assert (out / name).is_file(), name
     main, diff = _tables(md)[0], _tables(md)[1]
-    assert main[0] == ["method", "seeds"] + [column_label(m) for m in ex.METRICS]
+    assert main[0] == ["method", "seeds"] + [column_label(m) for m in SHOWN]
     assert [row[0] for row in main[1:]] == list(METHODS)
     assert all(row[1] == str(len(SEEDS)) for row in main[1:])
     assert all(len(row) == len(main[0]) for row in main)
-    compared = [m for m in ex.METRICS if m.compare]
+    compared = [m for m in SHOWN if m.compare]
     assert diff[0] == ["method"] + [column_label(m) for m in compared]
     assert [row[0] for row in diff[1:]] == ["leap"]  # the baseline has no row of its own
     for cell in diff[1][1:]:
@@ -150,16 +167,16 @@ def test_every_number_comes_from_the_runs_records(tiny):
     checked = 0
     for row in main[1:]:
         method = row[0]
-        for metric in ex.METRICS:
+        for metric in SHOWN:
             cell = row[header.index(column_label(metric))]
             assert cell == _cell([own[(method, s)][metric.key] for s in SEEDS], metric.unit), (method, metric.key)
             checked += 1
-    assert checked == len(METHODS) * len(ex.METRICS)
+    assert checked == len(METHODS) * len(SHOWN)
     # LEAP ran fewer teacher blocks than the baseline in the same steps: the saving is real and positive.
     assert own[("leap", 0)]["teacher_saved_vs_baseline"] > 0.3
     # Differences: paired by seed from the same files.
     dheader = diff[0]
-    for metric in (m for m in ex.METRICS if m.compare):
+    for metric in (m for m in SHOWN if m.compare):
         diffs = [own[("leap", s)][metric.key] - own[("base", s)][metric.key] for s in SEEDS]
         mean = statistics.fmean(diffs)
         half = 12.706 * statistics.stdev(diffs) / math.sqrt(len(diffs))
@@ -172,7 +189,10 @@ def test_every_number_comes_from_the_runs_records(tiny):
     # The raw per-run JSON carries the same numbers and the SHA-256 of the files they came from.
     rec = json.loads((tmp / "out" / "raw" / "leap-seed1.json").read_text())
     assert rec["metrics"]["knn_cls"] == own[("leap", 1)]["knn_cls"]
-    assert rec["sources"]["summary.json"] == ex._sha256(str(tmp / "runs" / "leap" / "seed1" / "summary.json"))
+    assert rec["sources"]["summary.json"] == sha256(str(tmp / "runs" / "leap" / "seed1" / "summary.json"))
+    # The baseline starts on the last block; the tiny LEAP run never gets there in 3 steps.
+    assert rec["metrics"]["last_block_at"] is None and own[("base", 0)]["last_block_at"] == 0.0
+    assert METRIC_BY_KEY["last_block_at"].label.endswith("(% of steps)")
 
 
 def test_finished_runs_are_reused_without_training(tiny, monkeypatch):

@@ -1,15 +1,15 @@
-"""Results of ``leap experiment``: statistics over seeds, the Markdown tables, the plots.
+"""Results of ``leap experiment``: statistics over seeds and the Markdown tables.
 
-Pure functions of the per-run records :func:`leap.apps.experiment.collect_run` reads from the runs' own
+Pure functions of the per-run records :func:`leap.apps.experiment_runs.collect_run` reads from the runs' own
 files: :func:`aggregate` (mean, sample std, paired difference to the baseline with a 95% Student-t
-interval), :func:`results_table` / :func:`diff_table` / :func:`render_results` (``results.md``) and
-the plots (trajectories, accuracy vs teacher FLOPs, the teacher's block-to-block CKA).
+interval and the number of seeds where the method did better), :func:`results_table`, :func:`diff_table`,
+:func:`preregistered_table` and :func:`findings_lines`. The document is assembled by
+:mod:`leap.apps.experiment_results`, the plots are in :mod:`leap.apps.experiment_plots`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -19,11 +19,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .plotting import new_figure, save_figure
-
 __all__ = [
     "Metric",
     "METRICS",
+    "METRIC_BY_KEY",
     "t_quantile_975",
     "mean_std",
     "paired_interval",
@@ -31,11 +30,15 @@ __all__ = [
     "format_value",
     "format_cell",
     "column_label",
+    "shown_metrics",
     "results_table",
     "diff_table",
-    "render_results",
+    "preregistered_table",
+    "diff_rows_table",
+    "paired_diff",
+    "contrasts",
+    "findings_lines",
     "environment",
-    "write_plots",
 ]
 
 #: Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96).
@@ -77,24 +80,29 @@ _T975 = (
 class Metric:
     key: str  # key in a run record's "metrics"
     label: str  # column header
-    unit: str  # "%" (stored as a fraction, shown x100), "s", "TFLOP", "" (plain)
+    unit: str  # "%" (stored as a fraction, shown x100), "s", "TFLOP", "cka" (3 decimals), "" (plain)
     compare: bool  # listed in the difference-to-baseline table
+    better: str | None = None  # "higher" or "lower": which way a method beats the baseline (None: neither)
 
 
-#: The metrics of every run, in table order.
+#: The metrics of every run, in table order (a column is shown when some run has a value).
 METRICS: tuple[Metric, ...] = (
-    Metric("linear_cls_best", "linear CLS (best)", "%", True),
-    Metric("linear_patch_best", "linear patch (best)", "%", True),
-    Metric("linear_cls_last", "linear CLS (last)", "%", True),
-    Metric("linear_patch_last", "linear patch (last)", "%", True),
-    Metric("knn_cls", "kNN CLS", "%", True),
-    Metric("knn_patch", "kNN patch", "%", True),
-    Metric("teacher_tflops", "teacher TFLOP", "TFLOP", False),
+    Metric("linear_cls_best", "linear CLS (best)", "%", True, "higher"),
+    Metric("linear_patch_best", "linear patch (best)", "%", True, "higher"),
+    Metric("linear_cls_last", "linear CLS (last)", "%", True, "higher"),
+    Metric("linear_patch_last", "linear patch (last)", "%", True, "higher"),
+    Metric("knn_cls", "kNN CLS", "%", True, "higher"),
+    Metric("knn_patch", "kNN patch", "%", True, "higher"),
+    Metric("cka_last_block", "CKA to teacher last block", "cka", True, "higher"),
+    Metric("teacher_tflops", "teacher TFLOP", "TFLOP", True, "lower"),
     Metric("teacher_saved_vs_baseline", "teacher FLOPs saved vs baseline", "%", False),
     Metric("total_saved_vs_baseline", "total FLOPs saved vs baseline", "%", False),
-    Metric("train_time_s", "training wall time", "s", True),
+    Metric("train_time_s", "training wall time", "s", True, "lower"),
     Metric("mean_block", "mean target block", "", False),
+    Metric("last_block_at", "last block reached at (% of steps)", "%", False),
 )
+#: The metrics by key.
+METRIC_BY_KEY: dict[str, Metric] = {m.key: m for m in METRICS}
 
 # --------------------------------------------------------------------------------- statistics
 
@@ -124,9 +132,30 @@ def paired_interval(diffs: Sequence[float]) -> tuple[float, float | None, float 
     return mean, mean - half, mean + half
 
 
+def wins(diffs: Sequence[float], better: str | None) -> int | None:
+    """How many of the per-seed differences (method - baseline) favour the method (ties: neither)."""
+    if better is None:
+        return None
+    return sum(1 for d in diffs if (d > 0 if better == "higher" else d < 0))
+
+
+def paired_diff(
+    values: dict[int, float | None], base: dict[int, float | None], better: str | None
+) -> dict[str, Any] | None:
+    """``values - base`` over the seeds both have a value for: ``{"seeds", "diffs", "mean", "low", "high",
+    "wins"}`` (95% Student-t interval, :func:`wins`), or None without a common seed."""
+    seeds = [s for s in sorted(values) if values[s] is not None and base.get(s) is not None]
+    if not seeds:
+        return None
+    diffs = [values[s] - base[s] for s in seeds]
+    d, lo, hi = paired_interval(diffs)
+    return {"seeds": seeds, "diffs": diffs, "mean": d, "low": lo, "high": hi, "wins": wins(diffs, better)}
+
+
 def aggregate(records: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
     """Per method and metric: values by seed, mean, std; per compared metric: the paired difference to
-    ``baseline`` (method - baseline, seeds both have) with its 95% interval."""
+    ``baseline`` (:func:`paired_diff`: method - baseline over the seeds both have, its 95% interval and the
+    seeds where the method did better)."""
     methods = list(dict.fromkeys(r["method"] for r in records))
     by_method = {m: {r["seed"]: r for r in records if r["method"] == m} for m in methods}
     out: dict[str, Any] = {"baseline": baseline, "methods": {}}
@@ -138,24 +167,31 @@ def aggregate(records: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
             mean, std = mean_std(present) if present else (None, None)
             entry["metrics"][metric.key] = {"by_seed": values, "mean": mean, "std": std}
             if metric.compare and m != baseline and baseline in by_method:
-                seeds = [
-                    s
-                    for s in sorted(by_method[m])
-                    if s in by_method[baseline]
-                    and values[s] is not None
-                    and by_method[baseline][s]["metrics"].get(metric.key) is not None
-                ]
-                if seeds:
-                    diffs = [values[s] - by_method[baseline][s]["metrics"][metric.key] for s in seeds]
-                    d, lo, hi = paired_interval(diffs)
-                    entry["diff_vs_baseline"][metric.key] = {
-                        "seeds": seeds,
-                        "diffs": diffs,
-                        "mean": d,
-                        "low": lo,
-                        "high": hi,
-                    }
+                base = {s: r["metrics"].get(metric.key) for s, r in by_method[baseline].items()}
+                d = paired_diff(values, base, metric.better)
+                if d is not None:
+                    entry["diff_vs_baseline"][metric.key] = d
         out["methods"][m] = entry
+    return out
+
+
+def contrasts(agg: dict[str, Any], pairs: Sequence[Sequence[str]], keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{"a - b": {"_pair": [a, b], metric key: paired_diff}}`` for each pair ``(a, b)`` of methods in ``agg``
+    (pairs with a method that did not run are left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for a, b in pairs:
+        if a not in agg["methods"] or b not in agg["methods"]:
+            continue
+        row: dict[str, Any] = {"_pair": [a, b]}
+        for key in keys:
+            d = paired_diff(
+                agg["methods"][a]["metrics"][key]["by_seed"],
+                agg["methods"][b]["metrics"][key]["by_seed"],
+                METRIC_BY_KEY[key].better,
+            )
+            if d is not None:
+                row[key] = d
+        out[f"{a} - {b}"] = row
     return out
 
 
@@ -171,8 +207,8 @@ def format_value(value: float | None, unit: str, *, signed: bool = False) -> str
         return f"{value * 100:{sign}.2f}"
     if unit == "s":
         return f"{value:{sign}.0f}"
-    if unit == "TFLOP":
-        return f"{value:{sign}.2f}"
+    if unit == "cka":
+        return f"{value:{sign}.3f}"
     return f"{value:{sign}.2f}"
 
 
@@ -185,40 +221,115 @@ def format_cell(stats: dict[str, Any], unit: str) -> str:
 
 def column_label(metric: Metric) -> str:
     """A metric's column header in results.md."""
+    if "%" in metric.label:  # the label names its unit itself
+        return metric.label
     return metric.label + {"%": " (%)", "s": " (s)"}.get(metric.unit, "")
 
 
+def shown_metrics(agg: dict[str, Any]) -> list[Metric]:
+    """The metrics some run of ``agg`` has a value for, in :data:`METRICS` order."""
+    return [
+        m
+        for m in METRICS
+        if any(e["metrics"][m.key]["mean"] is not None for e in agg["methods"].values() if m.key in e["metrics"])
+    ]
+
+
 def results_table(agg: dict[str, Any]) -> list[str]:
-    """The main table: one row per method, one column per metric, mean ± std over seeds."""
-    head = "| method | seeds | " + " | ".join(column_label(m) for m in METRICS) + " |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 2)]
+    """The main table: one row per method, one column per shown metric, mean ± std over seeds."""
+    shown = shown_metrics(agg)
+    head = "| method | seeds | " + " | ".join(column_label(m) for m in shown) + " |"
+    lines = [head, "|" + "---|" * (len(shown) + 2)]
     for name, entry in agg["methods"].items():
-        cells = [format_cell(entry["metrics"][m.key], m.unit) for m in METRICS]
+        cells = [format_cell(entry["metrics"][m.key], m.unit) for m in shown]
         lines.append(f"| {name} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
     return lines
 
 
+def diff_cell(d: dict[str, Any] | None, unit: str, *, with_wins: bool = False) -> str:
+    """``+1.23 [+0.45, +2.01]`` (mean difference [95% interval]), plus `` (4/5)`` seeds better with ``with_wins``."""
+    if d is None:
+        return "n/a"
+    text = format_value(d["mean"], unit, signed=True)
+    if d["low"] is not None:
+        text += f" [{format_value(d['low'], unit, signed=True)}, {format_value(d['high'], unit, signed=True)}]"
+    if with_wins and d.get("wins") is not None:
+        text += f" ({d['wins']}/{len(d['seeds'])})"
+    return text
+
+
 def diff_table(agg: dict[str, Any]) -> list[str]:
-    """Method - baseline per compared metric: mean difference [95% interval], paired by seed."""
-    compared = [m for m in METRICS if m.compare]
+    """Method - baseline per compared (and shown) metric: mean difference [95% interval], paired by seed."""
+    compared = [m for m in shown_metrics(agg) if m.compare]
     lines = ["| method | " + " | ".join(column_label(m) for m in compared) + " |", "|" + "---|" * (len(compared) + 1)]
     for name, entry in agg["methods"].items():
         if name == agg["baseline"]:
             continue
-        cells = []
-        for m in compared:
-            d = entry["diff_vs_baseline"].get(m.key)
-            if d is None:
-                cells.append("n/a")
-            elif d["low"] is None:
-                cells.append(format_value(d["mean"], m.unit, signed=True))
-            else:
-                cells.append(
-                    f"{format_value(d['mean'], m.unit, signed=True)} "
-                    f"[{format_value(d['low'], m.unit, signed=True)}, "
-                    f"{format_value(d['high'], m.unit, signed=True)}]"
-                )
+        cells = [diff_cell(entry["diff_vs_baseline"].get(m.key), m.unit) for m in compared]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def preregistered_table(agg: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """One row per method but the baseline, one column per metric of ``keys``: the paired difference to the
+    baseline, its 95% interval and (in parentheses) the seeds where the method did better out of those paired."""
+    rows = {name: e["diff_vs_baseline"] for name, e in agg["methods"].items() if name != agg["baseline"]}
+    return diff_rows_table(rows, keys, "method")
+
+
+def diff_rows_table(rows: dict[str, dict[str, Any]], keys: Sequence[str], head: str) -> list[str]:
+    """``rows`` = ``{row name: {metric key: paired_diff}}`` as a table of :func:`diff_cell` with win counts."""
+    metrics = [METRIC_BY_KEY[k] for k in keys]
+    lines = [f"| {head} | " + " | ".join(column_label(m) for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for name, diffs in rows.items():
+        lines.append(
+            f"| {name} | " + " | ".join(diff_cell(diffs.get(m.key), m.unit, with_wins=True) for m in metrics) + " |"
+        )
+    return lines
+
+
+def verdict(d: dict[str, Any] | None, better: str | None) -> str:
+    """``better``, ``worse`` or ``not resolved``: where the 95% interval of the difference lies."""
+    if d is None or d["low"] is None:
+        return "not resolved"
+    if d["low"] > 0 or d["high"] < 0:
+        up = d["low"] > 0
+        return "better" if (up == (better == "higher")) else "worse"
+    return "not resolved"
+
+
+_UNIT_WORDS = {"%": " points", "s": " s", "TFLOP": " TFLOP", "cka": "", "": ""}
+
+
+def _sentence(metric: Any, a: str, b: str, d: dict[str, Any]) -> str:
+    v = verdict(d, metric.better)
+    fmt = lambda x: format_value(x, metric.unit, signed=True)  # noqa: E731
+    span = "" if d["low"] is None else f" [{fmt(d['low'])}, {fmt(d['high'])}]"
+    how = f"resolved ({a} {v})" if v != "not resolved" else "not resolved (the interval contains 0)"
+    return (
+        f"- {metric.label}: {a} - {b} = {fmt(d['mean'])}{_UNIT_WORDS[metric.unit]}{span}, {a} better in "
+        f"{d['wins']} of {len(d['seeds'])} seeds: {how}."
+    )
+
+
+def findings_lines(
+    agg: dict[str, Any], keys: Sequence[str], pairs: dict[str, dict[str, Any]] | None = None
+) -> list[str]:
+    """One plain sentence per (metric of ``keys``, method): the difference to the baseline, its interval, the
+    seeds where the method did better, and whether the interval resolves it (excludes 0); with ``pairs``
+    (:func:`contrasts`), one per (metric, pair) instead."""
+    lines = []
+    for key in keys:
+        m = METRIC_BY_KEY[key]
+        if pairs is not None:
+            for row in pairs.values():
+                if key in row:
+                    lines.append(_sentence(m, *row["_pair"], row[key]))
+            continue
+        for name, entry in agg["methods"].items():
+            d = entry["diff_vs_baseline"].get(key)
+            if name != agg["baseline"] and d is not None:
+                lines.append(_sentence(m, name, agg["baseline"], d))
     return lines
 
 
@@ -253,209 +364,3 @@ def environment() -> dict[str, Any]:
         "git": sha,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-
-
-def _plot_trajectories(records: list[dict[str, Any]], path: str) -> str | None:
-    fig, (ax,) = new_figure(height=4.0)
-    colors = {}
-    for rec in records:
-        blocks = rec["trajectory"]["step_blocks"]
-        if not blocks:
-            continue
-        color = colors.setdefault(rec["method"], f"C{len(colors)}")
-        label = (
-            rec["method"]
-            if sum(
-                1
-                for r in records
-                if r["method"] == rec["method"] and r is not rec and records.index(r) < records.index(rec)
-            )
-            == 0
-            else None
-        )
-        ax.plot(range(1, len(blocks) + 1), blocks, color=color, lw=1.0, alpha=0.7, label=label)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("teacher target block")
-    ax.set_title("target-block trajectory (one line per seed)")
-    ax.legend(loc="lower right", fontsize=8)
-    return save_figure(fig, path)
-
-
-def _plot_accuracy_vs_flops(agg: dict[str, Any], path: str) -> str | None:
-    fig, axes = new_figure(nrows=2, height=3.2)
-    for ax, key, label in (
-        (axes[0], "linear_cls_best", "linear probe CLS top-1 (best epoch, %)"),
-        (axes[1], "knn_cls", "kNN CLS top-1 (%)"),
-    ):
-        for i, (name, entry) in enumerate(agg["methods"].items()):
-            x, y = entry["metrics"]["teacher_tflops"], entry["metrics"][key]
-            if x["mean"] is None or y["mean"] is None:
-                continue
-            ax.errorbar(
-                [x["mean"]],
-                [y["mean"] * 100],
-                xerr=[x["std"] or 0],
-                yerr=[(y["std"] or 0) * 100],
-                fmt="o",
-                color=f"C{i}",
-                capsize=3,
-                label=name,
-            )
-        ax.set_xlabel("teacher TFLOP per run (training steps)")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def _plot_teacher_cka(cka: dict[str, Any], path: str) -> str | None:
-    fig, (ax,) = new_figure(height=6.0)
-    blocks = cka["blocks"]
-    image = ax.imshow(
-        cka["matrix"],
-        vmin=0.0,
-        vmax=1.0,
-        cmap="viridis",
-        origin="upper",
-        extent=(0.5, len(blocks) + 0.5, len(blocks) + 0.5, 0.5),
-    )
-    ax.figure.colorbar(image, ax=ax, label="linear CKA")
-    for i in range(len(blocks)):
-        for j in range(len(blocks)):
-            v = cka["matrix"][i][j]
-            ax.text(
-                j + 1, i + 1, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black"
-            )
-    ax.set_xlabel("teacher block")
-    ax.set_ylabel("teacher block")
-    ax.set_title(f"teacher block-to-block linear CKA (patch tokens, {cka['images']} test images)")
-    return save_figure(fig, path)
-
-
-def write_plots(
-    records: list[dict[str, Any]], agg: dict[str, Any], cka: dict[str, Any] | None, out: str
-) -> dict[str, str]:
-    """trajectories.png, accuracy_vs_flops.png and (with ``cka``) teacher_cka.png in ``out``;
-    ``{name: path}`` of those written (none without matplotlib: the tables stand without plots)."""
-    plots: dict[str, str] = {}
-    try:
-        plots["trajectories"] = _plot_trajectories(records, os.path.join(out, "trajectories.png"))
-        plots["accuracy_vs_flops"] = _plot_accuracy_vs_flops(agg, os.path.join(out, "accuracy_vs_flops.png"))
-        if cka is not None:
-            plots["teacher_cka"] = _plot_teacher_cka(cka, os.path.join(out, "teacher_cka.png"))
-    except ImportError as exc:
-        print(f"(plots skipped: {exc})")
-    return plots
-
-
-def _lowest_off_diagonal(matrix: list[list[float]]) -> float:
-    return min(v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j)
-
-
-def _trajectory_line(entry_records: list[dict[str, Any]]) -> str:
-    epochs = [r["trajectory"]["epoch_mean_blocks"] for r in entry_records]
-    if not epochs or not epochs[0]:
-        return "n/a"
-    n = min(len(e) for e in epochs)
-    return " ".join(f"{statistics.fmean(e[i] for e in epochs):.1f}" for i in range(n))
-
-
-def render_results(
-    cfg: Any,
-    records: list[dict[str, Any]],
-    agg: dict[str, Any],
-    teacher: dict[str, Any],
-    student_params: int,
-    cka: dict[str, Any] | None,
-    plots: dict[str, str],
-    env: dict[str, Any],
-    wall_s: float,
-) -> str:
-    """results.md: setup, the mean ± std table, the paired differences, trajectories, the teacher CKA.
-
-    ``cfg`` is the :class:`leap.apps.experiment.ExperimentConfig` (not imported here: that module imports this one).
-    """
-    ev = cfg.eval_settings
-    t_params = teacher.get("params")
-    ratio = f"{t_params / student_params:.0f}x" if t_params and student_params else "n/a"
-    seeds = ", ".join(str(s) for s in cfg.seeds)
-    train_min = sum(r["metrics"].get("train_time_s") or 0.0 for r in records) / 60
-    eval_min = sum(r.get("eval_elapsed_s") or 0.0 for r in records) / 60
-    lines = [
-        f"# Experiment `{cfg.name}`",
-        "",
-        cfg.description.strip(),
-        "",
-        f"Reproduce: `leap experiment {os.path.relpath(cfg.path)}` (`make experiment`). "
-        f"Runs: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds ({seeds}): {train_min:.1f} min of training and "
-        f"{eval_min:.1f} min of evaluation in all (from the runs' records) on {env['cpu']} ({env['cpu_count']} cores, "
-        f"{env['torch_threads']} torch threads), torch {env['torch']}; tables written by git {env['git'] or 'n/a'} "
-        f"on {env['date']} ({wall_s / 60:.1f} min for this invocation).",
-        "",
-        "## Setup",
-        "",
-        f"- teacher: `{os.path.relpath(cfg.teacher)}`: {teacher.get('model')} "
-        f"{json.dumps(teacher.get('model_overrides'))} "
-        f"at {teacher.get('img_size')} px, {t_params:,} parameters, test accuracy "
-        f"{teacher.get('test_accuracy', float('nan')) * 100:.2f}% "
-        "(`leap train-teacher`, recipe in the .json beside it)",
-        f"- student: {cfg.student} {json.dumps(cfg.student_overrides)}, {student_params:,} parameters "
-        f"(teacher / student = {ratio})",
-        f"- shared recipe: `{json.dumps(cfg.train, sort_keys=True)}`",
-        "- methods: " + "; ".join(f"**{m}** `{json.dumps(o, sort_keys=True)}`" for m, o in cfg.methods.items()),
-        f"- evaluation (frozen student, `leap.evaluation`): kNN k = {ev['knn_k']} and the paper's linear probe "
-        f"({ev['probe_epochs']} epochs; best and last epoch) on CLS and mean-patch features; probe/kNN training set "
-        f"= {'all' if ev['probe_train'] is None else 'the first ' + str(ev['probe_train'])} training images, test "
-        f"set = {'all' if ev['probe_test'] is None else 'the first ' + str(ev['probe_test'])} test images",
-        "- same seed = same student initialisation, data order and augmentation in every method",
-        "",
-        "## Results (mean ± std over seeds)",
-        "",
-        *results_table(agg),
-        "",
-        'Accuracies in %. "teacher TFLOP": teacher forward FLOPs of the training steps (calibration apart); '
-        '"saved vs baseline": 1 - this method\'s teacher (total: teacher + student + head + CKA) FLOPs / the '
-        f"baseline's (`{cfg.baseline}`, mean over seeds). Wall time: training only, as measured on this machine.",
-        "",
-        f"## Difference to the baseline (`{cfg.baseline}`), paired by seed: mean [95% t-interval]",
-        "",
-        *diff_table(agg),
-        "",
-        "Percentage points (time in s). An interval that contains 0 means no difference was resolved with these seeds.",
-        "",
-        "## Target block per epoch (mean over seeds)",
-        "",
-        "| method | blocks |",
-        "|---|---|",
-        *(f"| {m} | {_trajectory_line([r for r in records if r['method'] == m])} |" for m in agg["methods"]),
-        "",
-    ]
-    for title, key in (("Trajectories", "trajectories"), ("Accuracy vs teacher FLOPs", "accuracy_vs_flops")):
-        if plots.get(key):
-            lines += [f"![{title}]({os.path.basename(plots[key])})", ""]
-    if cka is not None:
-        lines += [
-            "## Teacher block-to-block linear CKA",
-            "",
-            f"Patch tokens after each block and the final norm, {cka['images']} test images pooled. "
-            f"Lowest off-diagonal value: {_lowest_off_diagonal(cka['matrix']):.3f}; "
-            f"CKA(block 1, last block) = {cka['matrix'][0][-1]:.3f}.",
-            "",
-        ]
-        if plots.get("teacher_cka"):
-            lines += [f"![Teacher CKA]({os.path.basename(plots['teacher_cka'])})", ""]
-        lines += [
-            "| block | " + " | ".join(str(b) for b in cka["blocks"]) + " |",
-            "|" + "---|" * (len(cka["blocks"]) + 1),
-        ]
-        lines += [
-            f"| {b} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for b, row in zip(cka["blocks"], cka["matrix"])
-        ]
-        lines.append("")
-    lines += [
-        "## Raw records",
-        "",
-        "`raw/<method>-seed<k>.json`: one per run, read from the run's `summary.json` and `eval.jsonl` "
-        "(SHA-256 of each in `sources`); `results.json`: all of them with the aggregates.",
-        "",
-    ]
-    return "\n".join(lines)

@@ -12,7 +12,7 @@ from .options import Formatter
 __all__ = ["NAME", "HELP", "add_parser", "run", "main"]
 
 NAME = "experiment"
-HELP = "a seeded comparison of methods from a YAML file: train, evaluate, tables (make experiment)"
+HELP = "a seeded comparison of methods from a YAML file: search, train, evaluate, tables (make experiment)"
 
 
 def _int_list(text: str) -> list[int]:
@@ -28,9 +28,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help=HELP,
         formatter_class=Formatter,
         description="Run a seeded comparison of distillation methods from a YAML file (see "
-        "experiments/fashion-mnist/config.yaml): train every method with every seed, evaluate the "
-        "students (linear probe, kNN), write results.md with mean ± std, paired differences to the "
-        "baseline with 95%% intervals, plots and the raw per-run JSON.",
+        "experiments/fashion-mnist/config.yaml and experiments/fashion-mnist-fair/config.yaml): run the file's "
+        "search of LEAP's tau and timeout on a validation split carved from the training images (if it has "
+        "one), train every method with every seed, evaluate the students (linear probe, kNN, CKA to the "
+        "teacher, learning curves), write results.md with the pre-registered metrics, mean ± std, paired "
+        "differences to the baseline with 95% intervals and win counts, plots and the raw per-run JSON.",
     )
     parser.add_argument("config", help="experiment YAML file")
     parser.add_argument("--out", default=None, help="results folder (default: the config file's folder)")
@@ -56,6 +58,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--table-only", action="store_true", help="no training: rebuild results.md from the finished runs"
     )
     parser.add_argument(
+        "--no-search",
+        dest="search",
+        action="store_false",
+        help="use the file's searched settings without running or checking its search (e.g. to rerun one "
+        "method and seed into a fresh --runs-dir)",
+    )
+    parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars or progress lines"
     )
     return parser
@@ -67,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.config, seeds=args.seeds, methods=args.methods, runs_dir=args.runs_dir, data=args.data)
     out = args.out or os.path.dirname(os.path.abspath(args.config))
     # The trainer shows a bar on a terminal and a line every --log-every steps otherwise.
-    run_experiment(cfg, out, fresh=args.fresh, progress=args.progress, table_only=args.table_only)
+    run_experiment(cfg, out, fresh=args.fresh, progress=args.progress, table_only=args.table_only, search=args.search)
     return 0
 
 
