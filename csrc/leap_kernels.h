@@ -9,7 +9,7 @@ namespace leap_kernels {
 
 // Bumped whenever an op schema or its semantics change: the Python side refuses a _C
 // built from older sources (a stale build) instead of calling it with the wrong arguments.
-constexpr int64_t kExtensionVersion = 1;
+constexpr int64_t kExtensionVersion = 2;
 
 namespace cpu {
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from . import _build_config
 
 #: Must equal ``kExtensionVersion`` in csrc/leap_kernels.h (bumped with the op schemas).
-EXPECTED_VERSION = 1
+EXPECTED_VERSION = 2
 REBUILD = "rebuild it: pip install --no-build-isolation -e . (or make test)"
 
 _module = None
@@ -185,6 +185,7 @@ def _register_fakes() -> None:
         want_grads: bool,
         row_scale: Tensor | None,
         chunk_tokens: int,
+        cpu_16bit_gemm: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m, k = student.shape
         n = weight.shape[0]

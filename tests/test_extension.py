@@ -91,7 +91,9 @@ def test_stale_extension_is_refused():
 
 
 def test_extension_built_for_another_torch_is_refused():
-    out = _run_without_real_extension("EXTENSION_VERSION = 1\nWITH_CUDA = 0\nTORCH_VERSION = '2.0.0'")
+    out = _run_without_real_extension(
+        f"EXTENSION_VERSION = {_ext.EXPECTED_VERSION}\nWITH_CUDA = 0\nTORCH_VERSION = '2.0.0'"
+    )
     assert "CPP False leap_kernels._C was built against torch 2.0.0" in out and "ABI mismatch" in out, out
 
 

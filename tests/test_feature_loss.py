@@ -302,3 +302,27 @@ def test_opcheck_rescale_and_strided_op(backend):
         torch.library.opcheck(
             ops.fused_feature_loss.default, (student, weight, bias, target, True, "mean", 1e-6, True, backend)
         )
+
+
+@pytest.mark.parametrize("backend", ["torch", BACKENDS[2]])
+@pytest.mark.parametrize("normalize", [False, True], ids=["mse", "token-mse"])
+def test_bf16_cpu_gemm_paths_match_reference(backend, normalize, monkeypatch):
+    """bf16 on CPU: GEMMs in bf16 (CPUs with native bf16 dot products) or on fp32 copies (the others).
+
+    Both paths run here whatever the CPU (oneDNN emulates bf16 where it must), each against the float64
+    reference; they round differently, so their results must differ, which shows the switch is honoured.
+    """
+    from leap_kernels.ops.feature_loss import loops
+
+    lead, d_s, d_t = (2, 257), 192, 1536
+    student, weight, bias, target = make_inputs(lead, d_s, d_t, torch.bfloat16)
+    results = []
+    for native in (False, True):
+        monkeypatch.setattr(loops, "_cpu_has_bf16_dot", lambda native=native: native)
+        assert loops.cpu_16bit_gemm(student) is native
+        with use_backend(backend):
+            check_against_reference(student, weight, bias, target, dtype=torch.bfloat16, normalize=normalize)
+            loss = fused_feature_loss(student, weight, bias, target, normalize=normalize)
+            results.append((loss.detach(), torch.autograd.grad(loss, student)[0]))
+    (loss32, grad32), (loss16, grad16) = results
+    assert not (torch.equal(loss32, loss16) and torch.equal(grad32, grad16)), "the bf16 GEMM switch changed nothing"

@@ -176,12 +176,17 @@ def _token_normalized_mse_eager(input: torch.Tensor, target: torch.Tensor, reduc
 
     A row op has nothing to chunk, and ATen's fused layer norm and MSE kernels with autograd's saved
     ``x_hat``/``t_hat`` beat recomputing the rows in backward: this is exactly what a user would write
-    (in the accumulation dtype, like the other backends), so the torch backend never costs more than it.
+    (bf16 inputs stay bf16, as a user would run them: ATen's bf16 layer norm keeps its statistics in
+    fp32; fp16 would overflow in the backward's 16-bit intermediates, so it and mixed dtypes run in the
+    accumulation dtype), so the torch backend never costs more than it. The loss comes back in the
+    accumulation dtype, like the other backends'.
     """
     acc_dtype = accumulation_dtype(input.dtype, target.dtype)
+    both_bf16 = input.dtype == target.dtype == torch.bfloat16
+    compute_dtype = torch.bfloat16 if both_bf16 else acc_dtype
     d = input.shape[-1]
-    x_hat = F.layer_norm(input.to(acc_dtype), (d,), eps=eps)
-    t_hat = F.layer_norm(target.to(acc_dtype), (d,), eps=eps)
+    x_hat = F.layer_norm(input.to(compute_dtype), (d,), eps=eps)
+    t_hat = F.layer_norm(target.to(compute_dtype), (d,), eps=eps)
     if reduction == "none":
-        return F.mse_loss(x_hat, t_hat, reduction="none").mean(dim=-1)
-    return F.mse_loss(x_hat, t_hat, reduction=reduction)
+        return F.mse_loss(x_hat, t_hat, reduction="none").mean(dim=-1).to(acc_dtype)
+    return F.mse_loss(x_hat, t_hat, reduction=reduction).to(acc_dtype)
