@@ -98,7 +98,7 @@ def test_demo_pipeline_on_sample(tmp_path, capsys):
     )
     assert "after the last epoch" in table
     # Training time: wall and the process's CPU time, the LEAP row with its change against the baseline's.
-    assert "training time: wall / CPU" in header and "CPU time is the measure that holds" in table
+    assert "training time: wall / CPU" in header and "compare runs made under the same load" in table
     leap_row, base_row = table.split("| leap |")[1].split("\n")[0], table.split("| baseline |")[1].split("\n")[0]
     for summary in (base["summary"], leap["summary"]):
         assert summary["train_cpu_time_s"] > 0 and summary["mean_step_cpu_time_s"] > 0

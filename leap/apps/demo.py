@@ -252,8 +252,9 @@ def format_table(
     lines += [
         "",
         "Training time: the training steps' wall time and the training process's CPU time (all its threads; the "
-        "DataLoader workers' not included), in parentheses the change against the baseline. The CPU time is the "
-        "measure that holds on a machine shared with other jobs; the wall time moves with their load.",
+        "DataLoader workers' not included), in parentheses the change against the baseline. Other jobs on the "
+        "machine stretch the wall time most; the CPU time less, but it grows too (waiting threads spin and caches "
+        "are shared): compare runs made under the same load.",
         "",
         f"kNN: cosine, k=20, T=0.07, memory bank = first {knn_train} training images, {n_test} test images; "
         f"teacher's own kNN top-1 (CLS): {teacher_knn * 100:.2f}% (its linear-head test accuracy: "

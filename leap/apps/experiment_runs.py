@@ -11,7 +11,6 @@ never from memory -- with the SHA-256 of each file.
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import shutil
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 from ..errors import InputNotFoundError, LeapError
 from ..runlog import read_json, read_jsonl
 from .experiment_config import ExperimentConfig, run_config, run_dir_of, teacher_meta
+from .export_source import sha256_file as sha256
 
 __all__ = [
     "SUMMARY_FILE",
@@ -43,14 +43,6 @@ DONE = ("completed", "stopped_at_max_steps")
 CURVE_PURPOSE = "learning-curve"
 #: The protocol name of the student-to-teacher CKA record.
 CKA_PROTOCOL = "teacher-cka"
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _latest_eval(records: list[dict[str, Any]], protocol: str, checkpoint_sha: str | None) -> dict[str, Any] | None:
