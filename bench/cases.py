@@ -1,17 +1,14 @@
 """What the benchmarks run: the cases (shapes, dtypes) per size, and per case the variants.
 
-A variant is a *factory*: calling it builds what the variant needs (compiles, allocates) and
-returns the closure that one timed round calls (one forward+backward of a loss, one forward of
-attention or of the truncated teacher, one LEAP training step). Building lazily keeps one
-variant's failure (say, torch.compile on an unsupported setup) from hiding the others.
+A variant is a *factory*: calling it builds what the variant needs (compiles, allocates) and returns the
+closure that one timed round calls (one forward+backward of a loss, one forward of attention or of the
+truncated teacher, one LEAP training step). Building lazily keeps one variant's failure (say, torch.compile
+on an unsupported setup) from hiding the others. The pytest-benchmark suite (bench/test_bench_*.py) and the
+CSV scripts (bench_feature_loss.py, bench_attention.py, bench_cpu.py) build their variants here and time
+them with bench/harness.py.
 
-The pytest-benchmark suite (bench/test_bench_*.py) and the CSV scripts (bench_feature_loss.py,
-bench_attention.py, bench_cpu.py) both build their variants here, and time them with
-bench/harness.py.
-
-Sizes: ``full`` is the paper's per-GPU step (GPU), ``small`` a quarter of the CPU targets'
-token count (so that ``pytest bench/`` takes about a minute on 2 cores), ``smoke`` tiny shapes
-that only check the plumbing.
+Sizes: ``full`` is the paper's per-GPU step (GPU), ``small`` a quarter of the CPU targets' token count (so
+that ``pytest bench/`` takes about a minute on 2 cores), ``smoke`` tiny shapes that only check the plumbing.
 """
 
 from __future__ import annotations
@@ -41,8 +38,8 @@ SIZES = ("full", "small", "smoke")
 
 @dataclasses.dataclass(frozen=True)
 class LossCase:
-    """One loss benchmark: ``op`` is "mse" / "token-mse" (fused_feature_loss, plain or
-    token-normalized) or "token-norm-only" (token_normalized_mse alone, ``d_s`` unused)."""
+    """One loss benchmark: ``op`` is "mse" / "token-mse" (fused_feature_loss, plain or token-normalized) or
+    "token-norm-only" (token_normalized_mse alone, ``d_s`` unused)."""
 
     name: str
     op: str
@@ -53,10 +50,7 @@ class LossCase:
 
 
 def _loss_cases(m: int, d_s: int, d_t: int, dtype: torch.dtype, tag: str, with_192: bool = False) -> list[LossCase]:
-    cases = [
-        LossCase(f"mse-{tag}-M{m}-{d_s}x{d_t}", "mse", m, d_s, d_t, dtype),
-        LossCase(f"token-mse-{tag}-M{m}-{d_s}x{d_t}", "token-mse", m, d_s, d_t, dtype),
-    ]
+    cases = [LossCase(f"{op}-{tag}-M{m}-{d_s}x{d_t}", op, m, d_s, d_t, dtype) for op in ("mse", "token-mse")]
     if with_192:
         cases.append(LossCase(f"mse-{tag}-M{m}-192x{d_t}", "mse", m, 192, d_t, dtype))
     cases.append(LossCase(f"token-norm-only-{tag}-M{m}-D{d_t}", "token-norm-only", m, 0, d_t, dtype))
