@@ -21,8 +21,9 @@ leap's step time is the trainer's own per-step wall time (the loop's ``images_pe
 data loading, step, logging, from one step's end to the next); the plain loop is timed the same way. On
 a GPU a step between the trainer's read points shows only the time to queue it and a read point the wait
 for the device, so the table's main column is the mean over the timed steps (their sum is the wall
-time), with the median beside it. The two run interleaved, in rounds (``--rounds``), first steps of
-each round dropped as warm-up. The synthetic source's cost per image (the same for both) is printed too.
+time), with the median beside it. The two run interleaved, in rounds (``--rounds``; which side runs first
+alternates, each after a full garbage collection), first steps of each round dropped as warm-up. The
+synthetic source's cost per image (the same for both) is printed too.
 
     python bench/trainer_overhead.py                 # CPU, small models
     python bench/trainer_overhead.py --smoke         # a few steps (harness check; make bench-smoke)
@@ -32,6 +33,7 @@ each round dropped as warm-up. The synthetic source's cost per image (the same f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -206,9 +208,13 @@ def main(argv=None) -> int:
         parser.error("--size vitg needs a CUDA device")
     cases = [("baseline", None)] + [(f"leap-k{k}", k) for k in spec["ks"]]
     timed: dict[tuple[str, str], list[float]] = {}
-    for _ in range(args.rounds):
+    sides = [("leap", run_leap), ("plain", run_plain)]
+    for round_index in range(args.rounds):
         for name, k in cases:
-            for side, fn in (("leap", run_leap), ("plain", run_plain)):
+            # Sides alternate which runs first, and each starts after a full garbage collection: the
+            # previous run's models are not collected during this one's timed steps.
+            for side, fn in sides if round_index % 2 == 0 else sides[::-1]:
+                gc.collect()
                 times = fn(spec, args.steps + args.warmup, k, args.device)[args.warmup :]
                 timed.setdefault((name, side), []).extend(times)
     env = harness.environment()
