@@ -191,6 +191,11 @@ inline void prefetch(const void* p) {
 #endif
 }
 
+// Every 64-byte line of a row of `bytes` bytes.
+inline void prefetch_row(const char* row, size_t bytes) {
+  for (size_t off = 0; off < bytes; off += 64) prefetch(row + off);
+}
+
 // A gradient store: non-temporal (no read for ownership, no cache pollution) for large outputs
 // that are not read back soon, else a plain store.
 template <bool Stream>
@@ -504,6 +509,14 @@ void process_rows(const Args& a, int64_t begin, int64_t end, float* scratch) {
     // grad_x may alias x: load (or point at) x before anything is written.
     const float* x = load_row(a.x + i * a.x_s0 * xe, a.x_dtype, a.x_s1, d, xs);
     const float* t = load_row(a.t + i * a.t_s0 * te, a.t_dtype, a.t_s1, d, ts);
+    // 16-bit rows are converted into scratch first, so norm_sums' line-by-line prefetch (fp32 rows only)
+    // never covers them: prefetch the whole next row of each here. Loss-only calls only: with gradients
+    // being written the extra requests cost more than they save (bf16 rows at D = 1536, 2 cores: loss
+    // 8.5 -> 6.0 ms for M = 8192, loss + gradient unchanged).
+    if (i + 1 < end && !a.gx && !a.gt) {
+      if (a.x_dtype != at::kFloat && a.x_s1 == 1) prefetch_row(a.x + (i + 1) * a.x_s0 * xe, d * xe);
+      if (a.t_dtype != at::kFloat && a.t_s1 == 1) prefetch_row(a.t + (i + 1) * a.t_s0 * te, d * te);
+    }
     const float s = a.row_scale ? a.row_scale[i] : 1.0f;
     char* gx_base = a.gx ? a.gx + i * a.gx_s0 * gxe : nullptr;
     char* gt_base = a.gt ? a.gt + i * a.gt_s0 * gte : nullptr;
