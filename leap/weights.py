@@ -198,6 +198,15 @@ _HF_RENAMES = (
 _HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
 
 
+def _rename_first(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """``key`` with the first of ``renames`` (regex, replacement) that matches applied; unchanged if none does."""
+    for pattern, repl in renames:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
 def _hf_to_timm_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename HF transformers Dinov2 keys to timm names; q/k/v are concatenated into qkv."""
     out: dict[str, torch.Tensor] = {}
@@ -209,12 +218,7 @@ def _hf_to_timm_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = (k, v)
             continue
-        new = k
-        for pattern, repl in _HF_RENAMES:
-            new, n = re.subn(pattern, repl, new)
-            if n:
-                break
-        out[new] = v
+        out[_rename_first(k, _HF_RENAMES)] = v
     for (layer, kind), parts in qkv.items():
         if set(parts) == {"query", "key", "value"}:
             out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts[p][1] for p in ("query", "key", "value")], 0)
@@ -306,11 +310,7 @@ def _hf_v3_to_timm_keys(sd: Mapping[str, torch.Tensor], model_keys: set[str]) ->
         if m:  # the gated MLP's value projection (timm SwiGLU fc1_x), else the plain MLP's fc1
             out[f"blocks.{m.group(1)}.mlp.{'fc1_x' if m.group(1) in gated else 'fc1'}.{m.group(2)}"] = v
             continue
-        new = k
-        for pattern, repl in _HF_V3_RENAMES:
-            new, n = re.subn(pattern, repl, new)
-            if n:
-                break
+        new = _rename_first(k, _HF_V3_RENAMES)
         out[new if new != k or k.startswith("norm.") else key] = v
     for layer, parts in qkv.items():
         block = f"blocks.{layer}"
