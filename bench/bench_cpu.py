@@ -9,9 +9,10 @@ Variants: eager (the plain PyTorch reference, autograd), compile (torch.compile 
 cpp (leap_kernels forced to the cpp backend), torch-backend (leap_kernels' own chunked PyTorch
 loop), gemm-floor (the three GEMMs alone; fused cases), memory-floor (a ``torch.clone`` of as many
 bytes as the op must move, counted once per read or write: fused, student + target read, student
-gradient written; token-norm-only, input + target read in the forward, again in the backward, the
-input gradient written; the clone reads and writes its bytes once each, so its time is that
-traffic at the machine's copy bandwidth, fresh output pages included like the ops' outputs).
+gradient written; token-norm-only, input + target read and the input gradient written, once each: the
+cpp backend writes the gradient in the forward's pass, which a unit upstream gradient then gets; the
+clone reads and writes its bytes once each, so its time is that traffic at the machine's copy
+bandwidth, fresh output pages included like the ops' outputs).
 The variants of a case run interleaved (one run of each per round; medians), and the peak extra
 memory comes from the profiler's CPU allocator events (see bench/harness.py). The CSV adds, per
 row, its time over compile's, eager's and the case's floor (gemm-floor for the fused loss,
@@ -54,7 +55,7 @@ def moved_bytes(op: str, m: int, d_s: int, d_t: int, dtype: torch.dtype) -> int:
     """Bytes one forward+backward must move at least (each read or write once)."""
     e = torch.empty((), dtype=dtype).element_size()
     if op == "token-norm-only":
-        return 5 * m * d_t * e  # forward: read x, t; backward: read x, t, write grad x
+        return 3 * m * d_t * e  # read x, t, write grad x (in one pass: gradients in the forward)
     return (2 * m * d_s + m * d_t) * e  # read student and target, write the student gradient
 
 

@@ -50,6 +50,18 @@ def test_opcheck_token_normalized_mse(backend, reduction):
         )
 
 
+@pytest.mark.parametrize("backend", [BACKENDS[-1]])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_opcheck_token_normalized_mse_with_grads(backend, reduction):
+    x = torch.randn(11, 40, requires_grad=True)
+    t = torch.randn(11, 40, requires_grad=True)
+    with use_backend(backend):
+        torch.library.opcheck(OPS.token_normalized_mse_with_grads.default, (x, t, reduction, 1e-6, True, True))
+        torch.library.opcheck(
+            OPS.token_normalized_mse_with_grads.default, (x, t.detach(), reduction, 1e-6, True, False)
+        )
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_torch_compile_fullgraph(normalize):
     torch._dynamo.reset()

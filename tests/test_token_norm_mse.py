@@ -98,3 +98,77 @@ def test_constant_tokens_are_finite(backend):
     ref = token_normalized_mse_reference(x.double(), t.double(), reduction="none")
     assert_close_rel(loss, ref, 1e-5, backend)
     assert torch.isfinite(gx).all()
+
+
+# ----------------------------------------------------------------------------- cpp: gradients written by the forward
+
+CPP = BACKENDS[-1]
+
+
+def _reference_grads(x, t, reduction, upstream):
+    x64, t64 = (a.detach().double().requires_grad_() for a in (x, t))
+    ref = token_normalized_mse_reference(x64, t64, reduction=reduction)
+    return ref, torch.autograd.grad(ref, (x64, t64), torch.tensor(upstream, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", [CPP])
+@pytest.mark.parametrize(
+    "dtype, reduction",
+    [
+        (torch.float32, "mean"),
+        (torch.float32, "sum"),
+        (torch.bfloat16, "mean"),
+        (torch.bfloat16, "sum"),
+        (torch.float16, "sum"),  # a mean's fp16 gradients at this size are subnormal
+    ],
+    ids=["fp32-mean", "fp32-sum", "bf16-mean", "bf16-sum", "fp16-sum"],
+)
+@pytest.mark.parametrize("upstream", [1.0, 2.5], ids=["unit", "scaled"])
+def test_cpp_forward_written_gradients(backend, dtype, reduction, upstream):
+    """An upstream gradient of 1 gets the forward's buffer; another one rescales (fp32) or recomputes (16-bit)."""
+    x, t = make_pair((3, 261, 100), dtype)
+    with use_backend(backend):
+        loss = token_normalized_mse(x, t, reduction=reduction)
+    gx, gt = torch.autograd.grad(loss, (x, t), torch.tensor(upstream), retain_graph=True)
+    again_x, again_t = torch.autograd.grad(loss, (x, t), torch.tensor(upstream))  # recomputed: the buffer was given
+    ref, (rx, rt) = _reference_grads(x, t, reduction, upstream)
+    loss_tol, grad_tol = RELATIVE_TOLERANCE[dtype]
+    assert_close_rel(loss, ref, loss_tol, "loss")
+    for name, got, want in [("x", gx, rx), ("t", gt, rt), ("x again", again_x, rx), ("t again", again_t, rt)]:
+        assert got.dtype == dtype, name
+        assert_close_rel(got, want, grad_tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", [CPP])
+def test_cpp_unit_upstream_returns_the_forward_buffer(backend):
+    x = torch.randn(197, 384, requires_grad=True)
+    t = torch.randn(197, 384)
+    with use_backend(backend):
+        loss = token_normalized_mse(x, t)
+    kept_input, kept_target = loss.grad_fn.kept
+    assert kept_target is None  # the target needs no gradient: none was written
+    (gx,) = torch.autograd.grad(loss, x)
+    assert gx.data_ptr() == kept_input.data_ptr()
+    assert loss.grad_fn.kept == (None, None)  # handed on, not held
+
+
+@pytest.mark.parametrize("backend", [CPP])
+def test_cpp_no_gradient_written_without_grad_mode(backend):
+    x = torch.randn(64, 100, requires_grad=True)
+    with use_backend(backend), torch.no_grad():
+        loss = token_normalized_mse(x, torch.randn(64, 100))
+    assert loss.grad_fn is None
+
+
+@pytest.mark.parametrize("backend", [CPP])
+def test_cpp_compiled_takes_the_recomputing_path(backend):
+    torch._dynamo.reset()
+    x, t = make_pair((2, 197, 100), torch.float32)
+    compiled = torch.compile(lambda a, b: token_normalized_mse(a, b), fullgraph=True, backend="aot_eager")
+    with use_backend(backend):
+        loss = compiled(x, t)
+    gx, gt = torch.autograd.grad(loss, (x, t))
+    ref, (rx, rt) = _reference_grads(x, t, "mean", 1.0)
+    assert_close_rel(loss, ref, 1e-5, "loss")
+    assert_close_rel(gx, rx, 1e-4, "grad x")
+    assert_close_rel(gt, rt, 1e-4, "grad t")

@@ -5,7 +5,10 @@ feature loss); here: dispatch -> torch.library ops (forward, backward) with fake
 implementations and autograd -> functional API.
 
 Forward reads x and t once and writes one fp32 loss per token; backward reads them
-once more and writes the gradients, so nothing of size ``(M, D)`` is saved.
+once more and writes the gradients, so nothing of size ``(M, D)`` is saved. Eager CPU
+calls of the cpp backend that need gradients write them in the forward instead, in the
+same pass (the fused loss does the same): a backward with an upstream gradient of 1
+hands that buffer on, so x and t are read once, not twice (3 rows of traffic, not 5).
 
 Gradient of one token (``x_hat = (x - mean) * rstd``, ``g = dL/dx_hat``)::
 
@@ -138,6 +141,100 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.
 _token_normalized_mse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- gradients in the forward (CPU)
+
+
+@torch.library.custom_op("leap_kernels::token_normalized_mse_with_grads", mutates_args=())
+def _token_normalized_mse_with_grads_op(
+    input: torch.Tensor, target: torch.Tensor, reduction: str, eps: float, need_input: bool, need_target: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, grad_input, grad_target)`` in one pass of the rows kernel (cpp backend, ``"mean"``/``"sum"``).
+
+    The gradients are those of the loss itself (an upstream gradient of 1), in the inputs' dtypes; one not
+    asked for is ``(0,)``. The forward reads x and t once and writes the gradient once: a backward with an
+    upstream gradient of 1 returns it as it is, so the op moves 3 rows of bytes per token instead of 5.
+    """
+    m, d = input.shape
+    acc_dtype = accumulation_dtype(input.dtype, target.dtype)
+    unit = torch.ones((), dtype=torch.float32, device=input.device)
+    row_scale = row_grad_scale(unit, reduction, m, d)
+    row_loss, grad_input, grad_target = token_norm_rows_compiled(
+        input, target, eps, row_scale=row_scale, want_loss=True, want_grad_x=need_input, want_grad_t=need_target
+    )
+    return reduce_rows(row_loss.to(acc_dtype), reduction, d), grad_input, grad_target
+
+
+@_token_normalized_mse_with_grads_op.register_fake
+def _(
+    input: torch.Tensor, target: torch.Tensor, reduction: str, eps: float, need_input: bool, need_target: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc_dtype = accumulation_dtype(input.dtype, target.dtype)
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else input.new_empty(0)
+    grad_target = (
+        torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else target.new_empty(0)
+    )
+    return input.new_empty((), dtype=acc_dtype), grad_input, grad_target
+
+
+def _setup_with_grads(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    input, target, reduction, eps, need_input, need_target = inputs
+    ctx.set_materialize_grads(False)  # the kept-gradient outputs get no gradient
+    ctx.save_for_backward(input, target)
+    ctx.reduction, ctx.eps = reduction, eps
+    # Detached (no reference back to this node) and dropped in backward: autograd can then hand the buffer on
+    # without a copy (a leaf's .grad steals it); a second backward (retain_graph) recomputes instead.
+    ctx.kept = (output[1].detach() if need_input else None, output[2].detach() if need_target else None)
+
+
+def _is_exactly_one(grad: torch.Tensor) -> bool:
+    """True for a real CPU scalar equal to 1 (free to read on a CPU); False for traced (fake) tensors."""
+    if grad.device.type != "cpu" or grad.numel() != 1 or torch._subclasses.fake_tensor.is_fake(grad):
+        return False
+    return bool(grad == 1)
+
+
+def _backward_with_grads(ctx: Any, grad: torch.Tensor | None, *_kept: torch.Tensor | None) -> tuple[Any, ...]:
+    nothing = (None,) * 6
+    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad is None or not (need_input or need_target):
+        return nothing
+    kept_input, kept_target = ctx.kept
+    ctx.kept = (None, None)
+    input, target = ctx.saved_tensors
+    usable = (kept_input is not None or not need_input) and (kept_target is not None or not need_target)
+    if usable and _is_exactly_one(grad):
+        return (kept_input if need_input else None), (kept_target if need_target else None), *nothing[2:]
+    if usable and input.dtype in _RESCALED_DTYPES and target.dtype in _RESCALED_DTYPES:
+        # One more rounding of an fp32/fp64 gradient; a 16-bit one would round twice in 16 bits: recompute it.
+        scaled = [k * grad.to(k.dtype) if k is not None else None for k in (kept_input, kept_target)]
+        return (scaled[0] if need_input else None), (scaled[1] if need_target else None), *nothing[2:]
+    m, d = input.shape
+    grad_input, grad_target = torch.ops.leap_kernels.token_normalized_mse_backward(
+        row_grad_scale(grad, ctx.reduction, m, d), input, target, ctx.eps, need_input, need_target
+    )
+    return (grad_input if need_input else None), (grad_target if need_target else None), *nothing[2:]
+
+
+_RESCALED_DTYPES = (torch.float32, torch.float64)
+_token_normalized_mse_with_grads_op.register_autograd(_backward_with_grads, setup_context=_setup_with_grads)
+
+
+def _grads_in_forward(rows: torch.Tensor, target_rows: torch.Tensor, reduction: str, backend: str) -> bool:
+    """Eager CPU calls of the cpp backend that will need gradients: the forward writes them.
+
+    Not under torch.compile (its traced backward cannot look at the upstream gradient, so the kept gradient
+    would be rescaled: no fewer bytes than recomputing) nor on a GPU (reading the upstream gradient syncs).
+    """
+    return (
+        backend == "cpp"
+        and reduction != "none"
+        and rows.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (rows.requires_grad or target_rows.requires_grad)
+        and not torch.compiler.is_compiling()
+    )
+
+
 # ----------------------------------------------------------------------------- functional API
 
 
@@ -159,13 +256,22 @@ def token_normalized_mse(
 
     Returns:
         fp32 loss (fp64 for float64 inputs): ``()`` or ``(...)`` for ``"none"``.
+
+    On the cpp backend (CPU, eager, ``"mean"``/``"sum"``) a call that will need gradients writes them
+    during the forward and keeps them until backward: the gradients' memory is taken at the forward,
+    not at the backward.
     """
     _checks.check_token_mse_inputs(input, target, reduction, eps)
     lead_shape = input.shape[:-1]
     d = input.shape[-1]
     rows, target_rows = input.reshape(-1, d), target.reshape(-1, d)
-    if _rows_backend(rows, target_rows) == "torch":
+    backend = _rows_backend(rows, target_rows)
+    if backend == "torch":
         loss = _token_normalized_mse_eager(rows, target_rows, reduction, float(eps))
+    elif _grads_in_forward(rows, target_rows, reduction, backend):
+        loss = _token_normalized_mse_with_grads_op(
+            rows, target_rows, reduction, float(eps), rows.requires_grad, target_rows.requires_grad
+        )[0]
     else:
         loss = _token_normalized_mse_op(rows, target_rows, reduction, float(eps))
     return loss.reshape(lead_shape) if reduction == "none" else loss
