@@ -12,6 +12,7 @@ from leap.apps.pretrain import TeacherTrainConfig, evaluate_accuracy, read_teach
 from leap.data import build_dataset, build_loader
 from leap.evaluation.knn import knn_accuracy
 from leap.models import build_model, load_teacher_weights
+from leap.runlog import load_run
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "fashion-mnist-sample")
 
@@ -68,6 +69,7 @@ def test_demo_pipeline_on_sample(tmp_path, capsys):
         workers=0,
         progress=False,
         student_overrides={"patch_size": 7, "depth": 2, "embed_dim": 16, "num_heads": 1},
+        replay_rounds=2,
     )
     base, leap = out["results"]["baseline"], out["results"]["leap"]
     # Baseline always runs all 4 teacher blocks; LEAP runs at most that.
@@ -105,6 +107,14 @@ def test_demo_pipeline_on_sample(tmp_path, capsys):
     change = 100 * (leap["summary"]["train_cpu_time_s"] / base["summary"]["train_cpu_time_s"] - 1)
     assert f"{leap['summary']['train_cpu_time_s']:.0f} s ({change:+.0f}%)" in leap_row, leap_row
     assert "%)" not in base_row.split("|")[5], base_row  # the baseline is the reference: no change of its own
+    # Both runs' steps replayed interleaved: the LEAP run's blocks from its step records, the baseline at block 4.
+    replay = out["replay"]
+    assert replay["leap_blocks_from"] == "steps" and replay["baseline_steps"] == base["summary"]["steps"]
+    assert replay["leap_steps"] == leap["summary"]["steps"] and replay["rounds"] == 2 and replay["num_blocks"] == 4
+    assert set(replay["leap_step_times_s"]) == {int(b) for b in load_run(tmp_path / "demo" / "leap").step_blocks()}
+    assert "training steps' time, replayed interleaved" in header and "falls on both alike" in table
+    assert f"({-100 * replay['saving']:+.1f}%)" in leap_row, leap_row
+    assert saved["replay"]["baseline_time_s"] == replay["baseline_time_s"]
     # Each student's evaluations are recorded in its run directory and listed by its report.
     report = (tmp_path / "demo" / "leap" / "report" / "report.md").read_text()
     assert "## Evaluations" in report and "linear probe top-1" in report and "kNN top-1" in report

@@ -5,7 +5,8 @@ Fashion-MNIST, shipped with the package as ``leap/assets/teacher_fashion_mnist.p
 same budget: once from the last teacher block only (baseline) and once with the LEAP
 curriculum. Then it evaluates both students on frozen features (cosine kNN, k = 20, and the
 paper's linear probe, Fashion-MNIST test set; records in each run's ``eval.jsonl``), writes
-plots for each run and prints a table: curriculum trajectory, teacher FLOPs saved, wall time,
+plots for each run and prints a table: curriculum trajectory, teacher FLOPs saved, wall and CPU
+time, the two runs' steps replayed interleaved (a time saving that other jobs' load does not bias),
 kNN and linear-probe accuracy.
 """
 
@@ -17,13 +18,15 @@ import os
 import time
 from typing import Any
 
-from ..errors import CheckpointError, InputNotFoundError
+from ..errors import CheckpointError, ConfigError, InputNotFoundError
 from ..runlog import load_run
 
 # Package data (see pyproject.toml), so `leap demo` works from an installed wheel too.
 DEFAULT_TEACHER = str(importlib.resources.files("leap").joinpath("assets").joinpath("teacher_fashion_mnist.pth"))
 DEFAULT_STUDENT = "vit_small_patch14_dinov2"
 DEFAULT_STUDENT_OVERRIDES = {"patch_size": 7, "depth": 4, "embed_dim": 64, "num_heads": 1}
+# Rounds of the interleaved step replay: a stable median in about 15-20 s for these models on 2 CPU cores.
+DEFAULT_REPLAY_ROUNDS = 15
 FASHION_MNIST_HELP = (
     "Fashion-MNIST not found. On Debian/Ubuntu: `sudo apt-get install dataset-fashion-mnist` (files land in "
     "/usr/share/datasets/fashion-mnist/), or download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
@@ -80,6 +83,7 @@ def run_demo(
     workers: int | None = None,
     progress: bool = True,
     threads: int | None = None,
+    replay_rounds: int = DEFAULT_REPLAY_ROUNDS,
 ) -> dict[str, Any]:
     """Distill the ``teacher`` (a ``leap train-teacher`` checkpoint) into ``student`` twice, baseline and
     LEAP, evaluate both (and the teacher), write ``OUT/results.md`` / ``results.json``, print the table.
@@ -93,12 +97,16 @@ def run_demo(
         knn_train, knn_test: training images in the kNN memory bank; test images evaluated (None: all).
         student, student_overrides: the student (default: a 4-block ViT of width 64).
         threads: torch CPU threads (default: torch's).
+        replay_rounds: rounds of the interleaved replay of both runs' steps
+            (:func:`leap.run.timing.replay_step_times`); 0: no replay.
 
     Returns:
-        ``{"results": {mode: ...}, "teacher_knn", "teacher_linear", "table"}``.
+        ``{"results": {mode: ...}, "replay", "teacher_knn", "teacher_linear", "table"}`` (``replay``:
+        None when ``replay_rounds`` is 0).
 
     Raises:
         InputNotFoundError, CheckpointError: no teacher checkpoint, not a train-teacher file, no data.
+        ConfigError: a negative ``replay_rounds``.
     """
     import torch
 
@@ -107,6 +115,8 @@ def run_demo(
     from ..run.resume import previous_run_files
     from .pretrain import read_teacher_meta
 
+    if replay_rounds < 0:
+        raise ConfigError(f"replay_rounds must be >= 0 (0: no replay), got {replay_rounds}")
     if threads:
         torch.set_num_threads(threads)
     if not os.path.isfile(teacher):
@@ -178,9 +188,14 @@ def run_demo(
         }
         print()
 
+    replay = None
+    if replay_rounds:
+        with torch.random.fork_rng(devices=[]):  # the evaluation below sees the same random state either way
+            replay = _replay_steps(results, replay_rounds, progress)
+        print()
     teacher_ev = _evaluate({"model": teacher}, data, out, knn_train, knn_test, None)
     teacher_knn = teacher_ev["knn"]["cls"]
-    table = format_table(results, teacher_knn, meta, knn_train, knn_test, teacher_ev["linear"])
+    table = format_table(results, teacher_knn, meta, knn_train, knn_test, teacher_ev["linear"], replay)
     print(table)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -188,12 +203,102 @@ def run_demo(
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(
             {m: {k: v for k, v in r.items() if k != "summary"} | {"summary": r["summary"]} for m, r in results.items()}
-            | {"teacher_knn_cls": teacher_knn, "teacher_linear": teacher_ev["linear"]},
+            | {"teacher_knn_cls": teacher_knn, "teacher_linear": teacher_ev["linear"], "replay": replay},
             f,
             indent=2,
             default=str,
         )
-    return {"results": results, "teacher_knn": teacher_knn, "teacher_linear": teacher_ev["linear"], "table": table}
+    return {
+        "results": results,
+        "replay": replay,
+        "teacher_knn": teacher_knn,
+        "teacher_linear": teacher_ev["linear"],
+        "table": table,
+    }
+
+
+def leap_step_blocks(run_dir: str, steps: int) -> tuple[list[float], list[float] | None, str]:
+    """The target blocks of a run's ``steps`` training steps, from its ``log.jsonl``.
+
+    Returns ``(blocks, steps_per_block, source)``: one block per step (``steps_per_block`` None,
+    source ``"steps"``) when the log holds a step record for every step, else the epochs' mean
+    blocks weighted by their steps (source ``"epochs"``).
+    """
+    run = load_run(run_dir)
+    blocks = run.step_blocks()
+    if len(blocks) == steps:
+        return blocks, None, "steps"
+    trajectory = run.trajectory()
+    return trajectory.blocks, trajectory.weights, "epochs"
+
+
+def _replay_steps(results: dict, rounds: int, progress: bool) -> dict[str, Any]:
+    """Both runs' training steps replayed interleaved (:func:`leap.run.timing.replay_step_times`) with the
+    runs' own recipe, read from the LEAP run's summary: teacher (with its weights), student shape, batch,
+    loss, CLS weight, device and precision."""
+    from ..models import build_model, load_teacher_weights
+    from ..precision import DTYPES
+    from ..run.timing import replay_blocks, replay_step_times
+
+    leap_summary, base_summary = results["leap"]["summary"], results["baseline"]["summary"]
+    blocks, steps_per_block, source = leap_step_blocks(leap_summary["run_dir"], int(leap_summary["steps"]))
+    cfg, resolved = leap_summary["config"], leap_summary.get("resolved") or {}
+    teacher = build_model(cfg["teacher"], img_size=cfg["img_size"], **cfg["teacher_overrides"])
+    if cfg.get("teacher_weights"):
+        load_teacher_weights(
+            teacher, cfg["teacher_weights"], pos_embed_interpolation=cfg.get("teacher_pos_embed", "auto")
+        )
+    # The step time does not depend on the student's weights: a fresh one of the runs' shape.
+    student = build_model(cfg["student"], img_size=cfg["img_size"], **cfg["student_overrides"])
+    if progress:
+        print(
+            f"== replaying both runs' steps interleaved: {rounds} rounds of one baseline step and one LEAP step "
+            f"at each of its blocks {', '.join(map(str, replay_blocks(blocks)))} ...",
+            flush=True,
+        )
+    replay = replay_step_times(
+        teacher,
+        student,
+        blocks,
+        int(base_summary["steps"]),
+        batch_size=int(cfg["batch_size"]),
+        device=resolved.get("device", "cpu"),
+        dtype=DTYPES.get(resolved.get("precision", "")),
+        leap_steps_per_block=steps_per_block,
+        rounds=rounds,
+        cls_weight=float(cfg["cls_weight"]),
+        normalize=cfg["loss"] == "token-mse",
+    )
+    replay["leap_blocks_from"] = source
+    print(
+        f"replayed steps: baseline {replay['baseline_time_s']:.1f} s, LEAP {replay['leap_time_s']:.1f} s "
+        f"(saving {100 * replay['saving']:.1f}%), in {replay['elapsed_s']:.0f} s"
+    )
+    return replay
+
+
+def _replay_note(replay: dict | None) -> list[str]:
+    """The footnote of the replay column (none without a replay)."""
+    if not replay:
+        return []
+    return [
+        "Training steps' time, replayed interleaved: after both runs, their training steps are timed again in one "
+        "process (teacher to the target block, student, fused loss, backward, the CKA where LEAP computes it, "
+        f"optimizer; random inputs, batch {replay['batch_size']}, {replay['device']}): each of "
+        f"{replay['rounds']} rounds times one baseline step (teacher to block {replay['num_blocks']}) and one "
+        "LEAP step at each target block it used, the order alternating between rounds, so other jobs' load "
+        "falls on both alike. A run's time is the sum over its steps of the median step time at the step's "
+        f"block ({replay['baseline_steps']} baseline, {replay['leap_steps']} LEAP steps"
+        + (
+            "; LEAP's blocks are its epochs' mean blocks, weighted by their steps and interpolated between "
+            "neighbouring blocks"
+            if replay.get("leap_blocks_from") == "epochs"
+            else ""
+        )
+        + "); in parentheses the change against the baseline. Data loading, the calibration scan and evaluation "
+        "are not included.",
+        "",
+    ]
 
 
 def _time_cell(summary: dict, baseline: dict) -> str:
@@ -209,6 +314,20 @@ def _time_cell(summary: dict, baseline: dict) -> str:
     return " / ".join(cells)
 
 
+def _seconds(value: float) -> str:
+    """Seconds to three significant digits (whole seconds from 100 s)."""
+    return f"{value:.0f} s" if value >= 100 else f"{value:.3g} s"
+
+
+def _replay_cell(mode: str, replay: dict) -> str:
+    """A run's replayed step time; the LEAP run's with its change against the baseline's."""
+    if mode == "baseline":
+        return _seconds(replay["baseline_time_s"])
+    if mode == "leap":
+        return f"{_seconds(replay['leap_time_s'])} ({-100 * replay['saving']:+.1f}%)"
+    return "n/a"
+
+
 def format_table(
     results: dict,
     teacher_knn: float,
@@ -216,17 +335,23 @@ def format_table(
     knn_train: int,
     knn_test: int | None,
     teacher_linear: dict | None = None,
+    replay: dict | None = None,
 ) -> str:
-    """The demo's Markdown table: one row per run, then footnotes (last-epoch probe values, the teacher)."""
+    """The demo's Markdown table: one row per run, then footnotes (time columns, kNN, FLOPs, linear probe).
+
+    ``replay``: :func:`leap.run.timing.replay_step_times` of the two runs (None: no replay column).
+    """
 
     def pct(x):
         return "n/a" if x is None else f"{x * 100:.2f}%"
 
+    replay_header = " training steps' time, replayed interleaved |" if replay else ""
     lines = [
-        "| run | target block per epoch | teacher blocks run | teacher FLOPs saved | training time: wall / CPU "
-        "| kNN top-1 CLS | kNN top-1 mean-patch | linear top-1 CLS (best epoch) "
+        "| run | target block per epoch | teacher blocks run | teacher FLOPs saved | training time: wall / CPU |"
+        + replay_header
+        + " kNN top-1 CLS | kNN top-1 mean-patch | linear top-1 CLS (best epoch) "
         "| linear top-1 mean-patch (best epoch) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|" + ("---|" if replay else "") + "---|---|---|---|",
     ]
     base = results.get("baseline", {}).get("summary", {})
     last = []
@@ -241,7 +366,8 @@ def format_table(
         lines.append(
             f"| {mode} | {blocks} | {s['teacher_blocks_run']} / {s['teacher_blocks_full']} | "
             f"{'n/a' if saved is None else f'{saved * 100:.1f}%'} | {_time_cell(s, base)} | "
-            f"{r['knn_cls'] * 100:.2f}% | {r['knn_patch'] * 100:.2f}% | {probe[0]} | {probe[1]} |"
+            + (f"{_replay_cell(mode, replay)} | " if replay else "")
+            + f"{r['knn_cls'] * 100:.2f}% | {r['knn_patch'] * 100:.2f}% | {probe[0]} | {probe[1]} |"
         )
         if lin:
             last.append(
@@ -256,6 +382,7 @@ def format_table(
         "machine stretch the wall time most; the CPU time less, but it grows too (waiting threads spin and caches "
         "are shared): compare runs made under the same load.",
         "",
+        *_replay_note(replay),
         f"kNN: cosine, k=20, T=0.07, memory bank = first {knn_train} training images, {n_test} test images; "
         f"teacher's own kNN top-1 (CLS): {teacher_knn * 100:.2f}% (its linear-head test accuracy: "
         f"{meta['test_accuracy'] * 100:.2f}%).",

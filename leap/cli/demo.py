@@ -48,7 +48,26 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--knn-test", type=int, default=None, help="test images evaluated (default: all 10000)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--replay-rounds",
+        type=_rounds,
+        default=demo.DEFAULT_REPLAY_ROUNDS,
+        metavar="N",
+        help="after both runs, time their training steps again interleaved (load falls on both alike) in N "
+        f"rounds; 0 = no replay (default: {demo.DEFAULT_REPLAY_ROUNDS})",
+    )
     return parser
+
+
+def _rounds(text: str) -> int:
+    """argparse ``type=`` of ``--replay-rounds``: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=args.progress,
         threads=args.threads,
+        replay_rounds=args.replay_rounds,
     )
     return 0
 

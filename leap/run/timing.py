@@ -1,5 +1,6 @@
-"""Wall-clock time of one LEAP training step per target block, and the realized time saving
-of a trajectory (``leap flops --measure``).
+"""Wall-clock time of one LEAP training step per target block, the realized time saving
+of a trajectory (``leap flops --measure``), and a baseline run's and a LEAP run's steps
+replayed interleaved (``leap demo``: a time saving that other jobs' load does not bias).
 
 The step timed is the trainer's own: :class:`leap.objective.DistillModule` (student + head +
 fused loss), the truncated teacher, the per-step CKA and an optimizer step. The analytic
@@ -29,7 +30,84 @@ from ..runlog import Trajectory
 from ..teacher import TruncatedTeacher
 from ..vit import unwrap_vit
 
-__all__ = ["measure_step_times", "wall_clock_savings"]
+__all__ = ["measure_step_times", "replay_blocks", "replay_step_times", "wall_clock_savings"]
+
+
+class _TrainerStep:
+    """One trainer-like step on fixed random inputs, runnable and timeable at any target block.
+
+    Teacher forward to block ``k`` (no grad), student forward (autocast to ``dtype`` when it is
+    bf16/fp16) + ``leap_kernels.fused_feature_loss`` on patch tokens ``+ cls_weight *`` on CLS
+    through one ``Linear(D_s -> D_t)`` head (:class:`leap.objective.DistillModule`, the trainer's
+    own composition), backward, optionally the per-step CKA on the re-projected student, and an
+    AdamW step. The head's initial weights and the inputs come from a fixed seed; the caller's
+    random state is left as it was. Call :meth:`build` (after checking the other arguments)
+    before :meth:`run` or :meth:`time`.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        batch_size: int,
+        device: str | torch.device,
+        dtype: torch.dtype | None,
+        cls_weight: float,
+        normalize: bool,
+    ) -> None:
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.device = torch.device(device)
+        self.dtype = dtype or DTYPES[auto_precision(self.device)]
+        if not isinstance(teacher, TruncatedTeacher):
+            teacher = TruncatedTeacher(unwrap_vit(teacher).to(self.device), dtype=self.dtype)
+        self.teacher = teacher.to(self.device)
+        self.student = unwrap_vit(student)
+        self.batch_size = int(batch_size)
+        self.cls_weight, self.normalize = cls_weight, normalize
+
+    def build(self) -> None:
+        """Allocate the student copy, head, optimizer and inputs."""
+        device, dtype, teacher = self.device, self.dtype, self.teacher
+        self.use_amp = dtype in (torch.bfloat16, torch.float16)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            s_model = copy.deepcopy(self.student)
+            head = FeatureDistillationHead(int(s_model.embed_dim), teacher.embed_dim, normalize=self.normalize)
+            h, w = pair(teacher.model.patch_embed.img_size)
+            x = torch.randn(self.batch_size, 3, h, w)
+        module = DistillModule(s_model, head, self.cls_weight, compute_dtype=dtype if self.use_amp else None)
+        self.module = module.to(device).train()
+        opt_kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-6, **opt_kwargs)
+        self.x = x.to(device)
+
+    def run(self, k: int, include_cka: bool) -> None:
+        """One step with the teacher truncated after block ``k``."""
+        t_patch, t_cls = self.teacher(self.x, k)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.use_amp):
+            loss, _, _, s_patch = self.module(self.x, t_patch, t_cls)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if include_cka:
+            with torch.no_grad():
+                linear_cka(self.module.head.project(s_patch), t_patch)
+        self.opt.step()
+
+    def time(self, k: int, include_cka: bool) -> float:
+        """Seconds of one :meth:`run`: CUDA events on GPU, ``time.perf_counter`` on CPU."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)
+            start.record()
+            self.run(k, include_cka)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        t0 = time.perf_counter()
+        self.run(k, include_cka)
+        return time.perf_counter() - t0
 
 
 def measure_step_times(
@@ -59,7 +137,7 @@ def measure_step_times(
             It is moved to ``device``.
         student: timm ViT; a deep copy is trained, the original is left untouched.
         ks: target blocks to time (duplicates are timed once).
-        batch_size: images per step (random inputs at the teacher's image size).
+        batch_size: images per step (random inputs at the teacher's image size, fixed seed).
         device: e.g. ``"cuda"`` or ``"cpu"``.
         dtype: teacher dtype and student autocast dtype (default bf16 on CUDA, fp32 on CPU).
         warmup, repeats: untimed steps per ``k``, then timed steps (median reported); the
@@ -72,64 +150,24 @@ def measure_step_times(
         ``{k: seconds per step}`` (median of ``repeats``); CUDA events on GPU,
         ``time.perf_counter`` on CPU.
     """
-    device = torch.device(device)
-    dtype = dtype or DTYPES[auto_precision(device)]
-    if not isinstance(teacher, TruncatedTeacher):
-        teacher = TruncatedTeacher(unwrap_vit(teacher).to(device), dtype=dtype)
-    teacher = teacher.to(device)
+    rig = _TrainerStep(teacher, student, batch_size, device, dtype, cls_weight, normalize)
     ks = sorted({int(k) for k in ks})
     for k in ks:
-        teacher._check_k(k)
+        rig.teacher._check_k(k)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-
-    use_amp = dtype in (torch.bfloat16, torch.float16)
-    s_model = copy.deepcopy(unwrap_vit(student))
-    head = FeatureDistillationHead(int(s_model.embed_dim), teacher.embed_dim, normalize=normalize)
-    # The trainer's own student + head + loss composition (patch loss + cls_weight * CLS loss).
-    module = DistillModule(s_model, head, cls_weight, compute_dtype=dtype if use_amp else None).to(device).train()
-    opt_kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6, **opt_kwargs)
-    h, w = pair(teacher.model.patch_embed.img_size)
-    x = torch.randn(batch_size, 3, h, w, device=device)
-
-    def step(k: int) -> None:
-        t_patch, t_cls = teacher(x, k)
-        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
-            loss, _, _, s_patch = module(x, t_patch, t_cls)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if include_cka:
-            with torch.no_grad():
-                linear_cka(module.head.project(s_patch), t_patch)
-        opt.step()
-
-    cuda = device.type == "cuda"
-
-    def timed(k: int) -> float:
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            step(k)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0
-        t0 = time.perf_counter()
-        step(k)
-        return time.perf_counter() - t0
+    rig.build()
 
     # Warm up every k first, then time in interleaved rounds so slow drift (clocks, other
     # load) affects all blocks alike.
     for k in ks:
         for _ in range(warmup):
-            step(k)
+            rig.run(k, include_cka)
     samples: dict[int, list[float]] = {k: [] for k in ks}
     for _ in range(repeats):
         for k in ks:
-            samples[k].append(timed(k))
-    times = {k: statistics.median(v) for k, v in samples.items()}
-    return times
+            samples[k].append(rig.time(k, include_cka))
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _interp_time(k: float, step_times: Mapping[int, float]) -> float:
@@ -190,4 +228,119 @@ def wall_clock_savings(
         "baseline_step_time_s": base,
         "saving": 1.0 - mean_t / base,
         "interpolated": sorted(b for b in cache if b not in measured),
+    }
+
+
+def replay_blocks(leap_blocks: Iterable[float]) -> list[int]:
+    """The target blocks :func:`replay_step_times` times LEAP steps at: every integer block of
+    ``leap_blocks``, and both neighbours of a fractional (epoch-mean) one; sorted, distinct."""
+    return sorted({bound(float(b)) for b in leap_blocks for bound in (math.floor, math.ceil)})
+
+
+def replay_step_times(
+    teacher: nn.Module,
+    student: nn.Module,
+    leap_blocks: Sequence[float],
+    baseline_steps: int,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    leap_steps_per_block: Sequence[float] | None = None,
+    rounds: int = 10,
+    warmup: int = 2,
+    cls_weight: float = 0.05,
+    normalize: bool = False,
+) -> dict[str, Any]:
+    """Replay a baseline run's and a LEAP run's training steps interleaved, and compare their times.
+
+    Each round times one **baseline step** (teacher to its last block L, no CKA) and one
+    **LEAP step** (teacher to ``k``, with the per-step CKA) at each distinct target block ``k``
+    of the LEAP run; the order flips every round (baseline first, then LEAP's blocks ascending;
+    next round the reverse), so slow drift and other jobs' load fall on both arms alike. Every
+    kind of step runs ``warmup`` untimed times first. The step is :func:`measure_step_times`'
+    (student + head + fused loss, backward, AdamW) on random inputs from a fixed seed; data
+    loading, the calibration scan and evaluation are not part of it.
+
+    Args:
+        teacher: as for :func:`measure_step_times` (a timm ViT is wrapped, cast and frozen in place).
+        student: timm ViT; deep copies are trained, the original is left untouched.
+        leap_blocks: the LEAP run's target block per step (ints), or per epoch (mean blocks, which
+            may be fractional) with ``leap_steps_per_block``. A fractional block is timed at its two
+            neighbouring blocks and interpolated linearly.
+        baseline_steps: number of steps of the baseline run.
+        batch_size: images per step, as in the runs.
+        device, dtype: as for :func:`measure_step_times` (default dtype: bf16 on CUDA, fp32 on CPU).
+        leap_steps_per_block: steps per entry of ``leap_blocks`` (default: 1 each, i.e. one entry
+            per step).
+        rounds: timed rounds (>= 1); each step time is the median over them.
+        warmup: untimed steps per kind of step before the rounds.
+        cls_weight, normalize: the runs' CLS loss weight and token-normalized MSE flag.
+
+    Returns:
+        dict with ``num_blocks`` (L), ``rounds``, ``warmup``, ``batch_size``, ``device``,
+        ``leap_step_times_s`` (``{k: median seconds per LEAP step at k}``),
+        ``baseline_step_time_s`` (median seconds per baseline step), ``leap_steps`` and
+        ``baseline_steps`` (step counts), ``leap_time_s`` (sum over the LEAP run's steps of the
+        median at its block: the step-weighted mean times the number of steps), ``baseline_time_s``
+        (``baseline_steps * baseline_step_time_s``), ``saving = 1 - leap_time_s / baseline_time_s``
+        and ``elapsed_s`` (wall time of the replay itself).
+
+    Raises:
+        ValueError: an argument out of range (the message names it), a block outside 1..L.
+    """
+    began = time.perf_counter()
+    rig = _TrainerStep(teacher, student, batch_size, device, dtype, cls_weight, normalize)
+    L = rig.teacher.num_blocks
+    blocks = [float(b) for b in leap_blocks]
+    if not blocks:
+        raise ValueError("leap_blocks is empty: give the LEAP run's target block per step")
+    if leap_steps_per_block is None:
+        weights = [1.0] * len(blocks)
+    else:
+        weights = [float(w) for w in leap_steps_per_block]
+        if len(weights) != len(blocks):
+            raise ValueError(f"leap_steps_per_block has {len(weights)} entries for {len(blocks)} leap_blocks")
+        if any(not math.isfinite(w) or w < 0 for w in weights) or math.fsum(weights) <= 0:
+            raise ValueError(f"leap_steps_per_block must be >= 0 with a positive sum, got {weights}")
+    if any(not math.isfinite(b) or not 1 <= b <= L for b in blocks):
+        raise ValueError(f"leap_blocks must lie in 1..{L} (the teacher's blocks), got {sorted(set(blocks))}")
+    if isinstance(baseline_steps, bool) or int(baseline_steps) != baseline_steps or baseline_steps < 1:
+        raise ValueError(f"baseline_steps must be an integer >= 1, got {baseline_steps!r}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    ks = replay_blocks(blocks)
+    rig.build()
+
+    # (k, include_cka, arm): the baseline skips the CKA (as the trainer does without a curriculum).
+    kinds = [(L, False, "baseline")] + [(k, True, "leap") for k in ks]
+    for k, cka, _ in kinds:
+        for _ in range(warmup):
+            rig.run(k, cka)
+    samples: dict[tuple[str, int], list[float]] = {(arm, k): [] for k, _, arm in kinds}
+    for r in range(rounds):
+        for k, cka, arm in kinds if r % 2 == 0 else reversed(kinds):
+            samples[(arm, k)].append(rig.time(k, cka))
+
+    leap_times = {k: statistics.median(samples[("leap", k)]) for k in ks}
+    base_step = statistics.median(samples[("baseline", L)])
+    leap_time = math.fsum(w * _interp_time(b, leap_times) for b, w in zip(blocks, weights))
+    base_time = int(baseline_steps) * base_step
+    leap_steps = math.fsum(weights)
+    return {
+        "num_blocks": L,
+        "rounds": rounds,
+        "warmup": warmup,
+        "batch_size": rig.batch_size,
+        "device": str(rig.device),
+        "leap_step_times_s": leap_times,
+        "baseline_step_time_s": base_step,
+        "leap_steps": int(leap_steps) if leap_steps.is_integer() else leap_steps,
+        "baseline_steps": int(baseline_steps),
+        "leap_time_s": leap_time,
+        "baseline_time_s": base_time,
+        "saving": 1.0 - leap_time / base_time,
+        "elapsed_s": time.perf_counter() - began,
     }
