@@ -65,6 +65,7 @@ from .._triton_common import HAS_TRITON, INTERPRETED
 from .loops import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_CPU_CHUNK_TOKENS,
+    DEFAULT_TORCH_CPU_CHUNK_TOKENS,
     DEFAULT_TRITON_CHUNK_TOKENS,
     ENV_CHUNK_TOKENS,
     MAX_WEIGHT_GRAD_SPLITS,
@@ -93,6 +94,7 @@ if HAS_TRITON:  # the kernels, listed with this op (tests and tools/compile_chec
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "DEFAULT_CPU_CHUNK_TOKENS",
+    "DEFAULT_TORCH_CPU_CHUNK_TOKENS",
     "DEFAULT_TRITON_CHUNK_TOKENS",
     "ENV_CHUNK_TOKENS",
     "INTERPRETED",
