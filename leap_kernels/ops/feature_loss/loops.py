@@ -491,9 +491,9 @@ def chunks_torch(ops: Operands, opts: LossOptions) -> LoopResult:
         stop = min(m, start + chunk)
         s_chunk = student[start:stop].to(gemm)
         if gemm != acc:
-            projection = (s_chunk @ weight_acc.T).to(acc)
-            if bias_acc is not None:
-                projection += bias_acc
+            projection = s_chunk @ weight_acc.T
+            # bf16 + fp32 bias promotes: the fp32 projection in one pass (no separate cast)
+            projection = projection + bias_acc if bias_acc is not None else projection.to(acc)
         elif bias_acc is not None:
             projection = torch.addmm(bias_acc, s_chunk, weight_acc.T)
         else:
@@ -501,7 +501,7 @@ def chunks_torch(ops: Operands, opts: LossOptions) -> LoopResult:
         if opts.normalize:
             p_hat, mean_p, rstd_p = layer_norm_rows(projection, opts.eps, acc)
             t_hat = layer_norm_rows(target[start:stop], opts.eps, acc)[0]
-            diff = p_hat - t_hat
+            diff = p_hat.sub_(t_hat)
         else:
             diff = projection - target[start:stop].to(acc)
         # One pass over diff (square().sum() would write the squares first), then G in place of diff.
