@@ -1,7 +1,8 @@
 """The CPU rows kernel of leap_kernels._C (csrc/cpu/rows_kernel.cpp) beyond tests/test_extension.py:
 fixed-block determinism (any thread count), the one-sweep statistics' fallback for a row whose
-first element is far from its mean, the large-output path (non-temporal stores, huge pages), and
-the bias added inside the kernel by the chunk loop."""
+first element is far from its mean, the large-output path (non-temporal stores, huge pages), the
+16-bit rows read and written in place (against converted copies), and the bias added inside the kernel
+by the chunk loop."""
 
 import pytest
 import torch
@@ -141,3 +142,34 @@ def test_chunk_loop_bias_in_the_rows_kernel(normalize, want_grads):
         assert_close_rel(gs, rs, 1e-4, "grad student")
         assert_close_rel(gw, rw, 1e-4, "grad weight")
         assert_close_rel(gb, rb, 1e-4, "grad bias")
+
+
+def _strided_copy(x):
+    """``x`` as a view with a column stride of 2: the kernel reads such rows through converted copies."""
+    out = torch.empty(x.shape[0], 2 * x.shape[1], dtype=x.dtype)[:, ::2]
+    out.copy_(x)
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["mse", "token-mse"])
+@pytest.mark.parametrize(
+    "m,d",
+    [(197, 384), (261, 100), (257, 1536), (16387, 1024)],
+    ids=["197x384", "261x100", "257x1536", "streamed-16387x1024"],  # the last: >= 32 MB of gradients
+)
+def test_16bit_rows_in_place_equal_converted_copies(dtype, normalize, m, d):
+    # Contiguous 16-bit rows are swept in place (converted in registers); strided ones through fp32 copies.
+    # The arithmetic is the same, so the results are bit-identical; and both match float64.
+    x = (3.0 * torch.randn(m, d) + 5.0 * torch.randn(m, 1)).to(dtype)
+    t = (0.5 * torch.randn(m, d) - 2.0 * torch.randn(m, 1)).to(dtype)
+    scale = torch.rand(m)
+    in_place = OPS.rows_loss_grad(x, t, normalize, 1e-6, scale, True, True, True)
+    copied = OPS.rows_loss_grad(_strided_copy(x), _strided_copy(t), normalize, 1e-6, scale, True, True, True)
+    for name, a, b in zip(("loss", "grad x", "grad t"), in_place, copied):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    ref_loss, ref_gx, ref_gt = _reference(x, t, normalize, 1e-6, scale)
+    assert_close_rel(in_place[0], ref_loss, 1e-5, "loss")
+    assert_close_rel(in_place[1], ref_gx, 1e-2, "grad x")
+    assert_close_rel(in_place[2], ref_gt, 1e-2, "grad t")
