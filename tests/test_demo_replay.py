@@ -38,8 +38,9 @@ def test_replay_times_every_block_and_the_baseline():
     res = timing.replay_step_times(teacher, student, [1, 1, 3, 2, 3], 4, batch_size=4, rounds=3, warmup=1)
     assert sorted(res["leap_step_times_s"]) == [1, 2, 3]
     assert all(t > 0 for t in res["leap_step_times_s"].values()) and res["baseline_step_time_s"] > 0
-    t = res["leap_step_times_s"]
-    assert res["leap_time_s"] == pytest.approx(2 * t[1] + t[2] + 2 * t[3])
+    r = res["leap_step_ratios"]
+    assert sorted(r) == [1, 2, 3] and all(v > 0 for v in r.values())
+    assert res["leap_time_s"] == pytest.approx(res["baseline_step_time_s"] * (2 * r[1] + r[2] + 2 * r[3]))
     assert res["baseline_time_s"] == pytest.approx(4 * res["baseline_step_time_s"])
     assert res["saving"] == pytest.approx(1 - res["leap_time_s"] / res["baseline_time_s"])
     assert (res["num_blocks"], res["leap_steps"], res["baseline_steps"], res["batch_size"]) == (3, 5, 4, 4)
@@ -100,6 +101,21 @@ def test_replay_arithmetic_and_interleaving(monkeypatch):
     assert res["baseline_time_s"] == pytest.approx(base)
     assert res["saving"] == pytest.approx(1 - leap / base)
     assert res["leap_steps"] == 6 and res["baseline_steps"] == steps
+
+
+def test_replay_compares_steps_within_rounds(monkeypatch):
+    # Load slows round 1 as a whole (reversed order: LEAP first) and, in round 2, only the LEAP step
+    # (it began after the baseline step): per-arm medians would say LEAP costs 1.5x the baseline;
+    # within rounds it costs half.
+    times = iter([1.0, 0.5, 1.5, 3.0, 1.0, 1.5])  # (baseline, k=1), (k=1, baseline), (baseline, k=1)
+    monkeypatch.setattr(timing._TrainerStep, "run", lambda rig, k, cka: None)
+    monkeypatch.setattr(timing._TrainerStep, "time", lambda rig, k, cka: next(times))
+    teacher, student = tiny_pair(teacher_depth=2)
+    res = timing.replay_step_times(teacher, student, [1, 1], 2, batch_size=4, rounds=3, warmup=0)
+    assert res["leap_step_times_s"] == {1: pytest.approx(1.5)} and res["baseline_step_time_s"] == pytest.approx(1.0)
+    assert res["leap_step_ratios"] == {1: pytest.approx(0.5)}
+    assert res["leap_time_s"] == pytest.approx(2 * 0.5 * 1.0)
+    assert res["saving"] == pytest.approx(0.5)
 
 
 def test_replay_epoch_means_weighted_by_steps(monkeypatch):
@@ -253,7 +269,7 @@ def test_table_shows_the_replay_column():
     assert rows["baseline"][column] == " 12.3 s "
     assert rows["leap"][column] == " 10.5 s (-14.9%) "
     assert "each of 15 rounds times one baseline step (teacher to block 4)" in table
-    assert "other jobs' load falls on both alike" in table
+    assert "over the same round's baseline step" in table
     assert "Data loading, the calibration scan and evaluation are not included" in table
     assert "epochs' mean blocks" not in table
     epochs = demo.format_table(table_results(), 0.7, meta, 100, None, None, {**replay, "leap_blocks_from": "epochs"})

@@ -257,8 +257,10 @@ def replay_step_times(
     Each round times one **baseline step** (teacher to its last block L, no CKA) and one
     **LEAP step** (teacher to ``k``, with the per-step CKA) at each distinct target block ``k``
     of the LEAP run; the order flips every round (baseline first, then LEAP's blocks ascending;
-    next round the reverse), so slow drift and other jobs' load fall on both arms alike. Every
-    kind of step runs ``warmup`` untimed times first. The step is :func:`measure_step_times`'
+    next round the reverse), so slow drift and other jobs' load fall on both arms alike. A LEAP
+    step's cost is the median over rounds of its time over the same round's baseline step, so
+    load that comes and goes between rounds cancels. Every kind of step runs ``warmup`` untimed
+    times first. The step is :func:`measure_step_times`'
     (student + head + fused loss, backward, AdamW) on random inputs from a fixed seed; data
     loading, the calibration scan and evaluation are not part of it.
 
@@ -273,16 +275,17 @@ def replay_step_times(
         device, dtype: as for :func:`measure_step_times` (default dtype: bf16 on CUDA, fp32 on CPU).
         leap_steps_per_block: steps per entry of ``leap_blocks`` (default: 1 each, i.e. one entry
             per step).
-        rounds: timed rounds (>= 1); each step time is the median over them.
+        rounds: timed rounds (>= 1); each step time and ratio is the median over them.
         warmup: untimed steps per kind of step before the rounds.
         cls_weight, normalize: the runs' CLS loss weight and token-normalized MSE flag.
 
     Returns:
         dict with ``num_blocks`` (L), ``rounds``, ``warmup``, ``batch_size``, ``device``,
-        ``leap_step_times_s`` (``{k: median seconds per LEAP step at k}``),
+        ``leap_step_times_s`` (``{k: median seconds per LEAP step at k}``), ``leap_step_ratios``
+        (``{k: median over rounds of a LEAP step at k over the round's baseline step}``),
         ``baseline_step_time_s`` (median seconds per baseline step), ``leap_steps`` and
-        ``baseline_steps`` (step counts), ``leap_time_s`` (sum over the LEAP run's steps of the
-        median at its block: the step-weighted mean times the number of steps), ``baseline_time_s``
+        ``baseline_steps`` (step counts), ``leap_time_s`` (``baseline_step_time_s`` times the sum over
+        the LEAP run's steps of the ratio at its block), ``baseline_time_s``
         (``baseline_steps * baseline_step_time_s``), ``saving = 1 - leap_time_s / baseline_time_s``
         and ``elapsed_s`` (wall time of the replay itself).
 
@@ -324,9 +327,13 @@ def replay_step_times(
         for k, cka, arm in kinds if r % 2 == 0 else reversed(kinds):
             samples[(arm, k)].append(rig.time(k, cka))
 
+    base_samples = samples[("baseline", L)]
     leap_times = {k: statistics.median(samples[("leap", k)]) for k in ks}
-    base_step = statistics.median(samples[("baseline", L)])
-    leap_time = math.fsum(w * _interp_time(b, leap_times) for b, w in zip(blocks, weights))
+    base_step = statistics.median(base_samples)
+    # Each LEAP step against the baseline step of its own round: load that comes and goes between rounds
+    # scales both and cancels in the ratio, where medians taken per arm could catch different load.
+    ratios = {k: statistics.median(a / b for a, b in zip(samples[("leap", k)], base_samples)) for k in ks}
+    leap_time = base_step * math.fsum(w * _interp_time(b, ratios) for b, w in zip(blocks, weights))
     base_time = int(baseline_steps) * base_step
     leap_steps = math.fsum(weights)
     return {
@@ -336,6 +343,7 @@ def replay_step_times(
         "batch_size": rig.batch_size,
         "device": str(rig.device),
         "leap_step_times_s": leap_times,
+        "leap_step_ratios": ratios,
         "baseline_step_time_s": base_step,
         "leap_steps": int(leap_steps) if leap_steps.is_integer() else leap_steps,
         "baseline_steps": int(baseline_steps),
