@@ -118,6 +118,19 @@ def test_replay_compares_steps_within_rounds(monkeypatch):
     assert res["saving"] == pytest.approx(0.5)
 
 
+def test_saving_interval_from_the_rounds():
+    # Constant ratios: nothing to resample, the interval is the point.
+    assert timing._saving_interval({1: [0.5] * 8, 2: [1.0] * 8}, [1, 2, 2], [1, 1, 1], 3) == (
+        pytest.approx(1 - 2.5 / 3),
+        pytest.approx(1 - 2.5 / 3),
+    )
+    # Ratios that vary over the rounds: an interval around the median's saving, reproducible (fixed seed).
+    per_round = {1: [0.4, 0.5, 0.6, 0.45, 0.55, 0.5, 0.42, 0.58]}
+    low, high = timing._saving_interval(per_round, [1], [1], 1)
+    assert 1 - 0.6 <= low < 1 - statistics.median(per_round[1]) < high <= 1 - 0.4
+    assert timing._saving_interval(per_round, [1], [1], 1) == (low, high)
+
+
 def test_replay_epoch_means_weighted_by_steps(monkeypatch):
     clock = FakeClock()
     clock.install(monkeypatch)

@@ -113,7 +113,9 @@ def test_demo_pipeline_on_sample(tmp_path, capsys):
     assert replay["leap_steps"] == leap["summary"]["steps"] and replay["rounds"] == 2 and replay["num_blocks"] == 4
     assert set(replay["leap_step_times_s"]) == {int(b) for b in load_run(tmp_path / "demo" / "leap").step_blocks()}
     assert "training steps' time, replayed interleaved" in header and "over the same round's baseline step" in table
-    assert f"({-100 * replay['saving']:+.1f}%)" in leap_row, leap_row
+    low, high = replay["saving_interval"]
+    assert low <= replay["saving"] <= high
+    assert f"({-100 * replay['saving']:+.1f}%; {-100 * high:+.1f}% to {-100 * low:+.1f}%)" in leap_row, leap_row
     assert saved["replay"]["baseline_time_s"] == replay["baseline_time_s"]
     # Each student's evaluations are recorded in its run directory and listed by its report.
     report = (tmp_path / "demo" / "leap" / "report" / "report.md").read_text()

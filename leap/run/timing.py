@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -231,6 +232,27 @@ def wall_clock_savings(
     }
 
 
+def _saving_interval(
+    per_round: Mapping[int, Sequence[float]],
+    blocks: Sequence[float],
+    weights: Sequence[float],
+    baseline_steps: int,
+    resamples: int = 1000,
+) -> tuple[float, float]:
+    """95% bootstrap interval of the replay's saving: rounds drawn with replacement (a fixed seed, so a
+    replay's numbers are reproducible from its samples), the saving recomputed from each draw's median
+    ratios. The saving does not depend on the baseline's step time: ``1 - sum_steps ratio / baseline_steps``."""
+    rounds = len(next(iter(per_round.values())))
+    rng = random.Random(0)
+    savings = []
+    for _ in range(resamples):
+        draw = [rng.randrange(rounds) for _ in range(rounds)]
+        ratios = {k: statistics.median(v[i] for i in draw) for k, v in per_round.items()}
+        savings.append(1.0 - math.fsum(w * _interp_time(b, ratios) for b, w in zip(blocks, weights)) / baseline_steps)
+    savings.sort()
+    return savings[int(0.025 * (resamples - 1))], savings[int(math.ceil(0.975 * (resamples - 1)))]
+
+
 def replay_blocks(leap_blocks: Iterable[float]) -> list[int]:
     """The target blocks :func:`replay_step_times` times LEAP steps at: every integer block of
     ``leap_blocks``, and both neighbours of a fractional (epoch-mean) one; sorted, distinct."""
@@ -286,7 +308,8 @@ def replay_step_times(
         ``baseline_step_time_s`` (median seconds per baseline step), ``leap_steps`` and
         ``baseline_steps`` (step counts), ``leap_time_s`` (``baseline_step_time_s`` times the sum over
         the LEAP run's steps of the ratio at its block), ``baseline_time_s``
-        (``baseline_steps * baseline_step_time_s``), ``saving = 1 - leap_time_s / baseline_time_s``
+        (``baseline_steps * baseline_step_time_s``), ``saving = 1 - leap_time_s / baseline_time_s``,
+        ``saving_interval`` (``(low, high)``: a 95% bootstrap interval of the saving over the rounds)
         and ``elapsed_s`` (wall time of the replay itself).
 
     Raises:
@@ -332,8 +355,10 @@ def replay_step_times(
     base_step = statistics.median(base_samples)
     # Each LEAP step against the baseline step of its own round: load that comes and goes between rounds
     # scales both and cancels in the ratio, where medians taken per arm could catch different load.
-    ratios = {k: statistics.median(a / b for a, b in zip(samples[("leap", k)], base_samples)) for k in ks}
+    per_round = {k: [a / b for a, b in zip(samples[("leap", k)], base_samples)] for k in ks}
+    ratios = {k: statistics.median(v) for k, v in per_round.items()}
     leap_time = base_step * math.fsum(w * _interp_time(b, ratios) for b, w in zip(blocks, weights))
+    interval = _saving_interval(per_round, blocks, weights, int(baseline_steps))
     base_time = int(baseline_steps) * base_step
     leap_steps = math.fsum(weights)
     return {
@@ -350,5 +375,6 @@ def replay_step_times(
         "leap_time_s": leap_time,
         "baseline_time_s": base_time,
         "saving": 1.0 - leap_time / base_time,
+        "saving_interval": interval,
         "elapsed_s": time.perf_counter() - began,
     }
