@@ -173,9 +173,6 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// r < kV valid lanes, the others 0.
-inline Vec load_tail(const float* p, int64_t r) { return Vec::loadu(p, r); }
-
 // Padding lanes of a tail vector set to 0.
 inline Vec keep(const Vec& v, int64_t r) { return Vec::set(Vec(0.f), v, r); }
 
@@ -183,7 +180,7 @@ inline Vec keep(const Vec& v, int64_t r) { return Vec::set(Vec(0.f), v, r); }
 // is exact; fp32 -> bf16 rounds to nearest even as to_bf16_bits, fp32 -> fp16 as c10::Half), so their sweeps
 // run from the rows themselves like fp32 ones, without a converted copy.
 inline Vec ld(const float* p) { return Vec::loadu(p); }
-inline Vec ld_tail(const float* p, int64_t r) { return Vec::loadu(p, r); }
+inline Vec ld_tail(const float* p, int64_t r) { return Vec::loadu(p, r); }  // r < kV valid lanes, the others 0
 
 template <typename T>
 inline Vec ld_tail(const T* p, int64_t r) {  // 16-bit: r < kV elements, the others 0
@@ -238,7 +235,7 @@ inline Vec ldx(const T* x, const float* b, int64_t j) {
 template <bool HasBias, typename T>
 inline Vec ldx_tail(const T* x, const float* b, int64_t j, int64_t r) {
   if constexpr (HasBias) {
-    return ld_tail(x + j, r) + load_tail(b + j, r);
+    return ld_tail(x + j, r) + ld_tail(b + j, r);
   } else {
     (void)b;
     return ld_tail(x + j, r);

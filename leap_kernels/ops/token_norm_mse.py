@@ -46,6 +46,17 @@ def _rows_backend(x: torch.Tensor, t: torch.Tensor) -> str:
     return _backends.select_backend("token_normalized_mse", [x, t], row_width=x.shape[-1])
 
 
+def _empty_grads(
+    input: torch.Tensor, target: torch.Tensor, need_input: bool, need_target: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous gradient buffers shaped like the inputs; ``(0,)`` for one not asked for."""
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else input.new_empty(0)
+    grad_target = (
+        torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else target.new_empty(0)
+    )
+    return grad_input, grad_target
+
+
 COMPILED = ("cpp", "cuda")  # backends that run the rows kernel of leap_kernels._C
 
 
@@ -83,10 +94,7 @@ def _token_normalized_mse_backward_op(
             input, target, eps, row_scale=row_scale, want_grad_x=need_input, want_grad_t=need_target
         )
         return grad_input, grad_target
-    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else input.new_empty(0)
-    grad_target = (
-        torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else target.new_empty(0)
-    )
+    grad_input, grad_target = _empty_grads(input, target, need_input, need_target)
     if backend == "triton":
         token_norm_rows_triton(
             input,
@@ -111,11 +119,7 @@ def _token_normalized_mse_backward_op(
 def _(
     row_scale: torch.Tensor, input: torch.Tensor, target: torch.Tensor, eps: float, need_input: bool, need_target: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else input.new_empty(0)
-    grad_target = (
-        torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else target.new_empty(0)
-    )
-    return grad_input, grad_target
+    return _empty_grads(input, target, need_input, need_target)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -169,11 +173,7 @@ def _(
     input: torch.Tensor, target: torch.Tensor, reduction: str, eps: float, need_input: bool, need_target: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc_dtype = accumulation_dtype(input.dtype, target.dtype)
-    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else input.new_empty(0)
-    grad_target = (
-        torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else target.new_empty(0)
-    )
-    return input.new_empty((), dtype=acc_dtype), grad_input, grad_target
+    return input.new_empty((), dtype=acc_dtype), *_empty_grads(input, target, need_input, need_target)
 
 
 def _setup_with_grads(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:

@@ -484,7 +484,7 @@ def chunks_torch(ops: Operands, opts: LossOptions) -> LoopResult:
     work = gemm if gemm != acc and target.dtype == gemm else acc
     weight_acc = ops.weight.to(student.dtype).to(gemm)
     bias_acc = ops.bias.to(acc) if ops.bias is not None else None
-    bias_work = bias_acc.to(student.dtype).to(work) if bias_acc is not None and work != acc else None
+    bias_work = ops.bias.to(work) if ops.bias is not None and work != acc else None
     row_loss = torch.empty(m, dtype=acc, device=student.device)
     grad_student = grad_weight = grad_bias = None
     if opts.want_grads:
